@@ -1,0 +1,91 @@
+"""The release artifact: one folder written beside OUT and renamed into place only when complete.
+
+Layout (DESIGN.md): manifest.json, model.onnx, tokenizer files and config.json, runtime/ (the
+torch-free runtime with pinned requirements), report.md and report.json. The manifest lists every
+other file with its sha256 and size, so the runtime can refuse a changed file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from optimize import __version__
+from optimize.errors import UsageError
+from optimize.runtime import sha256_file
+
+SCHEMA_VERSION = 1
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
+                   "merges.txt", "vocab.json", "tokenizer.model", "config.json")
+RUNTIME_SOURCE = Path(__file__).parent / "runtime"
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version(), "optimize": __version__}
+    for name, dists in {"torch": ["torch"], "transformers": ["transformers"], "onnx": ["onnx"],
+                        "onnxruntime": ["onnxruntime-gpu", "onnxruntime"], "numpy": ["numpy"],
+                        "tokenizers": ["tokenizers"], "optimum-onnx": ["optimum-onnx"]}.items():
+        for dist in dists:
+            try:
+                found[name] = metadata.version(dist)
+                break
+            except metadata.PackageNotFoundError:
+                continue
+    return found
+
+
+def check_destination(out: Path, overwrite: bool) -> None:
+    """Fail before any work when OUT cannot be written, so a long run never ends in a usage error."""
+    if out.exists() and not overwrite:
+        raise UsageError(f"{out}: already exists; choose another -o or pass --overwrite")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out}: exists and is not a folder")
+    parent = out.resolve().parent
+    if parent.exists() and not os.access(parent, os.W_OK):
+        raise UsageError(f"{parent}: not writable")
+
+
+def staging_dir(out: Path) -> Path:
+    """A hidden sibling of OUT (same file system, so the final rename is atomic)."""
+    out.resolve().parent.mkdir(parents=True, exist_ok=True)
+    staging = out.resolve().parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    return staging
+
+
+def write_runtime(folder: Path, pins: dict[str, str]) -> None:
+    runtime = folder / "runtime"
+    runtime.mkdir()
+    for source in sorted(RUNTIME_SOURCE.glob("*.py")):
+        shutil.copyfile(source, runtime / source.name)
+    requirements = [f"onnxruntime-gpu=={pins['onnxruntime']}", f"numpy=={pins['numpy']}",
+                    f"tokenizers=={pins['tokenizers']}"]
+    (runtime / "requirements.txt").write_text("\n".join(requirements) + "\n")
+
+
+def write(out: Path, staging: Path, onnx_path: Path, checkpoint: Path, manifest: dict[str, Any],
+          report_md: str, report: dict[str, Any], overwrite: bool) -> None:
+    """Fill `staging`, write the manifest last, then rename it to OUT."""
+    shutil.copyfile(onnx_path, staging / "model.onnx")
+    external = onnx_path.parent / (onnx_path.name + ".data")
+    if external.exists():
+        shutil.copyfile(external, staging / external.name)
+    for name in TOKENIZER_FILES:
+        if (checkpoint / name).is_file():
+            shutil.copyfile(checkpoint / name, staging / name)
+    write_runtime(staging, manifest["provenance"]["versions"])
+    (staging / "report.md").write_text(report_md)
+    (staging / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    files = sorted(p for p in staging.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+    manifest["files"] = {str(p.relative_to(staging)): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+                         for p in files}
+    (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    if out.exists() and overwrite:
+        shutil.rmtree(out)
+    staging.rename(out)

@@ -1,0 +1,178 @@
+"""The `optimize` command line: thin commands that build a recipe and hand it to the pipeline.
+
+Heavy libraries (torch, transformers, onnxruntime) are imported inside the commands, so `--help`
+is instant. Exit codes (DESIGN.md): 0 done, 2 bad input, 3 a gate failed, 1 a bug.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+
+from optimize.errors import GateFailed, UsageError
+
+app = typer.Typer(
+    name="optimize",
+    help="Take a trained checkpoint to a smaller, faster release artifact, with gates that prove quality held.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+recipe_app = typer.Typer(help="Work with recipe files.", no_args_is_help=True)
+app.add_typer(recipe_app, name="recipe")
+
+console = Console(stderr=True)
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print exactly one JSON object on stdout; logs go to stderr.")]
+OutOpt = Annotated[Optional[Path], typer.Option("-o", "--out", help="Artifact folder [default: artifacts/NAME].")]
+CacheOpt = Annotated[Optional[Path], typer.Option("--cache-dir", help="Reuse exports across runs from this folder.")]
+PickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Load pickled (.bin) weights; they can run code.")]
+RemoteOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Run model code shipped with the checkpoint.")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists (only once the run passed).")]
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the resolved recipe and exit.")]
+
+
+def _emit(as_json: bool, status: str, artifact: Path | None, stages: list[dict[str, Any]], error: str | None) -> None:
+    if as_json:
+        public = [{k: s[k] for k in ("name", "kind", "metrics", "gate")} for s in stages]
+        print(json.dumps({"status": status, "artifact": str(artifact) if artifact else None,
+                          "stages": public, "error": error}, indent=2))
+
+
+def _execute(build: Callable[[], Any], out: Path | None, as_json: bool, dry_run: bool = False, *,
+             model: str | None = None, cache_dir: Path | None = None, allow_pickle: bool = False,
+             trust_remote_code: bool = False, overwrite: bool = False) -> None:
+    """Validate the recipe, run the pipeline, print the outcome and exit with DESIGN.md's code."""
+    try:
+        loaded = build()
+        if dry_run:
+            print(loaded.text, end="")
+            raise typer.Exit(0)
+        from optimize.pipeline import RunOptions, run
+
+        options = RunOptions(out or Path("artifacts") / loaded.recipe.name, model, allow_pickle,
+                             trust_remote_code, cache_dir, overwrite)
+        result = run(loaded, options, console)
+    except UsageError as exc:
+        console.print(f"[red]error:[/] {exc}", highlight=False)
+        _emit(as_json, "error", None, [], str(exc))
+        raise typer.Exit(exc.exit_code) from None
+    except GateFailed as exc:
+        console.print(f"[red]gate failed:[/] {exc}", highlight=False)
+        _emit(as_json, "gate_failed", None, exc.stages, str(exc))
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]: no artifact written")
+        _emit(as_json, "error", None, [], "interrupted")
+        raise typer.Exit(130) from None
+    console.print(f"[green]passed[/]: artifact at {result.artifact}")
+    _emit(as_json, result.status, result.artifact, result.stages, None)
+
+
+@app.command("run")
+def run_cmd(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML, e.g. recipes/minilm-cpu.yaml.")],
+    out: OutOpt = None,
+    as_json: JsonOpt = False,
+    cache_dir: CacheOpt = None,
+    overrides: Annotated[list[str], typer.Option("--set", help="Override one key: --set stages.0.target=cpu.")] = [],  # noqa: B006
+    model: Annotated[Optional[str], typer.Option("--model", help="Use this model instead of the recipe's.")] = None,
+    dry_run: DryRunOpt = False,
+    allow_pickle: PickleOpt = False,
+    trust_remote_code: RemoteOpt = False,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Run a whole recipe: reference, then each stage with its gate, then the artifact.
+
+    Exits 0 with an artifact, 3 when a gate failed (no artifact), 2 on bad input.
+    """
+    from optimize import recipe as recipes
+
+    _execute(lambda: recipes.load(recipe, overrides), out, as_json, dry_run, model=model, cache_dir=cache_dir,
+             allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, overwrite=overwrite)
+
+
+def single_stage(kind: str, model: str, recipe: Path | None, settings: dict[str, Any]):
+    """The one-stage recipe a single-stage command runs: the stage of that kind from -r RECIPE
+    (or a default one) with the command's options on top, and the recipe's calibration and evals."""
+    from optimize import recipe as recipes
+
+    data: dict[str, Any] = {}
+    if recipe is not None:
+        data, _ = recipes._load_with_bases(recipe)
+    stage = next((dict(s) for s in data.get("stages", []) if isinstance(s, dict) and s.get("kind") == kind),
+                 {"kind": kind})
+    stage.update({k: v for k, v in settings.items() if v is not None})
+    name = data.get("name") or f"{Path(model).name or 'model'}-{kind}"
+    data = {**data, "name": name, "model": model, "stages": [stage]}
+    source = f"optimize {kind} {model}" + (f" -r {recipe}" if recipe else "")
+    return recipes.validate(data, source, base_dir=recipe.resolve().parent if recipe else Path.cwd())
+
+
+@app.command("compile")
+def compile_cmd(
+    model: Annotated[str, typer.Argument(help="Checkpoint folder, `package:NAME` or hub id.")],
+    recipe: Annotated[Optional[Path], typer.Option("-r", "--recipe", help="Take calibration and gates from here.")] = None,
+    target: Annotated[Optional[str], typer.Option("--target", help="cpu (cuda and tensorrt come later).")] = None,
+    out: OutOpt = None,
+    as_json: JsonOpt = False,
+    cache_dir: CacheOpt = None,
+    dry_run: DryRunOpt = False,
+    allow_pickle: PickleOpt = False,
+    trust_remote_code: RemoteOpt = False,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Export MODEL to ONNX and optimize the graph for a target, gated like any stage."""
+    _execute(lambda: single_stage("compile", model, recipe, {"target": target}), out, as_json, dry_run,
+             cache_dir=cache_dir, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+             overwrite=overwrite)
+
+
+@app.command("inspect")
+def inspect_cmd(artifact: Annotated[Path, typer.Argument(help="An artifact folder written by optimize.")]) -> None:
+    """Verify an artifact's files against its manifest and summarize it."""
+    from optimize import runtime
+
+    try:
+        manifest = runtime.verify(artifact)
+    except runtime.ArtifactError as exc:
+        console.print(f"[red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(2) from None
+    from optimize.report import print_stage
+
+    provenance = manifest["provenance"]
+    console.print(f"[bold]{manifest['name']}[/] ({manifest['task']}), {len(manifest['files'])} files verified")
+    console.print(f"source: {provenance['source']} (sha256 {provenance['source_sha256'][:12]})")
+    console.print("versions: " + ", ".join(f"{k} {v}" for k, v in provenance["versions"].items()))
+    for stage in manifest["stages"]:
+        print_stage(console, stage, manifest["reference"]["metrics"])
+
+
+@recipe_app.command("validate")
+def validate_cmd(files: Annotated[list[Path], typer.Argument(help="Recipe files to check.")]) -> None:
+    """Check recipes without loading any model; exit 2 naming file, line and key on the first problem."""
+    from optimize import recipe as recipes
+
+    failed = False
+    for path in files:
+        try:
+            recipes.load(path)
+            console.print(f"[green]ok[/] {path}")
+        except UsageError as exc:
+            console.print(f"[red]error:[/] {exc}", highlight=False)
+            failed = True
+    if failed:
+        raise typer.Exit(2)
+
+
+def main() -> None:
+    try:
+        app()
+    except BrokenPipeError:
+        sys.exit(1)

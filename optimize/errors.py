@@ -1,0 +1,26 @@
+"""The two failures a user must be able to tell apart from a bug, each with its exit code.
+
+DESIGN.md: 0 done, 2 bad input or usage, 3 a gate failed, 1 anything else (a bug). Code raises
+`UsageError` for anything the user can fix (a file, a key, a path) and `GateFailed` when quality
+did not hold; everything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class UsageError(Exception):
+    """Bad input: the message names the file, line or key and says how to fix it. Exit code 2."""
+
+    exit_code = 2
+
+
+class GateFailed(Exception):
+    """A stage's gate did not hold: the report is written, no artifact is emitted. Exit code 3."""
+
+    exit_code = 3
+
+    def __init__(self, message: str, stages: list[dict[str, Any]]):
+        super().__init__(message)
+        self.stages = stages

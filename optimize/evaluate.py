@@ -1,0 +1,135 @@
+"""Measuring a model: fidelity against the reference, speed and size, in the runtime that ships.
+
+ONNX models are measured through `optimize.runtime` (the code bundled in the artifact); torch
+checkpoints through transformers with the very same tokenization, so a difference between the two
+is a difference of the models, not of the preprocessing.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from optimize import runtime
+from optimize.model import ModelHandle, load_torch
+
+Inputs = dict[str, np.ndarray]
+
+
+def threads() -> int:
+    return os.cpu_count() or 1
+
+
+class TorchModel:
+    """A transformers checkpoint behind the same `run(inputs)` / `embed(texts)` interface as the runtime."""
+
+    def __init__(self, handle: ModelHandle, seq_len: int):
+        import torch
+
+        torch.set_num_threads(threads())
+        self.model = load_torch(handle)
+        self.tokenizer = runtime.Tokenizer(handle.checkpoint / "tokenizer.json", seq_len)
+        self.input_names = [n for n in ("input_ids", "attention_mask", "token_type_ids")
+                            if n in inspect.signature(self.model.forward).parameters]
+        self.provider = "torch-cpu"
+
+    def run(self, inputs: Inputs) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            out = self.model(**{n: torch.from_numpy(inputs[n]) for n in self.input_names})
+        return out[0].float().numpy()
+
+    def embed(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
+        return runtime.embed(self.run, self.tokenizer, texts, batch_size)
+
+
+def open_model(handle: ModelHandle, seq_len: int) -> TorchModel | runtime.OnnxModel:
+    if handle.onnx_path is not None:
+        return runtime.OnnxModel(handle.onnx_path, handle.checkpoint / "tokenizer.json", seq_len,
+                                 threads=threads(), available=["CPUExecutionProvider"])
+    return TorchModel(handle, seq_len)
+
+
+def size_mb(handle: ModelHandle) -> float:
+    if handle.onnx_path is not None:
+        files = [handle.onnx_path, *handle.onnx_path.parent.glob(handle.onnx_path.name + ".data")]
+    else:
+        files = list(handle.checkpoint.glob("*.safetensors")) or list(handle.checkpoint.glob("*.bin"))
+    return round(sum(f.stat().st_size for f in files) / 1e6, 3)
+
+
+@dataclass(frozen=True)
+class SpeedSettings:
+    batch_size: int = 1
+    seq_len: int = 128
+    warmup: int = 5
+    runs: int = 30
+
+
+def latency(run: Callable[[Inputs], object], inputs: Inputs, settings: SpeedSettings) -> dict[str, float]:
+    """Wall time of `run(inputs)` after a warm-up; percentiles, throughput and the spread."""
+    for _ in range(settings.warmup):
+        run(inputs)
+    times = []
+    for _ in range(settings.runs):
+        start = time.perf_counter()
+        run(inputs)
+        times.append((time.perf_counter() - start) * 1000)
+    ms = np.array(times)
+    return {
+        "latency_p50_ms": round(float(np.percentile(ms, 50)), 3),
+        "latency_p90_ms": round(float(np.percentile(ms, 90)), 3),
+        "latency_p99_ms": round(float(np.percentile(ms, 99)), 3),
+        "throughput_per_s": round(settings.batch_size * 1000 / float(ms.mean()), 2),
+    }
+
+
+def speed_inputs(tokenizer: runtime.Tokenizer, texts: Sequence[str], settings: SpeedSettings) -> Inputs:
+    """A batch of real texts padded to exactly `seq_len`, so every model sees the same shape."""
+    batch = [texts[i % len(texts)] for i in range(settings.batch_size)]
+    return tokenizer(batch, pad_to=settings.seq_len)
+
+
+def fidelity(candidate: np.ndarray, reference: np.ndarray) -> dict[str, float]:
+    """Cosine between each sentence embedding and the reference's for the same sentence."""
+    a = candidate / np.linalg.norm(candidate, axis=1, keepdims=True)
+    b = reference / np.linalg.norm(reference, axis=1, keepdims=True)
+    cos = np.clip((a * b).sum(axis=1), -1.0, 1.0)
+    return {"cosine_mean": round(float(cos.mean()), 6), "cosine_min": round(float(cos.min()), 6)}
+
+
+@dataclass
+class Evaluator:
+    """Measures models on fixed held-out texts against the reference measured first, in the same run."""
+
+    texts: Sequence[str]
+    speed: SpeedSettings
+    reference_embeddings: np.ndarray | None = None
+    conditions: dict[str, object] = field(default_factory=dict)
+
+    def measure(self, handle: ModelHandle) -> dict[str, float]:
+        model = open_model(handle, self.speed.seq_len)
+        embeddings = model.embed(self.texts)
+        if self.reference_embeddings is None:
+            self.reference_embeddings = embeddings
+        metrics = fidelity(embeddings, self.reference_embeddings)
+        metrics.update(latency(model.run, speed_inputs(model.tokenizer, self.texts, self.speed), self.speed))
+        metrics["size_mb"] = size_mb(handle)
+        self.conditions = {"threads": threads(), "batch_size": self.speed.batch_size,
+                           "seq_len": self.speed.seq_len, "runs": self.speed.runs,
+                           "fidelity_texts": len(self.texts)}
+        return metrics
+
+
+def max_abs_diff(a: ModelHandle, b: ModelHandle, texts: Sequence[str], seq_len: int) -> float:
+    """Largest absolute difference of the raw outputs (e.g. last hidden states) on real inputs."""
+    first, second = open_model(a, seq_len), open_model(b, seq_len)
+    inputs = first.tokenizer(texts)
+    return float(np.abs(first.run(inputs) - second.run(inputs)).max())
+

@@ -1,0 +1,61 @@
+"""Checkpoint -> ONNX through optimum-onnx, checked against torch on real inputs.
+
+The pipeline inserts this step wherever a stage needs ONNX. The model is loaded with eager
+attention so ONNX Runtime's transformer fusions can recognise the attention pattern later.
+Exports are cached by the checkpoint's content hash when a cache folder is given.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+from optimize import __version__
+from optimize.evaluate import max_abs_diff
+from optimize.model import ModelHandle, load_torch
+
+OPSET = 18
+TOLERANCE = 1e-3  # max |onnx - torch| on the last hidden state beyond which the export is wrong
+
+
+def content_sha256(folder: Path) -> str:
+    """One hash over every file of a checkpoint folder (names and bytes), in a stable order."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and ".cache" not in p.parts):
+        digest.update(str(path.relative_to(folder)).encode())
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def export(model: ModelHandle, workdir: Path, texts: Sequence[str], seq_len: int,
+           cache_dir: Path | None = None) -> tuple[ModelHandle, dict[str, object]]:
+    """Returns the ONNX handle and what was checked (opset, max_abs_diff vs torch)."""
+    key = hashlib.sha256(f"{content_sha256(model.checkpoint)}:{model.task}:{OPSET}:{__version__}".encode())
+    cached = cache_dir / "export" / key.hexdigest()[:24] / "model.onnx" if cache_dir else None
+    out = workdir / "model.onnx"
+    hit = cached is not None and cached.is_file()
+    if hit:
+        shutil.copyfile(cached, out)  # type: ignore[arg-type]
+    else:
+        _export(model, workdir)
+        if cached is not None:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(out, cached.with_suffix(".partial"))
+            cached.with_suffix(".partial").replace(cached)
+    exported = model.with_onnx(out)
+    diff = max_abs_diff(model, exported, texts, seq_len)
+    if diff > TOLERANCE:
+        raise RuntimeError(f"the ONNX export differs from torch by {diff:.2e} (> {TOLERANCE}); "
+                           "this is a bug in the exporter for this architecture")
+    return exported, {"opset": OPSET, "max_abs_diff": diff, "cache_hit": hit}
+
+
+def _export(model: ModelHandle, workdir: Path) -> None:
+    from optimum.exporters.onnx import onnx_export_from_model
+
+    task = "text-generation-with-past" if model.task == "text-generation" else model.task
+    onnx_export_from_model(load_torch(model), workdir, task=task, opset=OPSET, do_validation=False)

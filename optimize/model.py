@@ -1,0 +1,115 @@
+"""Model handles: where a model lives, what task it does, and how to load it safely.
+
+A handle names a checkpoint folder (Hugging Face `save_pretrained` layout) and, once exported, an
+ONNX file. The checkpoint folder keeps giving the tokenizer and config to every later stage.
+Weights load from safetensors; pickled weights and remote code need explicit flags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from optimize.errors import UsageError
+
+if TYPE_CHECKING:
+    import torch
+
+TASKS = ("feature-extraction", "text-classification", "text-generation")
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+_DECODER_TYPES = {"llama", "gpt2", "mistral", "qwen2", "phi", "phi3", "gemma", "gpt_neox", "opt", "falcon"}
+
+
+@dataclass(frozen=True)
+class ModelHandle:
+    checkpoint: Path                 # folder with config.json and tokenizer files
+    task: str
+    onnx_path: Path | None = None    # set once the model is exported
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+
+    def with_onnx(self, path: Path) -> ModelHandle:
+        return dataclasses.replace(self, onnx_path=path)
+
+    @property
+    def is_onnx(self) -> bool:
+        return self.onnx_path is not None
+
+
+def resolve(spec: str, base_dir: Path | None = None) -> Path:
+    """Find a checkpoint folder for `spec`: a path (relative to `base_dir` or the working folder),
+    `package:MODULE` (a Python package that ships a model and exposes `get_model_path()`), or a hub
+    id, downloaded unless HF_HUB_OFFLINE is set."""
+    if spec.startswith("package:"):
+        module_name = spec.removeprefix("package:")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            raise UsageError(f"model {spec!r}: Python package {module_name!r} is not installed "
+                             f"(pip install {module_name.replace('_', '-')})") from None
+        return Path(module.get_model_path())
+    candidates = [Path(spec).expanduser()]
+    if base_dir is not None and not Path(spec).is_absolute():
+        candidates.insert(0, base_dir / spec)
+    for candidate in candidates:
+        if candidate.exists():
+            if not (candidate / "config.json").is_file():
+                raise UsageError(f"model {spec!r}: {candidate} has no config.json; "
+                                 "give a folder written by save_pretrained")
+            return candidate.resolve()
+    if not _HUB_ID.fullmatch(spec):
+        raise UsageError(f"model {spec!r}: no such folder")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(spec))
+    except Exception as exc:  # offline, unknown repo, gated repo: all mean the same to the user
+        raise UsageError(f"model {spec!r}: not a local folder and not reachable on the hub "
+                         f"({type(exc).__name__}); give a local checkpoint folder") from None
+
+
+def detect_task(checkpoint: Path) -> str:
+    config = json.loads((checkpoint / "config.json").read_text())
+    architectures = config.get("architectures") or []
+    if any(a.endswith("ForSequenceClassification") for a in architectures):
+        return "text-classification"
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
+        return "text-generation"
+    if config.get("model_type") in _DECODER_TYPES:
+        return "text-generation"
+    return "feature-extraction"
+
+
+def check_weights(checkpoint: Path, allow_pickle: bool) -> None:
+    """Refuse pickled weights (they can run code on load) unless the user allowed them."""
+    if any(checkpoint.glob("*.safetensors")):
+        return
+    pickled = sorted(p.name for p in checkpoint.glob("*.bin")) + sorted(p.name for p in checkpoint.glob("*.pt"))
+    if pickled and not allow_pickle:
+        raise UsageError(f"model {checkpoint}: weights are pickled ({pickled[0]}) and pickles can run code "
+                         "when loaded; convert to safetensors or pass --allow-pickle if you trust the source")
+    if not pickled:
+        raise UsageError(f"model {checkpoint}: no weights found (*.safetensors)")
+
+
+def open_checkpoint(spec: str, base_dir: Path | None, task: str | None,
+                    allow_pickle: bool = False, trust_remote_code: bool = False) -> ModelHandle:
+    checkpoint = resolve(spec, base_dir)
+    check_weights(checkpoint, allow_pickle)
+    found = detect_task(checkpoint)
+    return ModelHandle(checkpoint, task or found, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+
+
+def load_torch(model: ModelHandle) -> torch.nn.Module:
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    auto = {"feature-extraction": AutoModel, "text-classification": AutoModelForSequenceClassification,
+            "text-generation": AutoModelForCausalLM}[model.task]
+    loaded = auto.from_pretrained(model.checkpoint, use_safetensors=not model.allow_pickle,
+                                  trust_remote_code=model.trust_remote_code, attn_implementation="eager")
+    return loaded.eval()

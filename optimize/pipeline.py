@@ -1,0 +1,151 @@
+"""The pipeline: one loop you can read top to bottom.
+
+    reference = measure(input model)
+    for stage in recipe.stages: (export if it needs ONNX) -> run -> measure -> gate
+    write the artifact (staged beside OUT, renamed into place at the end)
+
+Every command (`run`, `compile`, ...) ends here with a validated recipe.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from optimize import artifact, report
+from optimize.data import column, read_rows, split_calibration, texts_sha256
+from optimize.errors import GateFailed, UsageError
+from optimize.evaluate import Evaluator, SpeedSettings
+from optimize.export import content_sha256, export
+from optimize.gate import judge_all
+from optimize.model import ModelHandle, open_checkpoint
+from optimize.recipe import LoadedRecipe
+from optimize.stages import NEEDS_ONNX, RUNNERS
+from optimize.stages.base import StageContext
+
+SUPPORTED_TASKS = ("feature-extraction",)
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    out: Path
+    model: str | None = None
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+    cache_dir: Path | None = None
+    overwrite: bool = False
+
+
+@dataclass
+class RunResult:
+    status: str
+    artifact: Path | None
+    stages: list[dict[str, Any]] = field(default_factory=list)
+
+
+def run(loaded: LoadedRecipe, options: RunOptions, console: Console) -> RunResult:
+    recipe = loaded.recipe
+    artifact.check_destination(options.out, options.overwrite)
+    spec = options.model or recipe.model
+    if spec is None:
+        raise UsageError(f"{loaded.source}: model: no model given; set `model:` in the recipe or pass --model")
+    model = open_checkpoint(spec, loaded.base_dir if not options.model else None, recipe.task,
+                            options.allow_pickle, options.trust_remote_code)
+    if model.task not in SUPPORTED_TASKS:
+        raise UsageError(f"model {spec!r}: task {model.task!r} is not supported yet "
+                         f"(supported: {', '.join(SUPPORTED_TASKS)})")
+    if not (model.checkpoint / "tokenizer.json").is_file():
+        raise UsageError(f"model {spec!r}: no tokenizer.json; save the checkpoint with a fast tokenizer")
+    cal = recipe.calibration
+    cal_path = loaded.find(cal.data, "calibration")
+    calibration, holdout = split_calibration(column(read_rows(cal_path), None, cal_path),
+                                             cal.samples, cal.holdout, recipe.seed, cal_path)
+
+    evaluator = Evaluator(holdout, SpeedSettings(seq_len=cal.seq_len))
+    workroot = Path(tempfile.mkdtemp(prefix="optimize-", dir=options.cache_dir))
+    staging: Path | None = None
+    stages: list[dict[str, Any]] = []
+    try:
+        with console.status("measuring the reference (input model)"):
+            reference = evaluator.measure(model)
+        console.print(f"reference: {model.checkpoint} ({model.task})")
+
+        def workdir(name: str) -> Path:
+            path = workroot / f"{len(stages)}-{name}"
+            path.mkdir()
+            return path
+
+        def export_step(current: ModelHandle) -> ModelHandle:
+            with console.status("exporting to ONNX"):
+                exported, info = export(current, workdir("export"), holdout, cal.seq_len, options.cache_dir)
+                metrics = evaluator.measure(exported)
+            record = {"name": "export", "kind": "export", "config": info, "metrics": metrics,
+                      "gate": judge_all([], metrics, reference)}
+            stages.append(record)
+            report.print_stage(console, record, reference)
+            return exported
+
+        for index, stage in enumerate(recipe.stages):
+            if stage.kind in NEEDS_ONNX and not model.is_onnx:
+                model = export_step(model)
+            name = stage.name or stage.kind
+            ctx = StageContext(workdir(stage.kind), tuple(calibration), cal.seq_len, recipe.seed)
+            with console.status(f"stage {index} ({name}): running"):
+                model = RUNNERS[stage.kind](stage, model, ctx)
+            with console.status(f"stage {index} ({name}): measuring"):
+                metrics = evaluator.measure(model)
+            record = {"name": name, "kind": stage.kind,
+                      "config": stage.model_dump(mode="json", exclude={"gate", "name"}),
+                      "metrics": metrics, "gate": judge_all(stage.gate, metrics, reference)}
+            stages.append(record)
+            report.print_stage(console, record, reference)
+            if not record["gate"]["passed"]:
+                failed = [c for c in record["gate"]["checks"] if not c["passed"]]
+                _write_failed_report(options.out, loaded, reference, stages, evaluator.conditions)
+                raise GateFailed(f"stage {index} ({name}): gate failed: " + "; ".join(
+                    f"{c['metric']} = {c['value']} is not {c['op']} {c['threshold']}" for c in failed), stages)
+        if not model.is_onnx:
+            model = export_step(model)
+
+        assert model.onnx_path is not None
+        status = "passed"
+        manifest = {
+            "schema_version": artifact.SCHEMA_VERSION, "name": recipe.name, "task": model.task,
+            "provenance": {"source": spec, "source_sha256": content_sha256(model.checkpoint),
+                           "recipe": loaded.text, "recipe_sha256": loaded.sha256, "seed": recipe.seed,
+                           "calibration": {"data": str(cal.data), "sha256": texts_sha256(calibration),
+                                           "samples": len(calibration), "holdout": len(holdout)},
+                           "versions": artifact.versions()},
+            "reference": {"metrics": reference, "conditions": evaluator.conditions},
+            "stages": stages,
+            "precision_plan": {},
+            "runtime": {"target": _target(recipe.stages), "seq_len": cal.seq_len, "task": model.task},
+        }
+        summary = {"status": status, "reference": reference, "stages": stages, "conditions": evaluator.conditions}
+        staging = artifact.staging_dir(options.out)
+        artifact.write(options.out, staging, model.onnx_path, model.checkpoint, manifest,
+                       report.markdown(recipe.name, status, reference, stages, evaluator.conditions),
+                       summary, options.overwrite)
+        staging = None
+        return RunResult(status, options.out, stages)
+    finally:
+        shutil.rmtree(workroot, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _target(stages: Any) -> str:
+    return next((s.target for s in stages if s.kind == "compile"), "cpu")
+
+
+def _write_failed_report(out: Path, loaded: LoadedRecipe, reference: dict[str, float],
+                         stages: list[dict[str, Any]], conditions: dict[str, Any]) -> None:
+    """A failed gate emits no artifact, but leaves its report beside where OUT would have been."""
+    path = out.resolve().parent / f"{out.name}.gate-failed.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(report.markdown(loaded.recipe.name, "gate failed", reference, stages, conditions))

@@ -1,0 +1,223 @@
+"""Recipes: the YAML that describes a whole pipeline, validated completely before any weights load.
+
+Loading does four things in order: parse the YAML (keeping line numbers), merge `extends` bases,
+apply `--set key=value` overrides, and validate against the frozen pydantic schema below. Every
+problem becomes one `UsageError` whose lines read `file:line: key: message`.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from optimize.errors import UsageError
+from optimize.stages import ORDER, Stage
+
+SHIPPED = Path(__file__).parent / "_shipped"        # recipes/, calibration/, evals/ in a wheel
+SOURCE_TREE = Path(__file__).parent.parent           # the same folders in a source checkout
+
+
+class Calibration(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    data: str = "calibration/default.jsonl"
+    samples: int = Field(256, gt=0, description="texts used to calibrate")
+    seq_len: int = Field(128, gt=0, le=8192, description="tokens per text; longer texts are truncated")
+    holdout: int = Field(64, gt=0, description="texts kept out of calibration to measure fidelity")
+
+
+class Recipe(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    version: Literal[1] = 1
+    name: str = Field(pattern=r"^[A-Za-z0-9][\w.-]*$")
+    model: str | None = None
+    task: Literal["feature-extraction", "text-classification", "text-generation"] | None = None
+    seed: int = 0
+    calibration: Calibration = Calibration()
+    evals: list[str] = []
+    stages: list[Stage] = Field(min_length=1)
+
+    @field_validator("stages")
+    @classmethod
+    def _stage_order(cls, stages: list[Stage]) -> list[Stage]:
+        ranks = [ORDER[s.kind] for s in stages]
+        for i in range(1, len(ranks)):
+            if ranks[i] < ranks[i - 1] or (ranks[i] == ranks[i - 1] and stages[i].kind == "compile"):
+                raise ValueError(f"stage {i} ({stages[i].kind}) cannot follow stage {i - 1} "
+                                 f"({stages[i - 1].kind}); the order is distill, quantize, compile")
+        return stages
+
+
+@dataclass(frozen=True)
+class LoadedRecipe:
+    recipe: Recipe
+    base_dir: Path           # relative paths in the recipe resolve against this folder first
+    source: str              # the recipe file, or a description of the command that built it
+
+    @property
+    def text(self) -> str:
+        """The resolved recipe as YAML: what `--dry-run` prints and the manifest records."""
+        return yaml.safe_dump(self.recipe.model_dump(mode="json", exclude_none=True), sort_keys=False)
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.text.encode()).hexdigest()
+
+    def find(self, relative: str, folder: str) -> Path:
+        """Find a data file named in the recipe: beside the recipe, in the working folder, or
+        among the files shipped with optimize (`folder` is `calibration` or `evals`)."""
+        path = Path(relative).expanduser()
+        if path.is_absolute():
+            return path
+        for root in (self.base_dir, Path.cwd(), SOURCE_TREE, SHIPPED):
+            for candidate in (root / path, root / folder / path):
+                if candidate.exists():
+                    return candidate.resolve()
+        return self.base_dir / path
+
+
+def _read_yaml(path: Path) -> tuple[dict[str, Any], yaml.Node | None]:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise UsageError(f"{path}: no such recipe file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{path}: cannot read recipe ({exc})") from None
+    try:
+        node = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise UsageError(f"{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
+    if data is None:
+        raise UsageError(f"{path}: the recipe is empty")
+    if not isinstance(data, dict):
+        raise UsageError(f"{path}:1: a recipe is a mapping of keys (version, name, model, stages, ...)")
+    return data, node
+
+
+def _merge(base: Any, override: Any) -> Any:
+    """Mappings merge key by key; anything else (lists included) is replaced by the override."""
+    if isinstance(base, dict) and isinstance(override, dict):
+        merged = dict(base)
+        for key, value in override.items():
+            merged[key] = _merge(base[key], value) if key in base else value
+        return merged
+    return copy.deepcopy(override)
+
+
+def _load_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> tuple[dict[str, Any], list[tuple[Path, Any]]]:
+    """Returns the merged data and, child first, each file with its YAML node tree for line lookup."""
+    path = path.resolve()
+    if path in seen:
+        raise UsageError(f"{path}: `extends` forms a cycle ({' -> '.join(p.name for p in (*seen, path))})")
+    data, node = _read_yaml(path)
+    trees: list[tuple[Path, Any]] = [(path, node)]
+    base_name = data.pop("extends", None)
+    if base_name is None:
+        return data, trees
+    if not isinstance(base_name, str):
+        raise UsageError(f"{path}:{_line(node, ('extends',))}: extends: give the path of a base recipe")
+    base_path = path.parent / base_name
+    base, base_trees = _load_with_bases(base_path, (*seen, path))
+    return _merge(base, data), trees + base_trees
+
+
+def _line(node: Any, loc: tuple[Any, ...]) -> int | None:
+    """Line of the deepest YAML node along `loc`; parts that are not in the YAML (union tags) are skipped."""
+    line = None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            match = next((v for k, v in node.value if k.value == part), None)
+            key_node = next((k for k, v in node.value if k.value == part), None)
+            if match is None:
+                continue
+            line, node = key_node.start_mark.line + 1, match
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+    return line
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> None:
+    """Apply one `--set stages.1.precision=int8` in place; the value is parsed as YAML."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key:
+        raise UsageError(f"--set {assignment!r}: write it as key.path=value, e.g. stages.0.target=cpu")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    parts: list[Any] = [int(p) if p.isdigit() else p for p in key.split(".")]
+    target: Any = data
+    for i, part in enumerate(parts[:-1]):
+        try:
+            target = target[part]
+        except (KeyError, IndexError, TypeError):
+            if isinstance(target, dict) and isinstance(part, str):
+                target = target.setdefault(part, {})
+                continue
+            raise UsageError(f"--set {key}: {'.'.join(map(str, parts[: i + 1]))} does not exist") from None
+    last = parts[-1]
+    if isinstance(target, list) and (not isinstance(last, int) or last >= len(target)):
+        raise UsageError(f"--set {key}: {last} is not an index of this list")
+    if not isinstance(target, (dict, list)):
+        raise UsageError(f"--set {key}: {'.'.join(map(str, parts[:-1]))} is not a mapping")
+    target[last] = value
+
+
+def _dotted(loc: tuple[Any, ...], data: Any) -> str:
+    """`('stages', 0, 'compile', 'targt')` -> `stages.0.targt`: drop the union tags pydantic adds."""
+    parts, node = [], data
+    for part in loc:
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+            node = node[part]
+        elif isinstance(node, dict) and not isinstance(part, int) and parts and part not in node and \
+                isinstance(loc[-1], str) and part != loc[-1]:
+            continue
+        parts.append(str(part))
+    return ".".join(parts)
+
+
+def validate(data: dict[str, Any], source: str, trees: list[tuple[Path, Any]] | None = None,
+             base_dir: Path | None = None) -> LoadedRecipe:
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors():
+            key = _dotted(error["loc"], data) or "(recipe)"
+            where = source
+            for path, tree in trees or []:
+                line = _line(tree, error["loc"])
+                if line is not None:
+                    where = f"{path}:{line}"
+                    break
+            message = error["msg"].removeprefix("Value error, ")
+            if error["type"] == "extra_forbidden":
+                message = "unknown key (check the spelling; `optimize recipe validate` lists the allowed keys)"
+            lines.append(f"{where}: {key}: {message}")
+        raise UsageError("\n".join(dict.fromkeys(lines))) from None
+    return LoadedRecipe(recipe, base_dir or Path.cwd(), source)
+
+
+def load(path: Path, overrides: list[str] = ()) -> LoadedRecipe:  # type: ignore[assignment]
+    data, trees = _load_with_bases(path)
+    for assignment in overrides:
+        apply_override(data, assignment)
+    return validate(data, str(path), trees, path.resolve().parent)
+
+
+def fingerprint(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()

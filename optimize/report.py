@@ -1,0 +1,55 @@
+"""Human-readable results: the rich tables printed during a run and the report.md of the artifact."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def _fmt(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return "-" if value is None else str(value)
+
+
+def stage_table(stage: dict[str, Any], reference: dict[str, float]) -> Table:
+    table = Table(title=f"stage {stage['name']} ({stage['kind']})", title_justify="left")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_column("reference", justify="right")
+    for name, value in stage["metrics"].items():
+        table.add_row(name, _fmt(value), _fmt(reference.get(name)))
+    for check in stage["gate"]["checks"]:
+        mark = "[green]pass[/]" if check["passed"] else "[red]FAIL[/]"
+        table.add_row(f"gate {check['metric']}", f"{_fmt(check['value'])} {check['op']} {_fmt(check['threshold'])}",
+                      mark)
+    return table
+
+
+def print_stage(console: Console, stage: dict[str, Any], reference: dict[str, float]) -> None:
+    console.print(stage_table(stage, reference))
+
+
+def markdown(name: str, status: str, reference: dict[str, float], stages: list[dict[str, Any]],
+             conditions: dict[str, Any]) -> str:
+    """A summary fit for a CI job summary: one table of metrics per stage, then every gate check."""
+    names = list(reference)
+    lines = [f"# {name}: {status}", "",
+             "Measured in one run against the input model (reference); speed at "
+             f"batch {conditions.get('batch_size')}, sequence length {conditions.get('seq_len')}, "
+             f"{conditions.get('threads')} threads, {conditions.get('runs')} runs.", "",
+             "| stage | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|",
+             "| reference | " + " | ".join(_fmt(reference[n]) for n in names) + " |"]
+    for stage in stages:
+        lines.append(f"| {stage['name']} | " + " | ".join(_fmt(stage['metrics'].get(n)) for n in names) + " |")
+    lines += ["", "## Gates", ""]
+    for stage in stages:
+        for check in stage["gate"]["checks"]:
+            verdict = "pass" if check["passed"] else "FAIL"
+            lines.append(f"- {stage['name']}: `{check['metric']}` = {_fmt(check['value'])} "
+                         f"{check['op']} {_fmt(check['threshold'])}: **{verdict}**")
+        if not stage["gate"]["checks"]:
+            lines.append(f"- {stage['name']}: no checks")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,152 @@
+"""The torch-free runtime shipped in every artifact (as `runtime/`) and used by the gates.
+
+It imports only onnxruntime, numpy, tokenizers and the standard library, so the model that ships
+is run by exactly the code that measured it. `load(artifact_dir)` checks every file against the
+manifest's sha256, picks execution providers (TensorRT -> CUDA -> CPU, limited to what the
+artifact was compiled for and what this onnxruntime offers) and falls back when one fails.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+# Which providers may run a model compiled for each target, best first.
+TARGET_PROVIDERS = {
+    "tensorrt": PREFERENCE,
+    "cuda": ("CUDAExecutionProvider", "CPUExecutionProvider"),
+    "cpu": ("CPUExecutionProvider",),
+}
+
+
+class ArtifactError(Exception):
+    """The artifact cannot be used as it is (a tampered or missing file)."""
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify(artifact_dir: Path) -> dict:
+    """Check every file the manifest lists; returns the manifest."""
+    manifest_path = artifact_dir / "manifest.json"
+    if not manifest_path.is_file():
+        raise ArtifactError(f"{artifact_dir}: no manifest.json; is this an optimize artifact?")
+    manifest = json.loads(manifest_path.read_text())
+    for name, entry in manifest["files"].items():
+        path = artifact_dir / name
+        if not path.is_file():
+            raise ArtifactError(f"{path}: listed in the manifest but missing")
+        if path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
+            raise ArtifactError(f"{path}: sha256 does not match the manifest; the file was changed "
+                                "after the artifact was made, refusing to load it")
+    return manifest
+
+
+def select_providers(available: Sequence[str], target: str = "cpu") -> list[str]:
+    """Providers to try, best first: those the target allows that this onnxruntime offers."""
+    allowed = TARGET_PROVIDERS.get(target, TARGET_PROVIDERS["cpu"])
+    chosen = [p for p in allowed if p in available]
+    return chosen or ["CPUExecutionProvider"]
+
+
+def make_session(model_path: Path, target: str = "cpu", threads: int | None = None,
+                 available: Sequence[str] | None = None):
+    """An InferenceSession on the best provider that actually starts; falls back down the list."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or os.cpu_count() or 1
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    providers = select_providers(available if available is not None else ort.get_available_providers(), target)
+    errors = []
+    for i, provider in enumerate(providers):
+        try:
+            session = ort.InferenceSession(str(model_path), options, providers=providers[i:])
+        except Exception as exc:  # a provider whose device or libraries are missing fails here
+            errors.append(f"{provider}: {exc}")
+            continue
+        if session.get_providers()[0] == provider or provider == "CPUExecutionProvider":
+            return session
+        errors.append(f"{provider}: not usable on this machine")
+    raise RuntimeError("no execution provider could load the model: " + "; ".join(errors))
+
+
+class Tokenizer:
+    """tokenizer.json with truncation to `seq_len` and padding to the longest text (or `pad_to`)."""
+
+    def __init__(self, path: Path, seq_len: int = 128):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        self._tok = HFTokenizer.from_file(str(path))
+        self.seq_len = seq_len
+        padding = self._tok.padding or {}
+        self.pad_id = int(padding.get("pad_id", 0))
+        self.pad_token = str(padding.get("pad_token", "[PAD]"))
+
+    def __call__(self, texts: Sequence[str], pad_to: int | None = None) -> dict[str, np.ndarray]:
+        self._tok.enable_truncation(max_length=self.seq_len)
+        self._tok.enable_padding(pad_id=self.pad_id, pad_token=self.pad_token, length=pad_to)
+        encodings = self._tok.encode_batch(list(texts))
+        return {
+            "input_ids": np.array([e.ids for e in encodings], dtype=np.int64),
+            "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64),
+            "token_type_ids": np.array([e.type_ids for e in encodings], dtype=np.int64),
+        }
+
+
+def mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    weights = mask[..., None].astype(np.float32)
+    return (hidden * weights).sum(axis=1) / np.clip(weights.sum(axis=1), 1e-9, None)
+
+
+def embed(run: Callable[[dict[str, np.ndarray]], np.ndarray], tokenizer: Tokenizer,
+          texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
+    """Sentence embeddings: mean of the last hidden states over real (unpadded) tokens."""
+    out = []
+    for start in range(0, len(texts), batch_size):
+        inputs = tokenizer(texts[start: start + batch_size])
+        out.append(mean_pool(run(inputs), inputs["attention_mask"]))
+    return np.concatenate(out).astype(np.float32)
+
+
+class OnnxModel:
+    """An ONNX model with its tokenizer: `embed(texts)` for feature extraction."""
+
+    def __init__(self, model_path: Path, tokenizer_path: Path, seq_len: int = 128, target: str = "cpu",
+                 threads: int | None = None, available: Sequence[str] | None = None):
+        self.session = make_session(model_path, target, threads, available)
+        self.tokenizer = Tokenizer(tokenizer_path, seq_len)
+        self.input_names = [i.name for i in self.session.get_inputs()]
+
+    @property
+    def provider(self) -> str:
+        return self.session.get_providers()[0]
+
+    def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        feed = {name: inputs[name] for name in self.input_names}
+        return self.session.run(None, feed)[0]
+
+    def embed(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
+        return embed(self.run, self.tokenizer, texts, batch_size)
+
+
+def load(artifact_dir: str | Path, available: Sequence[str] | None = None) -> OnnxModel:
+    """Verify an artifact and open it on the best provider it was compiled for."""
+    artifact_dir = Path(artifact_dir)
+    manifest = verify(artifact_dir)
+    runtime = manifest.get("runtime", {})
+    return OnnxModel(artifact_dir / "model.onnx", artifact_dir / "tokenizer.json",
+                     seq_len=int(runtime.get("seq_len", 128)), target=str(runtime.get("target", "cpu")),
+                     available=available)
