@@ -27,7 +27,7 @@ app = typer.Typer(
 recipe_app = typer.Typer(help="Work with recipe files.", no_args_is_help=True)
 app.add_typer(recipe_app, name="recipe")
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # messages stay on one line, for grep and CI logs
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print exactly one JSON object on stdout; logs go to stderr.")]
 OutOpt = Annotated[Optional[Path], typer.Option("-o", "--out", help="Artifact folder [default: artifacts/NAME].")]

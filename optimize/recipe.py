@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -191,7 +192,7 @@ def _dotted(loc: tuple[Any, ...], data: Any) -> str:
 
 
 def validate(data: dict[str, Any], source: str, trees: list[tuple[Path, Any]] | None = None,
-             base_dir: Path | None = None) -> LoadedRecipe:
+             base_dir: Path | None = None, overrides: Sequence[str] = ()) -> LoadedRecipe:
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
@@ -199,7 +200,8 @@ def validate(data: dict[str, Any], source: str, trees: list[tuple[Path, Any]] | 
         for error in exc.errors():
             key = _dotted(error["loc"], data) or "(recipe)"
             where = source
-            for path, tree in trees or []:
+            override = next((o for o in overrides if (key + ".").startswith(o.partition("=")[0] + ".")), None)
+            for path, tree in [] if override else trees or []:
                 line = _line(tree, error["loc"])
                 if line is not None:
                     where = f"{path}:{line}"
@@ -207,16 +209,16 @@ def validate(data: dict[str, Any], source: str, trees: list[tuple[Path, Any]] | 
             message = error["msg"].removeprefix("Value error, ")
             if error["type"] == "extra_forbidden":
                 message = "unknown key (check the spelling; `optimize recipe validate` lists the allowed keys)"
-            lines.append(f"{where}: {key}: {message}")
+            lines.append(f"{f'--set {override}' if override else where}: {key}: {message}")
         raise UsageError("\n".join(dict.fromkeys(lines))) from None
     return LoadedRecipe(recipe, base_dir or Path.cwd(), source)
 
 
-def load(path: Path, overrides: list[str] = ()) -> LoadedRecipe:  # type: ignore[assignment]
+def load(path: Path, overrides: Sequence[str] = ()) -> LoadedRecipe:
     data, trees = _load_with_bases(path)
     for assignment in overrides:
         apply_override(data, assignment)
-    return validate(data, str(path), trees, path.resolve().parent)
+    return validate(data, str(path), trees, path.resolve().parent, overrides)
 
 
 def fingerprint(obj: Any) -> str:

@@ -1,0 +1,37 @@
+# One source of truth for set-up and checks: the README, .ci/run and developers all call these.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+OUT ?= artifacts/minilm-cpu
+
+.PHONY: setup demo test test-fast lint bench clean
+
+setup: $(VENV)/.installed
+
+# torch goes in first as the CPU build on machines without a GPU: a bare `torch` requirement would
+# pull a multi-GB CUDA build. GPU machines get their own build from the range in pyproject.toml.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	if ! command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q torch==2.13.0; fi
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+demo: setup
+	$(VENV)/bin/optimize run recipes/minilm-cpu.yaml -o $(OUT) --overwrite
+	@echo; cat $(OUT)/report.md; echo; echo "artifact: $(OUT)"
+
+test: setup
+	$(PY) -m pytest
+
+test-fast: setup
+	$(PY) -m pytest -m "not slow"
+
+lint: setup
+	$(VENV)/bin/ruff check optimize tests bench
+	$(VENV)/bin/mypy optimize
+
+bench: setup
+	$(PY) bench/compare.py
+
+clean:
+	rm -rf $(VENV) artifacts .pytest_cache .ruff_cache .mypy_cache
