@@ -134,6 +134,95 @@ def compile_cmd(
              overwrite=overwrite)
 
 
+def _measure_command(as_json: bool, work: Callable[[], dict[str, Any]]) -> None:
+    """Shared by `eval` and `bench`: bad input is exit 2 with one message; the JSON has status and error."""
+    try:
+        result = work()
+    except UsageError as exc:
+        console.print(f"[red]error:[/] {exc}", highlight=False)
+        if as_json:
+            print(json.dumps({"status": "error", "error": str(exc)}))
+        raise typer.Exit(exc.exit_code) from None
+    if as_json:
+        print(json.dumps({"status": "passed", **result, "error": None}, indent=2))
+
+
+def _metrics_table(title: str, columns: dict[str, dict[str, Any]]) -> None:
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    table.add_column("metric")
+    for name in columns:
+        table.add_column(name, justify="right")
+    for metric in dict.fromkeys(m for values in columns.values() for m in values):
+        table.add_row(metric, *[f"{v[metric]:.6g}" if metric in v else "-" for v in columns.values()])
+    console.print(table)
+
+
+@app.command("eval")
+def eval_cmd(
+    model: Annotated[str, typer.Argument(help="Checkpoint folder, .onnx file or artifact folder.")],
+    suites: Annotated[list[Path], typer.Option("--suite", help="Eval suite YAML (repeatable), e.g. evals/stsb-test.yaml.")],
+    reference: Annotated[Optional[str], typer.Option("--reference", help="Also measure this model and compare.")] = None,
+    as_json: JsonOpt = False,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per text; longer texts are truncated.")] = 128,
+    allow_pickle: PickleOpt = False,
+    trust_remote_code: RemoteOpt = False,
+) -> None:
+    """Measure task quality (spearman, accuracy, perplexity) of MODEL on eval suites, in the runtime
+    it would ship with (onnxruntime for ONNX, torch for checkpoints). With --reference, fidelity
+    (cosine_mean, cosine_min) against the reference on the suites' texts is measured too."""
+
+    def work() -> dict[str, Any]:
+        from optimize.evaluate import Evaluator
+        from optimize.model import open_any
+        from optimize.suites import load_suite
+
+        loaded = [load_suite(path) for path in suites]
+        handle = open_any(model, allow_pickle, trust_remote_code)
+        texts = loaded[0].texts()[:512] if reference and loaded[0].suite.task != "perplexity" else []
+        evaluator = Evaluator(texts, None, loaded, seq_len=seq_len)
+        result: dict[str, Any] = {"model": model, "reference": None, "suites": [s.suite.name for s in loaded]}
+        columns = {}
+        if reference:
+            ref_metrics, _ = evaluator.measure(open_any(reference, allow_pickle, trust_remote_code))
+            result["reference"] = {"model": reference, "metrics": ref_metrics}
+            columns["reference"] = ref_metrics
+        result["metrics"], details = evaluator.measure(handle)
+        result["provider"] = details["provider"]
+        columns[Path(model).name or model] = result["metrics"]
+        _metrics_table("eval: " + ", ".join(result["suites"]), columns)
+        return result
+
+    _measure_command(as_json, work)
+
+
+@app.command("bench")
+def bench_cmd(
+    model: Annotated[str, typer.Argument(help="Checkpoint folder, .onnx file or artifact folder.")],
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Texts per call.")] = 1,
+    seq_len: Annotated[int, typer.Option("--seq-len", min=1, help="Every text padded or cut to this many tokens.")] = 128,
+    runs: Annotated[int, typer.Option("--runs", min=1, help="Timed calls after the warm-up.")] = 50,
+    warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed calls first.")] = 10,
+    as_json: JsonOpt = False,
+    allow_pickle: PickleOpt = False,
+    trust_remote_code: RemoteOpt = False,
+) -> None:
+    """Time MODEL on real sentences (shipped calibration texts) at a fixed batch size and sequence
+    length: latency percentiles, throughput, size and peak memory, with the thread count and spread."""
+
+    def work() -> dict[str, Any]:
+        from optimize.evaluate import bench
+        from optimize.model import open_any
+
+        result = bench(open_any(model, allow_pickle, trust_remote_code), batch_size, seq_len, warmup, runs)
+        _metrics_table(f"bench: batch {batch_size}, seq_len {seq_len}, {result['conditions']['threads']} threads",
+                       {"value": result["metrics"]})
+        return {"model": model, **result}
+
+    _measure_command(as_json, work)
+
+
 @app.command("inspect")
 def inspect_cmd(artifact: Annotated[Path, typer.Argument(help="An artifact folder written by optimize.")]) -> None:
     """Verify an artifact's files against its manifest and summarize it."""

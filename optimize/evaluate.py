@@ -17,6 +17,7 @@ import numpy as np
 
 from optimize import runtime
 from optimize.model import ModelHandle, load_torch
+from optimize.suites import LoadedSuite, run_suite
 
 Inputs = dict[str, np.ndarray]
 
@@ -72,8 +73,8 @@ class SpeedSettings:
     runs: int = 30
 
 
-def latency(run: Callable[[Inputs], object], inputs: Inputs, settings: SpeedSettings) -> dict[str, float]:
-    """Wall time of `run(inputs)` after a warm-up; percentiles, throughput and the spread."""
+def latency(run: Callable[[Inputs], object], inputs: Inputs, settings: SpeedSettings) -> tuple[dict[str, float], dict[str, float]]:
+    """Wall time of `run(inputs)` after a warm-up: the metrics (percentiles, throughput) and the spread."""
     for _ in range(settings.warmup):
         run(inputs)
     times = []
@@ -82,12 +83,16 @@ def latency(run: Callable[[Inputs], object], inputs: Inputs, settings: SpeedSett
         run(inputs)
         times.append((time.perf_counter() - start) * 1000)
     ms = np.array(times)
-    return {
+    metrics = {
         "latency_p50_ms": round(float(np.percentile(ms, 50)), 3),
         "latency_p90_ms": round(float(np.percentile(ms, 90)), 3),
         "latency_p99_ms": round(float(np.percentile(ms, 99)), 3),
         "throughput_per_s": round(settings.batch_size * 1000 / float(ms.mean()), 2),
     }
+    spread = {"min_ms": round(float(ms.min()), 3), "max_ms": round(float(ms.max()), 3),
+              "std_ms": round(float(ms.std()), 3),
+              "iqr_ms": round(float(np.percentile(ms, 75) - np.percentile(ms, 25)), 3)}
+    return metrics, spread
 
 
 def speed_inputs(tokenizer: runtime.Tokenizer, texts: Sequence[str], settings: SpeedSettings) -> Inputs:
@@ -106,25 +111,57 @@ def fidelity(candidate: np.ndarray, reference: np.ndarray) -> dict[str, float]:
 
 @dataclass
 class Evaluator:
-    """Measures models on fixed held-out texts against the reference measured first, in the same run."""
+    """Measures models on fixed texts and suites; the first model measured is the reference, and
+    later ones are compared to it (fidelity) in the same run."""
 
     texts: Sequence[str]
-    speed: SpeedSettings
+    speed: SpeedSettings | None
+    suites: Sequence[LoadedSuite] = ()
+    seq_len: int = 128
     reference_embeddings: np.ndarray | None = None
     conditions: dict[str, object] = field(default_factory=dict)
 
-    def measure(self, handle: ModelHandle) -> dict[str, float]:
-        model = open_model(handle, self.speed.seq_len)
-        embeddings = model.embed(self.texts)
-        if self.reference_embeddings is None:
-            self.reference_embeddings = embeddings
-        metrics = fidelity(embeddings, self.reference_embeddings)
-        metrics.update(latency(model.run, speed_inputs(model.tokenizer, self.texts, self.speed), self.speed))
+    def measure(self, handle: ModelHandle) -> tuple[dict[str, float], dict[str, object]]:
+        """The metrics of DESIGN.md for this model, and the details behind them (spread, provider)."""
+        model = open_model(handle, self.speed.seq_len if self.speed else self.seq_len)
+        metrics: dict[str, float] = {}
+        details: dict[str, object] = {"provider": model.provider}
+        if self.texts and handle.task == "feature-extraction":
+            embeddings = model.embed(self.texts)
+            if self.reference_embeddings is None:
+                self.reference_embeddings = embeddings
+            metrics.update(fidelity(embeddings, self.reference_embeddings))
+        for suite in self.suites:
+            metrics.update(run_suite(model, handle.task, suite))
+        if self.speed is not None:
+            speed_metrics, details["latency_spread"] = latency(
+                model.run, speed_inputs(model.tokenizer, self.texts or ["hello world"], self.speed), self.speed)
+            metrics.update(speed_metrics)
+            self.conditions = {"threads": threads(), "batch_size": self.speed.batch_size,
+                               "seq_len": self.speed.seq_len, "runs": self.speed.runs,
+                               "fidelity_texts": len(self.texts)}
         metrics["size_mb"] = size_mb(handle)
-        self.conditions = {"threads": threads(), "batch_size": self.speed.batch_size,
-                           "seq_len": self.speed.seq_len, "runs": self.speed.runs,
-                           "fidelity_texts": len(self.texts)}
-        return metrics
+        return metrics, details
+
+
+def bench(handle: ModelHandle, batch_size: int, seq_len: int, warmup: int, runs: int) -> dict[str, object]:
+    """Speed and size of one model on real sentences; peak RSS is this process's high-water mark."""
+    import resource
+
+    from optimize.data import read_rows
+    from optimize.recipe import SHIPPED, SOURCE_TREE
+
+    texts_file = next(p for p in (SOURCE_TREE / "calibration" / "default.jsonl",
+                                  SHIPPED / "calibration" / "default.jsonl") if p.exists())
+    texts = [str(r["text"]) for r in read_rows(texts_file)]
+    settings = SpeedSettings(batch_size, seq_len, warmup, runs)
+    model = open_model(handle, seq_len)
+    metrics, spread = latency(model.run, speed_inputs(model.tokenizer, texts, settings), settings)
+    metrics["size_mb"] = size_mb(handle)
+    metrics["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    conditions = {"threads": threads(), "batch_size": batch_size, "seq_len": seq_len, "runs": runs,
+                  "warmup": warmup, "provider": model.provider}
+    return {"metrics": metrics, "spread": spread, "conditions": conditions}
 
 
 def max_abs_diff(a: ModelHandle, b: ModelHandle, texts: Sequence[str], seq_len: int) -> float:
@@ -132,4 +169,3 @@ def max_abs_diff(a: ModelHandle, b: ModelHandle, texts: Sequence[str], seq_len: 
     first, second = open_model(a, seq_len), open_model(b, seq_len)
     inputs = first.tokenizer(texts)
     return float(np.abs(first.run(inputs) - second.run(inputs)).max())
-

@@ -105,6 +105,21 @@ def open_checkpoint(spec: str, base_dir: Path | None, task: str | None,
     return ModelHandle(checkpoint, task or found, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
 
 
+def open_any(spec: str, allow_pickle: bool = False, trust_remote_code: bool = False) -> ModelHandle:
+    """A checkpoint, an .onnx file (tokenizer and config.json beside it) or an artifact folder."""
+    path = Path(spec).expanduser()
+    onnx_path = path if path.suffix == ".onnx" else path / "model.onnx"
+    if onnx_path.is_file() and not any(onnx_path.parent.glob("*.safetensors")):
+        folder = onnx_path.parent
+        for needed in ("config.json", "tokenizer.json"):
+            if not (folder / needed).is_file():
+                raise UsageError(f"model {spec!r}: {folder} has no {needed} beside the ONNX model")
+        return ModelHandle(folder.resolve(), detect_task(folder), onnx_path=onnx_path.resolve())
+    if path.suffix == ".onnx":
+        raise UsageError(f"model {spec!r}: no such file")
+    return open_checkpoint(spec, None, None, allow_pickle, trust_remote_code)
+
+
 def load_torch(model: ModelHandle) -> torch.nn.Module:
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 

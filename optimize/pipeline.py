@@ -25,10 +25,13 @@ from optimize.export import content_sha256, export
 from optimize.gate import judge_all
 from optimize.model import ModelHandle, open_checkpoint
 from optimize.recipe import LoadedRecipe
+from optimize.suites import load_suite
 from optimize.stages import NEEDS_ONNX, RUNNERS
 from optimize.stages.base import StageContext
 
 SUPPORTED_TASKS = ("feature-extraction",)
+BASE_METRICS = ("cosine_mean", "cosine_min", "latency_p50_ms", "latency_p90_ms", "latency_p99_ms",
+                "throughput_per_s", "size_mb")
 
 
 @dataclass(frozen=True)
@@ -66,13 +69,20 @@ def run(loaded: LoadedRecipe, options: RunOptions, console: Console) -> RunResul
     calibration, holdout = split_calibration(column(read_rows(cal_path), None, cal_path),
                                              cal.samples, cal.holdout, recipe.seed, cal_path)
 
-    evaluator = Evaluator(holdout, SpeedSettings(seq_len=cal.seq_len))
+    suites = [load_suite(loaded.find(name, "evals")) for name in recipe.evals]
+    measured = set(BASE_METRICS) | {s.metric for s in suites}
+    for index, stage in enumerate(recipe.stages):
+        for check in stage.gate:
+            if check.metric not in measured:
+                raise UsageError(f"{loaded.source}: stages.{index}.gate: {check.metric} is not measured by this "
+                                 f"recipe (measured: {', '.join(sorted(measured))}); add an eval suite under `evals:`")
+    evaluator = Evaluator(holdout, SpeedSettings(seq_len=cal.seq_len), suites)
     workroot = Path(tempfile.mkdtemp(prefix="optimize-", dir=options.cache_dir))
     staging: Path | None = None
     stages: list[dict[str, Any]] = []
     try:
         with console.status("measuring the reference (input model)"):
-            reference = evaluator.measure(model)
+            reference, reference_details = evaluator.measure(model)
         console.print(f"reference: {model.checkpoint} ({model.task})")
 
         def workdir(name: str) -> Path:
@@ -83,8 +93,8 @@ def run(loaded: LoadedRecipe, options: RunOptions, console: Console) -> RunResul
         def export_step(current: ModelHandle) -> ModelHandle:
             with console.status("exporting to ONNX"):
                 exported, info = export(current, workdir("export"), holdout, cal.seq_len, options.cache_dir)
-                metrics = evaluator.measure(exported)
-            record = {"name": "export", "kind": "export", "config": info, "metrics": metrics,
+                metrics, details = evaluator.measure(exported)
+            record = {"name": "export", "kind": "export", "config": info, "metrics": metrics, "details": details,
                       "gate": judge_all([], metrics, reference)}
             stages.append(record)
             report.print_stage(console, record, reference)
@@ -98,10 +108,10 @@ def run(loaded: LoadedRecipe, options: RunOptions, console: Console) -> RunResul
             with console.status(f"stage {index} ({name}): running"):
                 model = RUNNERS[stage.kind](stage, model, ctx)
             with console.status(f"stage {index} ({name}): measuring"):
-                metrics = evaluator.measure(model)
+                metrics, details = evaluator.measure(model)
             record = {"name": name, "kind": stage.kind,
                       "config": stage.model_dump(mode="json", exclude={"gate", "name"}),
-                      "metrics": metrics, "gate": judge_all(stage.gate, metrics, reference)}
+                      "metrics": metrics, "details": details, "gate": judge_all(stage.gate, metrics, reference)}
             stages.append(record)
             report.print_stage(console, record, reference)
             if not record["gate"]["passed"]:
@@ -121,7 +131,7 @@ def run(loaded: LoadedRecipe, options: RunOptions, console: Console) -> RunResul
                            "calibration": {"data": str(cal.data), "sha256": texts_sha256(calibration),
                                            "samples": len(calibration), "holdout": len(holdout)},
                            "versions": artifact.versions()},
-            "reference": {"metrics": reference, "conditions": evaluator.conditions},
+            "reference": {"metrics": reference, "details": reference_details, "conditions": evaluator.conditions},
             "stages": stages,
             "precision_plan": {},
             "runtime": {"target": _target(recipe.stages), "seq_len": cal.seq_len, "task": model.task},

@@ -95,6 +95,12 @@ class Tokenizer:
         self.pad_id = int(padding.get("pad_id", 0))
         self.pad_token = str(padding.get("pad_token", "[PAD]"))
 
+    def ids(self, text: str) -> list[int]:
+        """Token ids of one long text, neither truncated nor padded (for perplexity)."""
+        self._tok.no_truncation()
+        self._tok.no_padding()
+        return list(self._tok.encode(text, add_special_tokens=False).ids)
+
     def __call__(self, texts: Sequence[str], pad_to: int | None = None) -> dict[str, np.ndarray]:
         self._tok.enable_truncation(max_length=self.seq_len)
         self._tok.enable_padding(pad_id=self.pad_id, pad_token=self.pad_token, length=pad_to)

@@ -1,0 +1,195 @@
+"""Eval suites: labeled data and the task metric it yields (`evals/*.yaml`).
+
+    name: stsb-test
+    task: sts                    # sts | classification | perplexity
+    data: stsb/sts-test.csv      # beside the suite, under $OPTIMIZE_DATA_ROOT, or ../shared/data
+    format: tsv-noheader         # auto | tsv-noheader | label-text
+    columns: {text: "5", text_pair: "6", label: "4"}
+    limit: null                  # at most this many rows (seeded sample)
+
+Tasks: `sts` gives `spearman` between the cosine of the pair's mean-pooled embeddings and the gold
+score; `classification` gives `accuracy` (argmax of a classifier's logits, or for an embedding
+model a logistic-regression probe fitted on `train_data`); `perplexity` gives `perplexity` of a
+causal LM, sliding windows of `window` tokens moved by `stride`.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from optimize.data import read_rows
+from optimize.errors import UsageError
+
+
+class Suite(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    task: Literal["sts", "classification", "perplexity"]
+    data: str
+    format: Literal["auto", "tsv-noheader", "label-text"] = "auto"
+    columns: dict[Literal["text", "text_pair", "label"], str] = {"text": "text"}
+    train_data: str | None = None          # classification probe for embedding models
+    train_limit: int | None = Field(2000, gt=0)
+    limit: int | None = Field(None, gt=0)
+    seed: int = 0
+    window: int = Field(512, gt=1)          # perplexity
+    stride: int = Field(256, gt=0)
+    max_tokens: int | None = Field(None, gt=1)
+
+
+@dataclass(frozen=True)
+class LoadedSuite:
+    suite: Suite
+    path: Path
+    rows: list[dict[str, Any]]
+    train_rows: list[dict[str, Any]]
+
+    @property
+    def metric(self) -> str:
+        return {"sts": "spearman", "classification": "accuracy", "perplexity": "perplexity"}[self.suite.task]
+
+    def texts(self, key: str = "text", rows: Sequence[dict[str, Any]] | None = None) -> list[str]:
+        return [str(r[self.suite.columns[key]]) for r in (self.rows if rows is None else rows)]
+
+    def labels(self, rows: Sequence[dict[str, Any]] | None = None) -> np.ndarray:
+        return np.array([float(r[self.suite.columns["label"]]) for r in (self.rows if rows is None else rows)])
+
+
+def _data_path(name: str, suite_path: Path) -> Path:
+    roots = [suite_path.parent]
+    if os.environ.get("OPTIMIZE_DATA_ROOT"):
+        roots.append(Path(os.environ["OPTIMIZE_DATA_ROOT"]))
+    roots.append(suite_path.resolve().parent.parent.parent / "shared" / "data")
+    for root in roots:
+        if (root / name).exists():
+            return (root / name).resolve()
+    raise UsageError(f"{suite_path}: data: {name} not found beside the suite, under $OPTIMIZE_DATA_ROOT "
+                     "or in ../shared/data; set OPTIMIZE_DATA_ROOT to the folder that holds it")
+
+
+def _rows(path: Path, fmt: str, suite_path: Path) -> list[dict[str, Any]]:
+    if fmt == "tsv-noheader":
+        return read_rows(path, delimiter="\t")
+    if fmt == "label-text":
+        rows = []
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            label, _, text = line.strip().partition(" ")
+            if not text or not label.lstrip("-").isdigit():
+                raise UsageError(f"{path}:{number}: expected `<label> <text>` (format label-text in {suite_path})")
+            rows.append({"label": label, "text": text})
+        return rows
+    return read_rows(path)
+
+
+def load_suite(path: Path) -> LoadedSuite:
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise UsageError(f"{path}: no such eval suite") from None
+    except (OSError, yaml.YAMLError) as exc:
+        raise UsageError(f"{path}: cannot read eval suite ({exc})") from None
+    try:
+        suite = Suite.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        key = ".".join(map(str, first["loc"])) or "(suite)"
+        raise UsageError(f"{path}: {key}: {first['msg']}") from None
+    rows = _rows(_data_path(suite.data, path), suite.format, path)
+    train = _rows(_data_path(suite.train_data, path), suite.format, path) if suite.train_data else []
+    if suite.train_limit is not None and len(train) > suite.train_limit:
+        train = random.Random(suite.seed).sample(train, suite.train_limit)
+    if not rows:
+        raise UsageError(f"{path}: data {suite.data} has no rows")
+    needed = {"sts": ("text", "text_pair", "label"), "classification": ("text", "label"),
+              "perplexity": ("text",)}[suite.task]
+    for key in needed:
+        if key not in suite.columns:
+            raise UsageError(f"{path}: columns: task {suite.task} needs a `{key}` column")
+        if suite.columns[key] not in rows[0]:
+            raise UsageError(f"{path}: columns.{key}: no column {suite.columns[key]!r} in {suite.data} "
+                             f"(columns: {', '.join(map(str, rows[0]))})")
+    if suite.task == "perplexity":
+        pass  # the text keeps its order: a sample would cut documents apart
+    elif suite.limit is not None and len(rows) > suite.limit:
+        rows = random.Random(suite.seed).sample(rows, suite.limit)
+    loaded = LoadedSuite(suite, path, rows, train)
+    if suite.task in ("sts", "classification"):
+        try:
+            loaded.labels()
+        except ValueError as exc:
+            raise UsageError(f"{path}: columns.label: not a number in {suite.data} ({exc})") from None
+    return loaded
+
+
+def spearman(model: Any, suite: LoadedSuite) -> float:
+    from scipy.stats import spearmanr
+
+    a, b = model.embed(suite.texts("text")), model.embed(suite.texts("text_pair"))
+    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    return float(spearmanr(cos, suite.labels()).statistic)
+
+
+def accuracy(model: Any, task: str, suite: LoadedSuite) -> float:
+    labels = suite.labels().astype(int)
+    if task == "text-classification":
+        predicted = np.concatenate([model.run(model.tokenizer(batch)).argmax(-1)
+                                    for batch in _batches(suite.texts(), 32)])
+        return float((predicted == labels).mean())
+    if not suite.train_rows:
+        raise UsageError(f"{suite.path}: an embedding model needs `train_data` to fit a classification probe")
+    from sklearn.linear_model import LogisticRegression
+
+    probe = LogisticRegression(max_iter=2000, random_state=suite.suite.seed)
+    probe.fit(model.embed(suite.texts(rows=suite.train_rows)), suite.labels(suite.train_rows).astype(int))
+    return float((probe.predict(model.embed(suite.texts())) == labels).mean())
+
+
+def perplexity(model: Any, suite: LoadedSuite) -> float:
+    """exp(mean NLL) over the text as one token stream, in windows of `window` moved by `stride`;
+    each window scores only the tokens the previous one did not (HF's sliding-window recipe)."""
+    text = "\n".join(suite.texts())
+    ids = model.tokenizer.ids(text)
+    if suite.suite.max_tokens:
+        ids = ids[: suite.suite.max_tokens]
+    window, stride = suite.suite.window, suite.suite.stride
+    nll, counted, previous_end = 0.0, 0, 0
+    for begin in range(0, max(len(ids) - 1, 1), stride):
+        end = min(begin + window, len(ids))
+        chunk = np.array([ids[begin:end]], dtype=np.int64)
+        logits = model.run({"input_ids": chunk, "attention_mask": np.ones_like(chunk)})[0].astype(np.float64)
+        new = end - max(previous_end, begin + 1)  # tokens not scored before (the first has no context)
+        targets = chunk[0, end - begin - new:]
+        scores = logits[end - begin - new - 1: end - begin - 1]
+        log_probs = scores - np.logaddexp.reduce(scores, axis=-1, keepdims=True)
+        nll -= float(log_probs[np.arange(len(targets)), targets].sum())
+        counted += len(targets)
+        previous_end = end
+        if end == len(ids):
+            break
+    return float(np.exp(nll / counted))
+
+
+def _batches(items: list[str], size: int) -> list[list[str]]:
+    return [items[i: i + size] for i in range(0, len(items), size)]
+
+
+def run_suite(model: Any, task: str, suite: LoadedSuite) -> dict[str, float]:
+    if suite.suite.task == "sts":
+        return {"spearman": round(spearman(model, suite), 6)}
+    if suite.suite.task == "classification":
+        return {"accuracy": round(accuracy(model, task, suite), 6)}
+    if task != "text-generation":
+        raise UsageError(f"{suite.path}: perplexity needs a text-generation model, not {task}")
+    return {"perplexity": round(perplexity(model, suite), 4)}
