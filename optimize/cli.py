@@ -7,6 +7,7 @@ is instant. Exit codes (DESIGN.md): 0 done, 2 bad input, 3 a gate failed, 1 a bu
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -30,7 +31,7 @@ app.add_typer(recipe_app, name="recipe")
 console = Console(stderr=True, soft_wrap=True)  # messages stay on one line, for grep and CI logs
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print exactly one JSON object on stdout; logs go to stderr.")]
-OutOpt = Annotated[Optional[Path], typer.Option("-o", "--out", help="Artifact folder [default: artifacts/NAME].")]
+OutOpt = Annotated[Optional[Path], typer.Option("-o", "--out", help="Artifact folder (default: artifacts/NAME).")]
 CacheOpt = Annotated[Optional[Path], typer.Option("--cache-dir", help="Reuse exports across runs from this folder.")]
 PickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Load pickled (.bin) weights; they can run code.")]
 RemoteOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Run model code shipped with the checkpoint.")]
@@ -98,7 +99,8 @@ def run_cmd(
              allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, overwrite=overwrite)
 
 
-def single_stage(kind: str, model: str, recipe: Path | None, settings: dict[str, Any]):
+def single_stage(kind: str, model: str, recipe: Path | None, settings: dict[str, Any],
+                 extra: dict[str, Any] | None = None):
     """The one-stage recipe a single-stage command runs: the stage of that kind from -r RECIPE
     (or a default one) with the command's options on top, and the recipe's calibration and evals."""
     from optimize import recipe as recipes
@@ -109,10 +111,50 @@ def single_stage(kind: str, model: str, recipe: Path | None, settings: dict[str,
     stage = next((dict(s) for s in data.get("stages", []) if isinstance(s, dict) and s.get("kind") == kind),
                  {"kind": kind})
     stage.update({k: v for k, v in settings.items() if v is not None})
-    name = data.get("name") or f"{Path(model).name or 'model'}-{kind}"
+    name = data.get("name") or re.sub(r"[^\w.-]+", "-", f"{Path(model).name or 'model'}-{kind}").strip("-.")
     data = {**data, "name": name, "model": model, "stages": [stage]}
+    for key, value in (extra or {}).items():
+        if value is not None:
+            recipes.apply_override(data, f"{key}={json.dumps(value)}")
     source = f"optimize {kind} {model}" + (f" -r {recipe}" if recipe else "")
     return recipes.validate(data, source, base_dir=recipe.resolve().parent if recipe else Path.cwd())
+
+
+@app.command("quantize")
+def quantize_cmd(
+    model: Annotated[str, typer.Argument(help="Checkpoint folder, `package:NAME` or hub id.")],
+    recipe: Annotated[Optional[Path], typer.Option("-r", "--recipe", help="Take calibration, evals and the quantize stage (with its gate) from here.")] = None,
+    calibration: Annotated[Optional[str], typer.Option("--calibration", help="Calibration texts: .jsonl/.csv/.txt/.parquet or a `datasets` folder.")] = None,
+    precision: Annotated[Optional[str], typer.Option("--precision", help="auto (search a mixed plan against the gate) | int8 | int4 | fp16.")] = None,
+    plan: Annotated[Optional[Path], typer.Option("--plan", help="Reuse a plan (a manifest.json or {layer: precision} JSON); skips the search.")] = None,
+    suites: Annotated[list[str], typer.Option("--suite", help="Eval suite the gate may use, e.g. evals/stsb-test.yaml.")] = [],  # noqa: B006
+    gate: Annotated[list[str], typer.Option("--gate", help="A gate check, e.g. 'spearman max_drop 0.001' or 'cosine_min min 0.95'.")] = [],  # noqa: B006
+    out: OutOpt = None,
+    as_json: JsonOpt = False,
+    cache_dir: CacheOpt = None,
+    dry_run: DryRunOpt = False,
+    allow_pickle: PickleOpt = False,
+    trust_remote_code: RemoteOpt = False,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Quantize MODEL: measure each layer's sensitivity on calibration data, then choose the smallest,
+    fastest precision plan whose gate holds (export to ONNX is inserted first)."""
+    checks = [_parse_check(text) for text in gate]
+    settings = {"precision": precision, "plan": str(plan.resolve()) if plan else None, "gate": checks or None}
+    extra = {"calibration.data": calibration, "evals": suites or None}
+    _execute(lambda: single_stage("quantize", model, recipe, settings, extra), out, as_json, dry_run,
+             cache_dir=cache_dir, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+             overwrite=overwrite)
+
+
+def _parse_check(text: str) -> dict[str, Any]:
+    parts = text.replace("=", " ").split()
+    if len(parts) != 3:
+        raise typer.BadParameter(f"{text!r}: write METRIC BOUND VALUE, e.g. 'spearman max_drop 0.001'")
+    try:
+        return {"metric": parts[0], parts[1]: float(parts[2])}
+    except ValueError:
+        raise typer.BadParameter(f"{text!r}: {parts[2]!r} is not a number") from None
 
 
 @app.command("compile")

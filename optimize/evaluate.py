@@ -120,9 +120,29 @@ class Evaluator:
     seq_len: int = 128
     reference_embeddings: np.ndarray | None = None
     conditions: dict[str, object] = field(default_factory=dict)
+    _cache: dict[tuple[object, ...], tuple[dict[str, float], dict[str, object]]] = field(default_factory=dict)
+
+    def probe(self, handle: ModelHandle) -> dict[str, float]:
+        """Fidelity on the held-out texts only: the cheap signal for per-layer sensitivity."""
+        assert self.reference_embeddings is not None, "measure the reference first"
+        model = open_model(handle, self.speed.seq_len if self.speed else self.seq_len)
+        return fidelity(model.embed(self.texts), self.reference_embeddings)
 
     def measure(self, handle: ModelHandle) -> tuple[dict[str, float], dict[str, object]]:
-        """The metrics of DESIGN.md for this model, and the details behind them (spread, provider)."""
+        """The metrics of DESIGN.md for this model, and the details behind them (spread, provider).
+        An ONNX file already measured in this run (same path, size and time) is not measured again."""
+        key = None
+        if handle.onnx_path is not None:
+            stat = handle.onnx_path.stat()
+            key = (str(handle.onnx_path), stat.st_size, stat.st_mtime_ns)
+            if key in self._cache:
+                return self._cache[key]
+        result = self._measure(handle)
+        if key is not None:
+            self._cache[key] = result
+        return result
+
+    def _measure(self, handle: ModelHandle) -> tuple[dict[str, float], dict[str, object]]:
         model = open_model(handle, self.speed.seq_len if self.speed else self.seq_len)
         metrics: dict[str, float] = {}
         details: dict[str, object] = {"provider": model.provider}

