@@ -60,27 +60,44 @@ def select_providers(available: Sequence[str], target: str = "cpu") -> list[str]
     return chosen or ["CPUExecutionProvider"]
 
 
+def provider_options(provider: str, settings: dict, cache_dir: Path) -> dict:
+    """Options per provider, from the manifest's `runtime` section (what compile chose for the target).
+    TensorRT builds its engine at the first load on the target GPU and caches it; the cache files
+    are keyed by GPU architecture and TensorRT version, so one folder serves several machines."""
+    if provider == "TensorrtExecutionProvider":
+        return {"trt_fp16_enable": bool(settings.get("fp16", True)), "trt_int8_enable": bool(settings.get("int8", False)),
+                "trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache_dir / "trt-engines"),
+                "trt_timing_cache_enable": True, "trt_timing_cache_path": str(cache_dir / "trt-timing")}
+    if provider == "CUDAExecutionProvider":
+        return {"cudnn_conv_algo_search": "HEURISTIC"}
+    return {}
+
+
 def make_session(model_path: Path, target: str = "cpu", threads: int | None = None,
-                 available: Sequence[str] | None = None):
-    """An InferenceSession on the best provider that actually starts; falls back down the list."""
+                 available: Sequence[str] | None = None, settings: dict | None = None):
+    """An InferenceSession on the best provider that actually starts; falls back down the list.
+    Returns the session and a note per provider that was tried and could not be used."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or os.cpu_count() or 1
     options.inter_op_num_threads = 1
-    options.log_severity_level = 3
+    options.log_severity_level = 4
     providers = select_providers(available if available is not None else ort.get_available_providers(), target)
-    errors = []
+    cache_dir = Path(os.environ.get("OPTIMIZE_RUNTIME_CACHE", Path.home() / ".cache" / "optimize-runtime"))
+    notes: list[str] = []
     for i, provider in enumerate(providers):
+        chain = [(p, provider_options(p, settings or {}, cache_dir)) for p in providers[i:]]
         try:
-            session = ort.InferenceSession(str(model_path), options, providers=providers[i:])
+            session = ort.InferenceSession(str(model_path), options, providers=chain)
         except Exception as exc:  # a provider whose device or libraries are missing fails here
-            errors.append(f"{provider}: {exc}")
+            notes.append(f"{provider}: {str(exc).splitlines()[0][:200]}")
             continue
-        if session.get_providers()[0] == provider or provider == "CPUExecutionProvider":
-            return session
-        errors.append(f"{provider}: not usable on this machine")
-    raise RuntimeError("no execution provider could load the model: " + "; ".join(errors))
+        if session.get_providers()[0] == provider:
+            return session, notes
+        # onnxruntime fell back silently (e.g. the GPU build on a machine without a GPU)
+        notes.append(f"{provider}: not usable on this machine")
+    raise RuntimeError("no execution provider could load the model: " + "; ".join(notes))
 
 
 class Tokenizer:
@@ -131,8 +148,8 @@ class OnnxModel:
     """An ONNX model with its tokenizer: `embed(texts)` for feature extraction."""
 
     def __init__(self, model_path: Path, tokenizer_path: Path, seq_len: int = 128, target: str = "cpu",
-                 threads: int | None = None, available: Sequence[str] | None = None):
-        self.session = make_session(model_path, target, threads, available)
+                 threads: int | None = None, available: Sequence[str] | None = None, settings: dict | None = None):
+        self.session, self.fallbacks = make_session(model_path, target, threads, available, settings)
         self.tokenizer = Tokenizer(tokenizer_path, seq_len)
         self.input_names = [i.name for i in self.session.get_inputs()]
 
@@ -155,4 +172,4 @@ def load(artifact_dir: str | Path, available: Sequence[str] | None = None) -> On
     runtime = manifest.get("runtime", {})
     return OnnxModel(artifact_dir / "model.onnx", artifact_dir / "tokenizer.json",
                      seq_len=int(runtime.get("seq_len", 128)), target=str(runtime.get("target", "cpu")),
-                     available=available)
+                     available=available, settings=runtime)

@@ -148,6 +148,20 @@ def sensitivity(config: QuantizeStage, source: ModelHandle, layers: list[str], l
     return scores
 
 
+def _print_sensitivity(ranking: list[str], scores: dict[str, float], low: str, shown: int = 12) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"sensitivity: 1 - cosine_mean with only that layer in {low} "
+                        f"({shown} most sensitive of {len(ranking)})", title_justify="left")
+    table.add_column("rank", justify="right")
+    table.add_column("layer")
+    table.add_column("score", justify="right")
+    for rank, name in enumerate(ranking[:shown], start=1):
+        table.add_row(str(rank), name, f"{scores[name]:.3g}")
+    Console(stderr=True).print(table)
+
+
 def _first_guess(checks: list[dict[str, Any]], ranking: list[str], scores: dict[str, float]) -> int:
     """How many of the most sensitive layers to keep in float so the failing checks would hold, if
     each layer's loss added up in proportion to its sensitivity."""
@@ -202,6 +216,7 @@ def run(config: QuantizeStage, model: ModelHandle, ctx: StageContext) -> StageOu
     scores = sensitivity(config, model, layers, low, ctx)
     ranking = sorted(layers, key=lambda n: -scores[n])
     info["sensitivity"] = {n: scores[n] for n in ranking}
+    _print_sensitivity(ranking, scores, low)
 
     def plan_keeping(kept: int) -> dict[str, str]:
         return {n: (FLOAT if n in ranking[:kept] else low) for n in layers}

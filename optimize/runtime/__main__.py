@@ -1,0 +1,55 @@
+"""`python -m runtime ARTIFACT_DIR embed --input texts.jsonl`: embeddings as JSONL on stdout.
+
+Input: JSONL with a "text" field per line, or plain text with one text per line ("-" for stdin).
+Output: one {"text": ..., "embedding": [...]} per line. The provider used (and any that could not
+be used) is reported on stderr. Exit 2 when the artifact or the input is unusable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from . import ArtifactError, load
+
+
+def _texts(source: str) -> list[str]:
+    lines = (sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")).splitlines()
+    texts = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        if line.lstrip().startswith("{"):
+            try:
+                texts.append(str(json.loads(line)["text"]))
+            except (json.JSONDecodeError, KeyError):
+                raise ValueError(f"{source}:{number}: expected a JSON object with a \"text\" field") from None
+        else:
+            texts.append(line.strip())
+    return texts
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m runtime", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("artifact", type=Path, help="the artifact folder (holds manifest.json)")
+    parser.add_argument("command", choices=["embed"], help="what to compute")
+    parser.add_argument("--input", default="-", help="texts: .jsonl or .txt file, or - for stdin")
+    parser.add_argument("--batch-size", type=int, default=32)
+    args = parser.parse_args(argv)
+    try:
+        model = load(args.artifact)
+        texts = _texts(args.input)
+    except (ArtifactError, OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"provider: {model.provider}" + "".join(f"\n  not used: {n}" for n in model.fallbacks), file=sys.stderr)
+    for text, vector in zip(texts, model.embed(texts, args.batch_size)):
+        print(json.dumps({"text": text, "embedding": [round(float(x), 7) for x in vector]}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

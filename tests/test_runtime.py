@@ -1,0 +1,121 @@
+"""The runtime bundled in every artifact: provider choice and fallback, hash checks, its CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from optimize import runtime
+from optimize.cli import app
+from tests.conftest import ROOT, minilm_path, write_recipe
+
+ALL = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+@pytest.mark.parametrize("available, target, expected", [
+    (ALL, "tensorrt", ALL),
+    (ALL, "cuda", ["CUDAExecutionProvider", "CPUExecutionProvider"]),
+    (ALL, "cpu", ["CPUExecutionProvider"]),
+    (["CUDAExecutionProvider", "CPUExecutionProvider"], "tensorrt", ["CUDAExecutionProvider", "CPUExecutionProvider"]),
+    (["CPUExecutionProvider"], "tensorrt", ["CPUExecutionProvider"]),
+    ([], "cuda", ["CPUExecutionProvider"]),
+])
+def test_providers_are_tried_best_first_within_what_the_target_allows(available, target, expected):
+    assert runtime.select_providers(available, target) == expected
+
+
+@pytest.fixture(scope="module")
+def artifact(tiny_bert, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("runtime")
+    recipe = write_recipe(folder, [{"kind": "compile", "gate": [{"metric": "cosine_min", "min": 0.999}]}],
+                          model=str(tiny_bert))
+    result = CliRunner().invoke(app, ["run", str(recipe), "-o", str(folder / "art")])
+    assert result.exit_code == 0, result.output
+    return folder / "art"
+
+
+def test_gpu_providers_that_cannot_start_here_fall_back_to_cpu_and_say_why(artifact):
+    model = runtime.OnnxModel(artifact / "model.onnx", artifact / "tokenizer.json", target="tensorrt",
+                              available=ALL, settings={"fp16": True})
+    assert model.provider == "CPUExecutionProvider"
+    assert [n.split(":")[0] for n in model.fallbacks] == ALL[:2]
+
+
+def test_provider_options_carry_the_tensorrt_engine_cache_and_precision_flags(tmp_path):
+    options = runtime.provider_options("TensorrtExecutionProvider", {"fp16": True, "int8": True}, tmp_path)
+    assert options["trt_fp16_enable"] and options["trt_int8_enable"] and options["trt_engine_cache_enable"]
+    assert options["trt_engine_cache_path"].startswith(str(tmp_path))
+    assert runtime.provider_options("CPUExecutionProvider", {}, tmp_path) == {}
+
+
+def run_runtime(artifact: Path, *args: str, env: dict | None = None, python: str = sys.executable):
+    # From the artifact folder, as a user would: `runtime` is the bundled package, not optimize's.
+    return subprocess.run([python, "-m", "runtime", ".", *args], cwd=artifact, capture_output=True, text=True,
+                          env=env)
+
+
+def test_the_runtime_cli_writes_the_embeddings_the_pipeline_computes(artifact, tmp_path):
+    texts = ["A man is playing a guitar.", "Three dogs run on the beach."]
+    (tmp_path / "texts.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    proc = run_runtime(artifact, "embed", "--input", str(tmp_path / "texts.jsonl"))
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [r["text"] for r in rows] == texts
+    expected = runtime.load(artifact).embed(texts)
+    assert np.allclose(np.array([r["embedding"] for r in rows]), expected, atol=1e-5)
+    assert "provider: CPUExecutionProvider" in proc.stderr
+
+
+def test_one_changed_byte_makes_the_runtime_refuse_the_model_naming_the_file(artifact, tmp_path):
+    import shutil
+
+    copy = tmp_path / "tampered"
+    shutil.copytree(artifact, copy)
+    data = bytearray((copy / "model.onnx").read_bytes())
+    data[100] ^= 0x01
+    (copy / "model.onnx").write_bytes(bytes(data))
+    proc = run_runtime(copy, "embed", "--input", "-")
+    assert proc.returncode == 2
+    assert "model.onnx" in proc.stderr and "sha256" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_the_runtime_imports_neither_torch_nor_optimize(artifact):
+    code = ("import sys, runtime; runtime.load('.').embed(['hi']); "
+            "sys.exit(int(any(m in sys.modules for m in ('torch', 'transformers', 'optimize'))))")
+    assert subprocess.run([sys.executable, "-c", code], cwd=artifact).returncode == 0
+
+
+@pytest.mark.slow
+def test_a_fresh_environment_with_only_the_requirements_runs_a_minilm_artifact(tmp_path):
+    """No torch, no transformers: only runtime/requirements.txt, and the embeddings the gate measured."""
+    recipe = ROOT / "recipes" / "minilm-cpu.yaml"
+    out = tmp_path / "art"
+    result = CliRunner().invoke(app, ["run", str(recipe), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    python = str(venv / "bin" / "python")
+    subprocess.run([python, "-m", "pip", "install", "-q", "-r", str(out / "runtime" / "requirements.txt")],
+                   check=True, capture_output=True)
+    listed = subprocess.run([python, "-m", "pip", "list"], capture_output=True, text=True).stdout.lower()
+    assert "torch" not in listed and "transformers" not in listed
+    texts = ["A man is playing a guitar.", "A woman is slicing an onion.", "The stock market fell sharply."]
+    (tmp_path / "texts.txt").write_text("\n".join(texts))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = run_runtime(out, "embed", "--input", str(tmp_path / "texts.txt"), env=env, python=python)
+    assert proc.returncode == 0, proc.stderr
+    got = np.array([json.loads(line)["embedding"] for line in proc.stdout.splitlines()])
+    from optimize.evaluate import fidelity
+    from optimize.model import open_checkpoint
+
+    from optimize.evaluate import TorchModel
+
+    reference = TorchModel(open_checkpoint(str(minilm_path()), None, None), 128).embed(texts)
+    assert fidelity(got, reference)["cosine_min"] >= 0.9999
