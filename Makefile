@@ -33,7 +33,7 @@ lint: setup
 	$(VENV)/bin/mypy optimize
 
 bench: setup
-	$(PY) bench/compare.py
+	$(PY) bench/compare.py $(wildcard artifacts/*)
 
 clean:
 	rm -rf $(VENV) artifacts .pytest_cache .ruff_cache .mypy_cache

@@ -11,7 +11,7 @@ import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -31,8 +31,8 @@ app.add_typer(recipe_app, name="recipe")
 console = Console(stderr=True, soft_wrap=True)  # messages stay on one line, for grep and CI logs
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print exactly one JSON object on stdout; logs go to stderr.")]
-OutOpt = Annotated[Optional[Path], typer.Option("-o", "--out", help="Artifact folder (default: artifacts/NAME).")]
-CacheOpt = Annotated[Optional[Path], typer.Option("--cache-dir", help="Reuse exports across runs from this folder.")]
+OutOpt = Annotated[Path | None, typer.Option("-o", "--out", help="Artifact folder (default: artifacts/NAME).")]
+CacheOpt = Annotated[Path | None, typer.Option("--cache-dir", help="Reuse exports across runs from this folder.")]
 PickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Load pickled (.bin) weights; they can run code.")]
 RemoteOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Run model code shipped with the checkpoint.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists (only once the run passed).")]
@@ -83,7 +83,7 @@ def run_cmd(
     as_json: JsonOpt = False,
     cache_dir: CacheOpt = None,
     overrides: Annotated[list[str], typer.Option("--set", help="Override one key: --set stages.0.target=cpu.")] = [],  # noqa: B006
-    model: Annotated[Optional[str], typer.Option("--model", help="Use this model instead of the recipe's.")] = None,
+    model: Annotated[str | None, typer.Option("--model", help="Use this model instead of the recipe's.")] = None,
     dry_run: DryRunOpt = False,
     allow_pickle: PickleOpt = False,
     trust_remote_code: RemoteOpt = False,
@@ -123,10 +123,10 @@ def single_stage(kind: str, model: str, recipe: Path | None, settings: dict[str,
 @app.command("quantize")
 def quantize_cmd(
     model: Annotated[str, typer.Argument(help="Checkpoint folder, `package:NAME` or hub id.")],
-    recipe: Annotated[Optional[Path], typer.Option("-r", "--recipe", help="Take calibration, evals and the quantize stage (with its gate) from here.")] = None,
-    calibration: Annotated[Optional[str], typer.Option("--calibration", help="Calibration texts: .jsonl/.csv/.txt/.parquet or a `datasets` folder.")] = None,
-    precision: Annotated[Optional[str], typer.Option("--precision", help="auto (search a mixed plan against the gate) | int8 | int4 | fp16.")] = None,
-    plan: Annotated[Optional[Path], typer.Option("--plan", help="Reuse a plan (a manifest.json or {layer: precision} JSON); skips the search.")] = None,
+    recipe: Annotated[Path | None, typer.Option("-r", "--recipe", help="Take calibration, evals and the quantize stage (with its gate) from here.")] = None,
+    calibration: Annotated[str | None, typer.Option("--calibration", help="Calibration texts: .jsonl/.csv/.txt/.parquet or a `datasets` folder.")] = None,
+    precision: Annotated[str | None, typer.Option("--precision", help="auto (search a mixed plan against the gate) | int8 | int4 | fp16.")] = None,
+    plan: Annotated[Path | None, typer.Option("--plan", help="Reuse a plan (a manifest.json or {layer: precision} JSON); skips the search.")] = None,
     suites: Annotated[list[str], typer.Option("--suite", help="Eval suite the gate may use, e.g. evals/stsb-test.yaml.")] = [],  # noqa: B006
     gate: Annotated[list[str], typer.Option("--gate", help="A gate check, e.g. 'spearman max_drop 0.001' or 'cosine_min min 0.95'.")] = [],  # noqa: B006
     out: OutOpt = None,
@@ -160,8 +160,8 @@ def _parse_check(text: str) -> dict[str, Any]:
 @app.command("compile")
 def compile_cmd(
     model: Annotated[str, typer.Argument(help="Checkpoint folder, `package:NAME` or hub id.")],
-    recipe: Annotated[Optional[Path], typer.Option("-r", "--recipe", help="Take calibration and gates from here.")] = None,
-    target: Annotated[Optional[str], typer.Option("--target", help="cpu (cuda and tensorrt come later).")] = None,
+    recipe: Annotated[Path | None, typer.Option("-r", "--recipe", help="Take calibration and gates from here.")] = None,
+    target: Annotated[str | None, typer.Option("--target", help="cpu (cuda and tensorrt come later).")] = None,
     out: OutOpt = None,
     as_json: JsonOpt = False,
     cache_dir: CacheOpt = None,
@@ -205,7 +205,7 @@ def _metrics_table(title: str, columns: dict[str, dict[str, Any]]) -> None:
 def eval_cmd(
     model: Annotated[str, typer.Argument(help="Checkpoint folder, .onnx file or artifact folder.")],
     suites: Annotated[list[Path], typer.Option("--suite", help="Eval suite YAML (repeatable), e.g. evals/stsb-test.yaml.")],
-    reference: Annotated[Optional[str], typer.Option("--reference", help="Also measure this model and compare.")] = None,
+    reference: Annotated[str | None, typer.Option("--reference", help="Also measure this model and compare.")] = None,
     as_json: JsonOpt = False,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per text; longer texts are truncated.")] = 128,
     allow_pickle: PickleOpt = False,

@@ -105,9 +105,12 @@ def open_checkpoint(spec: str, base_dir: Path | None, task: str | None,
     return ModelHandle(checkpoint, task or found, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
 
 
-def open_any(spec: str, allow_pickle: bool = False, trust_remote_code: bool = False) -> ModelHandle:
+def open_any(spec: str, allow_pickle: bool = False, trust_remote_code: bool = False,
+             base_dir: Path | None = None) -> ModelHandle:
     """A checkpoint, an .onnx file (tokenizer and config.json beside it) or an artifact folder."""
     path = Path(spec).expanduser()
+    if base_dir is not None and not path.is_absolute() and (base_dir / path).exists():
+        path = base_dir / path
     onnx_path = path if path.suffix == ".onnx" else path / "model.onnx"
     if onnx_path.is_file() and not any(onnx_path.parent.glob("*.safetensors")):
         folder = onnx_path.parent
@@ -117,7 +120,7 @@ def open_any(spec: str, allow_pickle: bool = False, trust_remote_code: bool = Fa
         return ModelHandle(folder.resolve(), detect_task(folder), onnx_path=onnx_path.resolve())
     if path.suffix == ".onnx":
         raise UsageError(f"model {spec!r}: no such file")
-    return open_checkpoint(spec, None, None, allow_pickle, trust_remote_code)
+    return open_checkpoint(spec, base_dir, None, allow_pickle, trust_remote_code)
 
 
 def load_torch(model: ModelHandle) -> torch.nn.Module:

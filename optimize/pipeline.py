@@ -9,6 +9,7 @@ Every command (`run`, `compile`, ...) ends here with a validated recipe.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -23,11 +24,11 @@ from optimize.errors import GateFailed, UsageError
 from optimize.evaluate import Evaluator, SpeedSettings
 from optimize.export import content_sha256, export
 from optimize.gate import judge_all
-from optimize.model import ModelHandle, open_checkpoint
+from optimize.model import ModelHandle, open_any
 from optimize.recipe import LoadedRecipe
-from optimize.suites import load_suite
 from optimize.stages import NEEDS_ONNX, RUNNERS
 from optimize.stages.base import StageContext
+from optimize.suites import load_suite
 
 SUPPORTED_TASKS = ("feature-extraction",)
 BASE_METRICS = ("cosine_mean", "cosine_min", "latency_p50_ms", "latency_p90_ms", "latency_p99_ms",
@@ -57,8 +58,10 @@ def run(loaded: LoadedRecipe, options: RunOptions, console: Console) -> RunResul
     spec = options.model or recipe.model
     if spec is None:
         raise UsageError(f"{loaded.source}: model: no model given; set `model:` in the recipe or pass --model")
-    model = open_checkpoint(spec, loaded.base_dir if not options.model else None, recipe.task,
-                            options.allow_pickle, options.trust_remote_code)
+    model = open_any(spec, options.allow_pickle, options.trust_remote_code,
+                     loaded.base_dir if not options.model else None)
+    if recipe.task is not None and recipe.task != model.task:
+        model = dataclasses.replace(model, task=recipe.task)
     if model.task not in SUPPORTED_TASKS:
         raise UsageError(f"model {spec!r}: task {model.task!r} is not supported yet "
                          f"(supported: {', '.join(SUPPORTED_TASKS)})")
@@ -81,6 +84,7 @@ def run(loaded: LoadedRecipe, options: RunOptions, console: Console) -> RunResul
     staging: Path | None = None
     stages: list[dict[str, Any]] = []
     plan: dict[str, str] = {}
+    runtime_settings: dict[str, Any] = {}
     try:
         with console.status("measuring the reference (input model)"):
             reference, reference_details = evaluator.measure(model)
@@ -120,6 +124,7 @@ def run(loaded: LoadedRecipe, options: RunOptions, console: Console) -> RunResul
                 _write_failed_report(options.out, loaded, reference, stages, evaluator.conditions)
                 raise GateFailed(f"stage {index} ({name}): {exc}", stages) from None
             plan.update(record["details"].pop("precision_plan", {}))
+            runtime_settings.update(record["details"].pop("runtime", {}))
             with console.status(f"stage {index} ({name}): measuring"):
                 metrics, record["details"]["speed"] = evaluator.measure(model)
             record.update(metrics=metrics, gate=judge_all(stage.gate, metrics, reference))
@@ -145,7 +150,8 @@ def run(loaded: LoadedRecipe, options: RunOptions, console: Console) -> RunResul
             "reference": {"metrics": reference, "details": reference_details, "conditions": evaluator.conditions},
             "stages": stages,
             "precision_plan": plan,
-            "runtime": {"target": _target(recipe.stages), "seq_len": cal.seq_len, "task": model.task},
+            "runtime": {"target": _target(recipe.stages), "seq_len": cal.seq_len, "task": model.task,
+                        "int8": "int8" in plan.values(), **runtime_settings},
         }
         summary = {"status": status, "reference": reference, "stages": stages, "conditions": evaluator.conditions}
         staging = artifact.staging_dir(options.out)

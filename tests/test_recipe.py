@@ -55,7 +55,7 @@ def test_a_wrong_type_names_the_line_of_the_key(tmp_path):
 
 def test_an_unknown_stage_kind_is_reported(tmp_path):
     message = error_of(write(tmp_path, GOOD.replace("kind: compile", "kind: compyle")))
-    assert ":6: stages.0.kind:" in message
+    assert ":6: stages.0: Input tag 'compyle' found using 'kind'" in message
 
 
 def test_a_gate_metric_that_does_not_exist_is_reported(tmp_path):

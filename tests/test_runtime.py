@@ -112,10 +112,8 @@ def test_a_fresh_environment_with_only_the_requirements_runs_a_minilm_artifact(t
     proc = run_runtime(out, "embed", "--input", str(tmp_path / "texts.txt"), env=env, python=python)
     assert proc.returncode == 0, proc.stderr
     got = np.array([json.loads(line)["embedding"] for line in proc.stdout.splitlines()])
-    from optimize.evaluate import fidelity
+    from optimize.evaluate import TorchModel, fidelity
     from optimize.model import open_checkpoint
-
-    from optimize.evaluate import TorchModel
 
     reference = TorchModel(open_checkpoint(str(minilm_path()), None, None), 128).embed(texts)
     assert fidelity(got, reference)["cosine_min"] >= 0.9999

@@ -148,6 +148,22 @@ def sensitivity(config: QuantizeStage, source: ModelHandle, layers: list[str], l
     return scores
 
 
+def _preprocess(model: ModelHandle, ctx: StageContext) -> ModelHandle:
+    """onnxruntime's recommended step before quantizing: ONNX shape inference and ORT's basic graph
+    optimization (constant folding, redundant node removal), so fewer, larger ops get quantized."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    assert model.onnx_path is not None
+    out = ctx.workdir / "preprocessed.onnx"
+    logging.disable(logging.WARNING)
+    try:
+        # Symbolic shape inference does not complete on every transformer export; ONNX's does.
+        quant_pre_process(str(model.onnx_path), str(out), skip_symbolic_shape=True)
+    finally:
+        logging.disable(logging.NOTSET)
+    return model.with_onnx(out)
+
+
 def _print_sensitivity(ranking: list[str], scores: dict[str, float], low: str, shown: int = 12) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -186,6 +202,7 @@ def run(config: QuantizeStage, model: ModelHandle, ctx: StageContext) -> StageOu
         raise UsageError("quantize: precision fp16 runs well only on GPU targets, which this build cannot "
                          "measure; use int8, int4 or auto on cpu")
     assert model.onnx_path is not None
+    model = _preprocess(model, ctx)
     low = "int4" if config.precision == "int4" else "int8"
     layers = quantizable_layers(model.onnx_path, low)
     if not layers:
