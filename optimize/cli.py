@@ -107,7 +107,7 @@ def single_stage(kind: str, model: str, recipe: Path | None, settings: dict[str,
 
     data: dict[str, Any] = {}
     if recipe is not None:
-        data, _ = recipes._load_with_bases(recipe)
+        data, _ = recipes.load_data(recipe)
     stage = next((dict(s) for s in data.get("stages", []) if isinstance(s, dict) and s.get("kind") == kind),
                  {"kind": kind})
     stage.update({k: v for k, v in settings.items() if v is not None})

@@ -116,7 +116,7 @@ def _merge(base: Any, override: Any) -> Any:
     return copy.deepcopy(override)
 
 
-def _load_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> tuple[dict[str, Any], list[tuple[Path, Any]]]:
+def load_data(path: Path, seen: tuple[Path, ...] = ()) -> tuple[dict[str, Any], list[tuple[Path, Any]]]:
     """Returns the merged data and, child first, each file with its YAML node tree for line lookup."""
     path = path.resolve()
     if path in seen:
@@ -129,7 +129,7 @@ def _load_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> tuple[dict[str,
     if not isinstance(base_name, str):
         raise UsageError(f"{path}:{_line(node, ('extends',))}: extends: give the path of a base recipe")
     base_path = path.parent / base_name
-    base, base_trees = _load_with_bases(base_path, (*seen, path))
+    base, base_trees = load_data(base_path, (*seen, path))
     return _merge(base, data), trees + base_trees
 
 
@@ -215,7 +215,7 @@ def validate(data: dict[str, Any], source: str, trees: list[tuple[Path, Any]] | 
 
 
 def load(path: Path, overrides: Sequence[str] = ()) -> LoadedRecipe:
-    data, trees = _load_with_bases(path)
+    data, trees = load_data(path)
     for assignment in overrides:
         apply_override(data, assignment)
     return validate(data, str(path), trees, path.resolve().parent, overrides)

@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"provider: {model.provider}" + "".join(f"\n  not used: {n}" for n in model.fallbacks), file=sys.stderr)
-    for text, vector in zip(texts, model.embed(texts, args.batch_size)):
+    for text, vector in zip(texts, model.embed(texts, args.batch_size), strict=True):
         print(json.dumps({"text": text, "embedding": [round(float(x), 7) for x in vector]}))
     return 0
 
