@@ -159,9 +159,9 @@ def _parse_check(text: str) -> dict[str, Any]:
 
 @app.command("compile")
 def compile_cmd(
-    model: Annotated[str, typer.Argument(help="Checkpoint folder, `package:NAME` or hub id.")],
+    model: Annotated[str, typer.Argument(help="Checkpoint folder, `package:NAME`, hub id, .onnx file or artifact.")],
     recipe: Annotated[Path | None, typer.Option("-r", "--recipe", help="Take calibration and gates from here.")] = None,
-    target: Annotated[str | None, typer.Option("--target", help="cpu (cuda and tensorrt come later).")] = None,
+    target: Annotated[str | None, typer.Option("--target", help="cpu (measured variants) | cuda | tensorrt.")] = None,
     out: OutOpt = None,
     as_json: JsonOpt = False,
     cache_dir: CacheOpt = None,

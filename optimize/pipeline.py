@@ -95,6 +95,10 @@ def run(loaded: LoadedRecipe, options: RunOptions, console: Console) -> RunResul
             path.mkdir()
             return path
 
+        def fail(message: str) -> GateFailed:
+            _write_failed_report(options.out, loaded, reference, stages, evaluator.conditions)
+            return GateFailed(message, stages)
+
         def export_step(current: ModelHandle) -> ModelHandle:
             with console.status("exporting to ONNX"):
                 exported, info = export(current, workdir("export"), holdout, cal.seq_len, options.cache_dir)
@@ -121,8 +125,7 @@ def run(loaded: LoadedRecipe, options: RunOptions, console: Console) -> RunResul
                 with console.status(f"stage {index} ({name}): running"):
                     model, record["details"] = RUNNERS[stage.kind](stage, model, ctx)
             except GateFailed as exc:
-                _write_failed_report(options.out, loaded, reference, stages, evaluator.conditions)
-                raise GateFailed(f"stage {index} ({name}): {exc}", stages) from None
+                raise fail(f"stage {index} ({name}): {exc}") from None
             plan.update(record["details"].pop("precision_plan", {}))
             runtime_settings.update(record["details"].pop("runtime", {}))
             with console.status(f"stage {index} ({name}): measuring"):
@@ -132,9 +135,8 @@ def run(loaded: LoadedRecipe, options: RunOptions, console: Console) -> RunResul
             report.print_stage(console, record, reference)
             if not record["gate"]["passed"]:
                 failed = [c for c in record["gate"]["checks"] if not c["passed"]]
-                _write_failed_report(options.out, loaded, reference, stages, evaluator.conditions)
-                raise GateFailed(f"stage {index} ({name}): gate failed: " + "; ".join(
-                    f"{c['metric']} = {c['value']} is not {c['op']} {c['threshold']}" for c in failed), stages)
+                raise fail(f"stage {index} ({name}): gate failed: " + "; ".join(
+                    f"{c['metric']} = {c['value']} is not {c['op']} {c['threshold']}" for c in failed))
         if not model.is_onnx:
             model = export_step(model)
 

@@ -25,12 +25,14 @@ from typing import Any, Literal
 
 import numpy as np
 from pydantic import Field
+from rich.console import Console
 
 from optimize.errors import GateFailed, UsageError
 from optimize.model import ModelHandle
 from optimize.stages.base import StageBase, StageContext, StageOutput
 
 FLOAT = "fp32"
+_STDERR = Console(stderr=True)  # stdout is kept for --json
 
 
 class QuantizeStage(StageBase):
@@ -137,7 +139,7 @@ def sensitivity(config: QuantizeStage, source: ModelHandle, layers: list[str], l
     from rich.progress import Progress
 
     scores = {}
-    with Progress(transient=True) as progress:
+    with Progress(transient=True, console=_STDERR) as progress:
         task = progress.add_task("sensitivity", total=len(layers))
         for i, layer in enumerate(layers):
             plan = {n: (low if n == layer else FLOAT) for n in layers}
@@ -165,7 +167,6 @@ def _preprocess(model: ModelHandle, ctx: StageContext) -> ModelHandle:
 
 
 def _print_sensitivity(ranking: list[str], scores: dict[str, float], low: str, shown: int = 12) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"sensitivity: 1 - cosine_mean with only that layer in {low} "
@@ -175,7 +176,7 @@ def _print_sensitivity(ranking: list[str], scores: dict[str, float], low: str, s
     table.add_column("score", justify="right")
     for rank, name in enumerate(ranking[:shown], start=1):
         table.add_row(str(rank), name, f"{scores[name]:.3g}")
-    Console(stderr=True).print(table)
+    _STDERR.print(table)
 
 
 def _first_guess(checks: list[dict[str, Any]], ranking: list[str], scores: dict[str, float]) -> int:
