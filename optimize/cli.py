@@ -82,7 +82,8 @@ def run_cmd(
     out: OutOpt = None,
     as_json: JsonOpt = False,
     cache_dir: CacheOpt = None,
-    overrides: Annotated[list[str], typer.Option("--set", help="Override one key: --set stages.0.target=cpu.")] = [],  # noqa: B006
+    overrides: Annotated[list[str], typer.Option(
+        "--set", help="Override one key: --set stages.0.target=cpu.")] = [],  # noqa: B006
     model: Annotated[str | None, typer.Option("--model", help="Use this model instead of the recipe's.")] = None,
     dry_run: DryRunOpt = False,
     allow_pickle: PickleOpt = False,
@@ -123,12 +124,18 @@ def single_stage(kind: str, model: str, recipe: Path | None, settings: dict[str,
 @app.command("quantize")
 def quantize_cmd(
     model: Annotated[str, typer.Argument(help="Checkpoint folder, `package:NAME` or hub id.")],
-    recipe: Annotated[Path | None, typer.Option("-r", "--recipe", help="Take calibration, evals and the quantize stage (with its gate) from here.")] = None,
-    calibration: Annotated[str | None, typer.Option("--calibration", help="Calibration texts: .jsonl/.csv/.txt/.parquet or a `datasets` folder.")] = None,
-    precision: Annotated[str | None, typer.Option("--precision", help="auto (search a mixed plan against the gate) | int8 | int4 | fp16.")] = None,
-    plan: Annotated[Path | None, typer.Option("--plan", help="Reuse a plan (a manifest.json or {layer: precision} JSON); skips the search.")] = None,
-    suites: Annotated[list[str], typer.Option("--suite", help="Eval suite the gate may use, e.g. evals/stsb-test.yaml.")] = [],  # noqa: B006
-    gate: Annotated[list[str], typer.Option("--gate", help="A gate check, e.g. 'spearman max_drop 0.001' or 'cosine_min min 0.95'.")] = [],  # noqa: B006
+    recipe: Annotated[Path | None, typer.Option(
+        "-r", "--recipe", help="Take calibration, evals and the quantize stage (with its gate) from here.")] = None,
+    calibration: Annotated[str | None, typer.Option(
+        "--calibration", help="Calibration texts: .jsonl/.csv/.txt/.parquet or a `datasets` folder.")] = None,
+    precision: Annotated[str | None, typer.Option(
+        "--precision", help="auto (search a mixed plan against the gate) | int8 | int4 | fp16.")] = None,
+    plan: Annotated[Path | None, typer.Option(
+        "--plan", help="Reuse a plan (a manifest.json or {layer: precision} JSON); skips the search.")] = None,
+    suites: Annotated[list[str], typer.Option(
+        "--suite", help="Eval suite the gate may use, e.g. evals/stsb-test.yaml.")] = [],  # noqa: B006
+    gate: Annotated[list[str], typer.Option(
+        "--gate", help="A gate check, e.g. 'spearman max_drop 0.001' or 'cosine_min min 0.95'.")] = [],  # noqa: B006
     out: OutOpt = None,
     as_json: JsonOpt = False,
     cache_dir: CacheOpt = None,
@@ -162,6 +169,9 @@ def compile_cmd(
     model: Annotated[str, typer.Argument(help="Checkpoint folder, `package:NAME`, hub id, .onnx file or artifact.")],
     recipe: Annotated[Path | None, typer.Option("-r", "--recipe", help="Take calibration and gates from here.")] = None,
     target: Annotated[str | None, typer.Option("--target", help="cpu (measured variants) | cuda | tensorrt.")] = None,
+    variants: Annotated[list[str], typer.Option(
+        "--variant", help="cpu: graph variant to measure (repeatable): as-is | basic | extended | fused. "
+                          "Default: all; pin one for byte-identical releases.")] = [],  # noqa: B006
     out: OutOpt = None,
     as_json: JsonOpt = False,
     cache_dir: CacheOpt = None,
@@ -171,7 +181,8 @@ def compile_cmd(
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Export MODEL to ONNX and optimize the graph for a target, gated like any stage."""
-    _execute(lambda: single_stage("compile", model, recipe, {"target": target}), out, as_json, dry_run,
+    settings = {"target": target, "variants": variants or None}
+    _execute(lambda: single_stage("compile", model, recipe, settings), out, as_json, dry_run,
              cache_dir=cache_dir, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
              overwrite=overwrite)
 
@@ -204,7 +215,8 @@ def _metrics_table(title: str, columns: dict[str, dict[str, Any]]) -> None:
 @app.command("eval")
 def eval_cmd(
     model: Annotated[str, typer.Argument(help="Checkpoint folder, .onnx file or artifact folder.")],
-    suites: Annotated[list[Path], typer.Option("--suite", help="Eval suite YAML (repeatable), e.g. evals/stsb-test.yaml.")],
+    suites: Annotated[list[Path], typer.Option(
+        "--suite", help="Eval suite YAML (repeatable), e.g. evals/stsb-test.yaml.")],
     reference: Annotated[str | None, typer.Option("--reference", help="Also measure this model and compare.")] = None,
     as_json: JsonOpt = False,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per text; longer texts are truncated.")] = 128,
@@ -243,7 +255,8 @@ def eval_cmd(
 def bench_cmd(
     model: Annotated[str, typer.Argument(help="Checkpoint folder, .onnx file or artifact folder.")],
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Texts per call.")] = 1,
-    seq_len: Annotated[int, typer.Option("--seq-len", min=1, help="Every text padded or cut to this many tokens.")] = 128,
+    seq_len: Annotated[int, typer.Option(
+        "--seq-len", min=1, help="Every text padded or cut to this many tokens.")] = 128,
     runs: Annotated[int, typer.Option("--runs", min=1, help="Timed calls after the warm-up.")] = 50,
     warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed calls first.")] = 10,
     as_json: JsonOpt = False,

@@ -98,7 +98,8 @@ def column(rows: list[dict[str, Any]], name: str | None, path: Path) -> list[str
     return texts
 
 
-def split_calibration(texts: list[str], samples: int, holdout: int, seed: int, path: Path) -> tuple[list[str], list[str]]:
+def split_calibration(texts: list[str], samples: int, holdout: int, seed: int,
+                      path: Path) -> tuple[list[str], list[str]]:
     """Shuffle with the seed, then hold out `holdout` texts for fidelity and keep `samples` to calibrate."""
     if len(texts) < samples + holdout:
         raise UsageError(f"{path}: {len(texts)} texts, but calibration asks for samples={samples} plus "

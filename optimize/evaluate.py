@@ -73,7 +73,8 @@ class SpeedSettings:
     runs: int = 30
 
 
-def latency(run: Callable[[Inputs], object], inputs: Inputs, settings: SpeedSettings) -> tuple[dict[str, float], dict[str, float]]:
+def latency(run: Callable[[Inputs], object], inputs: Inputs,
+            settings: SpeedSettings) -> tuple[dict[str, float], dict[str, float]]:
     """Wall time of `run(inputs)` after a warm-up: the metrics (percentiles, throughput) and the spread."""
     for _ in range(settings.warmup):
         run(inputs)
@@ -101,12 +102,43 @@ def speed_inputs(tokenizer: runtime.Tokenizer, texts: Sequence[str], settings: S
     return tokenizer(batch, pad_to=settings.seq_len)
 
 
-def fidelity(candidate: np.ndarray, reference: np.ndarray) -> dict[str, float]:
-    """Cosine between each sentence embedding and the reference's for the same sentence."""
+MAX_LOGIT_ROWS = 512  # a decoder's per-token logits are vocabulary-wide: compare this many tokens
+
+
+def outputs(model: TorchModel | runtime.OnnxModel, task: str, texts: Sequence[str]) -> np.ndarray:
+    """What fidelity compares, one row per item: sentence embeddings (feature extraction), class
+    logits (classification), or next-token logits at each real token of the texts (causal LM)."""
+    if task == "feature-extraction":
+        return model.embed(texts)
+    rows: list[np.ndarray] = []
+    count = 0
+    for start in range(0, len(texts), 16):
+        inputs = model.tokenizer(texts[start: start + 16])
+        logits = model.run(inputs).astype(np.float32)
+        if logits.ndim == 3:
+            logits = logits[inputs["attention_mask"].astype(bool)]
+        rows.append(logits)
+        count += len(logits)
+        if count >= MAX_LOGIT_ROWS:
+            break
+    return np.concatenate(rows)[:MAX_LOGIT_ROWS]
+
+
+def fidelity(candidate: np.ndarray, reference: np.ndarray, task: str = "feature-extraction") -> dict[str, float]:
+    """Cosine between each output row and the reference's for the same input; for logits also how
+    often the top-1 class or token agrees and the mean KL divergence KL(reference || candidate)."""
     a = candidate / np.linalg.norm(candidate, axis=1, keepdims=True)
     b = reference / np.linalg.norm(reference, axis=1, keepdims=True)
     cos = np.clip((a * b).sum(axis=1), -1.0, 1.0)
-    return {"cosine_mean": round(float(cos.mean()), 6), "cosine_min": round(float(cos.min()), 6)}
+    result = {"cosine_mean": round(float(cos.mean()), 6), "cosine_min": round(float(cos.min()), 6)}
+    if task != "feature-extraction":
+        from scipy.special import log_softmax
+
+        log_p = log_softmax(reference.astype(np.float64), axis=1)
+        log_q = log_softmax(candidate.astype(np.float64), axis=1)
+        result["top1_agreement"] = round(float((candidate.argmax(1) == reference.argmax(1)).mean()), 6)
+        result["kl_div"] = round(float((np.exp(log_p) * (log_p - log_q)).sum(axis=1).mean()), 8)
+    return result
 
 
 @dataclass
@@ -118,15 +150,15 @@ class Evaluator:
     speed: SpeedSettings | None
     suites: Sequence[LoadedSuite] = ()
     seq_len: int = 128
-    reference_embeddings: np.ndarray | None = None
+    reference_outputs: np.ndarray | None = None
     conditions: dict[str, object] = field(default_factory=dict)
     _cache: dict[tuple[object, ...], tuple[dict[str, float], dict[str, object]]] = field(default_factory=dict)
 
     def probe(self, handle: ModelHandle) -> dict[str, float]:
         """Fidelity on the held-out texts only: the cheap signal for per-layer sensitivity."""
-        assert self.reference_embeddings is not None, "measure the reference first"
+        assert self.reference_outputs is not None, "measure the reference first"
         model = open_model(handle, self.speed.seq_len if self.speed else self.seq_len)
-        return fidelity(model.embed(self.texts), self.reference_embeddings)
+        return fidelity(outputs(model, handle.task, self.texts), self.reference_outputs, handle.task)
 
     def measure(self, handle: ModelHandle) -> tuple[dict[str, float], dict[str, object]]:
         """The metrics of DESIGN.md for this model, and the details behind them (spread, provider).
@@ -146,11 +178,11 @@ class Evaluator:
         model = open_model(handle, self.speed.seq_len if self.speed else self.seq_len)
         metrics: dict[str, float] = {}
         details: dict[str, object] = {"provider": model.provider}
-        if self.texts and handle.task == "feature-extraction":
-            embeddings = model.embed(self.texts)
-            if self.reference_embeddings is None:
-                self.reference_embeddings = embeddings
-            metrics.update(fidelity(embeddings, self.reference_embeddings))
+        if self.texts:
+            rows = outputs(model, handle.task, self.texts)
+            if self.reference_outputs is None:
+                self.reference_outputs = rows
+            metrics.update(fidelity(rows, self.reference_outputs, handle.task))
         for suite in self.suites:
             metrics.update(run_suite(model, handle.task, suite))
         if self.speed is not None:
@@ -184,8 +216,15 @@ def bench(handle: ModelHandle, batch_size: int, seq_len: int, warmup: int, runs:
     return {"metrics": metrics, "spread": spread, "conditions": conditions}
 
 
-def max_abs_diff(a: ModelHandle, b: ModelHandle, texts: Sequence[str], seq_len: int) -> float:
-    """Largest absolute difference of the raw outputs (e.g. last hidden states) on real inputs."""
+def max_abs_diff(a: ModelHandle, b: ModelHandle, texts: Sequence[str], seq_len: int) -> tuple[float, float]:
+    """Largest absolute difference of the raw outputs (last hidden states or logits) on real inputs,
+    at real tokens only (what a model computes at padding differs between runtimes), and the
+    largest absolute value of `a`'s outputs there, the scale a tolerance should be relative to."""
     first, second = open_model(a, seq_len), open_model(b, seq_len)
     inputs = first.tokenizer(texts)
-    return float(np.abs(first.run(inputs) - second.run(inputs)).max())
+    reference = first.run(inputs)
+    diff = np.abs(reference - second.run(inputs))
+    if diff.ndim == 3:
+        real = inputs["attention_mask"].astype(bool)
+        diff, reference = diff[real], reference[real]
+    return float(diff.max()), float(np.abs(reference).max())

@@ -17,7 +17,9 @@ from optimize.evaluate import max_abs_diff
 from optimize.model import ModelHandle, load_torch
 
 OPSET = 18
-TOLERANCE = 1e-3  # max |onnx - torch| on the last hidden state beyond which the export is wrong
+# max |onnx - torch| on the outputs, per unit of their largest magnitude (logits reach ~40, hidden
+# states ~10), beyond which the export is wrong rather than rounded differently.
+TOLERANCE = 1e-4
 
 
 def content_sha256(folder: Path) -> str:
@@ -47,11 +49,11 @@ def export(model: ModelHandle, workdir: Path, texts: Sequence[str], seq_len: int
             shutil.copyfile(out, cached.with_suffix(".partial"))
             cached.with_suffix(".partial").replace(cached)
     exported = model.with_onnx(out)
-    diff = max_abs_diff(model, exported, texts, seq_len)
-    if diff > TOLERANCE:
-        raise RuntimeError(f"the ONNX export differs from torch by {diff:.2e} (> {TOLERANCE}); "
+    diff, scale = max_abs_diff(model, exported, texts, seq_len)
+    if diff > TOLERANCE * max(scale, 1.0):
+        raise RuntimeError(f"the ONNX export differs from torch by {diff:.2e} (> {TOLERANCE} x {scale:.1f}); "
                            "this is a bug in the exporter for this architecture")
-    return exported, {"opset": OPSET, "max_abs_diff": diff, "cache_hit": hit}
+    return exported, {"opset": OPSET, "max_abs_diff": diff, "output_scale": scale, "cache_hit": hit}
 
 
 def _export(model: ModelHandle, workdir: Path) -> None:

@@ -8,9 +8,13 @@ Weights load from safetensors; pickled weights and remote code need explicit fla
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib
+import importlib.util
 import json
+import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -43,10 +47,13 @@ class ModelHandle:
 
 def resolve(spec: str, base_dir: Path | None = None) -> Path:
     """Find a checkpoint folder for `spec`: a path (relative to `base_dir` or the working folder),
-    `package:MODULE` (a Python package that ships a model and exposes `get_model_path()`), or a hub
-    id, downloaded unless HF_HUB_OFFLINE is set."""
+    `package:MODULE` (a Python package that ships one .gguf file, or exposes `get_model_path()`),
+    a .gguf file (converted once, see `from_gguf`), or a hub id, downloaded unless HF_HUB_OFFLINE is set."""
     if spec.startswith("package:"):
         module_name = spec.removeprefix("package:")
+        gguf = _packaged_gguf(module_name)
+        if gguf is not None:
+            return from_gguf(gguf)
         try:
             module = importlib.import_module(module_name)
         except ImportError:
@@ -57,6 +64,8 @@ def resolve(spec: str, base_dir: Path | None = None) -> Path:
     if base_dir is not None and not Path(spec).is_absolute():
         candidates.insert(0, base_dir / spec)
     for candidate in candidates:
+        if candidate.is_file() and candidate.suffix == ".gguf":
+            return from_gguf(candidate)
         if candidate.exists():
             if not (candidate / "config.json").is_file():
                 raise UsageError(f"model {spec!r}: {candidate} has no config.json; "
@@ -71,6 +80,53 @@ def resolve(spec: str, base_dir: Path | None = None) -> Path:
     except Exception as exc:  # offline, unknown repo, gated repo: all mean the same to the user
         raise UsageError(f"model {spec!r}: not a local folder and not reachable on the hub "
                          f"({type(exc).__name__}); give a local checkpoint folder") from None
+
+
+def _packaged_gguf(module_name: str) -> Path | None:
+    """The one .gguf file a package ships, found without importing it (some model packages import
+    heavy or unwanted dependencies in their `__init__`)."""
+    try:
+        spec = importlib.util.find_spec(module_name)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    files = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
+    return files[0] if len(files) == 1 else None
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("OPTIMIZE_CACHE_DIR", Path.home() / ".cache" / "optimize"))
+
+
+def from_gguf(path: Path) -> Path:
+    """A GGUF file (llama.cpp's format) as a safetensors checkpoint folder, converted once by
+    transformers (which dequantizes the weights to fp32) and cached by the file's hash. GGUF holds
+    no code, so no flag is needed to load it."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    folder = cache_root() / "gguf" / digest.hexdigest()[:24]
+    if (folder / "config.json").is_file():
+        return folder
+    try:
+        import gguf  # noqa: F401  (transformers needs it to read the file)
+    except ImportError:
+        raise UsageError(f"model {path}: reading GGUF needs the gguf package (pip install gguf)") from None
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    staging = folder.with_name(f".{folder.name}.partial-{os.getpid()}")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
+        model.save_pretrained(staging, safe_serialization=True)
+        AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(staging)
+        (staging / "SOURCE").write_text(f"converted from {path.name} (sha256 {digest.hexdigest()}); "
+                                        "the weights are the GGUF's, dequantized to fp32\n")
+        staging.replace(folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
 
 
 def detect_task(checkpoint: Path) -> str:

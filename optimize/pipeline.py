@@ -30,9 +30,9 @@ from optimize.stages import NEEDS_ONNX, RUNNERS
 from optimize.stages.base import StageContext
 from optimize.suites import load_suite
 
-SUPPORTED_TASKS = ("feature-extraction",)
 BASE_METRICS = ("cosine_mean", "cosine_min", "latency_p50_ms", "latency_p90_ms", "latency_p99_ms",
                 "throughput_per_s", "size_mb")
+LOGIT_METRICS = ("top1_agreement", "kl_div")  # models that output logits (classifiers, causal LMs)
 
 
 @dataclass(frozen=True)
@@ -62,9 +62,6 @@ def run(loaded: LoadedRecipe, options: RunOptions, console: Console) -> RunResul
                      loaded.base_dir if not options.model else None)
     if recipe.task is not None and recipe.task != model.task:
         model = dataclasses.replace(model, task=recipe.task)
-    if model.task not in SUPPORTED_TASKS:
-        raise UsageError(f"model {spec!r}: task {model.task!r} is not supported yet "
-                         f"(supported: {', '.join(SUPPORTED_TASKS)})")
     if not (model.checkpoint / "tokenizer.json").is_file():
         raise UsageError(f"model {spec!r}: no tokenizer.json; save the checkpoint with a fast tokenizer")
     cal = recipe.calibration
@@ -74,6 +71,8 @@ def run(loaded: LoadedRecipe, options: RunOptions, console: Console) -> RunResul
 
     suites = [load_suite(loaded.find(name, "evals")) for name in recipe.evals]
     measured = set(BASE_METRICS) | {s.metric for s in suites}
+    if model.task != "feature-extraction":
+        measured |= set(LOGIT_METRICS)
     for index, stage in enumerate(recipe.stages):
         for check in stage.gate:
             if check.metric not in measured:
@@ -118,7 +117,8 @@ def run(loaded: LoadedRecipe, options: RunOptions, console: Console) -> RunResul
                 metrics, _ = evaluator.measure(handle)
                 return metrics, judge_all(gate, metrics, reference)
 
-            ctx = StageContext(workdir(stage.kind), tuple(calibration), cal.seq_len, recipe.seed, judge, evaluator.probe)
+            ctx = StageContext(workdir(stage.kind), tuple(calibration), cal.seq_len, recipe.seed, judge,
+                               evaluator.probe)
             record = {"name": name, "kind": stage.kind,
                       "config": stage.model_dump(mode="json", exclude={"gate", "name"})}
             try:

@@ -47,12 +47,13 @@ def write_recipe(folder: Path, stages: list[dict], name: str = "test", **extra: 
 def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer random Llama with a small BPE tokenizer trained on the shipped calibration texts."""
     import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM
 
     folder = tmp_path_factory.mktemp("tiny-llama")
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
     texts = [line for line in (ROOT / "calibration" / "default.jsonl").read_text().splitlines()]
     tokenizer.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>"]))
     tokenizer.save(str(folder / "tokenizer.json"))

@@ -38,7 +38,8 @@ def test_a_compile_recipe_passes_and_every_manifest_file_has_its_sha256(tiny_ber
     assert [s["kind"] for s in report["stages"]] == ["export", "compile"]
     compile_stage = report["stages"][1]
     assert compile_stage["gate"]["passed"] is True
-    assert compile_stage["gate"]["checks"][0] == {"metric": "cosine_min", "value": compile_stage["metrics"]["cosine_min"],
+    value = compile_stage["metrics"]["cosine_min"]
+    assert compile_stage["gate"]["checks"][0] == {"metric": "cosine_min", "value": value,
                                                   "op": ">=", "threshold": 0.999, "passed": True}
     manifest = json.loads((out / "manifest.json").read_text())
     assert {"model.onnx", "tokenizer.json", "config.json", "report.md", "runtime/__init__.py"} <= set(manifest["files"])
@@ -132,7 +133,8 @@ def test_an_existing_out_is_kept_unless_overwrite_is_given(tiny_bert, tmp_path):
 
 
 def test_the_cli_module_does_not_import_torch():
-    code = "import sys, optimize.cli; sys.exit(int(any(m in sys.modules for m in ('torch', 'onnxruntime', 'transformers'))))"
+    code = ("import sys, optimize.cli; "
+            "sys.exit(int(any(m in sys.modules for m in ('torch', 'onnxruntime', 'transformers'))))")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 

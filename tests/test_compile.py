@@ -46,3 +46,13 @@ def test_compile_takes_an_artifact_and_needs_no_export(tiny_bert, tmp_path):
     assert result.exit_code == 0, result.output
     assert [s["kind"] for s in report["stages"]] == ["compile"]
     assert report["stages"][0]["metrics"]["cosine_min"] >= 0.999
+
+
+def test_a_pinned_variant_is_the_only_one_built(tiny_bert, tmp_path):
+    out = tmp_path / "out"
+    result, _ = compile_json(str(tiny_bert), "--variant", "as-is", "-o", str(out))
+    assert result.exit_code == 0, result.output
+    details = json.loads((out / "manifest.json").read_text())["stages"][1]["details"]
+    assert [c["variant"] for c in details["candidates"]] == ["as-is"] and details["variant"] == "as-is"
+    bad, report = compile_json(str(tiny_bert), "--variant", "turbo", "-o", str(tmp_path / "bad"))
+    assert bad.exit_code == 2 and "variants" in report["error"] and not (tmp_path / "bad").exists()

@@ -96,7 +96,8 @@ def test_sliding_windows_score_every_token_once(tmp_path, tiny_llama):
 
     (tmp_path / "text.txt").write_text((ROOT / "calibration" / "README.md").read_text())
     for stride in (64, 16):
-        path = suite_file(tmp_path, task="perplexity", data="text.txt", columns={"text": "text"}, window=64, stride=stride)
+        path = suite_file(tmp_path, task="perplexity", data="text.txt", columns={"text": "text"}, window=64,
+                          stride=stride)
         model = Uniform(300)
         assert perplexity(model, load_suite(path)) == pytest.approx(300, rel=1e-6)
 

@@ -65,7 +65,8 @@ def provider_options(provider: str, settings: dict, cache_dir: Path) -> dict:
     TensorRT builds its engine at the first load on the target GPU and caches it; the cache files
     are keyed by GPU architecture and TensorRT version, so one folder serves several machines."""
     if provider == "TensorrtExecutionProvider":
-        return {"trt_fp16_enable": bool(settings.get("fp16", True)), "trt_int8_enable": bool(settings.get("int8", False)),
+        return {"trt_fp16_enable": bool(settings.get("fp16", True)),
+                "trt_int8_enable": bool(settings.get("int8", False)),
                 "trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache_dir / "trt-engines"),
                 "trt_timing_cache_enable": True, "trt_timing_cache_path": str(cache_dir / "trt-timing")}
     if provider == "CUDAExecutionProvider":
@@ -112,11 +113,14 @@ class Tokenizer:
         self.pad_id = int(padding.get("pad_id", 0))
         self.pad_token = str(padding.get("pad_token", "[PAD]"))
 
-    def ids(self, text: str) -> list[int]:
-        """Token ids of one long text, neither truncated nor padded (for perplexity)."""
+    def ids(self, text: str, special: bool = False) -> list[int]:
+        """Token ids of one long text, neither truncated nor padded (for perplexity and prompts)."""
         self._tok.no_truncation()
         self._tok.no_padding()
-        return list(self._tok.encode(text, add_special_tokens=False).ids)
+        return list(self._tok.encode(text, add_special_tokens=special).ids)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return str(self._tok.decode(list(ids), skip_special_tokens=True))
 
     def __call__(self, texts: Sequence[str], pad_to: int | None = None) -> dict[str, np.ndarray]:
         self._tok.enable_truncation(max_length=self.seq_len)
@@ -145,24 +149,85 @@ def embed(run: Callable[[dict[str, np.ndarray]], np.ndarray], tokenizer: Tokeniz
 
 
 class OnnxModel:
-    """An ONNX model with its tokenizer: `embed(texts)` for feature extraction."""
+    """An ONNX model with its tokenizer and config: `embed(texts)` for feature extraction,
+    `classify(texts)` for sequence classifiers, `generate(prompt)` for causal LMs."""
 
     def __init__(self, model_path: Path, tokenizer_path: Path, seq_len: int = 128, target: str = "cpu",
                  threads: int | None = None, available: Sequence[str] | None = None, settings: dict | None = None):
         self.session, self.fallbacks = make_session(model_path, target, threads, available, settings)
         self.tokenizer = Tokenizer(tokenizer_path, seq_len)
         self.input_names = [i.name for i in self.session.get_inputs()]
+        config_path = Path(model_path).parent / "config.json"
+        self.config = json.loads(config_path.read_text()) if config_path.is_file() else {}
 
     @property
     def provider(self) -> str:
         return self.session.get_providers()[0]
 
     def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
-        feed = {name: inputs[name] for name in self.input_names}
-        return self.session.run(None, feed)[0]
+        """The first output (last hidden states, or logits) for tokenized inputs. A decoder exported
+        with a KV cache gets its positions and an empty cache filled in, so it scores whole texts."""
+        return self.session.run(None, self._feed(inputs))[0]
+
+    def _feed(self, inputs: dict[str, np.ndarray], past: Sequence[np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        feed = {name: inputs[name] for name in self.input_names if name in inputs}
+        mask = inputs["attention_mask"]
+        if "position_ids" in self.input_names and "position_ids" not in inputs:
+            positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+            feed["position_ids"] = positions[:, -inputs["input_ids"].shape[1]:].astype(np.int64)
+        cache = [i for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
+        for n, spec in enumerate(cache):
+            if past is not None:
+                feed[spec.name] = past[n]
+            else:
+                heads, head_dim = (d if isinstance(d, int) else 0 for d in (spec.shape[1], spec.shape[3]))
+                feed[spec.name] = np.zeros((mask.shape[0], heads, 0, head_dim), dtype=np.float32)
+        missing = [name for name in self.input_names if name not in feed]
+        if missing:
+            raise ValueError(f"the model needs inputs this runtime cannot make: {', '.join(missing)}")
+        return feed
 
     def embed(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
         return embed(self.run, self.tokenizer, texts, batch_size)
+
+    def classify(self, texts: Sequence[str], batch_size: int = 32) -> list[dict[str, object]]:
+        """For a sequence classifier: the label and the softmax score per text."""
+        labels = self.config.get("id2label") or {}
+        out: list[dict[str, object]] = []
+        for start in range(0, len(texts), batch_size):
+            logits = self.run(self.tokenizer(texts[start: start + batch_size])).astype(np.float64)
+            if logits.ndim != 2:
+                raise ValueError("this model is not a sequence classifier "
+                                 "(it does not give one row of logits per text)")
+            probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+            probs /= probs.sum(axis=1, keepdims=True)
+            for row in probs:
+                best = int(row.argmax())
+                out.append({"label": labels.get(str(best), str(best)), "score": round(float(row[best]), 6)})
+        return out
+
+    def generate(self, prompt: str, max_new_tokens: int = 32) -> str:
+        """Greedy decoding with the KV cache for a causal LM exported with past key values: the
+        prompt runs once, then one token per step. Stops at the end-of-sequence token."""
+        if not any(i.name.startswith("past_key_values.") for i in self.session.get_inputs()):
+            raise ValueError("this model was not exported for generation (no past_key_values inputs)")
+        eos = self.config.get("eos_token_id")
+        stop = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        ids = self.tokenizer.ids(prompt, special=True)
+        step = np.array([ids], dtype=np.int64)
+        mask = np.ones_like(step)
+        past: list[np.ndarray] | None = None
+        new: list[int] = []
+        for _ in range(max_new_tokens):
+            outputs = self.session.run(None, self._feed({"input_ids": step, "attention_mask": mask}, past))
+            token = int(outputs[0][0, -1].argmax())
+            if token in stop:
+                break
+            new.append(token)
+            past = outputs[1:]
+            step = np.array([[token]], dtype=np.int64)
+            mask = np.ones((1, mask.shape[1] + 1), dtype=np.int64)
+        return self.tokenizer.decode(new)
 
 
 def load(artifact_dir: str | Path, available: Sequence[str] | None = None) -> OnnxModel:

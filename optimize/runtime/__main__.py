@@ -1,8 +1,9 @@
-"""`python -m runtime ARTIFACT_DIR embed --input texts.jsonl`: embeddings as JSONL on stdout.
+"""`python -m runtime ARTIFACT_DIR embed|classify|generate --input texts.jsonl`: JSONL on stdout.
 
 Input: JSONL with a "text" field per line, or plain text with one text per line ("-" for stdin).
-Output: one {"text": ..., "embedding": [...]} per line. The provider used (and any that could not
-be used) is reported on stderr. Exit 2 when the artifact or the input is unusable.
+Output, one line per text: {"text", "embedding"} (embed), {"text", "label", "score"} (classify) or
+{"text", "generated"} (generate: greedy, the text is the prompt). The provider used (and any that
+could not be used) is reported on stderr. Exit 2 when the artifact or the input is unusable.
 """
 
 from __future__ import annotations
@@ -35,9 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m runtime", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("artifact", type=Path, help="the artifact folder (holds manifest.json)")
-    parser.add_argument("command", choices=["embed"], help="what to compute")
+    parser.add_argument("command", choices=["embed", "classify", "generate"], help="what to compute")
     parser.add_argument("--input", default="-", help="texts: .jsonl or .txt file, or - for stdin")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=int, default=32, help="generate: tokens per prompt")
     args = parser.parse_args(argv)
     try:
         model = load(args.artifact)
@@ -46,8 +48,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"provider: {model.provider}" + "".join(f"\n  not used: {n}" for n in model.fallbacks), file=sys.stderr)
-    for text, vector in zip(texts, model.embed(texts, args.batch_size), strict=True):
-        print(json.dumps({"text": text, "embedding": [round(float(x), 7) for x in vector]}))
+    try:
+        if args.command == "embed":
+            for text, vector in zip(texts, model.embed(texts, args.batch_size), strict=True):
+                print(json.dumps({"text": text, "embedding": [round(float(x), 7) for x in vector]}))
+        elif args.command == "classify":
+            for text, result in zip(texts, model.classify(texts, args.batch_size), strict=True):
+                print(json.dumps({"text": text, **result}))
+        else:
+            for text in texts:
+                print(json.dumps({"text": text, "generated": model.generate(text, args.max_new_tokens)}), flush=True)
+    except ValueError as exc:  # the model does not do what was asked (e.g. generate on an encoder)
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -20,7 +20,6 @@ import shutil
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 from pydantic import Field
 
 from optimize.errors import GateFailed
@@ -75,11 +74,10 @@ def build(variant: str, model: ModelHandle, out: Path) -> dict[str, Any]:
 
 
 def _agreement(a: ModelHandle, b: ModelHandle, texts: tuple[str, ...], seq_len: int) -> float:
-    from optimize.evaluate import open_model
+    from optimize.evaluate import fidelity, open_model, outputs
 
-    x, y = (open_model(m, seq_len).embed(list(texts)) for m in (a, b))
-    cos = (x * y).sum(1) / (np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1))
-    return round(float(cos.min()), 6)
+    x, y = (outputs(open_model(m, seq_len), m.task, list(texts)) for m in (a, b))
+    return fidelity(y, x)["cosine_min"]
 
 
 def run(config: CompileStage, model: ModelHandle, ctx: StageContext) -> StageOutput:

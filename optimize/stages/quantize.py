@@ -84,7 +84,8 @@ class _Calibration:
         self.index = 0
 
 
-def build(config: QuantizeStage, source: ModelHandle, plan: dict[str, str], out: Path, ctx: StageContext) -> ModelHandle:
+def build(config: QuantizeStage, source: ModelHandle, plan: dict[str, str], out: Path,
+          ctx: StageContext) -> ModelHandle:
     """Write the model for `plan` ({layer: int8 | int4 | fp32}) to `out`."""
     # onnxruntime.quantization logs advice on the root logger for every call; the run has its own report.
     logging.disable(logging.WARNING)
@@ -94,7 +95,8 @@ def build(config: QuantizeStage, source: ModelHandle, plan: dict[str, str], out:
         logging.disable(logging.NOTSET)
 
 
-def _build(config: QuantizeStage, source: ModelHandle, plan: dict[str, str], out: Path, ctx: StageContext) -> ModelHandle:
+def _build(config: QuantizeStage, source: ModelHandle, plan: dict[str, str], out: Path,
+           ctx: StageContext) -> ModelHandle:
     from onnxruntime import quantization as q
 
     assert source.onnx_path is not None
