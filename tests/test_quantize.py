@@ -56,9 +56,11 @@ def test_auto_keeps_sensitive_layers_in_float_until_the_gate_holds_and_a_plan_ca
     assert details["candidates"][0]["passed"] is False        # all-int8 did not hold
     kept = [n for n, p in plan.items() if p == "fp32"]
     assert kept and len(kept) < len(plan)                     # mixed precision
-    scores = details["sensitivity"]
+    # the layers kept in float are those that buy the most quality per weight (rank_by: cost)
+    per_weight = {n: details["sensitivity"][n] / details["weights"][n] for n in plan}
     quantized = [n for n in plan if n not in kept]
-    assert min(scores[n] for n in kept) >= max(scores[n] for n in quantized)  # the most sensitive are kept
+    assert min(per_weight[n] for n in kept) >= max(per_weight[n] for n in quantized)
+    assert details["weights"]["/embeddings/word_embeddings/Gather"] == 30522 * 32
     assert report["stages"][1]["metrics"]["cosine_mean"] >= threshold
 
     reuse = write_recipe(tmp_path, quantize_stage(plan=str(tmp_path / "auto" / "manifest.json"), gate=gate),
