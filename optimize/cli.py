@@ -271,8 +271,9 @@ def bench_cmd(
         from optimize.model import open_any
 
         result = bench(open_any(model, allow_pickle, trust_remote_code), batch_size, seq_len, warmup, runs)
-        _metrics_table(f"bench: batch {batch_size}, seq_len {seq_len}, {result['conditions']['threads']} threads",
-                       {"value": result["metrics"]})
+        conditions: dict[str, Any] = result["conditions"]  # type: ignore[assignment]
+        _metrics_table(f"bench: batch {batch_size}, seq_len {seq_len}, {conditions['threads']} threads",
+                       {"value": result["metrics"]})  # type: ignore[dict-item]
         return {"model": model, **result}
 
     _measure_command(as_json, work)

@@ -68,6 +68,7 @@ class GateCheck(BaseModel):
 def judge(check: GateCheck, value: float | None, reference: float | None) -> dict[str, object]:
     """Evaluate one check; returns the JSON row of DESIGN.md (metric, value, op, threshold, passed)."""
     higher_better = METRICS[check.metric]
+    threshold: float | None
     if check.min is not None:
         op, threshold = ">=", check.min
     elif check.max is not None:

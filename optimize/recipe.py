@@ -140,7 +140,7 @@ def _line(node: Any, loc: tuple[Any, ...]) -> int | None:
         if isinstance(node, yaml.MappingNode):
             match = next((v for k, v in node.value if k.value == part), None)
             key_node = next((k for k, v in node.value if k.value == part), None)
-            if match is None:
+            if match is None or key_node is None:
                 continue
             line, node = key_node.start_mark.line + 1, match
         elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
@@ -178,7 +178,8 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
 
 def _dotted(loc: tuple[Any, ...], data: Any) -> str:
     """`('stages', 0, 'compile', 'targt')` -> `stages.0.targt`: drop the union tags pydantic adds."""
-    parts, node = [], data
+    parts: list[str] = []
+    node = data
     for part in loc:
         if isinstance(node, dict) and part in node:
             node = node[part]

@@ -29,6 +29,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from optimize.data import read_rows
 from optimize.errors import UsageError
 
+Column = Literal["text", "text_pair", "label"]
+
 
 class Suite(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -37,7 +39,7 @@ class Suite(BaseModel):
     task: Literal["sts", "classification", "perplexity"]
     data: str
     format: Literal["auto", "tsv-noheader", "label-text"] = "auto"
-    columns: dict[Literal["text", "text_pair", "label"], str] = {"text": "text"}
+    columns: dict[Column, str] = {"text": "text"}
     train_data: str | None = None          # classification probe for embedding models
     train_limit: int | None = Field(2000, gt=0)
     limit: int | None = Field(None, gt=0)
@@ -58,7 +60,7 @@ class LoadedSuite:
     def metric(self) -> str:
         return {"sts": "spearman", "classification": "accuracy", "perplexity": "perplexity"}[self.suite.task]
 
-    def texts(self, key: str = "text", rows: Sequence[dict[str, Any]] | None = None) -> list[str]:
+    def texts(self, key: Column = "text", rows: Sequence[dict[str, Any]] | None = None) -> list[str]:
         return [str(r[self.suite.columns[key]]) for r in (self.rows if rows is None else rows)]
 
     def labels(self, rows: Sequence[dict[str, Any]] | None = None) -> np.ndarray:

@@ -117,3 +117,37 @@ def test_a_fresh_environment_with_only_the_requirements_runs_a_minilm_artifact(t
 
     reference = TorchModel(open_checkpoint(str(minilm_path()), None, None), 128).embed(texts)
     assert fidelity(got, reference)["cosine_min"] >= 0.9999
+
+
+def test_a_classifier_artifact_classifies_as_torch_does(tmp_path):
+    """A sequence classifier goes through the pipeline (logit fidelity) and the runtime's classify
+    gives torch's argmax label with its softmax score."""
+    import shutil
+
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    folder = tmp_path / "classifier"
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, num_labels=3, id2label={0: "neg", 1: "neutral", 2: "pos"},
+                        label2id={"neg": 0, "neutral": 1, "pos": 2})
+    model = BertForSequenceClassification(config).eval()
+    model.save_pretrained(folder, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+        shutil.copyfile(minilm_path() / name, folder / name)
+    recipe = write_recipe(tmp_path, [{"kind": "compile", "gate": [{"metric": "top1_agreement", "min": 1.0}]}],
+                          model=str(folder))
+    result = CliRunner().invoke(app, ["run", str(recipe), "-o", str(tmp_path / "out"), "--json"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.stdout)["stages"][-1]["metrics"]
+    assert metrics["top1_agreement"] == 1.0 and metrics["kl_div"] < 1e-6
+
+    texts = ["a fine film", "the plot drags on and on", "it rains"]
+    got = runtime.load(tmp_path / "out").classify(texts)
+    tokenizer = runtime.Tokenizer(folder / "tokenizer.json")
+    with torch.no_grad():
+        logits = model(**{k: torch.from_numpy(v) for k, v in tokenizer(texts).items()}).logits
+    probs = logits.softmax(-1)
+    assert [g["label"] for g in got] == [config.id2label[int(i)] for i in probs.argmax(-1)]
+    assert [g["score"] for g in got] == pytest.approx(probs.max(-1).values.tolist(), abs=1e-5)

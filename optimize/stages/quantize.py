@@ -213,6 +213,7 @@ def run(config: QuantizeStage, model: ModelHandle, ctx: StageContext) -> StageOu
                          "measure; use int8, int4 or auto on cpu")
     assert model.onnx_path is not None
     model = _preprocess(model, ctx)
+    assert model.onnx_path is not None
     low = "int4" if config.precision == "int4" else "int8"
     costs = quantizable_layers(model.onnx_path, low)
     layers = list(costs)
