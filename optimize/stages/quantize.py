@@ -18,9 +18,11 @@ GPTQ, block size configurable). Kept layers stay fp32 on CPU (fp16 is slower the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
@@ -92,10 +94,12 @@ class _Calibration:
 def build(config: QuantizeStage, source: ModelHandle, plan: dict[str, str], out: Path,
           ctx: StageContext) -> ModelHandle:
     """Write the model for `plan` ({layer: int8 | int4 | fp32}) to `out`."""
-    # onnxruntime.quantization logs advice on the root logger for every call; the run has its own report.
+    # onnxruntime.quantization logs advice on the root logger for every call, and its RTN/GPTQ path
+    # prints a progress bar on stdout, which is reserved for --json: the run has its own report.
     logging.disable(logging.WARNING)
     try:
-        return _build(config, source, plan, out, ctx)
+        with contextlib.redirect_stdout(sys.stderr):
+            return _build(config, source, plan, out, ctx)
     finally:
         logging.disable(logging.NOTSET)
 
