@@ -47,6 +47,8 @@ def test_a_decoder_runs_the_pipeline_with_logit_fidelity(llama_artifact):
         assert stage["metrics"]["top1_agreement"] == 1.0
         assert 0 <= stage["metrics"]["kl_div"] < 1e-6
     assert compiled["gate"]["passed"]
+    fused = next(c for c in compiled["details"]["candidates"] if c["variant"] == "fused")
+    assert "no transformer fusions for model type 'llama'" in fused["error"]
 
 
 def test_onnx_perplexity_matches_torch(tiny_llama, llama_artifact, tmp_path):

@@ -55,7 +55,10 @@ def _fuse(source: Path, out: Path, checkpoint: Path) -> dict[str, int]:
     from onnxruntime.transformers import optimizer
 
     config = json.loads((checkpoint / "config.json").read_text())
-    fused = optimizer.optimize_model(str(source), model_type=config.get("model_type", "bert"),
+    model_type = config.get("model_type", "bert")
+    if model_type not in optimizer.MODEL_TYPES:
+        raise ValueError(f"onnxruntime has no transformer fusions for model type {model_type!r}")
+    fused = optimizer.optimize_model(str(source), model_type=model_type,
                                      num_heads=config.get("num_attention_heads", 0),
                                      hidden_size=config.get("hidden_size", 0), opt_level=1, use_gpu=False)
     fused.save_model_to_file(str(out))
