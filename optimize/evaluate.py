@@ -124,6 +124,20 @@ def outputs(model: TorchModel | runtime.OnnxModel, task: str, texts: Sequence[st
     return np.concatenate(rows)[:MAX_LOGIT_ROWS]
 
 
+def time_in_turns(models: Sequence[ModelHandle], texts: Sequence[str], seq_len: int, rounds: int = 5,
+                  runs: int = 10) -> list[float]:
+    """Median latency at batch 1 of each model, the models taking turns so that a slow spell of a
+    shared machine hits them alike: how two graphs are compared fairly within one run."""
+    settings = SpeedSettings(batch_size=1, seq_len=seq_len, warmup=2, runs=runs)
+    opened = [open_model(m, seq_len) for m in models]
+    inputs = speed_inputs(opened[0].tokenizer, texts or ["hello world"], settings)
+    times: list[list[float]] = [[] for _ in models]
+    for _ in range(rounds):
+        for i, model in enumerate(opened):
+            times[i].append(latency(model.run, inputs, settings)[0]["latency_p50_ms"])
+    return [round(float(np.median(t)), 3) for t in times]
+
+
 def fidelity(candidate: np.ndarray, reference: np.ndarray, task: str = "feature-extraction") -> dict[str, float]:
     """Cosine between each output row and the reference's for the same input; for logits also how
     often the top-1 class or token agrees and the mean KL divergence KL(reference || candidate)."""

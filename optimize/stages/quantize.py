@@ -212,6 +212,8 @@ def _first_guess(checks: list[dict[str, Any]], ranking: list[str], scores: dict[
 
 
 def run(config: QuantizeStage, model: ModelHandle, ctx: StageContext) -> StageOutput:
+    from optimize.evaluate import time_in_turns
+
     if config.precision == "fp16":
         raise UsageError("quantize: precision fp16 runs well only on GPU targets, which this build cannot "
                          "measure; use int8, int4 or auto on cpu")
@@ -234,7 +236,7 @@ def run(config: QuantizeStage, model: ModelHandle, ctx: StageContext) -> StageOu
         record = {"label": label, "kept_float": sorted(n for n, p in plan.items() if p == FLOAT),
                   "metrics": metrics, "gate_passed": gate["passed"]}
         if not faster:  # one timing on a shared machine can be a slow spell: time both in turns to be sure
-            record["retimed_ms"] = retimed = _time_in_turns([handle, model], ctx.seq_len)
+            record["retimed_ms"] = retimed = time_in_turns([handle, model], ctx.calibration_texts, ctx.seq_len)
             faster = retimed[0] < retimed[1]
         record.update(faster_than_float=faster, passed=gate["passed"] and faster, checks=gate["checks"])
         candidates.append(record)
@@ -287,21 +289,6 @@ def run(config: QuantizeStage, model: ModelHandle, ctx: StageContext) -> StageOu
                          f"{len(closest['kept_float'])} layers in {FLOAT}: "
                          + ", ".join(f"{k} {v}" for k, v in closest["metrics"].items()), [])
     return best[1], {**info, "precision_plan": plan_keeping(best[0])}
-
-
-def _time_in_turns(models: list[ModelHandle], seq_len: int, rounds: int = 5) -> list[float]:
-    """Median latency (batch 1) of each model, the models taking turns so that a slow spell of the
-    machine hits them alike."""
-    from optimize.evaluate import SpeedSettings, latency, open_model, speed_inputs
-
-    settings = SpeedSettings(batch_size=1, seq_len=seq_len, warmup=2, runs=10)
-    opened = [open_model(m, seq_len) for m in models]
-    inputs = speed_inputs(opened[0].tokenizer, ["a short text"], settings)
-    times: list[list[float]] = [[] for _ in models]
-    for _ in range(rounds):
-        for i, m in enumerate(opened):
-            times[i].append(latency(m.run, inputs, settings)[0]["latency_p50_ms"])
-    return [round(float(np.median(t)), 3) for t in times]
 
 
 def _read_plan(path: Path, layers: list[str]) -> dict[str, str]:
