@@ -169,19 +169,21 @@ class OnnxModel:
         with a KV cache gets its positions and an empty cache filled in, so it scores whole texts."""
         return self.session.run(None, self._feed(inputs))[0]
 
-    def _feed(self, inputs: dict[str, np.ndarray], past: Sequence[np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    def _feed(self, inputs: dict[str, np.ndarray], past: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         feed = {name: inputs[name] for name in self.input_names if name in inputs}
         mask = inputs["attention_mask"]
         if "position_ids" in self.input_names and "position_ids" not in inputs:
             positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
             feed["position_ids"] = positions[:, -inputs["input_ids"].shape[1]:].astype(np.int64)
-        cache = [i for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
-        for n, spec in enumerate(cache):
+        for spec in self.session.get_inputs():
+            if not spec.name.startswith("past_key_values."):
+                continue
             if past is not None:
-                feed[spec.name] = past[n]
-            else:
+                feed[spec.name] = past[spec.name]
+            else:  # an empty cache: batch x heads x 0 positions x head size
                 heads, head_dim = (d if isinstance(d, int) else 0 for d in (spec.shape[1], spec.shape[3]))
-                feed[spec.name] = np.zeros((mask.shape[0], heads, 0, head_dim), dtype=np.float32)
+                dtype = np.float16 if "float16" in spec.type else np.float32
+                feed[spec.name] = np.zeros((mask.shape[0], heads, 0, head_dim), dtype=dtype)
         missing = [name for name in self.input_names if name not in feed]
         if missing:
             raise ValueError(f"the model needs inputs this runtime cannot make: {', '.join(missing)}")
@@ -216,7 +218,8 @@ class OnnxModel:
         ids = self.tokenizer.ids(prompt, special=True)
         step = np.array([ids], dtype=np.int64)
         mask = np.ones_like(step)
-        past: list[np.ndarray] | None = None
+        names = [o.name for o in self.session.get_outputs()]
+        past: dict[str, np.ndarray] | None = None
         new: list[int] = []
         for _ in range(max_new_tokens):
             outputs = self.session.run(None, self._feed({"input_ids": step, "attention_mask": mask}, past))
@@ -224,7 +227,9 @@ class OnnxModel:
             if token in stop:
                 break
             new.append(token)
-            past = outputs[1:]
+            # present.N.key / present.N.value come back as the next step's past_key_values.N.*
+            past = {n.replace("present", "past_key_values", 1): v for n, v in zip(names, outputs, strict=True)
+                    if n.startswith("present")}
             step = np.array([[token]], dtype=np.int64)
             mask = np.ones((1, mask.shape[1] + 1), dtype=np.int64)
         return self.tokenizer.decode(new)
