@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from optimize import runtime
 from optimize.cli import app
-from tests.conftest import write_recipe
+from tests.conftest import ROOT, write_recipe
 
 COMPILE = [{"kind": "compile", "target": "cpu", "gate": [{"metric": "cosine_min", "min": 0.999}]}]
 
@@ -146,7 +146,8 @@ def test_a_typo_exits_2_without_a_traceback_in_a_real_process(tmp_path):
 
 
 def test_ctrl_c_during_a_run_leaves_no_out_and_no_temporary_folder(tiny_bert, tmp_path):
-    recipe = write_recipe(tmp_path, COMPILE, model=str(tiny_bert))
+    # The STS-B suite makes each measurement take seconds, so the run is still going when interrupted.
+    recipe = write_recipe(tmp_path, COMPILE, model=str(tiny_bert), evals=[str(ROOT / "evals" / "stsb-test.yaml")])
     cache = tmp_path / "cache"
     cache.mkdir()
     proc = subprocess.Popen([sys.executable, "-m", "optimize", "run", str(recipe), "-o", str(tmp_path / "out"),
