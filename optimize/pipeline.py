@@ -120,7 +120,7 @@ def run(loaded: LoadedRecipe, options: RunOptions, console: Console) -> RunResul
             ctx = StageContext(workdir(stage.kind), tuple(calibration), cal.seq_len, recipe.seed, judge,
                                evaluator.probe)
             record: dict[str, Any] = {"name": name, "kind": stage.kind,
-                      "config": stage.model_dump(mode="json", exclude={"gate", "name"})}
+                                      "config": stage.model_dump(mode="json", exclude={"gate", "name"})}
             try:
                 with console.status(f"stage {index} ({name}): running"):
                     model, record["details"] = RUNNERS[stage.kind](stage, model, ctx)
