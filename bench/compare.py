@@ -21,7 +21,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from optimize.evaluate import SpeedSettings, fidelity, latency, open_model, size_mb, speed_inputs, threads
+from optimize.evaluate import SpeedSettings, fidelity, latency_rounds, open_model, size_mb, threads
 from optimize.model import open_any
 from optimize.suites import load_suite, spearman
 
@@ -87,12 +87,9 @@ def main() -> None:
     # alike; each figure is the median over all its rounds.
     for batch in (1, 32):
         settings = SpeedSettings(batch_size=batch, seq_len=128, warmup=3, runs=max(1, args.runs // args.rounds))
-        times: dict[str, list[float]] = {label: [] for label in models}
         with console.status(f"timing at batch {batch}"):
-            for _ in range(args.rounds):
-                for label, model in models.items():
-                    metrics, _ = latency(model.run, speed_inputs(model.tokenizer, sentences, settings), settings)
-                    times[label].append(metrics["latency_p50_ms"])
+            times = dict(zip(models, latency_rounds(list(models.values()), sentences, settings, args.rounds),
+                             strict=True))
         for row in rows:
             values = times[str(row["model"])]
             row[f"p50_b{batch}_ms"] = round(float(np.median(values)), 3)

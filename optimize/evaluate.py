@@ -124,17 +124,23 @@ def outputs(model: TorchModel | runtime.OnnxModel, task: str, texts: Sequence[st
     return np.concatenate(rows)[:MAX_LOGIT_ROWS]
 
 
-def time_in_turns(models: Sequence[ModelHandle], texts: Sequence[str], seq_len: int, rounds: int = 5,
-                  runs: int = 10) -> list[float]:
-    """Median latency at batch 1 of each model, the models taking turns so that a slow spell of a
-    shared machine hits them alike: how two graphs are compared fairly within one run."""
-    settings = SpeedSettings(batch_size=1, seq_len=seq_len, warmup=2, runs=runs)
-    opened = [open_model(m, seq_len) for m in models]
-    inputs = speed_inputs(opened[0].tokenizer, texts or ["hello world"], settings)
+def latency_rounds(models: Sequence[TorchModel | runtime.OnnxModel], texts: Sequence[str],
+                   settings: SpeedSettings, rounds: int) -> list[list[float]]:
+    """p50 latency of each model in each round, the models taking turns so that a slow spell of a
+    shared machine hits them alike: how models are compared fairly within one run."""
+    inputs = [speed_inputs(model.tokenizer, texts or ["hello world"], settings) for model in models]
     times: list[list[float]] = [[] for _ in models]
     for _ in range(rounds):
-        for i, model in enumerate(opened):
-            times[i].append(latency(model.run, inputs, settings)[0]["latency_p50_ms"])
+        for model, feed, row in zip(models, inputs, times, strict=True):
+            row.append(latency(model.run, feed, settings)[0]["latency_p50_ms"])
+    return times
+
+
+def time_in_turns(models: Sequence[ModelHandle], texts: Sequence[str], seq_len: int, rounds: int = 5,
+                  runs: int = 10) -> list[float]:
+    """Median over `latency_rounds` at batch 1 of each model."""
+    settings = SpeedSettings(batch_size=1, seq_len=seq_len, warmup=2, runs=runs)
+    times = latency_rounds([open_model(m, seq_len) for m in models], texts, settings, rounds)
     return [round(float(np.median(t)), 3) for t in times]
 
 

@@ -157,6 +157,7 @@ class OnnxModel:
         self.session, self.fallbacks = make_session(model_path, target, threads, available, settings)
         self.tokenizer = Tokenizer(tokenizer_path, seq_len)
         self.input_names = [i.name for i in self.session.get_inputs()]
+        self.cache_inputs = [i for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
         config_path = Path(model_path).parent / "config.json"
         self.config = json.loads(config_path.read_text()) if config_path.is_file() else {}
 
@@ -175,9 +176,7 @@ class OnnxModel:
         if "position_ids" in self.input_names and "position_ids" not in inputs:
             positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
             feed["position_ids"] = positions[:, -inputs["input_ids"].shape[1]:].astype(np.int64)
-        for spec in self.session.get_inputs():
-            if not spec.name.startswith("past_key_values."):
-                continue
+        for spec in self.cache_inputs:
             if past is not None:
                 feed[spec.name] = past[spec.name]
             else:  # an empty cache: batch x heads x 0 positions x head size
@@ -211,7 +210,7 @@ class OnnxModel:
     def generate(self, prompt: str, max_new_tokens: int = 32) -> str:
         """Greedy decoding with the KV cache for a causal LM exported with past key values: the
         prompt runs once, then one token per step. Stops at the end-of-sequence token."""
-        if not any(i.name.startswith("past_key_values.") for i in self.session.get_inputs()):
+        if not self.cache_inputs:
             raise ValueError("this model was not exported for generation (no past_key_values inputs)")
         eos = self.config.get("eos_token_id")
         stop = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])

@@ -21,6 +21,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 from pydantic import Field
 
 from optimize.errors import GateFailed
@@ -77,11 +78,10 @@ def build(variant: str, model: ModelHandle, out: Path) -> dict[str, Any]:
     return {}
 
 
-def _agreement(a: ModelHandle, b: ModelHandle, texts: tuple[str, ...], seq_len: int) -> float:
-    from optimize.evaluate import fidelity, open_model, outputs
+def _outputs(model: ModelHandle, texts: tuple[str, ...], seq_len: int) -> np.ndarray:
+    from optimize.evaluate import open_model, outputs
 
-    x, y = (outputs(open_model(m, seq_len), m.task, list(texts)) for m in (a, b))
-    return fidelity(y, x)["cosine_min"]
+    return outputs(open_model(model, seq_len), model.task, list(texts))
 
 
 def run(config: CompileStage, model: ModelHandle, ctx: StageContext) -> StageOutput:
@@ -89,9 +89,10 @@ def run(config: CompileStage, model: ModelHandle, ctx: StageContext) -> StageOut
         out = ctx.workdir / "model.onnx"
         build("basic", model, out)
         return model.with_onnx(out), {"variant": "basic", "runtime": {"fp16": config.fp16}}
-    from optimize.evaluate import time_in_turns
+    from optimize.evaluate import fidelity, time_in_turns
 
     texts = ctx.calibration_texts[:32]
+    reference = _outputs(model, texts, ctx.seq_len)
     tried: list[dict[str, Any]] = []
     agreeing: list[tuple[dict[str, Any], ModelHandle]] = []
     for variant in dict.fromkeys(config.variants):
@@ -104,7 +105,7 @@ def run(config: CompileStage, model: ModelHandle, ctx: StageContext) -> StageOut
             record.update(error=f"{type(exc).__name__}: {str(exc)[:200]}")
             continue
         candidate = model.with_onnx(out)
-        record["agreement_cosine_min"] = _agreement(model, candidate, texts, ctx.seq_len)
+        record["agreement_cosine_min"] = fidelity(_outputs(candidate, texts, ctx.seq_len), reference)["cosine_min"]
         record["agrees"] = record["agreement_cosine_min"] >= config.agreement
         if record["agrees"]:
             agreeing.append((record, candidate))
