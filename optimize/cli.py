@@ -55,7 +55,7 @@ def _execute(build: Callable[[], Any], out: Path | None, as_json: bool, dry_run:
     try:
         loaded = build()
         if dry_run:
-            print(loaded.text, end="")
+            print(_dry_run_text(loaded, model), end="")
             raise typer.Exit(0)
         from optimize.pipeline import RunOptions, run
 
@@ -83,6 +83,25 @@ def _execute(build: Callable[[], Any], out: Path | None, as_json: bool, dry_run:
         os._exit(130)
     console.print(f"[green]passed[/]: artifact at {result.artifact}")
     _emit(as_json, result.status, result.artifact, result.stages, None)
+
+
+def _dry_run_text(loaded: Any, model: str | None) -> str:
+    """The resolved recipe with the gate in force on every stage: the default gate for the model's
+    task where the recipe names none (found without loading the model when possible)."""
+    from optimize.gate import default_gate
+    from optimize.model import peek_task
+
+    recipe = loaded.recipe
+    spec = model or recipe.model
+    task = recipe.task or (peek_task(spec, loaded.base_dir) if spec else None)
+    if task is not None:
+        return loaded.with_default_gates(default_gate(task)).text
+    if all(stage.gate is not None for stage in recipe.stages):
+        return loaded.text
+    shown = {t: ", ".join(f"{c.metric} {'>=' if c.min is not None else '<='} {c.min if c.min is not None else c.max}"
+                          for c in default_gate(t)) for t in ("feature-extraction", "text-generation")}
+    return (loaded.text + "# stages without `gate` get the default gate for the task found at run time: "
+            f"embeddings {shown['feature-extraction']}; logits {shown['text-generation']}\n")
 
 
 @app.command("run")

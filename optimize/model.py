@@ -24,7 +24,6 @@ from optimize.errors import UsageError
 if TYPE_CHECKING:
     import torch
 
-TASKS = ("feature-extraction", "text-classification", "text-generation")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _DECODER_TYPES = {"llama", "gpt2", "mistral", "qwen2", "phi", "phi3", "gemma", "gpt_neox", "opt", "falcon"}
 
@@ -139,6 +138,24 @@ def detect_task(checkpoint: Path) -> str:
     if config.get("model_type") in _DECODER_TYPES:
         return "text-generation"
     return "feature-extraction"
+
+
+def peek_task(spec: str, base_dir: Path | None = None) -> str | None:
+    """The task of `spec` when it can be told without loading or converting anything (for
+    `--dry-run`): GGUF files are causal LMs; local folders and packages have a config.json to read.
+    None for a hub id (it would need a download)."""
+    path = Path(spec).expanduser()
+    if base_dir is not None and not path.is_absolute() and (base_dir / path).exists():
+        path = base_dir / path
+    if path.suffix == ".gguf" or (spec.startswith("package:") and _packaged_gguf(spec[8:]) is not None):
+        return "text-generation"
+    folder = path.parent if path.suffix == ".onnx" else path
+    if spec.startswith("package:"):
+        try:
+            folder = resolve(spec)
+        except UsageError:
+            return None
+    return detect_task(folder) if (folder / "config.json").is_file() else None
 
 
 def check_weights(checkpoint: Path, allow_pickle: bool) -> None:

@@ -8,8 +8,8 @@ problem becomes one `UsageError` whose lines read `file:line: key: message`.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from optimize.errors import UsageError
+from optimize.gate import GateCheck
 from optimize.stages import ORDER, Stage
 
 SHIPPED = Path(__file__).parent / "_shipped"        # recipes/, calibration/, evals/ in a wheel
@@ -67,6 +68,12 @@ class LoadedRecipe:
     def text(self) -> str:
         """The resolved recipe as YAML: what `--dry-run` prints and the manifest records."""
         return yaml.safe_dump(self.recipe.model_dump(mode="json", exclude_none=True), sort_keys=False)
+
+    def with_default_gates(self, gate: list[GateCheck]) -> LoadedRecipe:
+        """The recipe with `gate` written into every stage that gives none (`gate: []` stays empty),
+        so what `--dry-run` prints and the manifest records is the gate in force."""
+        stages = [s if s.gate is not None else s.model_copy(update={"gate": list(gate)}) for s in self.recipe.stages]
+        return dataclasses.replace(self, recipe=self.recipe.model_copy(update={"stages": stages}))
 
     @property
     def sha256(self) -> str:
@@ -221,6 +228,3 @@ def load(path: Path, overrides: Sequence[str] = ()) -> LoadedRecipe:
         apply_override(data, assignment)
     return validate(data, str(path), trees, path.resolve().parent, overrides)
 
-
-def fingerprint(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()

@@ -21,10 +21,13 @@ def stage_table(stage: dict[str, Any], reference: dict[str, float]) -> Table:
     table.add_column("reference", justify="right")
     for name, value in stage["metrics"].items():
         table.add_row(name, _fmt(value), _fmt(reference.get(name)))
+    source = stage["gate"].get("source", "recipe")
     for check in stage["gate"]["checks"]:
         mark = "[green]pass[/]" if check["passed"] else "[red]FAIL[/]"
-        table.add_row(f"gate {check['metric']}", f"{_fmt(check['value'])} {check['op']} {_fmt(check['threshold'])}",
-                      mark)
+        label = f"gate {check['metric']}" + (" (default)" if source == "default" else "")
+        table.add_row(label, f"{_fmt(check['value'])} {check['op']} {_fmt(check['threshold'])}", mark)
+    if source == "ungated":
+        table.add_row("gate", "[yellow]ungated[/] (gate: [])", "-")
     return table
 
 
@@ -33,8 +36,9 @@ def print_stage(console: Console, stage: dict[str, Any], reference: dict[str, fl
 
 
 def markdown(name: str, status: str, reference: dict[str, float], stages: list[dict[str, Any]],
-             conditions: dict[str, Any]) -> str:
-    """A summary fit for a CI job summary: one table of metrics per stage, then every gate check."""
+             conditions: dict[str, Any], failure: str | None = None) -> str:
+    """A summary fit for a CI job summary: one table of metrics per stage, then every gate check
+    (marked when it is the default gate), the ungated stages, and why the run failed if it did."""
     names = list(reference)
     lines = [f"# {name}: {status}", "",
              "Measured in one run against the input model (reference); speed at "
@@ -46,10 +50,15 @@ def markdown(name: str, status: str, reference: dict[str, float], stages: list[d
         lines.append(f"| {stage['name']} | " + " | ".join(_fmt(stage['metrics'].get(n)) for n in names) + " |")
     lines += ["", "## Gates", ""]
     for stage in stages:
+        source = stage["gate"].get("source", "recipe")
         for check in stage["gate"]["checks"]:
             verdict = "pass" if check["passed"] else "FAIL"
             lines.append(f"- {stage['name']}: `{check['metric']}` = {_fmt(check['value'])} "
-                         f"{check['op']} {_fmt(check['threshold'])}: **{verdict}**")
-        if not stage["gate"]["checks"]:
-            lines.append(f"- {stage['name']}: no checks")
+                         f"{check['op']} {_fmt(check['threshold'])}: **{verdict}**"
+                         + (" (default gate)" if source == "default" else ""))
+        if source == "ungated":
+            lines.append(f"- {stage['name']}: **ungated** (`gate: []` in the recipe): its output was not checked "
+                         "against the input model")
+    if failure:
+        lines += ["", "## Why it failed", "", failure]
     return "\n".join(lines) + "\n"

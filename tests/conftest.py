@@ -63,3 +63,32 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
                          max_position_embeddings=256)
     LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+@pytest.fixture(scope="session")
+def int8_breaks(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny BERT that int8 ruins while its float model is healthy: hidden channel 0 is always zero
+    (a dead feature) and every projection reading the hidden state has a weight of 100 on it. The
+    float model never feels those weights; per-channel int8 scales each column to 100, so every
+    other weight in it rounds to zero (all-int8: cosine_mean 0.29, cosine_min -0.18 here)."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("int8-breaks")
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=512, initializer_range=0.3)
+    model = BertModel(config)
+    with torch.no_grad():
+        norms = [model.embeddings.LayerNorm] + [m for layer in model.encoder.layer
+                                                for m in (layer.attention.output.LayerNorm, layer.output.LayerNorm)]
+        for norm in norms:
+            norm.weight[0], norm.bias[0] = 0.0, 0.0
+        for layer in model.encoder.layer:
+            for linear in (layer.attention.self.query, layer.attention.self.key, layer.attention.self.value,
+                           layer.intermediate.dense):
+                linear.weight[:, 0] = 100.0
+    model.save_pretrained(folder, safe_serialization=True)
+    for name in TOKENIZER_FILES:
+        shutil.copyfile(minilm_path() / name, folder / name)
+    return folder

