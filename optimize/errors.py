@@ -7,7 +7,10 @@ did not hold; everything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from optimize.records import StageRecord
 
 
 class UsageError(Exception):
@@ -21,6 +24,6 @@ class GateFailed(Exception):
 
     exit_code = 3
 
-    def __init__(self, message: str, stages: list[dict[str, Any]]):
+    def __init__(self, message: str, stages: list[StageRecord] | None = None):
         super().__init__(message)
-        self.stages = stages
+        self.stages = stages or []

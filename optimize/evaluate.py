@@ -221,11 +221,9 @@ def bench(handle: ModelHandle, batch_size: int, seq_len: int, warmup: int, runs:
     import resource
 
     from optimize.data import read_rows
-    from optimize.recipe import SHIPPED, SOURCE_TREE
+    from optimize.paths import find
 
-    texts_file = next(p for p in (SOURCE_TREE / "calibration" / "default.jsonl",
-                                  SHIPPED / "calibration" / "default.jsonl") if p.exists())
-    texts = [str(r["text"]) for r in read_rows(texts_file)]
+    texts = [str(r["text"]) for r in read_rows(find("default.jsonl", "calibration"))]
     settings = SpeedSettings(batch_size, seq_len, warmup, runs)
     model = open_model(handle, seq_len)
     metrics, spread = latency(model.run, speed_inputs(model.tokenizer, texts, settings), settings)

@@ -14,30 +14,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
-# Every metric name the project knows, shared by commands, reports and gates (DESIGN.md),
-# mapped to True when higher is better.
-METRICS: dict[str, bool] = {
-    "cosine_mean": True,
-    "cosine_min": True,
-    "spearman": True,
-    "accuracy": True,
-    "top1_agreement": True,
-    "kl_div": False,
-    "perplexity": False,
-    "latency_p50_ms": False,
-    "latency_p90_ms": False,
-    "latency_p99_ms": False,
-    "throughput_per_s": True,
-    "size_mb": False,
-    "peak_rss_mb": False,
-}
-
-MetricName = Literal[
-    "cosine_mean", "cosine_min", "spearman", "accuracy", "top1_agreement", "kl_div", "perplexity",
-    "latency_p50_ms", "latency_p90_ms", "latency_p99_ms", "throughput_per_s", "size_mb", "peak_rss_mb",
-]
+from optimize.metrics import METRICS
 
 _BOUNDS = ("min", "max", "max_drop", "max_ratio")
 
@@ -47,11 +26,18 @@ class GateCheck(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    metric: MetricName
+    metric: str
     min: float | None = None
     max: float | None = None
     max_drop: float | None = None
     max_ratio: float | None = None
+
+    @field_validator("metric")
+    @classmethod
+    def _known_metric(cls, metric: str) -> str:
+        if metric not in METRICS:
+            raise ValueError(f"unknown metric {metric!r}; one of {', '.join(METRICS)}")
+        return metric
 
     @model_validator(mode="after")
     def _exactly_one_bound(self) -> GateCheck:
@@ -87,7 +73,7 @@ def default_gate(task: str) -> list[GateCheck]:
 
 def judge(check: GateCheck, value: float | None, reference: float | None) -> dict[str, object]:
     """Evaluate one check; returns the JSON row of DESIGN.md (metric, value, op, threshold, passed)."""
-    higher_better = METRICS[check.metric]
+    higher_better = METRICS[check.metric].higher_better
     threshold: float | None
     if check.min is not None:
         op, threshold = ">=", check.min

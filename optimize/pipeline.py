@@ -1,20 +1,22 @@
 """The pipeline: one loop you can read top to bottom.
 
+    prepared = prepare(recipe)             # model, data, suites, the gate in force per stage
     reference = measure(input model)
-    for stage in recipe.stages: (export if it needs ONNX) -> run -> measure -> gate
+    for stage in recipe.stages: (export if it needs ONNX) -> stage.run -> measure -> gate
     write the artifact (staged beside OUT, renamed into place at the end)
 
 Every stage is gated: by its recipe's `gate`, or, when it names none, by the default fidelity gate
 for the task (`gate.default_gate`); an explicit `gate: []` runs ungated and is reported as such on
 stderr, in the report, the manifest and `--json`. The export step always gets the default gate.
-
-Every command (`run`, `compile`, ...) ends here with a validated recipe.
+Every command (`run`, `quantize`, `compile`, ...) ends here with a validated recipe.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +24,7 @@ from typing import Any
 
 from rich.console import Console
 
-from optimize import artifact, report
+from optimize import artifact, metrics, report
 from optimize.data import column, read_rows, split_calibration, texts_sha256
 from optimize.errors import GateFailed, UsageError
 from optimize.evaluate import Evaluator, SpeedSettings
@@ -30,13 +32,9 @@ from optimize.export import content_sha256, export
 from optimize.gate import GateCheck, GateSource, default_gate, judge_all
 from optimize.model import ModelHandle, open_any
 from optimize.recipe import LoadedRecipe
-from optimize.stages import NEEDS_ONNX, RUNNERS
-from optimize.stages.base import StageContext, StageResult
+from optimize.records import RunSummary, StageRecord
+from optimize.stages.base import StageBase, StageContext
 from optimize.suites import load_suite
-
-BASE_METRICS = ("cosine_mean", "cosine_min", "latency_p50_ms", "latency_p90_ms", "latency_p99_ms",
-                "throughput_per_s", "size_mb")
-LOGIT_METRICS = ("top1_agreement", "kl_div")  # models that output logits (classifiers, causal LMs)
 
 
 @dataclass(frozen=True)
@@ -53,10 +51,32 @@ class RunOptions:
 class RunResult:
     status: str
     artifact: Path | None
-    stages: list[dict[str, Any]] = field(default_factory=list)
+    stages: list[StageRecord] = field(default_factory=list)
 
 
-def run(loaded: LoadedRecipe, options: RunOptions, console: Console) -> RunResult:
+@dataclass(frozen=True)
+class Prepared:
+    """Everything checked and loaded before the first measurement."""
+
+    loaded: LoadedRecipe            # with the gate in force written into every stage
+    spec: str                       # the model as the user named it
+    model: ModelHandle
+    sources: list[GateSource]       # per stage: recipe, default or ungated
+    calibration: list[str]
+    holdout: list[str]
+    evaluator: Evaluator
+
+
+def gate_source(gate: list[GateCheck] | None) -> GateSource:
+    """Where a stage's checks come from: none given (the default gate), `[]` (ungated), or the recipe."""
+    if gate is None:
+        return "default"
+    return "recipe" if gate else "ungated"
+
+
+def prepare(loaded: LoadedRecipe, options: RunOptions, console: Console) -> Prepared:
+    """Open the model and the data, and settle each stage's gate; any bad input fails here, before
+    minutes of work."""
     recipe = loaded.recipe
     artifact.check_destination(options.out, options.overwrite)
     spec = options.model or recipe.model
@@ -72,138 +92,146 @@ def run(loaded: LoadedRecipe, options: RunOptions, console: Console) -> RunResul
     cal_path = loaded.find(cal.data, "calibration")
     calibration, holdout = split_calibration(column(read_rows(cal_path), None, cal_path),
                                              cal.samples, cal.holdout, recipe.seed, cal_path)
-
     suites = [load_suite(loaded.find(name, "evals")) for name in recipe.evals]
-    measured = set(BASE_METRICS) | {s.metric for s in suites}
-    if model.task != "feature-extraction":
-        measured |= set(LOGIT_METRICS)
+    # Validation allowed logit metrics while the task was unknown; now the model says.
+    measured = metrics.measured(model.task, [s.suite.task for s in suites])
+    for index, stage in enumerate(recipe.stages):
+        for check in stage.gate or []:
+            if check.metric not in measured:
+                raise UsageError(f"{loaded.source}: stages.{index}.gate: {check.metric} is not measured for a "
+                                 f"{model.task} model (measured: {', '.join(sorted(measured))})")
     sources = [gate_source(stage.gate) for stage in recipe.stages]
-    loaded = loaded.with_default_gates(default_gate(model.task))
-    recipe = loaded.recipe
     for index, stage in enumerate(recipe.stages):
         if sources[index] == "ungated":
             console.print(f"[yellow]warning:[/] stage {index} ({stage.name or stage.kind}) is ungated (`gate: []`): "
                           "its output will not be checked against the input model", highlight=False)
-        for check in stage.gate or []:
-            if check.metric not in measured:
-                raise UsageError(f"{loaded.source}: stages.{index}.gate: {check.metric} is not measured by this "
-                                 f"recipe (measured: {', '.join(sorted(measured))}); add an eval suite under `evals:`")
     evaluator = Evaluator(holdout, SpeedSettings(seq_len=cal.seq_len), suites)
+    return Prepared(loaded.with_default_gates(default_gate(model.task)), spec, model, sources, calibration,
+                    holdout, evaluator)
+
+
+class _Run:
+    """One run's working state: the reference, the records so far, and a scratch folder."""
+
+    def __init__(self, prepared: Prepared, options: RunOptions, console: Console, workroot: Path):
+        self.prepared, self.options, self.console, self.workroot = prepared, options, console, workroot
+        self.evaluator = prepared.evaluator
+        self.stages: list[StageRecord] = []
+        self.reference: dict[str, float] = {}
+        self.reference_details: dict[str, Any] = {}
+        self.plan: dict[str, str] = {}
+        self.runtime: dict[str, Any] = {}
+
+    def workdir(self, name: str) -> Path:
+        path = self.workroot / f"{len(self.stages)}-{name}"
+        path.mkdir()
+        return path
+
+    def summary(self, status: str, failure: str | None = None) -> RunSummary:
+        return RunSummary(self.prepared.loaded.recipe.name, status, self.reference, self.stages,
+                          self.evaluator.conditions, failure)
+
+    def fail(self, message: str) -> GateFailed:
+        """A failed gate emits no artifact, but leaves its report beside where OUT would have been."""
+        out = self.options.out
+        path = out.resolve().parent / f"{out.name}.gate-failed.md"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(report.markdown(self.summary("gate failed", message)))
+        return GateFailed(message, self.stages)
+
+    def record(self, record: StageRecord) -> StageRecord:
+        self.stages.append(record)
+        report.print_stage(self.console, record, self.reference)
+        return record
+
+    def export(self, model: ModelHandle) -> ModelHandle:
+        cal = self.prepared.loaded.recipe.calibration
+        with self.console.status("exporting to ONNX"), contextlib.redirect_stdout(sys.stderr):
+            exported, info = export(model, self.workdir("export"), self.prepared.holdout, cal.seq_len,
+                                    self.options.cache_dir)
+            measured, details = self.evaluator.measure(exported)
+        gate = judge_all(default_gate(model.task), measured, self.reference, "default")
+        record = self.record(StageRecord("export", "export", info, measured, gate, details))
+        if not record.passed:
+            raise self.fail(f"export: the ONNX model does not agree with the checkpoint: {record.failed_checks()}")
+        return exported
+
+    def stage(self, index: int, stage: StageBase, model: ModelHandle) -> ModelHandle:
+        """Run one stage on `model` and hold it to its gate; returns the stage's model."""
+        if stage.needs_onnx and not model.is_onnx:
+            model = self.export(model)
+        name, checks, source = stage.name or stage.kind, list(stage.gate or []), self.prepared.sources[index]
+        reference = self.reference
+
+        def judge(handle: ModelHandle) -> tuple[dict[str, float], dict[str, Any]]:
+            measured, _ = self.evaluator.measure(handle)
+            return measured, judge_all(checks, measured, reference, source)
+
+        recipe = self.prepared.loaded.recipe
+        ctx = StageContext(self.workdir(stage.kind), tuple(self.prepared.calibration), recipe.calibration.seq_len,
+                           recipe.seed, judge, self.evaluator.probe, self.console)
+        try:
+            # stdout is kept for --json: what a library prints during a stage goes to stderr.
+            with self.console.status(f"stage {index} ({name}): running"), contextlib.redirect_stdout(sys.stderr):
+                result = stage.run(model, ctx)
+        except GateFailed as exc:
+            raise self.fail(f"stage {index} ({name}): {exc}") from None
+        self.plan.update(result.precision_plan)
+        self.runtime.update(result.runtime)
+        with self.console.status(f"stage {index} ({name}): measuring"):
+            measured, speed = self.evaluator.measure(result.model)
+        record = self.record(StageRecord(name, stage.kind, stage.model_dump(mode="json", exclude={"gate", "name"}),
+                                         measured, judge_all(checks, measured, reference, source),
+                                         {**result.decisions, "speed": speed}))
+        if not record.passed:
+            advice = f"; {result.advice}" if result.advice else ""
+            raise self.fail(f"stage {index} ({name}): gate failed: {record.failed_checks()}{advice}")
+        return result.model
+
+    def manifest(self, model: ModelHandle) -> dict[str, Any]:
+        prepared, loaded = self.prepared, self.prepared.loaded
+        recipe, cal = loaded.recipe, loaded.recipe.calibration
+        return {
+            "schema_version": artifact.SCHEMA_VERSION, "name": recipe.name, "task": model.task,
+            "provenance": {"source": prepared.spec, "source_sha256": content_sha256(model.checkpoint),
+                           "recipe": loaded.text, "recipe_sha256": loaded.sha256, "seed": recipe.seed,
+                           "calibration": {"data": str(cal.data), "sha256": texts_sha256(prepared.calibration),
+                                           "samples": len(prepared.calibration), "holdout": len(prepared.holdout)},
+                           "versions": artifact.versions()},
+            "reference": {"metrics": self.reference, "details": self.reference_details,
+                          "conditions": self.evaluator.conditions},
+            "stages": [s.to_json() for s in self.stages],
+            "precision_plan": self.plan,
+            "runtime": {"target": recipe.target, "seq_len": cal.seq_len, "task": model.task,
+                        "int8": "int8" in self.plan.values(), **self.runtime},
+        }
+
+
+def run(loaded: LoadedRecipe, options: RunOptions, console: Console) -> RunResult:
+    """Prepare, measure the reference, run every stage under its gate, write the artifact."""
+    prepared = prepare(loaded, options, console)
     if options.cache_dir is not None:
         options.cache_dir.mkdir(parents=True, exist_ok=True)
     workroot = Path(tempfile.mkdtemp(prefix="optimize-", dir=options.cache_dir))
     staging: Path | None = None
-    stages: list[dict[str, Any]] = []
-    plan: dict[str, str] = {}
-    runtime_settings: dict[str, Any] = {}
     try:
+        state = _Run(prepared, options, console, workroot)
+        model = prepared.model
         with console.status("measuring the reference (input model)"):
-            reference, reference_details = evaluator.measure(model)
+            state.reference, state.reference_details = prepared.evaluator.measure(model)
         console.print(f"reference: {model.checkpoint} ({model.task})")
-
-        def workdir(name: str) -> Path:
-            path = workroot / f"{len(stages)}-{name}"
-            path.mkdir()
-            return path
-
-        def fail(message: str) -> GateFailed:
-            _write_failed_report(options.out, loaded, reference, stages, evaluator.conditions, message)
-            return GateFailed(message, stages)
-
-        def export_step(current: ModelHandle) -> ModelHandle:
-            with console.status("exporting to ONNX"):
-                exported, info = export(current, workdir("export"), holdout, cal.seq_len, options.cache_dir)
-                metrics, details = evaluator.measure(exported)
-            checked: dict[str, Any] = {"name": "export", "kind": "export", "config": info, "metrics": metrics,
-                                       "details": details,
-                                       "gate": judge_all(default_gate(current.task), metrics, reference, "default")}
-            stages.append(checked)
-            report.print_stage(console, checked, reference)
-            if not checked["gate"]["passed"]:
-                raise fail(f"export: the ONNX model does not agree with the checkpoint: {_failed_checks(checked)}")
-            return exported
-
-        for index, stage in enumerate(recipe.stages):
-            if stage.kind in NEEDS_ONNX and not model.is_onnx:
-                model = export_step(model)
-            name = stage.name or stage.kind
-            checks: list[GateCheck] = list(stage.gate or [])
-
-            def judge(handle: ModelHandle, gate: list[GateCheck] = checks,
-                      source: GateSource = sources[index]) -> tuple[dict[str, float], dict[str, Any]]:
-                metrics, _ = evaluator.measure(handle)
-                return metrics, judge_all(gate, metrics, reference, source)
-
-            ctx = StageContext(workdir(stage.kind), tuple(calibration), cal.seq_len, recipe.seed, judge,
-                               evaluator.probe)
-            record: dict[str, Any] = {"name": name, "kind": stage.kind,
-                                      "config": stage.model_dump(mode="json", exclude={"gate", "name"})}
-            try:
-                with console.status(f"stage {index} ({name}): running"):
-                    result: StageResult = RUNNERS[stage.kind](stage, model, ctx)
-            except GateFailed as exc:
-                raise fail(f"stage {index} ({name}): {exc}") from None
-            model, record["details"] = result.model, dict(result.decisions)
-            plan.update(result.precision_plan)
-            runtime_settings.update(result.runtime)
-            with console.status(f"stage {index} ({name}): measuring"):
-                metrics, record["details"]["speed"] = evaluator.measure(model)
-            record.update(metrics=metrics, gate=judge_all(checks, metrics, reference, sources[index]))
-            stages.append(record)
-            report.print_stage(console, record, reference)
-            if not record["gate"]["passed"]:
-                advice = f"; {result.advice}" if result.advice else ""
-                raise fail(f"stage {index} ({name}): gate failed: {_failed_checks(record)}{advice}")
+        for index, stage in enumerate(prepared.loaded.recipe.stages):
+            model = state.stage(index, stage, model)
         if not model.is_onnx:
-            model = export_step(model)
-
+            model = state.export(model)
         assert model.onnx_path is not None
-        status = "passed"
-        manifest = {
-            "schema_version": artifact.SCHEMA_VERSION, "name": recipe.name, "task": model.task,
-            "provenance": {"source": spec, "source_sha256": content_sha256(model.checkpoint),
-                           "recipe": loaded.text, "recipe_sha256": loaded.sha256, "seed": recipe.seed,
-                           "calibration": {"data": str(cal.data), "sha256": texts_sha256(calibration),
-                                           "samples": len(calibration), "holdout": len(holdout)},
-                           "versions": artifact.versions()},
-            "reference": {"metrics": reference, "details": reference_details, "conditions": evaluator.conditions},
-            "stages": stages,
-            "precision_plan": plan,
-            "runtime": {"target": _target(recipe.stages), "seq_len": cal.seq_len, "task": model.task,
-                        "int8": "int8" in plan.values(), **runtime_settings},
-        }
-        summary = {"status": status, "reference": reference, "stages": stages, "conditions": evaluator.conditions}
         staging = artifact.staging_dir(options.out)
-        artifact.write(options.out, staging, model.onnx_path, model.checkpoint, manifest,
-                       report.markdown(recipe.name, status, reference, stages, evaluator.conditions),
-                       summary, options.overwrite)
+        summary = state.summary("passed")
+        artifact.write(options.out, staging, model.onnx_path, model.checkpoint, state.manifest(model),
+                       report.markdown(summary), summary.to_json(), options.overwrite)
         staging = None
-        return RunResult(status, options.out, stages)
+        return RunResult("passed", options.out, state.stages)
     finally:
         shutil.rmtree(workroot, ignore_errors=True)
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
-
-
-def gate_source(gate: list[GateCheck] | None) -> GateSource:
-    """Where a stage's checks come from: none given (the default gate), `[]` (ungated), or the recipe."""
-    if gate is None:
-        return "default"
-    return "recipe" if gate else "ungated"
-
-
-def _failed_checks(record: dict[str, Any]) -> str:
-    return "; ".join(f"{c['metric']} = {c['value']} is not {c['op']} {c['threshold']}"
-                     for c in record["gate"]["checks"] if not c["passed"])
-
-
-def _target(stages: Any) -> str:
-    return next((s.target for s in stages if s.kind == "compile"), "cpu")
-
-
-def _write_failed_report(out: Path, loaded: LoadedRecipe, reference: dict[str, float],
-                         stages: list[dict[str, Any]], conditions: dict[str, Any], message: str) -> None:
-    """A failed gate emits no artifact, but leaves its report beside where OUT would have been."""
-    path = out.resolve().parent / f"{out.name}.gate-failed.md"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(report.markdown(loaded.recipe.name, "gate failed", reference, stages, conditions, message))

@@ -16,14 +16,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from optimize import metrics, paths
 from optimize.errors import UsageError
 from optimize.gate import GateCheck
-from optimize.stages import ORDER, Stage
-
-SHIPPED = Path(__file__).parent / "_shipped"        # recipes/, calibration/, evals/ in a wheel
-SOURCE_TREE = Path(__file__).parent.parent           # the same folders in a source checkout
+from optimize.stages import Stage
+from optimize.suites import read_suite
 
 
 class Calibration(BaseModel):
@@ -47,15 +46,43 @@ class Recipe(BaseModel):
     evals: list[str] = []
     stages: list[Stage] = Field(min_length=1)
 
-    @field_validator("stages")
-    @classmethod
-    def _stage_order(cls, stages: list[Stage]) -> list[Stage]:
-        ranks = [ORDER[s.kind] for s in stages]
-        for i in range(1, len(ranks)):
-            if ranks[i] < ranks[i - 1] or (ranks[i] == ranks[i - 1] and stages[i].kind == "compile"):
-                raise ValueError(f"stage {i} ({stages[i].kind}) cannot follow stage {i - 1} "
-                                 f"({stages[i - 1].kind}); the order is distill, quantize, compile")
-        return stages
+    @property
+    def target(self) -> str:
+        """What the recipe compiles for: the compile stage's target, else cpu."""
+        return next((getattr(s, "target", "cpu") for s in self.stages if s.kind == "compile"), "cpu")
+
+
+Problem = tuple[tuple[str | int, ...], str]   # (key path in the recipe, message)
+
+
+def problems(recipe: Recipe, base_dir: Path) -> list[Problem]:
+    """What the schema alone cannot see, found before any model loads: stage order, what a stage
+    kind refuses for this recipe's target, and gates on metrics that nothing in the recipe measures."""
+    found: list[Problem] = []
+    stages = recipe.stages
+    for i in range(1, len(stages)):
+        before, stage = stages[i - 1], stages[i]
+        if stage.order < before.order or (type(stage) is type(before) and not stage.repeatable):
+            found.append((("stages", i, "kind"), f"{stage.kind} cannot follow {before.kind}; stages run in the order "
+                                                 "distill, quantize, compile"))
+    for i, stage in enumerate(stages):
+        found += [(("stages", i, *loc), message) for loc, message in stage.problems(recipe.target)]
+    suite_tasks = []
+    for j, name in enumerate(recipe.evals):
+        try:
+            suite_tasks.append(read_suite(paths.find(name, "evals", base_dir)).task)
+        except UsageError as exc:
+            found.append((("evals", j), str(exc)))
+    measured = metrics.measured(recipe.task, suite_tasks)
+    for i, stage in enumerate(stages):
+        for j, check in enumerate(stage.gate or []):
+            if check.metric not in measured:
+                source = metrics.METRICS[check.metric].source
+                fix = (f"add an eval suite of task {source} under `evals:`" if source in ("sts", "classification",
+                       "perplexity") else "it is not measured for this task")
+                found.append((("stages", i, "gate", j, "metric"), f"{check.metric} is not measured by this recipe "
+                              f"(measured: {', '.join(sorted(measured))}); {fix}"))
+    return found
 
 
 @dataclass(frozen=True)
@@ -80,16 +107,8 @@ class LoadedRecipe:
         return hashlib.sha256(self.text.encode()).hexdigest()
 
     def find(self, relative: str, folder: str) -> Path:
-        """Find a data file named in the recipe: beside the recipe, in the working folder, or
-        among the files shipped with optimize (`folder` is `calibration` or `evals`)."""
-        path = Path(relative).expanduser()
-        if path.is_absolute():
-            return path
-        for root in (self.base_dir, Path.cwd(), SOURCE_TREE, SHIPPED):
-            for candidate in (root / path, root / folder / path):
-                if candidate.exists():
-                    return candidate.resolve()
-        return self.base_dir / path
+        """A data file named in the recipe (`folder` is `calibration` or `evals`); see `paths.find`."""
+        return paths.find(relative, folder, self.base_dir)
 
 
 def _read_yaml(path: Path) -> tuple[dict[str, Any], yaml.Node | None]:
@@ -201,25 +220,35 @@ def _dotted(loc: tuple[Any, ...], data: Any) -> str:
 
 def validate(data: dict[str, Any], source: str, trees: list[tuple[Path, Any]] | None = None,
              base_dir: Path | None = None, overrides: Sequence[str] = ()) -> LoadedRecipe:
+    """The schema, then `problems`; every error becomes one line `file:line: key: message` (or
+    `--set KEY=VALUE: key: message` when an override put the value there)."""
+    base_dir = base_dir or Path.cwd()
+    found: list[Problem]
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
-        lines = []
+        found = []
         for error in exc.errors():
-            key = _dotted(error["loc"], data) or "(recipe)"
-            where = source
-            override = next((o for o in overrides if (key + ".").startswith(o.partition("=")[0] + ".")), None)
-            for path, tree in [] if override else trees or []:
-                line = _line(tree, error["loc"])
-                if line is not None:
-                    where = f"{path}:{line}"
-                    break
             message = error["msg"].removeprefix("Value error, ")
             if error["type"] == "extra_forbidden":
                 message = "unknown key (check the spelling; `optimize recipe validate` lists the allowed keys)"
-            lines.append(f"{f'--set {override}' if override else where}: {key}: {message}")
-        raise UsageError("\n".join(dict.fromkeys(lines))) from None
-    return LoadedRecipe(recipe, base_dir or Path.cwd(), source)
+            found.append((tuple(error["loc"]), message))
+    else:
+        found = problems(recipe, base_dir)
+    if not found:
+        return LoadedRecipe(recipe, base_dir, source)
+    lines = []
+    for loc, message in found:
+        key = _dotted(loc, data) or "(recipe)"
+        where = source
+        override = next((o for o in overrides if (key + ".").startswith(o.partition("=")[0] + ".")), None)
+        for path, tree in [] if override else trees or []:
+            line = _line(tree, loc)
+            if line is not None:
+                where = f"{path}:{line}"
+                break
+        lines.append(f"{f'--set {override}' if override else where}: {key}: {message}")
+    raise UsageError("\n".join(dict.fromkeys(lines)))
 
 
 def load(path: Path, overrides: Sequence[str] = ()) -> LoadedRecipe:

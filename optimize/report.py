@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from rich.console import Console
 from rich.table import Table
+
+from optimize.records import RunSummary, StageRecord
 
 
 def _fmt(value: object) -> str:
@@ -14,15 +14,15 @@ def _fmt(value: object) -> str:
     return "-" if value is None else str(value)
 
 
-def stage_table(stage: dict[str, Any], reference: dict[str, float]) -> Table:
-    table = Table(title=f"stage {stage['name']} ({stage['kind']})", title_justify="left")
+def stage_table(stage: StageRecord, reference: dict[str, float]) -> Table:
+    table = Table(title=f"stage {stage.name} ({stage.kind})", title_justify="left")
     table.add_column("metric")
     table.add_column("value", justify="right")
     table.add_column("reference", justify="right")
-    for name, value in stage["metrics"].items():
+    for name, value in stage.metrics.items():
         table.add_row(name, _fmt(value), _fmt(reference.get(name)))
-    source = stage["gate"].get("source", "recipe")
-    for check in stage["gate"]["checks"]:
+    source = stage.gate.get("source", "recipe")
+    for check in stage.gate["checks"]:
         mark = "[green]pass[/]" if check["passed"] else "[red]FAIL[/]"
         label = f"gate {check['metric']}" + (" (default)" if source == "default" else "")
         table.add_row(label, f"{_fmt(check['value'])} {check['op']} {_fmt(check['threshold'])}", mark)
@@ -31,34 +31,34 @@ def stage_table(stage: dict[str, Any], reference: dict[str, float]) -> Table:
     return table
 
 
-def print_stage(console: Console, stage: dict[str, Any], reference: dict[str, float]) -> None:
+def print_stage(console: Console, stage: StageRecord, reference: dict[str, float]) -> None:
     console.print(stage_table(stage, reference))
 
 
-def markdown(name: str, status: str, reference: dict[str, float], stages: list[dict[str, Any]],
-             conditions: dict[str, Any], failure: str | None = None) -> str:
+def markdown(run: RunSummary) -> str:
     """A summary fit for a CI job summary: one table of metrics per stage, then every gate check
     (marked when it is the default gate), the ungated stages, and why the run failed if it did."""
+    reference, conditions = run.reference, run.conditions
     names = list(reference)
-    lines = [f"# {name}: {status}", "",
+    lines = [f"# {run.name}: {run.status}", "",
              "Measured in one run against the input model (reference); speed at "
              f"batch {conditions.get('batch_size')}, sequence length {conditions.get('seq_len')}, "
              f"{conditions.get('threads')} threads, {conditions.get('runs')} runs.", "",
              "| stage | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|",
              "| reference | " + " | ".join(_fmt(reference[n]) for n in names) + " |"]
-    for stage in stages:
-        lines.append(f"| {stage['name']} | " + " | ".join(_fmt(stage['metrics'].get(n)) for n in names) + " |")
+    for stage in run.stages:
+        lines.append(f"| {stage.name} | " + " | ".join(_fmt(stage.metrics.get(n)) for n in names) + " |")
     lines += ["", "## Gates", ""]
-    for stage in stages:
-        source = stage["gate"].get("source", "recipe")
-        for check in stage["gate"]["checks"]:
+    for stage in run.stages:
+        source = stage.gate.get("source", "recipe")
+        for check in stage.gate["checks"]:
             verdict = "pass" if check["passed"] else "FAIL"
-            lines.append(f"- {stage['name']}: `{check['metric']}` = {_fmt(check['value'])} "
+            lines.append(f"- {stage.name}: `{check['metric']}` = {_fmt(check['value'])} "
                          f"{check['op']} {_fmt(check['threshold'])}: **{verdict}**"
                          + (" (default gate)" if source == "default" else ""))
         if source == "ungated":
-            lines.append(f"- {stage['name']}: **ungated** (`gate: []` in the recipe): its output was not checked "
+            lines.append(f"- {stage.name}: **ungated** (`gate: []` in the recipe): its output was not checked "
                          "against the input model")
-    if failure:
-        lines += ["", "## Why it failed", "", failure]
+    if run.failure:
+        lines += ["", "## Why it failed", "", run.failure]
     return "\n".join(lines) + "\n"

@@ -15,7 +15,6 @@ causal LM, sliding windows of `window` tokens moved by `stride`.
 
 from __future__ import annotations
 
-import os
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,6 +27,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from optimize.data import read_rows
 from optimize.errors import UsageError
+from optimize.metrics import suite_metric
+from optimize.paths import find_dataset
 
 Column = Literal["text", "text_pair", "label"]
 
@@ -58,25 +59,13 @@ class LoadedSuite:
 
     @property
     def metric(self) -> str:
-        return {"sts": "spearman", "classification": "accuracy", "perplexity": "perplexity"}[self.suite.task]
+        return suite_metric(self.suite.task)
 
     def texts(self, key: Column = "text", rows: Sequence[dict[str, Any]] | None = None) -> list[str]:
         return [str(r[self.suite.columns[key]]) for r in (self.rows if rows is None else rows)]
 
     def labels(self, rows: Sequence[dict[str, Any]] | None = None) -> np.ndarray:
         return np.array([float(r[self.suite.columns["label"]]) for r in (self.rows if rows is None else rows)])
-
-
-def _data_path(name: str, suite_path: Path) -> Path:
-    roots = [suite_path.parent]
-    if os.environ.get("OPTIMIZE_DATA_ROOT"):
-        roots.append(Path(os.environ["OPTIMIZE_DATA_ROOT"]))
-    roots.append(suite_path.resolve().parent.parent.parent / "shared" / "data")
-    for root in roots:
-        if (root / name).exists():
-            return (root / name).resolve()
-    raise UsageError(f"{suite_path}: data: {name} not found beside the suite, under $OPTIMIZE_DATA_ROOT "
-                     "or in ../shared/data; set OPTIMIZE_DATA_ROOT to the folder that holds it")
 
 
 def _rows(path: Path, fmt: str, suite_path: Path) -> list[dict[str, Any]]:
@@ -95,7 +84,8 @@ def _rows(path: Path, fmt: str, suite_path: Path) -> list[dict[str, Any]]:
     return read_rows(path)
 
 
-def load_suite(path: Path) -> LoadedSuite:
+def read_suite(path: Path) -> Suite:
+    """The suite's settings only, no data read: what recipe validation needs."""
     try:
         raw = yaml.safe_load(path.read_text())
     except FileNotFoundError:
@@ -108,8 +98,14 @@ def load_suite(path: Path) -> LoadedSuite:
         first = exc.errors()[0]
         key = ".".join(map(str, first["loc"])) or "(suite)"
         raise UsageError(f"{path}: {key}: {first['msg']}") from None
-    rows = _rows(_data_path(suite.data, path), suite.format, path)
-    train = _rows(_data_path(suite.train_data, path), suite.format, path) if suite.train_data else []
+    return suite
+
+
+def load_suite(path: Path) -> LoadedSuite:
+    """The suite with its rows, checked: the columns it names exist and labels are numbers."""
+    suite = read_suite(path)
+    rows = _rows(find_dataset(suite.data, path), suite.format, path)
+    train = _rows(find_dataset(suite.train_data, path), suite.format, path) if suite.train_data else []
     if suite.train_limit is not None and len(train) > suite.train_limit:
         train = random.Random(suite.seed).sample(train, suite.train_limit)
     if not rows:

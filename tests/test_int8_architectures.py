@@ -19,7 +19,8 @@ from typer.testing import CliRunner
 
 from optimize import cpu
 from optimize.cli import app
-from optimize.stages.quantize import QuantizeStage, int8_weight_range
+from optimize.stages.methods import int8_weight_range
+from optimize.stages.quantize import QuantizeStage
 from tests.conftest import TOKENIZER_FILES, minilm_path, write_recipe
 
 SMALL = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
@@ -67,8 +68,8 @@ def test_int8_keeps_the_sentence_embeddings_of_each_encoder_architecture(archite
     (set(), "s8-reduced"),                            # unknown CPU: the safe choice
 ])
 def test_the_int8_weight_range_follows_what_the_cpu_can_sum_without_saturating(flags, expected):
-    assert int8_weight_range(QuantizeStage(), cpu.CpuInfo("test cpu", frozenset(flags))) == expected
-    assert int8_weight_range(QuantizeStage(int8_weights="s8"), cpu.CpuInfo("x", frozenset(flags))) == "s8"
+    assert int8_weight_range("auto", cpu.CpuInfo("test cpu", frozenset(flags))) == expected
+    assert int8_weight_range("s8", cpu.CpuInfo("x", frozenset(flags))) == "s8"  # a recipe may insist
 
 
 def _saturating_matmul(path):
@@ -104,10 +105,10 @@ def test_the_int8_weights_chosen_for_this_cpu_do_not_saturate(tmp_path):
         return session.run(None, {"x": inputs})[0]
 
     expected = output(tmp_path / "float.onnx")
-    chosen = int8_weight_range(QuantizeStage(), cpu.current())
+    chosen = int8_weight_range("auto", cpu.current())
     # the safe range everywhere, and full range where this CPU is said to sum it safely
     for weights in {"s8-reduced", chosen}:
-        config = QuantizeStage(precision="int8", int8_weights=weights)
+        config = QuantizeStage(precision="int8", method={"name": "dynamic", "weights": weights})
         quantized = build(config, source, {"MatMul_0": "int8"}, tmp_path / f"{weights}.onnx", None)  # type: ignore[arg-type]
         got = output(quantized.onnx_path)
         error = np.abs(got - expected).max() / np.abs(expected).max()

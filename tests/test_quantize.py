@@ -83,7 +83,7 @@ def test_auto_exits_3_with_the_best_candidate_when_no_plan_can_pass(tiny_bert, t
 
 
 def test_int4_writes_matmulnbits_with_the_given_block_size(tiny_bert, tmp_path):
-    recipe = write_recipe(tmp_path, quantize_stage(precision="int4", block_size=16,
+    recipe = write_recipe(tmp_path, quantize_stage(precision="int4", method={"name": "rtn", "block_size": 16},
                                                    gate=[{"metric": "cosine_mean", "min": 0.5}]),
                           model=str(tiny_bert))
     result, _ = run(recipe, tmp_path / "out")

@@ -1,29 +1,16 @@
-"""The stage registry: the one place that lists every stage kind, its config and its function.
+"""The stage registry: the one place that lists every stage kind.
 
-Adding a stage is one file in this folder and one line in each of `Stage` and `RUNNERS`.
+A stage kind is one file in this folder holding a config class (its recipe fields, where it stands
+in the order, whether it needs ONNX) with a `run` method, and one entry in `Stage` below.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Annotated, Any
+from typing import Annotated
 
 from pydantic import Field
 
-from optimize.stages import compile as compile_stage
-from optimize.stages import quantize as quantize_stage
 from optimize.stages.compile import CompileStage
 from optimize.stages.quantize import QuantizeStage
 
 Stage = Annotated[QuantizeStage | CompileStage, Field(discriminator="kind")]
-
-RUNNERS: dict[str, Callable[[Any, Any, Any], Any]] = {
-    "quantize": quantize_stage.run,
-    "compile": compile_stage.run,
-}
-
-# Stages must come in this order (a model is distilled, then quantized, then compiled).
-ORDER = {"distill": 0, "quantize": 1, "compile": 2}
-
-# Stages that take an ONNX model; the pipeline inserts an export step before the first of them.
-NEEDS_ONNX = {"quantize", "compile"}

@@ -10,21 +10,37 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
+from rich.console import Console
 
 from optimize.gate import GateCheck
 from optimize.model import ModelHandle
 
 
 class StageBase(BaseModel):
+    """A stage's recipe fields. A kind declares where it may stand and what it takes; `run` does it."""
+
     model_config = ConfigDict(frozen=True, extra="forbid")
 
+    order: ClassVar[int]               # stages run in this order: distill 0, quantize 1, compile 2
+    repeatable: ClassVar[bool] = True  # may the same kind follow itself (quantize twice: yes)
+    needs_onnx: ClassVar[bool] = True  # the pipeline inserts an export before a stage that needs ONNX
+
+    kind: str                          # the registry's discriminator: a Literal in each kind
     name: str | None = None
     gate: list[GateCheck] | None = Field(
         None, description="checks the stage's output must hold; omitted: the default fidelity gate for "
                           "the task; []: ungated (reported as such)")
+
+    def run(self, model: ModelHandle, ctx: StageContext) -> StageResult:
+        raise NotImplementedError(f"stage kind {type(self).__name__} has no run()")
+
+    def problems(self, target: str) -> list[tuple[tuple[str | int, ...], str]]:
+        """Recipe-level problems only this kind knows of (key path within the stage, message), given
+        the recipe's compile target; found by validation, before any model loads."""
+        return []
 
 
 @dataclass(frozen=True)
@@ -39,6 +55,7 @@ class StageContext:
     judge: Callable[[ModelHandle], tuple[dict[str, float], dict[str, Any]]]
     # Cheap fidelity probe on the held-out texts (cosine_mean, cosine_min vs the reference).
     probe: Callable[[ModelHandle], dict[str, float]]
+    console: Console         # progress and tables (stderr: stdout is kept for --json)
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 from pydantic import Field
@@ -32,6 +32,9 @@ Variant = Literal["as-is", "basic", "extended", "fused"]
 
 
 class CompileStage(StageBase):
+    order: ClassVar[int] = 2
+    repeatable: ClassVar[bool] = False
+
     kind: Literal["compile"] = "compile"
     target: Literal["cpu", "cuda", "tensorrt"] = "cpu"
     variants: list[Variant] = Field(["as-is", "basic", "extended", "fused"], min_length=1,
@@ -39,6 +42,9 @@ class CompileStage(StageBase):
     agreement: float = Field(0.999, gt=0, le=1, description="min sentence cosine vs the input model")
     fp16: bool = Field(True, description="cuda/tensorrt: let the provider run float layers in fp16")
     min_speedup: float = Field(0.05, ge=0, description="a later variant must be this much faster to be kept")
+
+    def run(self, model: ModelHandle, ctx: StageContext) -> StageResult:
+        return run(self, model, ctx)
 
 
 def _optimize(source: Path, out: Path, level: str) -> None:

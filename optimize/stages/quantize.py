@@ -14,64 +14,76 @@
 5. A fixed precision (`int8`, `int4`) that fails its gate gets a sensitivity pass after all, so the
    failure names the layers that broke it and the recipe change to try.
 
-int8 weights are chosen per CPU (`int8_weights: auto`): full-range int8 where the CPU has int8 dot
-products with 32-bit sums (VNNI, AMX, ARM dotprod), and 7-bit weights (`reduce_range`) elsewhere,
-where onnxruntime's AVX2 kernel sums uint8 x int8 pairs in 16 bits and full-range weights
-saturate (see `optimize/cpu.py`). The choice and the CPU are recorded in the manifest.
+int8 weights are chosen per CPU (`method: {weights: auto}`): full-range int8 where the CPU has int8
+dot products with 32-bit sums (VNNI, AMX, ARM dotprod), and 7-bit weights (`reduce_range`)
+elsewhere, where onnxruntime's AVX2 kernel sums uint8 x int8 pairs in 16 bits and full-range
+weights saturate (see `optimize/cpu.py`). The choice and the CPU are recorded in the manifest.
 
-Methods: `dynamic` int8 (weights per channel, activations quantized at run time), `static` int8
-QDQ calibrated with MinMax / Entropy / Percentile, `int4` weight-only MatMulNBits (RTN, HQQ or
-GPTQ, block size configurable). Kept layers stay fp32 on CPU (fp16 is slower there).
+How layers are put in low precision is the stage's `method` (`optimize/stages/methods.py`):
+`dynamic` or `static` int8, `rtn` / `hqq` / `gptq` int4. Kept layers stay fp32 on CPU (fp16 is
+slower there).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
 import math
-import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
-from pydantic import Field
-from rich.console import Console
+from pydantic import Field, model_validator
 
 from optimize import cpu
 from optimize.errors import GateFailed, UsageError
 from optimize.model import ModelHandle
 from optimize.stages.base import StageBase, StageContext, StageResult
+from optimize.stages.methods import Dynamic, Method, MethodBase, Static, default_method, int8_weight_range
 
 FLOAT = "fp32"
-_STDERR = Console(stderr=True)  # stdout is kept for --json
 
 
 class QuantizeStage(StageBase):
+    order: ClassVar[int] = 1
+
     kind: Literal["quantize"] = "quantize"
     precision: Literal["auto", "int8", "int4", "fp16"] = "auto"
-    method: Literal["dynamic", "static"] = Field("dynamic", description="int8 flavour")
-    calibrate_method: Literal["minmax", "entropy", "percentile"] = "minmax"
-    int4_algorithm: Literal["rtn", "hqq", "gptq"] = "rtn"
-    block_size: int = Field(128, ge=16, description="int4 block size (a power of two)")
+    method: Method | None = Field(None, description="how layers are quantized; default: dynamic (int8), rtn (int4)")
     max_evals: int = Field(4, ge=1, le=20, description="full gate evaluations the auto search may spend")
     rank_by: Literal["cost", "sensitivity"] = Field(
         "cost", description="auto: keep layers in float by sensitivity per weight (cost), or by sensitivity alone")
-    per_channel: bool = Field(True, description="int8 weight scales per output channel")
-    int8_weights: Literal["auto", "s8", "s8-reduced"] = Field(
-        "auto", description="int8 weight range: auto picks full-range s8 on CPUs with VNNI/AMX/dotprod, "
-                            "7-bit s8-reduced elsewhere (full range saturates onnxruntime's AVX2 kernel)")
     plan: str | None = Field(None, description="a plan JSON {layer: precision} to use instead of searching")
     require_speedup: bool = Field(True, description="fail a plan that is not faster than the float model")
     min_speedup: float = Field(0.1, ge=0, lt=1, description="how much faster (0.1 = 10%) a plan must be than "
                                                             "the float model, timed in turns at batch 1")
 
+    @model_validator(mode="after")
+    def _method_matches_precision(self) -> QuantizeStage:
+        if self.method is not None and self.precision in ("int8", "int4") and self.method.precision != self.precision:
+            raise ValueError(f"method {self.method.name} makes {self.method.precision}, but precision is "
+                             f"{self.precision}")
+        return self
 
-def int8_weight_range(config: QuantizeStage, info: cpu.CpuInfo) -> str:
-    """`s8` (full range) or `s8-reduced` (7 bits), from the recipe or from what the CPU can sum safely."""
-    if config.int8_weights != "auto":
-        return config.int8_weights
-    return "s8" if info.int8_dot else "s8-reduced"
+    @property
+    def low(self) -> str:
+        """The low precision layers go to: the method's, else int4 for `precision: int4`, else int8."""
+        return self.method.precision if self.method is not None else ("int4" if self.precision == "int4" else "int8")
+
+    @property
+    def quantizer(self) -> MethodBase:
+        return self.method or default_method(self.low)
+
+    def problems(self, target: str) -> list[tuple[tuple[str | int, ...], str]]:
+        if self.precision != "fp16":
+            return []
+        if target == "cpu":
+            return [(("precision",), "fp16 is slower than fp32 on CPUs, and this recipe compiles for cpu; "
+                                     "use int8, int4 or auto")]
+        return [(("precision",), f"fp16 on {target} is the compile stage's `fp16: true` (the provider runs float "
+                                 "layers in fp16); use int8, int4 or auto here")]
+
+    def run(self, model: ModelHandle, ctx: StageContext) -> StageResult:
+        return run(self, model, ctx)
 
 
 def quantizable_layers(path: Path, precision: str) -> dict[str, int]:
@@ -113,57 +125,27 @@ class _Calibration:
 
 
 def build(config: QuantizeStage, source: ModelHandle, plan: dict[str, str], out: Path,
-          ctx: StageContext) -> ModelHandle:
-    """Write the model for `plan` ({layer: int8 | int4 | fp32}) to `out`."""
-    # onnxruntime.quantization logs advice on the root logger for every call, and its RTN/GPTQ path
-    # prints a progress bar on stdout, which is reserved for --json: the run has its own report.
-    logging.disable(logging.WARNING)
-    try:
-        with contextlib.redirect_stdout(sys.stderr):
-            return _build(config, source, plan, out, ctx)
-    finally:
-        logging.disable(logging.NOTSET)
-
-
-def _build(config: QuantizeStage, source: ModelHandle, plan: dict[str, str], out: Path,
-           ctx: StageContext) -> ModelHandle:
-    from onnxruntime import quantization as q
-
+          ctx: StageContext | None) -> ModelHandle:
+    """Write the model for `plan` ({layer: int8 | int4 | fp32}) to `out` with the stage's method."""
     assert source.onnx_path is not None
-    src = str(source.onnx_path)
     chosen = {p for p in plan.values() if p != FLOAT}
     layers = [n for n, p in plan.items() if p != FLOAT]
     out.parent.mkdir(parents=True, exist_ok=True)
     if not layers:
         import shutil
 
-        shutil.copyfile(src, out)
-    elif chosen == {"int8"} and config.method == "dynamic":
-        q.quantize_dynamic(src, str(out), per_channel=config.per_channel, weight_type=q.QuantType.QInt8,
-                           reduce_range=int8_weight_range(config, cpu.current()) == "s8-reduced",
-                           op_types_to_quantize=["MatMul", "Gather"], nodes_to_quantize=layers)
-    elif chosen == {"int8"}:
-        method = {"minmax": q.CalibrationMethod.MinMax, "entropy": q.CalibrationMethod.Entropy,
-                  "percentile": q.CalibrationMethod.Percentile}[config.calibrate_method]
-        q.quantize_static(src, str(out), _Calibration(ctx, source), quant_format=q.QuantFormat.QDQ,
-                          per_channel=config.per_channel, activation_type=q.QuantType.QInt8,
-                          weight_type=q.QuantType.QInt8, op_types_to_quantize=["MatMul", "Gather"],
-                          reduce_range=int8_weight_range(config, cpu.current()) == "s8-reduced",
-                          nodes_to_quantize=layers, calibrate_method=method,
-                          extra_options={"ActivationSymmetric": True})
-    elif chosen == {"int4"}:
-        from onnxruntime.quantization import matmul_nbits_quantizer as nbits
+        shutil.copyfile(source.onnx_path, out)
+        return source.with_onnx(out)
+    method = config.quantizer
+    if chosen != {method.precision}:
+        raise UsageError(f"quantize: method {getattr(method, 'name', '?')} makes {method.precision}; the plan asks "
+                         f"for {', '.join(sorted(chosen))} (a plan mixes one low precision with {FLOAT})")
 
-        algo: Any = {"rtn": lambda: nbits.RTNWeightOnlyQuantConfig(),
-                     "hqq": lambda: nbits.HQQWeightOnlyQuantConfig(block_size=config.block_size),
-                     "gptq": lambda: nbits.GPTQWeightOnlyQuantConfig(_Calibration(ctx, source),
-                                                                   block_size=config.block_size)}[config.int4_algorithm]()
-        quantizer = nbits.MatMulNBitsQuantizer(src, block_size=config.block_size, is_symmetric=True,
-                                               nodes_to_include=layers, algo_config=algo)
-        quantizer.process()
-        quantizer.model.save_model_to_file(str(out), use_external_data_format=False)
-    else:
-        raise UsageError(f"quantize: a plan may mix one low precision with {FLOAT}, not {sorted(chosen)}")
+    def calibration() -> _Calibration:
+        assert ctx is not None, "a calibrated method needs the stage context"
+        return _Calibration(ctx, source)
+
+    method.build(source.onnx_path, out, layers, calibration)
     return source.with_onnx(out)
 
 
@@ -173,7 +155,7 @@ def sensitivity(config: QuantizeStage, source: ModelHandle, layers: list[str], l
     from rich.progress import Progress
 
     scores = {}
-    with Progress(transient=True, console=_STDERR) as progress:
+    with Progress(transient=True, console=ctx.console) as progress:
         task = progress.add_task("sensitivity", total=len(layers))
         for i, layer in enumerate(layers):
             plan = {n: (low if n == layer else FLOAT) for n in layers}
@@ -191,17 +173,13 @@ def _preprocess(model: ModelHandle, ctx: StageContext) -> ModelHandle:
 
     assert model.onnx_path is not None
     out = ctx.workdir / "preprocessed.onnx"
-    logging.disable(logging.WARNING)
-    try:
-        # Symbolic shape inference does not complete on every transformer export; ONNX's does.
-        quant_pre_process(str(model.onnx_path), str(out), skip_symbolic_shape=True)
-    finally:
-        logging.disable(logging.NOTSET)
+    # Symbolic shape inference does not complete on every transformer export; ONNX's does.
+    quant_pre_process(str(model.onnx_path), str(out), skip_symbolic_shape=True)
     return model.with_onnx(out)
 
 
-def _print_sensitivity(ranking: list[str], scores: dict[str, float], costs: dict[str, int], low: str,
-                       rank_by: str, shown: int = 12) -> None:
+def _print_sensitivity(ctx: StageContext, ranking: list[str], scores: dict[str, float], costs: dict[str, int],
+                       low: str, rank_by: str, shown: int = 12) -> None:
     from rich.table import Table
 
     table = Table(title=f"sensitivity: 1 - cosine_mean with only that layer in {low}; the first "
@@ -212,7 +190,7 @@ def _print_sensitivity(ranking: list[str], scores: dict[str, float], costs: dict
     table.add_column("weights", justify="right")
     for rank, name in enumerate(ranking[:shown], start=1):
         table.add_row(str(rank), name, f"{scores[name]:.3g}", f"{costs[name]:,}")
-    _STDERR.print(table)
+    ctx.console.print(table)
 
 
 def _first_guess(checks: list[dict[str, Any]], ranking: list[str], scores: dict[str, float]) -> int:
@@ -255,13 +233,10 @@ def _advice(scores: dict[str, float], low: str) -> str:
 def run(config: QuantizeStage, model: ModelHandle, ctx: StageContext) -> StageResult:
     from optimize.evaluate import time_in_turns
 
-    if config.precision == "fp16":
-        raise UsageError("quantize: precision fp16 runs well only on GPU targets, which this build cannot "
-                         "measure; use int8, int4 or auto on cpu")
     assert model.onnx_path is not None
     model = _preprocess(model, ctx)
     assert model.onnx_path is not None
-    low = "int4" if config.precision == "int4" else "int8"
+    low = config.low
     costs = quantizable_layers(model.onnx_path, low)
     layers = list(costs)
     if not layers:
@@ -271,8 +246,10 @@ def run(config: QuantizeStage, model: ModelHandle, ctx: StageContext) -> StageRe
     here = cpu.current()
     info: dict[str, Any] = {"layers": len(layers), "float_latency_p50_ms": float_metrics["latency_p50_ms"],
                             "cpu": here.summary(), "candidates": candidates}
-    if low == "int8":
-        info["int8_weights"] = int8_weight_range(config, here)
+    method = config.quantizer
+    info["method"] = method.model_dump(mode="json")
+    if isinstance(method, Dynamic | Static):
+        info["int8_weights"] = int8_weight_range(method.weights, here)
 
     def evaluate(plan: dict[str, str], label: str) -> tuple[ModelHandle, dict[str, Any]]:
         handle = build(config, model, plan, ctx.workdir / f"candidate-{len(candidates)}.onnx", ctx)
@@ -308,7 +285,7 @@ def run(config: QuantizeStage, model: ModelHandle, ctx: StageContext) -> StageRe
     ranking = _rank(layers, scores, costs, config.rank_by)
     info["sensitivity"] = {n: scores[n] for n in ranking}
     info["weights"] = {n: costs[n] for n in ranking}
-    _print_sensitivity(ranking, scores, costs, low, config.rank_by)
+    _print_sensitivity(ctx, ranking, scores, costs, low, config.rank_by)
 
     def plan_keeping(kept: int) -> dict[str, str]:
         return {n: (FLOAT if n in ranking[:kept] else low) for n in layers}

@@ -1,0 +1,121 @@
+"""Quantization methods: how one set of layers is put in low precision, each with its own settings.
+
+`METHODS` is the table: a method is one class here (its recipe fields and a `build` function) and
+one entry in that union. In a recipe it is the quantize stage's `method:`, e.g.
+`method: {name: static, calibrate: entropy}` or `method: {name: rtn, block_size: 128}`; without
+one, int8 uses `dynamic` and int4 `rtn`.
+
+All of them go through `onnxruntime.quantization`; nothing here quantizes by hand.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from optimize import cpu
+
+
+class CalibrationReader(Protocol):
+    """onnxruntime's CalibrationDataReader: feeds of tokenized calibration texts."""
+
+    def get_next(self) -> dict[str, Any] | None: ...
+
+    def rewind(self) -> None: ...
+
+
+class MethodBase(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    precision: ClassVar[str]  # the low precision this method produces: int8 or int4
+
+    def build(self, src: Path, out: Path, layers: list[str], calibration: Callable[[], CalibrationReader]) -> None:
+        raise NotImplementedError
+
+
+Int8Weights = Literal["auto", "s8", "s8-reduced"]
+INT8_WEIGHTS_HELP = ("auto: full-range s8 on CPUs with VNNI/AMX/dotprod, 7-bit s8-reduced elsewhere "
+                     "(full range saturates onnxruntime's AVX2 kernel, see optimize/cpu.py)")
+
+
+def int8_weight_range(weights: Int8Weights, info: cpu.CpuInfo) -> str:
+    """`s8` (full range) or `s8-reduced` (7 bits), as set or from what the CPU can sum safely."""
+    if weights != "auto":
+        return weights
+    return "s8" if info.int8_dot else "s8-reduced"
+
+
+class Dynamic(MethodBase):
+    """int8 weights; activations quantized at run time (DynamicQuantizeMatMul, MatMulInteger)."""
+
+    precision: ClassVar[str] = "int8"
+    name: Literal["dynamic"] = "dynamic"
+    per_channel: bool = Field(True, description="int8 weight scales per output channel")
+    weights: Int8Weights = Field("auto", description=INT8_WEIGHTS_HELP)
+
+    def build(self, src: Path, out: Path, layers: list[str], calibration: Callable[[], CalibrationReader]) -> None:
+        from onnxruntime import quantization as q
+
+        q.quantize_dynamic(str(src), str(out), per_channel=self.per_channel, weight_type=q.QuantType.QInt8,
+                           reduce_range=int8_weight_range(self.weights, cpu.current()) == "s8-reduced",
+                           op_types_to_quantize=["MatMul", "Gather"], nodes_to_quantize=layers)
+
+
+class Static(MethodBase):
+    """int8 weights and activations, activation ranges calibrated on the calibration texts (QDQ)."""
+
+    precision: ClassVar[str] = "int8"
+    name: Literal["static"]
+    calibrate: Literal["minmax", "entropy", "percentile"] = "minmax"
+    per_channel: bool = Field(True, description="int8 weight scales per output channel")
+    weights: Int8Weights = Field("auto", description=INT8_WEIGHTS_HELP)
+
+    def build(self, src: Path, out: Path, layers: list[str], calibration: Callable[[], CalibrationReader]) -> None:
+        from onnxruntime import quantization as q
+
+        method = {"minmax": q.CalibrationMethod.MinMax, "entropy": q.CalibrationMethod.Entropy,
+                  "percentile": q.CalibrationMethod.Percentile}[self.calibrate]
+        q.quantize_static(str(src), str(out), calibration(), quant_format=q.QuantFormat.QDQ,  # type: ignore[arg-type]
+                          per_channel=self.per_channel, activation_type=q.QuantType.QInt8,
+                          weight_type=q.QuantType.QInt8, op_types_to_quantize=["MatMul", "Gather"],
+                          reduce_range=int8_weight_range(self.weights, cpu.current()) == "s8-reduced",
+                          nodes_to_quantize=layers, calibrate_method=method,
+                          extra_options={"ActivationSymmetric": True})
+
+
+class WeightOnly4(MethodBase):
+    """int4 weights in blocks (MatMulNBits), activations stay float: RTN, HQQ, or GPTQ (calibrated)."""
+
+    precision: ClassVar[str] = "int4"
+    name: Literal["rtn", "hqq", "gptq"] = "rtn"
+    block_size: int = Field(128, ge=16, le=4096, description="weights per scale (a power of two)")
+
+    @field_validator("block_size")
+    @classmethod
+    def _power_of_two(cls, value: int) -> int:
+        if value & (value - 1):
+            raise ValueError(f"block_size must be a power of two (16, 32, 64, 128, ...), not {value}")
+        return value
+
+    def build(self, src: Path, out: Path, layers: list[str], calibration: Callable[[], CalibrationReader]) -> None:
+        from onnxruntime.quantization import matmul_nbits_quantizer as nbits
+
+        algo: Any = {"rtn": lambda: nbits.RTNWeightOnlyQuantConfig(),
+                     "hqq": lambda: nbits.HQQWeightOnlyQuantConfig(block_size=self.block_size),
+                     "gptq": lambda: nbits.GPTQWeightOnlyQuantConfig(calibration(), block_size=self.block_size),
+                     }[self.name]()
+        quantizer = nbits.MatMulNBitsQuantizer(str(src), block_size=self.block_size, is_symmetric=True,
+                                               nodes_to_include=layers, algo_config=algo)
+        quantizer.process()
+        quantizer.model.save_model_to_file(str(out), use_external_data_format=False)
+
+
+# The table of methods: one entry per class above.
+Method = Annotated[Dynamic | Static | WeightOnly4, Field(discriminator="name")]
+
+
+def default_method(precision: str) -> Dynamic | WeightOnly4:
+    return WeightOnly4() if precision == "int4" else Dynamic()
