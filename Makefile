@@ -25,13 +25,14 @@ demo: setup
 	@echo; cat $(OUT)/report.md; echo; echo "artifact: $(OUT)"
 
 test: setup
-	$(PY) -m pytest
+	$(PY) -m pytest -m "slow or not slow"
 
 test-fast: setup
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest
 
 lint: setup
 	$(VENV)/bin/ruff check optimize tests bench
+	$(VENV)/bin/ruff format --check optimize tests bench
 	$(VENV)/bin/mypy optimize
 
 bench: setup

@@ -44,7 +44,7 @@ class TorchModel:
 
         with torch.inference_mode():
             out = self.model(**{n: torch.from_numpy(inputs[n]) for n in self.input_names})
-        return out[0].float().numpy()
+        return np.asarray(out[0].float().numpy())
 
     def embed(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
         return runtime.embed(self.run, self.tokenizer, texts, batch_size)

@@ -119,7 +119,8 @@ def from_gguf(path: Path) -> Path:
     try:
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
         model.save_pretrained(staging, safe_serialization=True)
-        AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(staging)
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)  # type: ignore[no-untyped-call]
+        tokenizer.save_pretrained(staging)
         (staging / "SOURCE").write_text(f"converted from {path.name} (sha256 {digest.hexdigest()}); "
                                         "the weights are the GGUF's, dequantized to fp32\n")
         staging.replace(folder)
@@ -203,4 +204,5 @@ def load_torch(model: ModelHandle) -> torch.nn.Module:
             "text-generation": AutoModelForCausalLM}[model.task]
     loaded = auto.from_pretrained(model.checkpoint, use_safetensors=not model.allow_pickle,
                                   trust_remote_code=model.trust_remote_code, attn_implementation="eager")
-    return loaded.eval()
+    module: torch.nn.Module = loaded.eval()
+    return module

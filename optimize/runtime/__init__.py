@@ -13,8 +13,12 @@ import json
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 # Which providers may run a model compiled for each target, best first.
@@ -37,12 +41,12 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def verify(artifact_dir: Path) -> dict:
+def verify(artifact_dir: Path) -> dict[str, Any]:
     """Check every file the manifest lists; returns the manifest."""
     manifest_path = artifact_dir / "manifest.json"
     if not manifest_path.is_file():
         raise ArtifactError(f"{artifact_dir}: no manifest.json; is this an optimize artifact?")
-    manifest = json.loads(manifest_path.read_text())
+    manifest: dict[str, Any] = json.loads(manifest_path.read_text())
     for name, entry in manifest["files"].items():
         path = artifact_dir / name
         if not path.is_file():
@@ -60,7 +64,7 @@ def select_providers(available: Sequence[str], target: str = "cpu") -> list[str]
     return chosen or ["CPUExecutionProvider"]
 
 
-def provider_options(provider: str, settings: dict, cache_dir: Path) -> dict:
+def provider_options(provider: str, settings: dict[str, Any], cache_dir: Path) -> dict[str, Any]:
     """Options per provider, from the manifest's `runtime` section (what compile chose for the target).
     TensorRT builds its engine at the first load on the target GPU and caches it; the cache files
     are keyed by GPU architecture and TensorRT version, so one folder serves several machines."""
@@ -75,7 +79,8 @@ def provider_options(provider: str, settings: dict, cache_dir: Path) -> dict:
 
 
 def make_session(model_path: Path, target: str = "cpu", threads: int | None = None,
-                 available: Sequence[str] | None = None, settings: dict | None = None):
+                 available: Sequence[str] | None = None,
+                 settings: dict[str, Any] | None = None) -> tuple[ort.InferenceSession, list[str]]:
     """An InferenceSession on the best provider that actually starts; falls back down the list.
     Returns the session and a note per provider that was tried and could not be used."""
     import onnxruntime as ort
@@ -135,7 +140,8 @@ class Tokenizer:
 
 def mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
     weights = mask[..., None].astype(np.float32)
-    return (hidden * weights).sum(axis=1) / np.clip(weights.sum(axis=1), 1e-9, None)
+    pooled: np.ndarray = (hidden * weights).sum(axis=1) / np.clip(weights.sum(axis=1), 1e-9, None)
+    return pooled
 
 
 def embed(run: Callable[[dict[str, np.ndarray]], np.ndarray], tokenizer: Tokenizer,
@@ -153,7 +159,8 @@ class OnnxModel:
     `classify(texts)` for sequence classifiers, `generate(prompt)` for causal LMs."""
 
     def __init__(self, model_path: Path, tokenizer_path: Path, seq_len: int = 128, target: str = "cpu",
-                 threads: int | None = None, available: Sequence[str] | None = None, settings: dict | None = None):
+                 threads: int | None = None, available: Sequence[str] | None = None,
+                 settings: dict[str, Any] | None = None):
         self.session, self.fallbacks = make_session(model_path, target, threads, available, settings)
         self.tokenizer = Tokenizer(tokenizer_path, seq_len)
         self.input_names = [i.name for i in self.session.get_inputs()]
@@ -163,12 +170,12 @@ class OnnxModel:
 
     @property
     def provider(self) -> str:
-        return self.session.get_providers()[0]
+        return str(self.session.get_providers()[0])
 
     def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         """The first output (last hidden states, or logits) for tokenized inputs. A decoder exported
         with a KV cache gets its positions and an empty cache filled in, so it scores whole texts."""
-        return self.session.run(None, self._feed(inputs))[0]
+        return np.asarray(self.session.run(None, self._feed(inputs))[0])
 
     def _feed(self, inputs: dict[str, np.ndarray], past: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         feed = {name: inputs[name] for name in self.input_names if name in inputs}

@@ -78,7 +78,7 @@ class Static(MethodBase):
 
         method = {"minmax": q.CalibrationMethod.MinMax, "entropy": q.CalibrationMethod.Entropy,
                   "percentile": q.CalibrationMethod.Percentile}[self.calibrate]
-        q.quantize_static(str(src), str(out), calibration(), quant_format=q.QuantFormat.QDQ,  # type: ignore[arg-type]
+        q.quantize_static(str(src), str(out), calibration(), quant_format=q.QuantFormat.QDQ,
                           per_channel=self.per_channel, activation_type=q.QuantType.QInt8,
                           weight_type=q.QuantType.QInt8, op_types_to_quantize=["MatMul", "Gather"],
                           reduce_range=int8_weight_range(self.weights, cpu.current()) == "s8-reduced",
