@@ -34,10 +34,27 @@ def peer(model_dir: Path, work: Path) -> Path:
     """Optimum's documented path: export, then dynamic int8 quantization for AVX-512 VNNI."""
     exported, quantized = work / "peer-export", work / "peer-int8"
     cli = str(Path(sys.executable).parent / "optimum-cli")
-    subprocess.run([cli, "export", "onnx", "--model", str(model_dir), "--task", "feature-extraction",
-                    "--library-name", "transformers", str(exported)], check=True, capture_output=True)
-    subprocess.run([cli, "onnxruntime", "quantize", "--avx512_vnni", "--onnx_model", str(exported),
-                    "-o", str(quantized)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            cli,
+            "export",
+            "onnx",
+            "--model",
+            str(model_dir),
+            "--task",
+            "feature-extraction",
+            "--library-name",
+            "transformers",
+            str(exported),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    subprocess.run(
+        [cli, "onnxruntime", "quantize", "--avx512_vnni", "--onnx_model", str(exported), "-o", str(quantized)],
+        check=True,
+        capture_output=True,
+    )
     onnx = next(quantized.glob("*.onnx"))
     for name in ("tokenizer.json", "config.json"):
         (quantized / name).write_bytes((model_dir / name).read_bytes())
@@ -65,8 +82,11 @@ def main() -> None:
     for label, variants in (("plain export", ["--variant", "as-is"]), ("optimize compile", [])):
         folder = work / label.replace(" ", "-")
         with console.status(f"building onnxruntime fp32 ({label})"):
-            subprocess.run([sys.executable, "-m", "optimize", "compile", str(model_dir), "-o", str(folder), *variants],
-                           check=True, capture_output=True)
+            subprocess.run(
+                [sys.executable, "-m", "optimize", "compile", str(model_dir), "-o", str(folder), *variants],
+                check=True,
+                capture_output=True,
+            )
         candidates[f"onnxruntime fp32 ({label})"] = str(folder)
     if not args.no_peer:
         with console.status("building the Optimum peer"):
@@ -81,16 +101,23 @@ def main() -> None:
             model = open_model(handle, 128)
             embeddings = model.embed(sentences)
             reference = embeddings if reference is None else reference
-            rows.append({"model": label, "spearman": round(spearman(model, suite), 4),
-                         **fidelity(embeddings, reference), "size_mb": size_mb(handle)})
+            rows.append(
+                {
+                    "model": label,
+                    "spearman": round(spearman(model, suite), 4),
+                    **fidelity(embeddings, reference),
+                    "size_mb": size_mb(handle),
+                }
+            )
             models[label] = model
     # Speed: models take turns in rounds, so a slow spell of this shared machine hits all of them
     # alike; each figure is the median over all its rounds.
     for batch in (1, 32):
         settings = SpeedSettings(batch_size=batch, seq_len=128, warmup=3, runs=max(1, args.runs // args.rounds))
         with console.status(f"timing at batch {batch}"):
-            times = dict(zip(models, latency_rounds(list(models.values()), sentences, settings, args.rounds),
-                             strict=True))
+            times = dict(
+                zip(models, latency_rounds(list(models.values()), sentences, settings, args.rounds), strict=True)
+            )
         for row in rows:
             values = times[str(row["model"])]
             row[f"p50_b{batch}_ms"] = round(float(np.median(values)), 3)
@@ -98,12 +125,25 @@ def main() -> None:
 
     peer_row = next((r for r in rows if "peer" in str(r["model"])), None)
     here = cpu.current().summary()
-    table = Table(title=f"MiniLM on STS-B test, seq_len 128, {threads()} threads, {args.runs} runs in "
-                        f"{args.rounds} interleaved rounds (p50 = median of round medians); CPU {here['model']}, "
-                        f"flags {' '.join(here['flags'])}",
-                  title_justify="left")
-    for column in ("model", "spearman", "cos mean", "cos min", "p50 b1 ms", "p50 b32 ms", "size MB",
-                   "x torch b1", "x torch b32", "x peer b1", "x peer b32"):
+    table = Table(
+        title=f"MiniLM on STS-B test, seq_len 128, {threads()} threads, {args.runs} runs in "
+        f"{args.rounds} interleaved rounds (p50 = median of round medians); CPU {here['model']}, "
+        f"flags {' '.join(here['flags'])}",
+        title_justify="left",
+    )
+    for column in (
+        "model",
+        "spearman",
+        "cos mean",
+        "cos min",
+        "p50 b1 ms",
+        "p50 b32 ms",
+        "size MB",
+        "x torch b1",
+        "x torch b32",
+        "x peer b1",
+        "x peer b32",
+    ):
         table.add_column(column, justify="left" if column == "model" else "right")
     for row in rows:
         ratios = []
@@ -112,10 +152,18 @@ def main() -> None:
                 key = f"p50_b{batch}_ms"
                 ratios.append(f"{base[key] / row[key]:.2f}x" if base else "-")  # type: ignore[operator]
                 row[f"speedup_vs_{'torch' if base is rows[0] else 'peer'}_b{batch}"] = (
-                    round(base[key] / row[key], 3) if base else None)  # type: ignore[operator]
-        table.add_row(str(row["model"]), f"{row['spearman']:.4f}", f"{row['cosine_mean']:.4f}",
-                      f"{row['cosine_min']:.4f}", f"{row['p50_b1_ms']:.2f}", f"{row['p50_b32_ms']:.1f}",
-                      f"{row['size_mb']:.1f}", *ratios)
+                    round(base[key] / row[key], 3) if base else None
+                )  # type: ignore[operator]
+        table.add_row(
+            str(row["model"]),
+            f"{row['spearman']:.4f}",
+            f"{row['cosine_mean']:.4f}",
+            f"{row['cosine_min']:.4f}",
+            f"{row['p50_b1_ms']:.2f}",
+            f"{row['p50_b32_ms']:.1f}",
+            f"{row['size_mb']:.1f}",
+            *ratios,
+        )
     Console(width=220).print(table)
     if args.json:
         args.json.write_text(json.dumps({"threads": threads(), "cpu": here, "rows": rows}, indent=2))

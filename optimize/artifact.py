@@ -20,16 +20,30 @@ from optimize.errors import UsageError
 from optimize.runtime import sha256_file
 
 SCHEMA_VERSION = 1
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
-                   "merges.txt", "vocab.json", "tokenizer.model", "config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+    "merges.txt",
+    "vocab.json",
+    "tokenizer.model",
+    "config.json",
+)
 RUNTIME_SOURCE = Path(__file__).parent / "runtime"
 
 
 def versions() -> dict[str, str]:
     found = {"python": platform.python_version(), "optimize": __version__}
-    for name, dists in {"torch": ["torch"], "transformers": ["transformers"], "onnx": ["onnx"],
-                        "onnxruntime": ["onnxruntime-gpu", "onnxruntime"], "numpy": ["numpy"],
-                        "tokenizers": ["tokenizers"], "optimum-onnx": ["optimum-onnx"]}.items():
+    for name, dists in {
+        "torch": ["torch"],
+        "transformers": ["transformers"],
+        "onnx": ["onnx"],
+        "onnxruntime": ["onnxruntime-gpu", "onnxruntime"],
+        "numpy": ["numpy"],
+        "tokenizers": ["tokenizers"],
+        "optimum-onnx": ["optimum-onnx"],
+    }.items():
         for dist in dists:
             try:
                 found[name] = metadata.version(dist)
@@ -64,13 +78,24 @@ def write_runtime(folder: Path, pins: dict[str, str]) -> None:
     runtime.mkdir()
     for source in sorted(RUNTIME_SOURCE.glob("*.py")):
         shutil.copyfile(source, runtime / source.name)
-    requirements = [f"onnxruntime-gpu=={pins['onnxruntime']}", f"numpy=={pins['numpy']}",
-                    f"tokenizers=={pins['tokenizers']}"]
+    requirements = [
+        f"onnxruntime-gpu=={pins['onnxruntime']}",
+        f"numpy=={pins['numpy']}",
+        f"tokenizers=={pins['tokenizers']}",
+    ]
     (runtime / "requirements.txt").write_text("\n".join(requirements) + "\n")
 
 
-def write(out: Path, staging: Path, onnx_path: Path, checkpoint: Path, manifest: dict[str, Any],
-          report_md: str, report: dict[str, Any], overwrite: bool) -> None:
+def write(
+    out: Path,
+    staging: Path,
+    onnx_path: Path,
+    checkpoint: Path,
+    manifest: dict[str, Any],
+    report_md: str,
+    report: dict[str, Any],
+    overwrite: bool,
+) -> None:
     """Fill `staging`, write the manifest last, then rename it to OUT."""
     shutil.copyfile(onnx_path, staging / "model.onnx")
     external = onnx_path.parent / (onnx_path.name + ".data")
@@ -83,8 +108,9 @@ def write(out: Path, staging: Path, onnx_path: Path, checkpoint: Path, manifest:
     (staging / "report.md").write_text(report_md)
     (staging / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     files = sorted(p for p in staging.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
-    manifest["files"] = {str(p.relative_to(staging)): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-                         for p in files}
+    manifest["files"] = {
+        str(p.relative_to(staging)): {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in files
+    }
     (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     if out.exists() and overwrite:
         shutil.rmtree(out)

@@ -48,13 +48,31 @@ DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the resolved r
 
 def _emit(as_json: bool, status: str, artifact: Path | None, stages: list[StageRecord], error: str | None) -> None:
     if as_json:
-        print(json.dumps({"status": status, "artifact": str(artifact) if artifact else None,
-                          "stages": [s.public() for s in stages], "error": error}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "status": status,
+                    "artifact": str(artifact) if artifact else None,
+                    "stages": [s.public() for s in stages],
+                    "error": error,
+                },
+                indent=2,
+            )
+        )
 
 
-def _execute(build: Callable[[], LoadedRecipe], out: Path | None, as_json: bool, dry_run: bool = False, *,
-             model: str | None = None, cache_dir: Path | None = None, allow_pickle: bool = False,
-             trust_remote_code: bool = False, overwrite: bool = False) -> None:
+def _execute(
+    build: Callable[[], LoadedRecipe],
+    out: Path | None,
+    as_json: bool,
+    dry_run: bool = False,
+    *,
+    model: str | None = None,
+    cache_dir: Path | None = None,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    overwrite: bool = False,
+) -> None:
     """Validate the recipe, run the pipeline, print the outcome and exit with DESIGN.md's code."""
     # Libraries (onnxruntime.quantization, optimum) log advice for every call; the run has its own report.
     logging.basicConfig(level=logging.ERROR, format="%(name)s: %(message)s")
@@ -65,8 +83,9 @@ def _execute(build: Callable[[], LoadedRecipe], out: Path | None, as_json: bool,
             raise typer.Exit(0)
         from optimize.pipeline import RunOptions, run
 
-        options = RunOptions(out or Path("artifacts") / loaded.recipe.name, model, allow_pickle,
-                             trust_remote_code, cache_dir, overwrite)
+        options = RunOptions(
+            out or Path("artifacts") / loaded.recipe.name, model, allow_pickle, trust_remote_code, cache_dir, overwrite
+        )
         result = run(loaded, options, console)
     except UsageError as exc:
         console.print(f"[red]error:[/] {exc}", highlight=False)
@@ -104,10 +123,17 @@ def _dry_run_text(loaded: LoadedRecipe, model: str | None) -> str:
         return loaded.with_default_gates(default_gate(task)).text
     if all(stage.gate is not None for stage in recipe.stages):
         return loaded.text
-    shown = {t: ", ".join(f"{c.metric} {'>=' if c.min is not None else '<='} {c.min if c.min is not None else c.max}"
-                          for c in default_gate(t)) for t in ("feature-extraction", "text-generation")}
-    return (loaded.text + "# stages without `gate` get the default gate for the task found at run time: "
-            f"embeddings {shown['feature-extraction']}; logits {shown['text-generation']}\n")
+    shown = {
+        t: ", ".join(
+            f"{c.metric} {'>=' if c.min is not None else '<='} {c.min if c.min is not None else c.max}"
+            for c in default_gate(t)
+        )
+        for t in ("feature-extraction", "text-generation")
+    }
+    return (
+        loaded.text + "# stages without `gate` get the default gate for the task found at run time: "
+        f"embeddings {shown['feature-extraction']}; logits {shown['text-generation']}\n"
+    )
 
 
 @app.command("run")
@@ -116,8 +142,7 @@ def run_cmd(
     out: OutOpt = None,
     as_json: JsonOpt = False,
     cache_dir: CacheOpt = None,
-    overrides: Annotated[list[str], typer.Option(
-        "--set", help="Override one key: --set stages.0.target=cpu.")] = [],  # noqa: B006
+    overrides: Annotated[list[str], typer.Option("--set", help="Override one key: --set stages.0.target=cpu.")] = [],  # noqa: B006
     model: Annotated[str | None, typer.Option("--model", help="Use this model instead of the recipe's.")] = None,
     dry_run: DryRunOpt = False,
     allow_pickle: PickleOpt = False,
@@ -130,12 +155,22 @@ def run_cmd(
     """
     from optimize import recipe as recipes
 
-    _execute(lambda: recipes.load(recipe, overrides), out, as_json, dry_run, model=model, cache_dir=cache_dir,
-             allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, overwrite=overwrite)
+    _execute(
+        lambda: recipes.load(recipe, overrides),
+        out,
+        as_json,
+        dry_run,
+        model=model,
+        cache_dir=cache_dir,
+        allow_pickle=allow_pickle,
+        trust_remote_code=trust_remote_code,
+        overwrite=overwrite,
+    )
 
 
-def single_stage(kind: str, model: str, recipe: Path | None, settings: dict[str, Any],
-                 extra: dict[str, Any] | None = None) -> LoadedRecipe:
+def single_stage(
+    kind: str, model: str, recipe: Path | None, settings: dict[str, Any], extra: dict[str, Any] | None = None
+) -> LoadedRecipe:
     """The one-stage recipe a single-stage command runs: the stage of that kind from -r RECIPE
     (or a default one) with the command's options on top, and the recipe's calibration and evals."""
     from optimize import recipe as recipes
@@ -143,8 +178,9 @@ def single_stage(kind: str, model: str, recipe: Path | None, settings: dict[str,
     data: dict[str, Any] = {}
     if recipe is not None:
         data, _ = recipes.load_data(recipe)
-    stage = next((dict(s) for s in data.get("stages", []) if isinstance(s, dict) and s.get("kind") == kind),
-                 {"kind": kind})
+    stage = next(
+        (dict(s) for s in data.get("stages", []) if isinstance(s, dict) and s.get("kind") == kind), {"kind": kind}
+    )
     stage.update({k: v for k, v in settings.items() if v is not None})
     name = data.get("name") or re.sub(r"[^\w.-]+", "-", f"{Path(model).name or 'model'}-{kind}").strip("-.")
     data = {**data, "name": name, "model": model, "stages": [stage]}
@@ -158,18 +194,30 @@ def single_stage(kind: str, model: str, recipe: Path | None, settings: dict[str,
 @app.command("quantize")
 def quantize_cmd(
     model: Annotated[str, typer.Argument(help="Checkpoint folder, `package:NAME` or hub id.")],
-    recipe: Annotated[Path | None, typer.Option(
-        "-r", "--recipe", help="Take calibration, evals and the quantize stage (with its gate) from here.")] = None,
-    calibration: Annotated[str | None, typer.Option(
-        "--calibration", help="Calibration texts: .jsonl/.csv/.txt/.parquet or a `datasets` folder.")] = None,
-    precision: Annotated[str | None, typer.Option(
-        "--precision", help="auto (search a mixed plan against the gate) | int8 | int4 | fp16.")] = None,
-    plan: Annotated[Path | None, typer.Option(
-        "--plan", help="Reuse a plan (a manifest.json or {layer: precision} JSON); skips the search.")] = None,
-    suites: Annotated[list[str], typer.Option(
-        "--suite", help="Eval suite the gate may use, e.g. evals/stsb-test.yaml.")] = [],  # noqa: B006
-    gate: Annotated[list[str], typer.Option(
-        "--gate", help="A gate check, e.g. 'spearman max_drop 0.001' or 'cosine_min min 0.95'.")] = [],  # noqa: B006
+    recipe: Annotated[
+        Path | None,
+        typer.Option(
+            "-r", "--recipe", help="Take calibration, evals and the quantize stage (with its gate) from here."
+        ),
+    ] = None,
+    calibration: Annotated[
+        str | None,
+        typer.Option("--calibration", help="Calibration texts: .jsonl/.csv/.txt/.parquet or a `datasets` folder."),
+    ] = None,
+    precision: Annotated[
+        str | None,
+        typer.Option("--precision", help="auto (search a mixed plan against the gate) | int8 | int4 | fp16."),
+    ] = None,
+    plan: Annotated[
+        Path | None,
+        typer.Option("--plan", help="Reuse a plan (a manifest.json or {layer: precision} JSON); skips the search."),
+    ] = None,
+    suites: Annotated[
+        list[str], typer.Option("--suite", help="Eval suite the gate may use, e.g. evals/stsb-test.yaml.")
+    ] = [],  # noqa: B006
+    gate: Annotated[
+        list[str], typer.Option("--gate", help="A gate check, e.g. 'spearman max_drop 0.001' or 'cosine_min min 0.95'.")
+    ] = [],  # noqa: B006
     out: OutOpt = None,
     as_json: JsonOpt = False,
     cache_dir: CacheOpt = None,
@@ -183,9 +231,16 @@ def quantize_cmd(
     checks = [_parse_check(text) for text in gate]
     settings = {"precision": precision, "plan": str(plan.resolve()) if plan else None, "gate": checks or None}
     extra = {"calibration.data": calibration, "evals": suites or None}
-    _execute(lambda: single_stage("quantize", model, recipe, settings, extra), out, as_json, dry_run,
-             cache_dir=cache_dir, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
-             overwrite=overwrite)
+    _execute(
+        lambda: single_stage("quantize", model, recipe, settings, extra),
+        out,
+        as_json,
+        dry_run,
+        cache_dir=cache_dir,
+        allow_pickle=allow_pickle,
+        trust_remote_code=trust_remote_code,
+        overwrite=overwrite,
+    )
 
 
 def _parse_check(text: str) -> dict[str, Any]:
@@ -203,9 +258,14 @@ def compile_cmd(
     model: Annotated[str, typer.Argument(help="Checkpoint folder, `package:NAME`, hub id, .onnx file or artifact.")],
     recipe: Annotated[Path | None, typer.Option("-r", "--recipe", help="Take calibration and gates from here.")] = None,
     target: Annotated[str | None, typer.Option("--target", help="cpu (measured variants) | cuda | tensorrt.")] = None,
-    variants: Annotated[list[str], typer.Option(
-        "--variant", help="cpu: graph variant to measure (repeatable): as-is | basic | extended | fused. "
-                          "Default: all; pin one for byte-identical releases.")] = [],  # noqa: B006
+    variants: Annotated[
+        list[str],
+        typer.Option(
+            "--variant",
+            help="cpu: graph variant to measure (repeatable): as-is | basic | extended | fused. "
+            "Default: all; pin one for byte-identical releases.",
+        ),
+    ] = [],  # noqa: B006
     out: OutOpt = None,
     as_json: JsonOpt = False,
     cache_dir: CacheOpt = None,
@@ -216,9 +276,16 @@ def compile_cmd(
 ) -> None:
     """Export MODEL to ONNX and optimize the graph for a target, gated like any stage."""
     settings = {"target": target, "variants": variants or None}
-    _execute(lambda: single_stage("compile", model, recipe, settings), out, as_json, dry_run,
-             cache_dir=cache_dir, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
-             overwrite=overwrite)
+    _execute(
+        lambda: single_stage("compile", model, recipe, settings),
+        out,
+        as_json,
+        dry_run,
+        cache_dir=cache_dir,
+        allow_pickle=allow_pickle,
+        trust_remote_code=trust_remote_code,
+        overwrite=overwrite,
+    )
 
 
 def _measure_command(as_json: bool, work: Callable[[], dict[str, Any]]) -> None:
@@ -249,8 +316,9 @@ def _metrics_table(title: str, columns: dict[str, dict[str, Any]]) -> None:
 @app.command("eval")
 def eval_cmd(
     model: Annotated[str, typer.Argument(help="Checkpoint folder, .onnx file or artifact folder.")],
-    suites: Annotated[list[Path], typer.Option(
-        "--suite", help="Eval suite YAML (repeatable), e.g. evals/stsb-test.yaml.")],
+    suites: Annotated[
+        list[Path], typer.Option("--suite", help="Eval suite YAML (repeatable), e.g. evals/stsb-test.yaml.")
+    ],
     reference: Annotated[str | None, typer.Option("--reference", help="Also measure this model and compare.")] = None,
     as_json: JsonOpt = False,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per text; longer texts are truncated.")] = 128,
@@ -289,8 +357,9 @@ def eval_cmd(
 def bench_cmd(
     model: Annotated[str, typer.Argument(help="Checkpoint folder, .onnx file or artifact folder.")],
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Texts per call.")] = 1,
-    seq_len: Annotated[int, typer.Option(
-        "--seq-len", min=1, help="Every text padded or cut to this many tokens.")] = 128,
+    seq_len: Annotated[
+        int, typer.Option("--seq-len", min=1, help="Every text padded or cut to this many tokens.")
+    ] = 128,
     runs: Annotated[int, typer.Option("--runs", min=1, help="Timed calls after the warm-up.")] = 50,
     warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed calls first.")] = 10,
     as_json: JsonOpt = False,
@@ -305,9 +374,8 @@ def bench_cmd(
         from optimize.model import open_any
 
         result = bench(open_any(model, allow_pickle, trust_remote_code), batch_size, seq_len, warmup, runs)
-        conditions: dict[str, Any] = result["conditions"]  # type: ignore[assignment]
-        _metrics_table(f"bench: batch {batch_size}, seq_len {seq_len}, {conditions['threads']} threads",
-                       {"value": result["metrics"]})  # type: ignore[dict-item]
+        threads = result["conditions"]["threads"]
+        _metrics_table(f"bench: batch {batch_size}, seq_len {seq_len}, {threads} threads", {"value": result["metrics"]})
         return {"model": model, **result}
 
     _measure_command(as_json, work)

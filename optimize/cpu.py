@@ -31,8 +31,11 @@ class CpuInfo:
         return any(flag in self.flags for flag in INT8_DOT_FLAGS)
 
     def summary(self) -> dict[str, object]:
-        return {"model": self.model, "machine": platform.machine(),
-                "flags": sorted(f for f in REPORTED_FLAGS if f in self.flags)}
+        return {
+            "model": self.model,
+            "machine": platform.machine(),
+            "flags": sorted(f for f in REPORTED_FLAGS if f in self.flags),
+        }
 
 
 @lru_cache(maxsize=1)

@@ -85,8 +85,7 @@ def column(rows: list[dict[str, Any]], name: str | None, path: Path) -> list[str
     if not rows:
         raise UsageError(f"{path}: no rows")
     if name is None:
-        name = "text" if "text" in rows[0] else next(
-            (k for k, v in rows[0].items() if isinstance(v, str)), None)
+        name = "text" if "text" in rows[0] else next((k for k, v in rows[0].items() if isinstance(v, str)), None)
         if name is None:
             raise UsageError(f"{path}: no text column; name one (columns: {', '.join(map(str, rows[0]))})")
     if name not in rows[0]:
@@ -98,15 +97,18 @@ def column(rows: list[dict[str, Any]], name: str | None, path: Path) -> list[str
     return texts
 
 
-def split_calibration(texts: list[str], samples: int, holdout: int, seed: int,
-                      path: Path) -> tuple[list[str], list[str]]:
+def split_calibration(
+    texts: list[str], samples: int, holdout: int, seed: int, path: Path
+) -> tuple[list[str], list[str]]:
     """Shuffle with the seed, then hold out `holdout` texts for fidelity and keep `samples` to calibrate."""
     if len(texts) < samples + holdout:
-        raise UsageError(f"{path}: {len(texts)} texts, but calibration asks for samples={samples} plus "
-                         f"holdout={holdout}; lower calibration.samples or give more data")
+        raise UsageError(
+            f"{path}: {len(texts)} texts, but calibration asks for samples={samples} plus "
+            f"holdout={holdout}; lower calibration.samples or give more data"
+        )
     order = list(texts)
     random.Random(seed).shuffle(order)
-    return order[holdout: holdout + samples], order[:holdout]
+    return order[holdout : holdout + samples], order[:holdout]
 
 
 def texts_sha256(texts: list[str]) -> str:

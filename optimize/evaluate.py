@@ -12,6 +12,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -35,8 +36,11 @@ class TorchModel:
         torch.set_num_threads(threads())
         self.model = load_torch(handle)
         self.tokenizer = runtime.Tokenizer(handle.checkpoint / "tokenizer.json", seq_len)
-        self.input_names = [n for n in ("input_ids", "attention_mask", "token_type_ids")
-                            if n in inspect.signature(self.model.forward).parameters]
+        self.input_names = [
+            n
+            for n in ("input_ids", "attention_mask", "token_type_ids")
+            if n in inspect.signature(self.model.forward).parameters
+        ]
         self.provider = "torch-cpu"
 
     def run(self, inputs: Inputs) -> np.ndarray:
@@ -52,8 +56,13 @@ class TorchModel:
 
 def open_model(handle: ModelHandle, seq_len: int) -> TorchModel | runtime.OnnxModel:
     if handle.onnx_path is not None:
-        return runtime.OnnxModel(handle.onnx_path, handle.checkpoint / "tokenizer.json", seq_len,
-                                 threads=threads(), available=["CPUExecutionProvider"])
+        return runtime.OnnxModel(
+            handle.onnx_path,
+            handle.checkpoint / "tokenizer.json",
+            seq_len,
+            threads=threads(),
+            available=["CPUExecutionProvider"],
+        )
     return TorchModel(handle, seq_len)
 
 
@@ -73,8 +82,9 @@ class SpeedSettings:
     runs: int = 30
 
 
-def latency(run: Callable[[Inputs], object], inputs: Inputs,
-            settings: SpeedSettings) -> tuple[dict[str, float], dict[str, float]]:
+def latency(
+    run: Callable[[Inputs], object], inputs: Inputs, settings: SpeedSettings
+) -> tuple[dict[str, float], dict[str, float]]:
     """Wall time of `run(inputs)` after a warm-up: the metrics (percentiles, throughput) and the spread."""
     for _ in range(settings.warmup):
         run(inputs)
@@ -90,9 +100,12 @@ def latency(run: Callable[[Inputs], object], inputs: Inputs,
         "latency_p99_ms": round(float(np.percentile(ms, 99)), 3),
         "throughput_per_s": round(settings.batch_size * 1000 / float(ms.mean()), 2),
     }
-    spread = {"min_ms": round(float(ms.min()), 3), "max_ms": round(float(ms.max()), 3),
-              "std_ms": round(float(ms.std()), 3),
-              "iqr_ms": round(float(np.percentile(ms, 75) - np.percentile(ms, 25)), 3)}
+    spread = {
+        "min_ms": round(float(ms.min()), 3),
+        "max_ms": round(float(ms.max()), 3),
+        "std_ms": round(float(ms.std()), 3),
+        "iqr_ms": round(float(np.percentile(ms, 75) - np.percentile(ms, 25)), 3),
+    }
     return metrics, spread
 
 
@@ -113,7 +126,7 @@ def outputs(model: TorchModel | runtime.OnnxModel, task: str, texts: Sequence[st
     rows: list[np.ndarray] = []
     count = 0
     for start in range(0, len(texts), 16):
-        inputs = model.tokenizer(texts[start: start + 16])
+        inputs = model.tokenizer(texts[start : start + 16])
         logits = model.run(inputs).astype(np.float32)
         if logits.ndim == 3:
             logits = logits[inputs["attention_mask"].astype(bool)]
@@ -124,8 +137,9 @@ def outputs(model: TorchModel | runtime.OnnxModel, task: str, texts: Sequence[st
     return np.concatenate(rows)[:MAX_LOGIT_ROWS]
 
 
-def latency_rounds(models: Sequence[TorchModel | runtime.OnnxModel], texts: Sequence[str],
-                   settings: SpeedSettings, rounds: int) -> list[list[float]]:
+def latency_rounds(
+    models: Sequence[TorchModel | runtime.OnnxModel], texts: Sequence[str], settings: SpeedSettings, rounds: int
+) -> list[list[float]]:
     """p50 latency of each model in each round, the models taking turns so that a slow spell of a
     shared machine hits them alike: how models are compared fairly within one run."""
     inputs = [speed_inputs(model.tokenizer, texts or ["hello world"], settings) for model in models]
@@ -136,8 +150,9 @@ def latency_rounds(models: Sequence[TorchModel | runtime.OnnxModel], texts: Sequ
     return times
 
 
-def time_in_turns(models: Sequence[ModelHandle], texts: Sequence[str], seq_len: int, rounds: int = 5,
-                  runs: int = 10) -> list[float]:
+def time_in_turns(
+    models: Sequence[ModelHandle], texts: Sequence[str], seq_len: int, rounds: int = 5, runs: int = 10
+) -> list[float]:
     """Median over `latency_rounds` at batch 1 of each model."""
     settings = SpeedSettings(batch_size=1, seq_len=seq_len, warmup=2, runs=runs)
     times = latency_rounds([open_model(m, seq_len) for m in models], texts, settings, rounds)
@@ -207,16 +222,21 @@ class Evaluator:
             metrics.update(run_suite(model, handle.task, suite))
         if self.speed is not None:
             speed_metrics, details["latency_spread"] = latency(
-                model.run, speed_inputs(model.tokenizer, self.texts or ["hello world"], self.speed), self.speed)
+                model.run, speed_inputs(model.tokenizer, self.texts or ["hello world"], self.speed), self.speed
+            )
             metrics.update(speed_metrics)
-            self.conditions = {"threads": threads(), "batch_size": self.speed.batch_size,
-                               "seq_len": self.speed.seq_len, "runs": self.speed.runs,
-                               "fidelity_texts": len(self.texts)}
+            self.conditions = {
+                "threads": threads(),
+                "batch_size": self.speed.batch_size,
+                "seq_len": self.speed.seq_len,
+                "runs": self.speed.runs,
+                "fidelity_texts": len(self.texts),
+            }
         metrics["size_mb"] = size_mb(handle)
         return metrics, details
 
 
-def bench(handle: ModelHandle, batch_size: int, seq_len: int, warmup: int, runs: int) -> dict[str, object]:
+def bench(handle: ModelHandle, batch_size: int, seq_len: int, warmup: int, runs: int) -> dict[str, Any]:
     """Speed and size of one model on real sentences; peak RSS is this process's high-water mark."""
     import resource
 
@@ -229,8 +249,14 @@ def bench(handle: ModelHandle, batch_size: int, seq_len: int, warmup: int, runs:
     metrics, spread = latency(model.run, speed_inputs(model.tokenizer, texts, settings), settings)
     metrics["size_mb"] = size_mb(handle)
     metrics["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-    conditions = {"threads": threads(), "batch_size": batch_size, "seq_len": seq_len, "runs": runs,
-                  "warmup": warmup, "provider": model.provider}
+    conditions = {
+        "threads": threads(),
+        "batch_size": batch_size,
+        "seq_len": seq_len,
+        "runs": runs,
+        "warmup": warmup,
+        "provider": model.provider,
+    }
     return {"metrics": metrics, "spread": spread, "conditions": conditions}
 
 

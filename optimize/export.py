@@ -33,8 +33,9 @@ def content_sha256(folder: Path) -> str:
     return digest.hexdigest()
 
 
-def export(model: ModelHandle, workdir: Path, texts: Sequence[str], seq_len: int,
-           cache_dir: Path | None = None) -> tuple[ModelHandle, dict[str, object]]:
+def export(
+    model: ModelHandle, workdir: Path, texts: Sequence[str], seq_len: int, cache_dir: Path | None = None
+) -> tuple[ModelHandle, dict[str, object]]:
     """Returns the ONNX handle and what was checked (opset, max_abs_diff vs torch)."""
     key = hashlib.sha256(f"{content_sha256(model.checkpoint)}:{model.task}:{OPSET}:{__version__}".encode())
     cached = cache_dir / "export" / key.hexdigest()[:24] / "model.onnx" if cache_dir else None
@@ -51,8 +52,10 @@ def export(model: ModelHandle, workdir: Path, texts: Sequence[str], seq_len: int
     exported = model.with_onnx(out)
     diff, scale = max_abs_diff(model, exported, texts, seq_len)
     if diff > TOLERANCE * max(scale, 1.0):
-        raise RuntimeError(f"the ONNX export differs from torch by {diff:.2e} (> {TOLERANCE} x {scale:.1f}); "
-                           "this is a bug in the exporter for this architecture")
+        raise RuntimeError(
+            f"the ONNX export differs from torch by {diff:.2e} (> {TOLERANCE} x {scale:.1f}); "
+            "this is a bug in the exporter for this architecture"
+        )
     return exported, {"opset": OPSET, "max_abs_diff": diff, "output_scale": scale, "cache_hit": hit}
 
 

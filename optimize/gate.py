@@ -92,13 +92,14 @@ def judge(check: GateCheck, value: float | None, reference: float | None) -> dic
             op, threshold = ">=", reference - check.max_drop
         else:
             op, threshold = "<=", reference + check.max_drop
-    passed = (
-        value is not None
-        and threshold is not None
-        and (value >= threshold if op == ">=" else value <= threshold)
-    )
-    row: dict[str, object] = {"metric": check.metric, "value": value, "op": op, "threshold": threshold,
-                              "passed": bool(passed)}
+    passed = value is not None and threshold is not None and (value >= threshold if op == ">=" else value <= threshold)
+    row: dict[str, object] = {
+        "metric": check.metric,
+        "value": value,
+        "op": op,
+        "threshold": threshold,
+        "passed": bool(passed),
+    }
     if check.needs_reference:
         row["reference"] = reference
     return row
@@ -107,8 +108,9 @@ def judge(check: GateCheck, value: float | None, reference: float | None) -> dic
 GateSource = Literal["recipe", "default", "ungated"]
 
 
-def judge_all(checks: list[GateCheck], metrics: dict[str, float], reference: dict[str, float],
-              source: GateSource = "recipe") -> dict[str, object]:
+def judge_all(
+    checks: list[GateCheck], metrics: dict[str, float], reference: dict[str, float], source: GateSource = "recipe"
+) -> dict[str, object]:
     """The gate result of DESIGN.md, plus where the checks came from: the recipe, the default gate,
     or none at all (`gate: []`, "ungated": it passes, and the reports say it was never checked)."""
     rows = [judge(c, metrics.get(c.metric), reference.get(c.metric)) for c in checks]

@@ -23,21 +23,24 @@ class Metric:
     description: str
 
 
-METRICS: dict[str, Metric] = {m.name: m for m in (
-    Metric("cosine_mean", True, "", "fidelity", "mean cosine of outputs vs the reference on held-out texts"),
-    Metric("cosine_min", True, "", "fidelity", "lowest cosine of outputs vs the reference on held-out texts"),
-    Metric("top1_agreement", True, "", "logits", "share of rows whose top class or next token agrees"),
-    Metric("kl_div", False, "nats", "logits", "mean KL(reference || candidate) of the output distributions"),
-    Metric("spearman", True, "", "sts", "Spearman of embedding cosine vs gold similarity (STS)"),
-    Metric("accuracy", True, "", "classification", "share of labels predicted right"),
-    Metric("perplexity", False, "", "perplexity", "exp(mean negative log-likelihood) of a causal LM"),
-    Metric("latency_p50_ms", False, "ms", "speed", "median wall time of one call"),
-    Metric("latency_p90_ms", False, "ms", "speed", "90th percentile wall time of one call"),
-    Metric("latency_p99_ms", False, "ms", "speed", "99th percentile wall time of one call"),
-    Metric("throughput_per_s", True, "items/s", "speed", "items per second at the measured batch size"),
-    Metric("size_mb", False, "MB", "size", "model files on disk"),
-    Metric("peak_rss_mb", False, "MB", "bench", "peak resident memory of the process"),
-)}
+METRICS: dict[str, Metric] = {
+    m.name: m
+    for m in (
+        Metric("cosine_mean", True, "", "fidelity", "mean cosine of outputs vs the reference on held-out texts"),
+        Metric("cosine_min", True, "", "fidelity", "lowest cosine of outputs vs the reference on held-out texts"),
+        Metric("top1_agreement", True, "", "logits", "share of rows whose top class or next token agrees"),
+        Metric("kl_div", False, "nats", "logits", "mean KL(reference || candidate) of the output distributions"),
+        Metric("spearman", True, "", "sts", "Spearman of embedding cosine vs gold similarity (STS)"),
+        Metric("accuracy", True, "", "classification", "share of labels predicted right"),
+        Metric("perplexity", False, "", "perplexity", "exp(mean negative log-likelihood) of a causal LM"),
+        Metric("latency_p50_ms", False, "ms", "speed", "median wall time of one call"),
+        Metric("latency_p90_ms", False, "ms", "speed", "90th percentile wall time of one call"),
+        Metric("latency_p99_ms", False, "ms", "speed", "99th percentile wall time of one call"),
+        Metric("throughput_per_s", True, "items/s", "speed", "items per second at the measured batch size"),
+        Metric("size_mb", False, "MB", "size", "model files on disk"),
+        Metric("peak_rss_mb", False, "MB", "bench", "peak resident memory of the process"),
+    )
+}
 
 
 def suite_metric(task: str) -> str:

@@ -30,9 +30,9 @@ _DECODER_TYPES = {"llama", "gpt2", "mistral", "qwen2", "phi", "phi3", "gemma", "
 
 @dataclass(frozen=True)
 class ModelHandle:
-    checkpoint: Path                 # folder with config.json and tokenizer files
+    checkpoint: Path  # folder with config.json and tokenizer files
     task: str
-    onnx_path: Path | None = None    # set once the model is exported
+    onnx_path: Path | None = None  # set once the model is exported
     allow_pickle: bool = False
     trust_remote_code: bool = False
 
@@ -56,8 +56,10 @@ def resolve(spec: str, base_dir: Path | None = None) -> Path:
         try:
             module = importlib.import_module(module_name)
         except ImportError:
-            raise UsageError(f"model {spec!r}: Python package {module_name!r} is not installed "
-                             f"(pip install {module_name.replace('_', '-')})") from None
+            raise UsageError(
+                f"model {spec!r}: Python package {module_name!r} is not installed "
+                f"(pip install {module_name.replace('_', '-')})"
+            ) from None
         return Path(module.get_model_path())
     candidates = [Path(spec).expanduser()]
     if base_dir is not None and not Path(spec).is_absolute():
@@ -67,8 +69,9 @@ def resolve(spec: str, base_dir: Path | None = None) -> Path:
             return from_gguf(candidate)
         if candidate.exists():
             if not (candidate / "config.json").is_file():
-                raise UsageError(f"model {spec!r}: {candidate} has no config.json; "
-                                 "give a folder written by save_pretrained")
+                raise UsageError(
+                    f"model {spec!r}: {candidate} has no config.json; give a folder written by save_pretrained"
+                )
             return candidate.resolve()
     if not _HUB_ID.fullmatch(spec):
         raise UsageError(f"model {spec!r}: no such folder")
@@ -77,8 +80,10 @@ def resolve(spec: str, base_dir: Path | None = None) -> Path:
 
         return Path(snapshot_download(spec))
     except Exception as exc:  # offline, unknown repo, gated repo: all mean the same to the user
-        raise UsageError(f"model {spec!r}: not a local folder and not reachable on the hub "
-                         f"({type(exc).__name__}); give a local checkpoint folder") from None
+        raise UsageError(
+            f"model {spec!r}: not a local folder and not reachable on the hub "
+            f"({type(exc).__name__}); give a local checkpoint folder"
+        ) from None
 
 
 def _packaged_gguf(module_name: str) -> Path | None:
@@ -121,8 +126,10 @@ def from_gguf(path: Path) -> Path:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)  # type: ignore[no-untyped-call]
         tokenizer.save_pretrained(staging)
-        (staging / "SOURCE").write_text(f"converted from {path.name} (sha256 {digest.hexdigest()}); "
-                                        "the weights are the GGUF's, dequantized to fp32\n")
+        (staging / "SOURCE").write_text(
+            f"converted from {path.name} (sha256 {digest.hexdigest()}); "
+            "the weights are the GGUF's, dequantized to fp32\n"
+        )
         staging.replace(folder)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -165,22 +172,26 @@ def check_weights(checkpoint: Path, allow_pickle: bool) -> None:
         return
     pickled = sorted(p.name for p in checkpoint.glob("*.bin")) + sorted(p.name for p in checkpoint.glob("*.pt"))
     if pickled and not allow_pickle:
-        raise UsageError(f"model {checkpoint}: weights are pickled ({pickled[0]}) and pickles can run code "
-                         "when loaded; convert to safetensors or pass --allow-pickle if you trust the source")
+        raise UsageError(
+            f"model {checkpoint}: weights are pickled ({pickled[0]}) and pickles can run code "
+            "when loaded; convert to safetensors or pass --allow-pickle if you trust the source"
+        )
     if not pickled:
         raise UsageError(f"model {checkpoint}: no weights found (*.safetensors)")
 
 
-def open_checkpoint(spec: str, base_dir: Path | None, task: str | None,
-                    allow_pickle: bool = False, trust_remote_code: bool = False) -> ModelHandle:
+def open_checkpoint(
+    spec: str, base_dir: Path | None, task: str | None, allow_pickle: bool = False, trust_remote_code: bool = False
+) -> ModelHandle:
     checkpoint = resolve(spec, base_dir)
     check_weights(checkpoint, allow_pickle)
     found = detect_task(checkpoint)
     return ModelHandle(checkpoint, task or found, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
 
 
-def open_any(spec: str, allow_pickle: bool = False, trust_remote_code: bool = False,
-             base_dir: Path | None = None) -> ModelHandle:
+def open_any(
+    spec: str, allow_pickle: bool = False, trust_remote_code: bool = False, base_dir: Path | None = None
+) -> ModelHandle:
     """A checkpoint, an .onnx file (tokenizer and config.json beside it) or an artifact folder."""
     path = Path(spec).expanduser()
     if base_dir is not None and not path.is_absolute() and (base_dir / path).exists():
@@ -200,9 +211,16 @@ def open_any(spec: str, allow_pickle: bool = False, trust_remote_code: bool = Fa
 def load_torch(model: ModelHandle) -> torch.nn.Module:
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    auto = {"feature-extraction": AutoModel, "text-classification": AutoModelForSequenceClassification,
-            "text-generation": AutoModelForCausalLM}[model.task]
-    loaded = auto.from_pretrained(model.checkpoint, use_safetensors=not model.allow_pickle,
-                                  trust_remote_code=model.trust_remote_code, attn_implementation="eager")
+    auto = {
+        "feature-extraction": AutoModel,
+        "text-classification": AutoModelForSequenceClassification,
+        "text-generation": AutoModelForCausalLM,
+    }[model.task]
+    loaded = auto.from_pretrained(
+        model.checkpoint,
+        use_safetensors=not model.allow_pickle,
+        trust_remote_code=model.trust_remote_code,
+        attn_implementation="eager",
+    )
     module: torch.nn.Module = loaded.eval()
     return module

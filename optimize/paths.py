@@ -13,8 +13,8 @@ from pathlib import Path
 
 from optimize.errors import UsageError
 
-SHIPPED = Path(__file__).parent / "_shipped"        # recipes/, calibration/, evals/ in a wheel
-SOURCE_TREE = Path(__file__).parent.parent           # the same folders in a source checkout
+SHIPPED = Path(__file__).parent / "_shipped"  # recipes/, calibration/, evals/ in a wheel
+SOURCE_TREE = Path(__file__).parent.parent  # the same folders in a source checkout
 
 
 def find(relative: str, folder: str, base_dir: Path | None = None) -> Path:
@@ -41,5 +41,7 @@ def find_dataset(name: str, suite_path: Path) -> Path:
     for root in roots:
         if (root / name).exists():
             return (root / name).resolve()
-    raise UsageError(f"{suite_path}: data: {name} not found beside the suite, under $OPTIMIZE_DATA_ROOT "
-                     "or in ../shared/data; set OPTIMIZE_DATA_ROOT to the folder that holds it")
+    raise UsageError(
+        f"{suite_path}: data: {name} not found beside the suite, under $OPTIMIZE_DATA_ROOT "
+        "or in ../shared/data; set OPTIMIZE_DATA_ROOT to the folder that holds it"
+    )

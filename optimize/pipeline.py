@@ -58,10 +58,10 @@ class RunResult:
 class Prepared:
     """Everything checked and loaded before the first measurement."""
 
-    loaded: LoadedRecipe            # with the gate in force written into every stage
-    spec: str                       # the model as the user named it
+    loaded: LoadedRecipe  # with the gate in force written into every stage
+    spec: str  # the model as the user named it
     model: ModelHandle
-    sources: list[GateSource]       # per stage: recipe, default or ungated
+    sources: list[GateSource]  # per stage: recipe, default or ungated
     calibration: list[str]
     holdout: list[str]
     evaluator: Evaluator
@@ -82,32 +82,40 @@ def prepare(loaded: LoadedRecipe, options: RunOptions, console: Console) -> Prep
     spec = options.model or recipe.model
     if spec is None:
         raise UsageError(f"{loaded.source}: model: no model given; set `model:` in the recipe or pass --model")
-    model = open_any(spec, options.allow_pickle, options.trust_remote_code,
-                     loaded.base_dir if not options.model else None)
+    model = open_any(
+        spec, options.allow_pickle, options.trust_remote_code, loaded.base_dir if not options.model else None
+    )
     if recipe.task is not None and recipe.task != model.task:
         model = dataclasses.replace(model, task=recipe.task)
     if not (model.checkpoint / "tokenizer.json").is_file():
         raise UsageError(f"model {spec!r}: no tokenizer.json; save the checkpoint with a fast tokenizer")
     cal = recipe.calibration
     cal_path = loaded.find(cal.data, "calibration")
-    calibration, holdout = split_calibration(column(read_rows(cal_path), None, cal_path),
-                                             cal.samples, cal.holdout, recipe.seed, cal_path)
+    calibration, holdout = split_calibration(
+        column(read_rows(cal_path), None, cal_path), cal.samples, cal.holdout, recipe.seed, cal_path
+    )
     suites = [load_suite(loaded.find(name, "evals")) for name in recipe.evals]
     # Validation allowed logit metrics while the task was unknown; now the model says.
     measured = metrics.measured(model.task, [s.suite.task for s in suites])
     for index, stage in enumerate(recipe.stages):
         for check in stage.gate or []:
             if check.metric not in measured:
-                raise UsageError(f"{loaded.source}: stages.{index}.gate: {check.metric} is not measured for a "
-                                 f"{model.task} model (measured: {', '.join(sorted(measured))})")
+                raise UsageError(
+                    f"{loaded.source}: stages.{index}.gate: {check.metric} is not measured for a "
+                    f"{model.task} model (measured: {', '.join(sorted(measured))})"
+                )
     sources = [gate_source(stage.gate) for stage in recipe.stages]
     for index, stage in enumerate(recipe.stages):
         if sources[index] == "ungated":
-            console.print(f"[yellow]warning:[/] stage {index} ({stage.name or stage.kind}) is ungated (`gate: []`): "
-                          "its output will not be checked against the input model", highlight=False)
+            console.print(
+                f"[yellow]warning:[/] stage {index} ({stage.name or stage.kind}) is ungated (`gate: []`): "
+                "its output will not be checked against the input model",
+                highlight=False,
+            )
     evaluator = Evaluator(holdout, SpeedSettings(seq_len=cal.seq_len), suites)
-    return Prepared(loaded.with_default_gates(default_gate(model.task)), spec, model, sources, calibration,
-                    holdout, evaluator)
+    return Prepared(
+        loaded.with_default_gates(default_gate(model.task)), spec, model, sources, calibration, holdout, evaluator
+    )
 
 
 class _Run:
@@ -128,8 +136,9 @@ class _Run:
         return path
 
     def summary(self, status: str, failure: str | None = None) -> RunSummary:
-        return RunSummary(self.prepared.loaded.recipe.name, status, self.reference, self.stages,
-                          self.evaluator.conditions, failure)
+        return RunSummary(
+            self.prepared.loaded.recipe.name, status, self.reference, self.stages, self.evaluator.conditions, failure
+        )
 
     def fail(self, message: str) -> GateFailed:
         """A failed gate emits no artifact, but leaves its report beside where OUT would have been."""
@@ -147,8 +156,9 @@ class _Run:
     def export(self, model: ModelHandle) -> ModelHandle:
         cal = self.prepared.loaded.recipe.calibration
         with self.console.status("exporting to ONNX"), contextlib.redirect_stdout(sys.stderr):
-            exported, info = export(model, self.workdir("export"), self.prepared.holdout, cal.seq_len,
-                                    self.options.cache_dir)
+            exported, info = export(
+                model, self.workdir("export"), self.prepared.holdout, cal.seq_len, self.options.cache_dir
+            )
             measured, details = self.evaluator.measure(exported)
         gate = judge_all(default_gate(model.task), measured, self.reference, "default")
         record = self.record(StageRecord("export", "export", info, measured, gate, details))
@@ -168,8 +178,15 @@ class _Run:
             return measured, judge_all(checks, measured, reference, source)
 
         recipe = self.prepared.loaded.recipe
-        ctx = StageContext(self.workdir(stage.kind), tuple(self.prepared.calibration), recipe.calibration.seq_len,
-                           recipe.seed, judge, self.evaluator.probe, self.console)
+        ctx = StageContext(
+            self.workdir(stage.kind),
+            tuple(self.prepared.calibration),
+            recipe.calibration.seq_len,
+            recipe.seed,
+            judge,
+            self.evaluator.probe,
+            self.console,
+        )
         try:
             # stdout is kept for --json: what a library prints during a stage goes to stderr.
             with self.console.status(f"stage {index} ({name}): running"), contextlib.redirect_stdout(sys.stderr):
@@ -180,9 +197,16 @@ class _Run:
         self.runtime.update(result.runtime)
         with self.console.status(f"stage {index} ({name}): measuring"):
             measured, speed = self.evaluator.measure(result.model)
-        record = self.record(StageRecord(name, stage.kind, stage.model_dump(mode="json", exclude={"gate", "name"}),
-                                         measured, judge_all(checks, measured, reference, source),
-                                         {**result.decisions, "speed": speed}))
+        record = self.record(
+            StageRecord(
+                name,
+                stage.kind,
+                stage.model_dump(mode="json", exclude={"gate", "name"}),
+                measured,
+                judge_all(checks, measured, reference, source),
+                {**result.decisions, "speed": speed},
+            )
+        )
         if not record.passed:
             advice = f"; {result.advice}" if result.advice else ""
             raise self.fail(f"stage {index} ({name}): gate failed: {record.failed_checks()}{advice}")
@@ -192,18 +216,37 @@ class _Run:
         prepared, loaded = self.prepared, self.prepared.loaded
         recipe, cal = loaded.recipe, loaded.recipe.calibration
         return {
-            "schema_version": artifact.SCHEMA_VERSION, "name": recipe.name, "task": model.task,
-            "provenance": {"source": prepared.spec, "source_sha256": content_sha256(model.checkpoint),
-                           "recipe": loaded.text, "recipe_sha256": loaded.sha256, "seed": recipe.seed,
-                           "calibration": {"data": str(cal.data), "sha256": texts_sha256(prepared.calibration),
-                                           "samples": len(prepared.calibration), "holdout": len(prepared.holdout)},
-                           "versions": artifact.versions()},
-            "reference": {"metrics": self.reference, "details": self.reference_details,
-                          "conditions": self.evaluator.conditions},
+            "schema_version": artifact.SCHEMA_VERSION,
+            "name": recipe.name,
+            "task": model.task,
+            "provenance": {
+                "source": prepared.spec,
+                "source_sha256": content_sha256(model.checkpoint),
+                "recipe": loaded.text,
+                "recipe_sha256": loaded.sha256,
+                "seed": recipe.seed,
+                "calibration": {
+                    "data": str(cal.data),
+                    "sha256": texts_sha256(prepared.calibration),
+                    "samples": len(prepared.calibration),
+                    "holdout": len(prepared.holdout),
+                },
+                "versions": artifact.versions(),
+            },
+            "reference": {
+                "metrics": self.reference,
+                "details": self.reference_details,
+                "conditions": self.evaluator.conditions,
+            },
             "stages": [s.to_json() for s in self.stages],
             "precision_plan": self.plan,
-            "runtime": {"target": recipe.target, "seq_len": cal.seq_len, "task": model.task,
-                        "int8": "int8" in self.plan.values(), **self.runtime},
+            "runtime": {
+                "target": recipe.target,
+                "seq_len": cal.seq_len,
+                "task": model.task,
+                "int8": "int8" in self.plan.values(),
+                **self.runtime,
+            },
         }
 
 
@@ -227,8 +270,16 @@ def run(loaded: LoadedRecipe, options: RunOptions, console: Console) -> RunResul
         assert model.onnx_path is not None
         staging = artifact.staging_dir(options.out)
         summary = state.summary("passed")
-        artifact.write(options.out, staging, model.onnx_path, model.checkpoint, state.manifest(model),
-                       report.markdown(summary), summary.to_json(), options.overwrite)
+        artifact.write(
+            options.out,
+            staging,
+            model.onnx_path,
+            model.checkpoint,
+            state.manifest(model),
+            report.markdown(summary),
+            summary.to_json(),
+            options.overwrite,
+        )
         staging = None
         return RunResult("passed", options.out, state.stages)
     finally:

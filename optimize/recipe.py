@@ -52,7 +52,7 @@ class Recipe(BaseModel):
         return next((getattr(s, "target", "cpu") for s in self.stages if s.kind == "compile"), "cpu")
 
 
-Problem = tuple[tuple[str | int, ...], str]   # (key path in the recipe, message)
+Problem = tuple[tuple[str | int, ...], str]  # (key path in the recipe, message)
 
 
 def problems(recipe: Recipe, base_dir: Path) -> list[Problem]:
@@ -63,8 +63,12 @@ def problems(recipe: Recipe, base_dir: Path) -> list[Problem]:
     for i in range(1, len(stages)):
         before, stage = stages[i - 1], stages[i]
         if stage.order < before.order or (type(stage) is type(before) and not stage.repeatable):
-            found.append((("stages", i, "kind"), f"{stage.kind} cannot follow {before.kind}; stages run in the order "
-                                                 "distill, quantize, compile"))
+            found.append(
+                (
+                    ("stages", i, "kind"),
+                    f"{stage.kind} cannot follow {before.kind}; stages run in the order distill, quantize, compile",
+                )
+            )
     for i, stage in enumerate(stages):
         found += [(("stages", i, *loc), message) for loc, message in stage.problems(recipe.target)]
     suite_tasks = []
@@ -78,18 +82,26 @@ def problems(recipe: Recipe, base_dir: Path) -> list[Problem]:
         for j, check in enumerate(stage.gate or []):
             if check.metric not in measured:
                 source = metrics.METRICS[check.metric].source
-                fix = (f"add an eval suite of task {source} under `evals:`" if source in ("sts", "classification",
-                       "perplexity") else "it is not measured for this task")
-                found.append((("stages", i, "gate", j, "metric"), f"{check.metric} is not measured by this recipe "
-                              f"(measured: {', '.join(sorted(measured))}); {fix}"))
+                fix = (
+                    f"add an eval suite of task {source} under `evals:`"
+                    if source in ("sts", "classification", "perplexity")
+                    else "it is not measured for this task"
+                )
+                found.append(
+                    (
+                        ("stages", i, "gate", j, "metric"),
+                        f"{check.metric} is not measured by this recipe "
+                        f"(measured: {', '.join(sorted(measured))}); {fix}",
+                    )
+                )
     return found
 
 
 @dataclass(frozen=True)
 class LoadedRecipe:
     recipe: Recipe
-    base_dir: Path           # relative paths in the recipe resolve against this folder first
-    source: str              # the recipe file, or a description of the command that built it
+    base_dir: Path  # relative paths in the recipe resolve against this folder first
+    source: str  # the recipe file, or a description of the command that built it
 
     @property
     def text(self) -> str:
@@ -211,15 +223,26 @@ def _dotted(loc: tuple[Any, ...], data: Any) -> str:
             node = node[part]
         elif isinstance(node, list) and isinstance(part, int) and part < len(node):
             node = node[part]
-        elif isinstance(node, dict) and not isinstance(part, int) and parts and part not in node and \
-                isinstance(loc[-1], str) and part != loc[-1]:
+        elif (
+            isinstance(node, dict)
+            and not isinstance(part, int)
+            and parts
+            and part not in node
+            and isinstance(loc[-1], str)
+            and part != loc[-1]
+        ):
             continue
         parts.append(str(part))
     return ".".join(parts)
 
 
-def validate(data: dict[str, Any], source: str, trees: list[tuple[Path, Any]] | None = None,
-             base_dir: Path | None = None, overrides: Sequence[str] = ()) -> LoadedRecipe:
+def validate(
+    data: dict[str, Any],
+    source: str,
+    trees: list[tuple[Path, Any]] | None = None,
+    base_dir: Path | None = None,
+    overrides: Sequence[str] = (),
+) -> LoadedRecipe:
     """The schema, then `problems`; every error becomes one line `file:line: key: message` (or
     `--set KEY=VALUE: key: message` when an override put the value there)."""
     base_dir = base_dir or Path.cwd()
@@ -256,4 +279,3 @@ def load(path: Path, overrides: Sequence[str] = ()) -> LoadedRecipe:
     for assignment in overrides:
         apply_override(data, assignment)
     return validate(data, str(path), trees, path.resolve().parent, overrides)
-

@@ -13,18 +13,21 @@ from typing import Any
 class StageRecord:
     name: str
     kind: str
-    config: dict[str, Any]                 # the stage's recipe fields (the gate is in `gate`)
+    config: dict[str, Any]  # the stage's recipe fields (the gate is in `gate`)
     metrics: dict[str, float]
-    gate: dict[str, Any]                   # DESIGN.md's gate object: passed, source, checks
-    details: dict[str, Any] = field(default_factory=dict)   # what the stage decided; speed spread
+    gate: dict[str, Any]  # DESIGN.md's gate object: passed, source, checks
+    details: dict[str, Any] = field(default_factory=dict)  # what the stage decided; speed spread
 
     @property
     def passed(self) -> bool:
         return bool(self.gate["passed"])
 
     def failed_checks(self) -> str:
-        return "; ".join(f"{c['metric']} = {c['value']} is not {c['op']} {c['threshold']}"
-                         for c in self.gate["checks"] if not c["passed"])
+        return "; ".join(
+            f"{c['metric']} = {c['value']} is not {c['op']} {c['threshold']}"
+            for c in self.gate["checks"]
+            if not c["passed"]
+        )
 
     def public(self) -> dict[str, Any]:
         """The stage as `--json` shows it (DESIGN.md)."""
@@ -38,13 +41,18 @@ class StageRecord:
 @dataclass
 class RunSummary:
     name: str
-    status: str                            # passed | gate failed
+    status: str  # passed | gate failed
     reference: dict[str, float]
     stages: list[StageRecord]
-    conditions: dict[str, Any]             # threads, batch size, sequence length, runs
+    conditions: dict[str, Any]  # threads, batch size, sequence length, runs
     failure: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "status": self.status, "reference": self.reference,
-                "stages": [s.to_json() for s in self.stages], "conditions": self.conditions,
-                "failure": self.failure}
+        return {
+            "name": self.name,
+            "status": self.status,
+            "reference": self.reference,
+            "stages": [s.to_json() for s in self.stages],
+            "conditions": self.conditions,
+            "failure": self.failure,
+        }

@@ -40,12 +40,17 @@ def markdown(run: RunSummary) -> str:
     (marked when it is the default gate), the ungated stages, and why the run failed if it did."""
     reference, conditions = run.reference, run.conditions
     names = list(reference)
-    lines = [f"# {run.name}: {run.status}", "",
-             "Measured in one run against the input model (reference); speed at "
-             f"batch {conditions.get('batch_size')}, sequence length {conditions.get('seq_len')}, "
-             f"{conditions.get('threads')} threads, {conditions.get('runs')} runs.", "",
-             "| stage | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|",
-             "| reference | " + " | ".join(_fmt(reference[n]) for n in names) + " |"]
+    lines = [
+        f"# {run.name}: {run.status}",
+        "",
+        "Measured in one run against the input model (reference); speed at "
+        f"batch {conditions.get('batch_size')}, sequence length {conditions.get('seq_len')}, "
+        f"{conditions.get('threads')} threads, {conditions.get('runs')} runs.",
+        "",
+        "| stage | " + " | ".join(names) + " |",
+        "|---" * (len(names) + 1) + "|",
+        "| reference | " + " | ".join(_fmt(reference[n]) for n in names) + " |",
+    ]
     for stage in run.stages:
         lines.append(f"| {stage.name} | " + " | ".join(_fmt(stage.metrics.get(n)) for n in names) + " |")
     lines += ["", "## Gates", ""]
@@ -53,12 +58,16 @@ def markdown(run: RunSummary) -> str:
         source = stage.gate.get("source", "recipe")
         for check in stage.gate["checks"]:
             verdict = "pass" if check["passed"] else "FAIL"
-            lines.append(f"- {stage.name}: `{check['metric']}` = {_fmt(check['value'])} "
-                         f"{check['op']} {_fmt(check['threshold'])}: **{verdict}**"
-                         + (" (default gate)" if source == "default" else ""))
+            lines.append(
+                f"- {stage.name}: `{check['metric']}` = {_fmt(check['value'])} "
+                f"{check['op']} {_fmt(check['threshold'])}: **{verdict}**"
+                + (" (default gate)" if source == "default" else "")
+            )
         if source == "ungated":
-            lines.append(f"- {stage.name}: **ungated** (`gate: []` in the recipe): its output was not checked "
-                         "against the input model")
+            lines.append(
+                f"- {stage.name}: **ungated** (`gate: []` in the recipe): its output was not checked "
+                "against the input model"
+            )
     if run.failure:
         lines += ["", "## Why it failed", "", run.failure]
     return "\n".join(lines) + "\n"

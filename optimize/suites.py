@@ -41,11 +41,11 @@ class Suite(BaseModel):
     data: str
     format: Literal["auto", "tsv-noheader", "label-text"] = "auto"
     columns: dict[Column, str] = {"text": "text"}
-    train_data: str | None = None          # classification probe for embedding models
+    train_data: str | None = None  # classification probe for embedding models
     train_limit: int | None = Field(2000, gt=0)
     limit: int | None = Field(None, gt=0)
     seed: int = 0
-    window: int = Field(512, gt=1)          # perplexity
+    window: int = Field(512, gt=1)  # perplexity
     stride: int = Field(256, gt=0)
     max_tokens: int | None = Field(None, gt=1)
 
@@ -110,14 +110,17 @@ def load_suite(path: Path) -> LoadedSuite:
         train = random.Random(suite.seed).sample(train, suite.train_limit)
     if not rows:
         raise UsageError(f"{path}: data {suite.data} has no rows")
-    needed = {"sts": ("text", "text_pair", "label"), "classification": ("text", "label"),
-              "perplexity": ("text",)}[suite.task]
+    needed = {"sts": ("text", "text_pair", "label"), "classification": ("text", "label"), "perplexity": ("text",)}[
+        suite.task
+    ]
     for key in needed:
         if key not in suite.columns:
             raise UsageError(f"{path}: columns: task {suite.task} needs a `{key}` column")
         if suite.columns[key] not in rows[0]:
-            raise UsageError(f"{path}: columns.{key}: no column {suite.columns[key]!r} in {suite.data} "
-                             f"(columns: {', '.join(map(str, rows[0]))})")
+            raise UsageError(
+                f"{path}: columns.{key}: no column {suite.columns[key]!r} in {suite.data} "
+                f"(columns: {', '.join(map(str, rows[0]))})"
+            )
     if suite.task == "perplexity":
         pass  # the text keeps its order: a sample would cut documents apart
     elif suite.limit is not None and len(rows) > suite.limit:
@@ -142,8 +145,9 @@ def spearman(model: Any, suite: LoadedSuite) -> float:
 def accuracy(model: Any, task: str, suite: LoadedSuite) -> float:
     labels = suite.labels().astype(int)
     if task == "text-classification":
-        predicted = np.concatenate([model.run(model.tokenizer(batch)).argmax(-1)
-                                    for batch in _batches(suite.texts(), 32)])
+        predicted = np.concatenate(
+            [model.run(model.tokenizer(batch)).argmax(-1) for batch in _batches(suite.texts(), 32)]
+        )
         return float((predicted == labels).mean())
     if not suite.train_rows:
         raise UsageError(f"{suite.path}: an embedding model needs `train_data` to fit a classification probe")
@@ -168,8 +172,8 @@ def perplexity(model: Any, suite: LoadedSuite) -> float:
         chunk = np.array([ids[begin:end]], dtype=np.int64)
         logits = model.run({"input_ids": chunk, "attention_mask": np.ones_like(chunk)})[0].astype(np.float64)
         new = end - max(previous_end, begin + 1)  # tokens not scored before (the first has no context)
-        targets = chunk[0, end - begin - new:]
-        scores = logits[end - begin - new - 1: end - begin - 1]
+        targets = chunk[0, end - begin - new :]
+        scores = logits[end - begin - new - 1 : end - begin - 1]
         log_probs = scores - np.logaddexp.reduce(scores, axis=-1, keepdims=True)
         nll -= float(log_probs[np.arange(len(targets)), targets].sum())
         counted += len(targets)
@@ -180,7 +184,7 @@ def perplexity(model: Any, suite: LoadedSuite) -> float:
 
 
 def _batches(items: list[str], size: int) -> list[list[str]]:
-    return [items[i: i + size] for i in range(0, len(items), size)]
+    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 def run_suite(model: Any, task: str, suite: LoadedSuite) -> dict[str, float]:

@@ -27,8 +27,14 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("tiny-bert")
-    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=512)
+    config = BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=512,
+    )
     BertModel(config).save_pretrained(folder, safe_serialization=True)
     for name in TOKENIZER_FILES:
         shutil.copyfile(minilm_path() / name, folder / name)
@@ -36,8 +42,13 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def write_recipe(folder: Path, stages: list[dict], name: str = "test", **extra: object) -> Path:
-    data = {"version": 1, "name": name, "calibration": {"samples": 32, "holdout": 16, "seq_len": 32},
-            "stages": stages, **extra}
+    data = {
+        "version": 1,
+        "name": name,
+        "calibration": {"samples": 32, "holdout": 16, "seq_len": 32},
+        "stages": stages,
+        **extra,
+    }
     path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
@@ -58,9 +69,15 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tokenizer.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>"]))
     tokenizer.save(str(folder / "tokenizer.json"))
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=tokenizer.get_vocab_size(), hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-                         max_position_embeddings=256)
+    config = LlamaConfig(
+        vocab_size=tokenizer.get_vocab_size(),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
     LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
     return folder
 
@@ -76,17 +93,29 @@ def int8_breaks(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("int8-breaks")
-    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=512, initializer_range=0.3)
+    config = BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=512,
+        initializer_range=0.3,
+    )
     model = BertModel(config)
     with torch.no_grad():
-        norms = [model.embeddings.LayerNorm] + [m for layer in model.encoder.layer
-                                                for m in (layer.attention.output.LayerNorm, layer.output.LayerNorm)]
+        norms = [model.embeddings.LayerNorm] + [
+            m for layer in model.encoder.layer for m in (layer.attention.output.LayerNorm, layer.output.LayerNorm)
+        ]
         for norm in norms:
             norm.weight[0], norm.bias[0] = 0.0, 0.0
         for layer in model.encoder.layer:
-            for linear in (layer.attention.self.query, layer.attention.self.key, layer.attention.self.value,
-                           layer.intermediate.dense):
+            for linear in (
+                layer.attention.self.query,
+                layer.attention.self.key,
+                layer.attention.self.value,
+                layer.intermediate.dense,
+            ):
                 linear.weight[:, 0] = 100.0
     model.save_pretrained(folder, safe_serialization=True)
     for name in TOKENIZER_FILES:

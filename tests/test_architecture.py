@@ -49,7 +49,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         stack.append(node)
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == "open":
-                return stack[stack.index(nxt):] + [nxt]
+                return stack[stack.index(nxt) :] + [nxt]
             if nxt not in state and (cycle := visit(nxt)):
                 return cycle
         state[node] = "done"
@@ -91,7 +91,8 @@ class ToyStage(StageBase):
 def test_a_toy_stage_registered_in_the_union_runs_through_the_pipeline(tiny_bert, tmp_path, monkeypatch):
     class ToyRecipe(recipes.Recipe):  # the one registry line, `Stage = ... | ToyStage`, made in a test
         stages: list[Annotated[QuantizeStage | CompileStage | ToyStage, Field(discriminator="kind")]] = Field(
-            min_length=1)
+            min_length=1
+        )
 
     monkeypatch.setattr(recipes, "Recipe", ToyRecipe)
     recipe = write_recipe(tmp_path, [{"kind": "toy", "note": "from the recipe"}], model=str(tiny_bert))

@@ -38,8 +38,13 @@ def test_a_compile_recipe_passes_and_every_manifest_file_has_its_sha256(tiny_ber
     compile_stage = report["stages"][1]
     assert compile_stage["gate"]["passed"] is True
     value = compile_stage["metrics"]["cosine_min"]
-    assert compile_stage["gate"]["checks"][0] == {"metric": "cosine_min", "value": value,
-                                                  "op": ">=", "threshold": 0.999, "passed": True}
+    assert compile_stage["gate"]["checks"][0] == {
+        "metric": "cosine_min",
+        "value": value,
+        "op": ">=",
+        "threshold": 0.999,
+        "passed": True,
+    }
     manifest = json.loads((out / "manifest.json").read_text())
     assert {"model.onnx", "tokenizer.json", "config.json", "report.md", "runtime/__init__.py"} <= set(manifest["files"])
     for name, entry in manifest["files"].items():
@@ -65,12 +70,15 @@ def test_a_gate_that_cannot_hold_exits_3_with_no_artifact(tiny_bert, tmp_path):
     assert leftovers(tmp_path) == []
 
 
-@pytest.mark.parametrize("problem, expected", [
-    ("missing_model", "no such folder"),
-    ("empty_calibration", "no rows"),
-    ("short_calibration", "lower calibration.samples"),
-    ("pickled_weights", "--allow-pickle"),
-])
+@pytest.mark.parametrize(
+    "problem, expected",
+    [
+        ("missing_model", "no such folder"),
+        ("empty_calibration", "no rows"),
+        ("short_calibration", "lower calibration.samples"),
+        ("pickled_weights", "--allow-pickle"),
+    ],
+)
 def test_bad_input_exits_2_with_one_message_and_no_artifact(tiny_bert, tmp_path, problem, expected):
     model, calibration = str(tiny_bert), {"samples": 32, "holdout": 16, "seq_len": 32}
     if problem == "missing_model":
@@ -132,8 +140,10 @@ def test_an_existing_out_is_kept_unless_overwrite_is_given(tiny_bert, tmp_path):
 
 
 def test_the_cli_module_does_not_import_torch():
-    code = ("import sys, optimize.cli; "
-            "sys.exit(int(any(m in sys.modules for m in ('torch', 'onnxruntime', 'transformers'))))")
+    code = (
+        "import sys, optimize.cli; "
+        "sys.exit(int(any(m in sys.modules for m in ('torch', 'onnxruntime', 'transformers'))))"
+    )
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
@@ -150,8 +160,11 @@ def test_ctrl_c_during_a_run_leaves_no_out_and_no_temporary_folder(tiny_bert, tm
     # still take seconds. No sleep, so a busy machine only makes the run slower, not the test flaky.
     recipe = write_recipe(tmp_path, COMPILE, model=str(tiny_bert), evals=[str(ROOT / "evals" / "stsb-test.yaml")])
     cache = tmp_path / "cache"
-    proc = subprocess.Popen([sys.executable, "-m", "optimize", "run", str(recipe), "-o", str(tmp_path / "out"),
-                             "--cache-dir", str(cache)], stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "optimize", "run", str(recipe), "-o", str(tmp_path / "out"), "--cache-dir", str(cache)],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stderr is not None
     seen = []
     for line in proc.stderr:

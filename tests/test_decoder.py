@@ -22,17 +22,28 @@ from tests.conftest import SHARED_DATA, write_recipe
 def _wikitext_suite(folder: Path, window: int, stride: int, max_tokens: int) -> Path:
     path = folder / "wikitext.yaml"
     data = str(SHARED_DATA / "wikitext2/wiki.test.raw")
-    path.write_text(json.dumps({"name": "wiki", "task": "perplexity", "data": data,
-                                "columns": {"text": "text"}, "window": window, "stride": stride,
-                                "max_tokens": max_tokens}))
+    path.write_text(
+        json.dumps(
+            {
+                "name": "wiki",
+                "task": "perplexity",
+                "data": data,
+                "columns": {"text": "text"},
+                "window": window,
+                "stride": stride,
+                "max_tokens": max_tokens,
+            }
+        )
+    )
     return path
 
 
 @pytest.fixture(scope="module")
 def llama_artifact(tiny_llama, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("llama-run")
-    recipe = write_recipe(folder, [{"kind": "compile", "gate": [{"metric": "top1_agreement", "min": 0.999}]}],
-                          model=str(tiny_llama))
+    recipe = write_recipe(
+        folder, [{"kind": "compile", "gate": [{"metric": "top1_agreement", "min": 0.999}]}], model=str(tiny_llama)
+    )
     result = CliRunner().invoke(app, ["run", str(recipe), "-o", str(folder / "out"), "--json"])
     assert result.exit_code == 0, result.output
     return folder / "out"
@@ -67,8 +78,13 @@ def test_runtime_generates_what_torch_generates_greedily(tiny_llama, llama_artif
     tokenizer = Tokenizer.from_file(str(tiny_llama / "tokenizer.json"))
     ids = torch.tensor([tokenizer.encode(prompt).ids])
     model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
-    expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
-                              eos_token_id=model.config.eos_token_id)[0, ids.shape[1]:]
+    expected = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=12,
+        do_sample=False,
+        eos_token_id=model.config.eos_token_id,
+    )[0, ids.shape[1] :]
     expected = [t for t in expected.tolist() if t != model.config.eos_token_id]
     got = runtime.load(llama_artifact).generate(prompt, max_new_tokens=12)
     assert expected, "torch generated nothing; the comparison would be empty"
@@ -114,5 +130,6 @@ def test_smollm2_from_gguf_perplexity_and_generation(tmp_path):
     answer = runtime.load(tmp_path / "out").generate("The capital of France is", max_new_tokens=4)
     assert answer.strip().startswith("Paris")
     logits = open_model(open_any(str(tmp_path / "out")), 32).run(
-        {"input_ids": np.array([[1, 2, 3]]), "attention_mask": np.ones((1, 3), dtype=np.int64)})
+        {"input_ids": np.array([[1, 2, 3]]), "attention_mask": np.ones((1, 3), dtype=np.int64)}
+    )
     assert logits.shape == (1, 3, 49152)

@@ -29,8 +29,9 @@ def test_the_default_gate_checks_sentence_cosine_for_embeddings_and_logits_for_t
 def test_int8_that_breaks_a_model_exits_3_naming_the_sensitive_layers_and_writes_no_artifact(int8_breaks, tmp_path):
     # No gate anywhere: the stage gets the default one. (Tiny models are not faster in int8; the
     # speed rule is not what this test is about.)
-    recipe = write_recipe(tmp_path, [{"kind": "quantize", "precision": "int8", "require_speedup": False}],
-                          model=str(int8_breaks))
+    recipe = write_recipe(
+        tmp_path, [{"kind": "quantize", "precision": "int8", "require_speedup": False}], model=str(int8_breaks)
+    )
     result = invoke("run", str(recipe), "-o", str(tmp_path / "out"), "--json")
     assert result.exit_code == 3, result.output
     report = json.loads(result.stdout)
@@ -47,8 +48,9 @@ def test_int8_that_breaks_a_model_exits_3_naming_the_sensitive_layers_and_writes
 
 
 def test_the_default_auto_search_emits_nothing_below_the_default_gate(int8_breaks, tmp_path):
-    recipe = write_recipe(tmp_path, [{"kind": "quantize", "require_speedup": False, "max_evals": 6}],
-                          model=str(int8_breaks))
+    recipe = write_recipe(
+        tmp_path, [{"kind": "quantize", "require_speedup": False, "max_evals": 6}], model=str(int8_breaks)
+    )
     result = invoke("quantize", str(int8_breaks), "-r", str(recipe), "-o", str(tmp_path / "out"), "--json")
     report = json.loads(result.stdout)
     assert result.exit_code in (0, 3), result.output

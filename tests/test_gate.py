@@ -41,12 +41,15 @@ def test_the_gate_passes_only_when_every_check_passes():
     assert judge_all(checks, {"cosine_min": 0.95, "size_mb": 11}, {})["passed"] is False
 
 
-@pytest.mark.parametrize("bad", [
-    {"metric": "cosine_min"},
-    {"metric": "cosine_min", "min": 0.9, "max": 1.0},
-    {"metric": "cosine_minimum", "min": 0.9},
-    {"metric": "spearman", "max_drop": -0.1},
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"metric": "cosine_min"},
+        {"metric": "cosine_min", "min": 0.9, "max": 1.0},
+        {"metric": "cosine_minimum", "min": 0.9},
+        {"metric": "spearman", "max_drop": -0.1},
+    ],
+)
 def test_a_check_needs_one_valid_bound_and_a_known_metric(bad):
     with pytest.raises(ValidationError):
         GateCheck(**bad)

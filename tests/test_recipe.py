@@ -123,17 +123,28 @@ stages:
 """
 
 
-@pytest.mark.parametrize("change, line, key, expected", [
-    ({"PRECISION": "fp16", "rtn, block_size: BLOCK": "dynamic"}, 7, "stages.0.precision", "fp16 is slower than fp32"),
-    ({"METRIC": "spearman", "EVALS": ""}, 10, "stages.0.gate.0.metric", "add an eval suite of task sts"),
-    ({"BLOCK": "100"}, 8, "stages.0.method.block_size", "power of two"),
-    ({"kind: compile": "kind: quantize", "kind: quantize\n    precision": "kind: compile\n    precision"},
-     9, "stages.1.kind", "quantize cannot follow compile"),
-])
+@pytest.mark.parametrize(
+    "change, line, key, expected",
+    [
+        (
+            {"PRECISION": "fp16", "rtn, block_size: BLOCK": "dynamic"},
+            7,
+            "stages.0.precision",
+            "fp16 is slower than fp32",
+        ),
+        ({"METRIC": "spearman", "EVALS": ""}, 10, "stages.0.gate.0.metric", "add an eval suite of task sts"),
+        ({"BLOCK": "100"}, 8, "stages.0.method.block_size", "power of two"),
+        (
+            {"kind: compile": "kind: quantize", "kind: quantize\n    precision": "kind: compile\n    precision"},
+            9,
+            "stages.1.kind",
+            "quantize cannot follow compile",
+        ),
+    ],
+)
 def test_recipe_problems_are_found_before_any_model_loads(tmp_path, change, line, key, expected):
     text = QUANTIZE_THEN_COMPILE
-    for old, new in {"PRECISION": "int4", "BLOCK": "32", "METRIC": "cosine_mean", "EVALS": "",
-                     **change}.items():
+    for old, new in {"PRECISION": "int4", "BLOCK": "32", "METRIC": "cosine_mean", "EVALS": "", **change}.items():
         text = text.replace(old, new)
     if "kind: compile\n    precision" in text:  # compile first: its quantize-only keys would be a second error
         text = text.replace("    precision: int4\n    method: {name: rtn, block_size: 32}\n", "")
@@ -154,11 +165,18 @@ def test_recipe_validate_loads_no_model_and_no_heavy_library(tmp_path):
     import subprocess
     import sys
 
-    path = write(tmp_path, QUANTIZE_THEN_COMPILE.replace("PRECISION", "fp16").replace("BLOCK", "32")
-                 .replace("METRIC", "cosine_mean").replace("EVALS", ""))
-    code = ("import sys\nfrom typer.testing import CliRunner\nfrom optimize.cli import app\n"
-            f"result = CliRunner().invoke(app, ['recipe', 'validate', {str(path)!r}])\n"
-            "heavy = [m for m in ('torch', 'onnxruntime', 'transformers', 'onnx') if m in sys.modules]\n"
-            "print(result.exit_code, heavy, result.stderr.replace(chr(10), ' '))\n")
+    path = write(
+        tmp_path,
+        QUANTIZE_THEN_COMPILE.replace("PRECISION", "fp16")
+        .replace("BLOCK", "32")
+        .replace("METRIC", "cosine_mean")
+        .replace("EVALS", ""),
+    )
+    code = (
+        "import sys\nfrom typer.testing import CliRunner\nfrom optimize.cli import app\n"
+        f"result = CliRunner().invoke(app, ['recipe', 'validate', {str(path)!r}])\n"
+        "heavy = [m for m in ('torch', 'onnxruntime', 'transformers', 'onnx') if m in sys.modules]\n"
+        "print(result.exit_code, heavy, result.stderr.replace(chr(10), ' '))\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.startswith("2 [] ") and "stages.0.precision" in out, out

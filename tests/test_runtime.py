@@ -19,14 +19,21 @@ from tests.conftest import ROOT, minilm_path, write_recipe
 ALL = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
 
 
-@pytest.mark.parametrize("available, target, expected", [
-    (ALL, "tensorrt", ALL),
-    (ALL, "cuda", ["CUDAExecutionProvider", "CPUExecutionProvider"]),
-    (ALL, "cpu", ["CPUExecutionProvider"]),
-    (["CUDAExecutionProvider", "CPUExecutionProvider"], "tensorrt", ["CUDAExecutionProvider", "CPUExecutionProvider"]),
-    (["CPUExecutionProvider"], "tensorrt", ["CPUExecutionProvider"]),
-    ([], "cuda", ["CPUExecutionProvider"]),
-])
+@pytest.mark.parametrize(
+    "available, target, expected",
+    [
+        (ALL, "tensorrt", ALL),
+        (ALL, "cuda", ["CUDAExecutionProvider", "CPUExecutionProvider"]),
+        (ALL, "cpu", ["CPUExecutionProvider"]),
+        (
+            ["CUDAExecutionProvider", "CPUExecutionProvider"],
+            "tensorrt",
+            ["CUDAExecutionProvider", "CPUExecutionProvider"],
+        ),
+        (["CPUExecutionProvider"], "tensorrt", ["CPUExecutionProvider"]),
+        ([], "cuda", ["CPUExecutionProvider"]),
+    ],
+)
 def test_providers_are_tried_best_first_within_what_the_target_allows(available, target, expected):
     assert runtime.select_providers(available, target) == expected
 
@@ -34,16 +41,18 @@ def test_providers_are_tried_best_first_within_what_the_target_allows(available,
 @pytest.fixture(scope="module")
 def artifact(tiny_bert, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("runtime")
-    recipe = write_recipe(folder, [{"kind": "compile", "gate": [{"metric": "cosine_min", "min": 0.999}]}],
-                          model=str(tiny_bert))
+    recipe = write_recipe(
+        folder, [{"kind": "compile", "gate": [{"metric": "cosine_min", "min": 0.999}]}], model=str(tiny_bert)
+    )
     result = CliRunner().invoke(app, ["run", str(recipe), "-o", str(folder / "art")])
     assert result.exit_code == 0, result.output
     return folder / "art"
 
 
 def test_gpu_providers_that_cannot_start_here_fall_back_to_cpu_and_say_why(artifact):
-    model = runtime.OnnxModel(artifact / "model.onnx", artifact / "tokenizer.json", target="tensorrt",
-                              available=ALL, settings={"fp16": True})
+    model = runtime.OnnxModel(
+        artifact / "model.onnx", artifact / "tokenizer.json", target="tensorrt", available=ALL, settings={"fp16": True}
+    )
     assert model.provider == "CPUExecutionProvider"
     assert [n.split(":")[0] for n in model.fallbacks] == ALL[:2]
 
@@ -57,8 +66,7 @@ def test_provider_options_carry_the_tensorrt_engine_cache_and_precision_flags(tm
 
 def run_runtime(artifact: Path, *args: str, env: dict | None = None, python: str = sys.executable):
     # From the artifact folder, as a user would: `runtime` is the bundled package, not optimize's.
-    return subprocess.run([python, "-m", "runtime", ".", *args], cwd=artifact, capture_output=True, text=True,
-                          env=env)
+    return subprocess.run([python, "-m", "runtime", ".", *args], cwd=artifact, capture_output=True, text=True, env=env)
 
 
 def test_the_runtime_cli_writes_the_embeddings_the_pipeline_computes(artifact, tmp_path):
@@ -87,8 +95,10 @@ def test_one_changed_byte_makes_the_runtime_refuse_the_model_naming_the_file(art
 
 
 def test_the_runtime_imports_neither_torch_nor_optimize(artifact):
-    code = ("import sys, runtime; runtime.load('.').embed(['hi']); "
-            "sys.exit(int(any(m in sys.modules for m in ('torch', 'transformers', 'optimize'))))")
+    code = (
+        "import sys, runtime; runtime.load('.').embed(['hi']); "
+        "sys.exit(int(any(m in sys.modules for m in ('torch', 'transformers', 'optimize'))))"
+    )
     assert subprocess.run([sys.executable, "-c", code], cwd=artifact).returncode == 0
 
 
@@ -102,8 +112,11 @@ def test_a_fresh_environment_with_only_the_requirements_runs_a_minilm_artifact(t
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     python = str(venv / "bin" / "python")
-    subprocess.run([python, "-m", "pip", "install", "-q", "-r", str(out / "runtime" / "requirements.txt")],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [python, "-m", "pip", "install", "-q", "-r", str(out / "runtime" / "requirements.txt")],
+        check=True,
+        capture_output=True,
+    )
     listed = subprocess.run([python, "-m", "pip", "list"], capture_output=True, text=True).stdout.lower()
     assert "torch" not in listed and "transformers" not in listed
     texts = ["A man is playing a guitar.", "A woman is slicing an onion.", "The stock market fell sharply."]
@@ -129,15 +142,23 @@ def test_a_classifier_artifact_classifies_as_torch_does(tmp_path):
 
     torch.manual_seed(0)
     folder = tmp_path / "classifier"
-    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, num_labels=3, id2label={0: "neg", 1: "neutral", 2: "pos"},
-                        label2id={"neg": 0, "neutral": 1, "pos": 2})
+    config = BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=3,
+        id2label={0: "neg", 1: "neutral", 2: "pos"},
+        label2id={"neg": 0, "neutral": 1, "pos": 2},
+    )
     model = BertForSequenceClassification(config).eval()
     model.save_pretrained(folder, safe_serialization=True)
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
         shutil.copyfile(minilm_path() / name, folder / name)
-    recipe = write_recipe(tmp_path, [{"kind": "compile", "gate": [{"metric": "top1_agreement", "min": 1.0}]}],
-                          model=str(folder))
+    recipe = write_recipe(
+        tmp_path, [{"kind": "compile", "gate": [{"metric": "top1_agreement", "min": 1.0}]}], model=str(folder)
+    )
     result = CliRunner().invoke(app, ["run", str(recipe), "-o", str(tmp_path / "out"), "--json"])
     assert result.exit_code == 0, result.output
     metrics = json.loads(result.stdout)["stages"][-1]["metrics"]

@@ -19,8 +19,13 @@ from tests.conftest import ROOT, SHARED_DATA
 
 
 def suite_file(folder: Path, **fields: object) -> Path:
-    data = {"name": "s", "task": "sts", "data": "pairs.jsonl",
-            "columns": {"text": "a", "text_pair": "b", "label": "score"}, **fields}
+    data = {
+        "name": "s",
+        "task": "sts",
+        "data": "pairs.jsonl",
+        "columns": {"text": "a", "text_pair": "b", "label": "score"},
+        **fields,
+    }
     path = folder / "suite.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
@@ -33,13 +38,16 @@ def pairs(folder: Path, rows: list[dict]) -> None:
 GOOD_ROWS = [{"a": f"a cat number {i}", "b": f"a dog number {i % 3}", "score": i % 5} for i in range(20)]
 
 
-@pytest.mark.parametrize("fields, rows, expected", [
-    ({"task": "summarize"}, GOOD_ROWS, "task"),
-    ({"columns": {"text": "a", "text_pair": "missing", "label": "score"}}, GOOD_ROWS, "no column 'missing'"),
-    ({}, [], "no rows"),
-    ({"data": "nowhere.jsonl"}, GOOD_ROWS, "nowhere.jsonl not found"),
-    ({}, [{"a": "x", "b": "y", "score": "high"}], "not a number"),
-])
+@pytest.mark.parametrize(
+    "fields, rows, expected",
+    [
+        ({"task": "summarize"}, GOOD_ROWS, "task"),
+        ({"columns": {"text": "a", "text_pair": "missing", "label": "score"}}, GOOD_ROWS, "no column 'missing'"),
+        ({}, [], "no rows"),
+        ({"data": "nowhere.jsonl"}, GOOD_ROWS, "nowhere.jsonl not found"),
+        ({}, [{"a": "x", "b": "y", "score": "high"}], "not a number"),
+    ],
+)
 def test_a_bad_suite_is_a_usage_error_naming_the_problem(tmp_path, fields, rows, expected):
     pairs(tmp_path, rows)
     with pytest.raises(UsageError, match=expected):
@@ -95,8 +103,9 @@ def test_sliding_windows_score_every_token_once(tmp_path, tiny_llama):
 
     (tmp_path / "text.txt").write_text((ROOT / "calibration" / "README.md").read_text())
     for stride in (64, 16):
-        path = suite_file(tmp_path, task="perplexity", data="text.txt", columns={"text": "text"}, window=64,
-                          stride=stride)
+        path = suite_file(
+            tmp_path, task="perplexity", data="text.txt", columns={"text": "text"}, window=64, stride=stride
+        )
         model = Uniform(300)
         assert perplexity(model, load_suite(path)) == pytest.approx(300, rel=1e-6)
 

@@ -52,8 +52,10 @@ def verify(artifact_dir: Path) -> dict[str, Any]:
         if not path.is_file():
             raise ArtifactError(f"{path}: listed in the manifest but missing")
         if path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
-            raise ArtifactError(f"{path}: sha256 does not match the manifest; the file was changed "
-                                "after the artifact was made, refusing to load it")
+            raise ArtifactError(
+                f"{path}: sha256 does not match the manifest; the file was changed "
+                "after the artifact was made, refusing to load it"
+            )
     return manifest
 
 
@@ -69,18 +71,26 @@ def provider_options(provider: str, settings: dict[str, Any], cache_dir: Path) -
     TensorRT builds its engine at the first load on the target GPU and caches it; the cache files
     are keyed by GPU architecture and TensorRT version, so one folder serves several machines."""
     if provider == "TensorrtExecutionProvider":
-        return {"trt_fp16_enable": bool(settings.get("fp16", True)),
-                "trt_int8_enable": bool(settings.get("int8", False)),
-                "trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache_dir / "trt-engines"),
-                "trt_timing_cache_enable": True, "trt_timing_cache_path": str(cache_dir / "trt-timing")}
+        return {
+            "trt_fp16_enable": bool(settings.get("fp16", True)),
+            "trt_int8_enable": bool(settings.get("int8", False)),
+            "trt_engine_cache_enable": True,
+            "trt_engine_cache_path": str(cache_dir / "trt-engines"),
+            "trt_timing_cache_enable": True,
+            "trt_timing_cache_path": str(cache_dir / "trt-timing"),
+        }
     if provider == "CUDAExecutionProvider":
         return {"cudnn_conv_algo_search": "HEURISTIC"}
     return {}
 
 
-def make_session(model_path: Path, target: str = "cpu", threads: int | None = None,
-                 available: Sequence[str] | None = None,
-                 settings: dict[str, Any] | None = None) -> tuple[ort.InferenceSession, list[str]]:
+def make_session(
+    model_path: Path,
+    target: str = "cpu",
+    threads: int | None = None,
+    available: Sequence[str] | None = None,
+    settings: dict[str, Any] | None = None,
+) -> tuple[ort.InferenceSession, list[str]]:
     """An InferenceSession on the best provider that actually starts; falls back down the list.
     Returns the session and a note per provider that was tried and could not be used."""
     import onnxruntime as ort
@@ -144,12 +154,13 @@ def mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return pooled
 
 
-def embed(run: Callable[[dict[str, np.ndarray]], np.ndarray], tokenizer: Tokenizer,
-          texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
+def embed(
+    run: Callable[[dict[str, np.ndarray]], np.ndarray], tokenizer: Tokenizer, texts: Sequence[str], batch_size: int = 32
+) -> np.ndarray:
     """Sentence embeddings: mean of the last hidden states over real (unpadded) tokens."""
     out = []
     for start in range(0, len(texts), batch_size):
-        inputs = tokenizer(texts[start: start + batch_size])
+        inputs = tokenizer(texts[start : start + batch_size])
         out.append(mean_pool(run(inputs), inputs["attention_mask"]))
     return np.concatenate(out).astype(np.float32)
 
@@ -158,9 +169,16 @@ class OnnxModel:
     """An ONNX model with its tokenizer and config: `embed(texts)` for feature extraction,
     `classify(texts)` for sequence classifiers, `generate(prompt)` for causal LMs."""
 
-    def __init__(self, model_path: Path, tokenizer_path: Path, seq_len: int = 128, target: str = "cpu",
-                 threads: int | None = None, available: Sequence[str] | None = None,
-                 settings: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        model_path: Path,
+        tokenizer_path: Path,
+        seq_len: int = 128,
+        target: str = "cpu",
+        threads: int | None = None,
+        available: Sequence[str] | None = None,
+        settings: dict[str, Any] | None = None,
+    ):
         self.session, self.fallbacks = make_session(model_path, target, threads, available, settings)
         self.tokenizer = Tokenizer(tokenizer_path, seq_len)
         self.input_names = [i.name for i in self.session.get_inputs()]
@@ -182,7 +200,7 @@ class OnnxModel:
         mask = inputs["attention_mask"]
         if "position_ids" in self.input_names and "position_ids" not in inputs:
             positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
-            feed["position_ids"] = positions[:, -inputs["input_ids"].shape[1]:].astype(np.int64)
+            feed["position_ids"] = positions[:, -inputs["input_ids"].shape[1] :].astype(np.int64)
         for spec in self.cache_inputs:
             if past is not None:
                 feed[spec.name] = past[spec.name]
@@ -203,10 +221,11 @@ class OnnxModel:
         labels = self.config.get("id2label") or {}
         out: list[dict[str, object]] = []
         for start in range(0, len(texts), batch_size):
-            logits = self.run(self.tokenizer(texts[start: start + batch_size])).astype(np.float64)
+            logits = self.run(self.tokenizer(texts[start : start + batch_size])).astype(np.float64)
             if logits.ndim != 2:
-                raise ValueError("this model is not a sequence classifier "
-                                 "(it does not give one row of logits per text)")
+                raise ValueError(
+                    "this model is not a sequence classifier (it does not give one row of logits per text)"
+                )
             probs = np.exp(logits - logits.max(axis=1, keepdims=True))
             probs /= probs.sum(axis=1, keepdims=True)
             for row in probs:
@@ -234,8 +253,11 @@ class OnnxModel:
                 break
             new.append(token)
             # present.N.key / present.N.value come back as the next step's past_key_values.N.*
-            past = {n.replace("present", "past_key_values", 1): v for n, v in zip(names, outputs, strict=True)
-                    if n.startswith("present")}
+            past = {
+                n.replace("present", "past_key_values", 1): v
+                for n, v in zip(names, outputs, strict=True)
+                if n.startswith("present")
+            }
             step = np.array([[token]], dtype=np.int64)
             mask = np.ones((1, mask.shape[1] + 1), dtype=np.int64)
         return self.tokenizer.decode(new)
@@ -246,6 +268,11 @@ def load(artifact_dir: str | Path, available: Sequence[str] | None = None) -> On
     artifact_dir = Path(artifact_dir)
     manifest = verify(artifact_dir)
     runtime = manifest.get("runtime", {})
-    return OnnxModel(artifact_dir / "model.onnx", artifact_dir / "tokenizer.json",
-                     seq_len=int(runtime.get("seq_len", 128)), target=str(runtime.get("target", "cpu")),
-                     available=available, settings=runtime)
+    return OnnxModel(
+        artifact_dir / "model.onnx",
+        artifact_dir / "tokenizer.json",
+        seq_len=int(runtime.get("seq_len", 128)),
+        target=str(runtime.get("target", "cpu")),
+        available=available,
+        settings=runtime,
+    )

@@ -26,15 +26,16 @@ def _texts(source: str) -> list[str]:
             try:
                 texts.append(str(json.loads(line)["text"]))
             except (json.JSONDecodeError, KeyError):
-                raise ValueError(f"{source}:{number}: expected a JSON object with a \"text\" field") from None
+                raise ValueError(f'{source}:{number}: expected a JSON object with a "text" field') from None
         else:
             texts.append(line.strip())
     return texts
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m runtime", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m runtime", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("artifact", type=Path, help="the artifact folder (holds manifest.json)")
     parser.add_argument("command", choices=["embed", "classify", "generate"], help="what to compute")
     parser.add_argument("--input", default="-", help="texts: .jsonl or .txt file, or - for stdin")

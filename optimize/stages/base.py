@@ -24,15 +24,17 @@ class StageBase(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    order: ClassVar[int]               # stages run in this order: distill 0, quantize 1, compile 2
+    order: ClassVar[int]  # stages run in this order: distill 0, quantize 1, compile 2
     repeatable: ClassVar[bool] = True  # may the same kind follow itself (quantize twice: yes)
     needs_onnx: ClassVar[bool] = True  # the pipeline inserts an export before a stage that needs ONNX
 
-    kind: str                          # the registry's discriminator: a Literal in each kind
+    kind: str  # the registry's discriminator: a Literal in each kind
     name: str | None = None
     gate: list[GateCheck] | None = Field(
-        None, description="checks the stage's output must hold; omitted: the default fidelity gate for "
-                          "the task; []: ungated (reported as such)")
+        None,
+        description="checks the stage's output must hold; omitted: the default fidelity gate for "
+        "the task; []: ungated (reported as such)",
+    )
 
     def run(self, model: ModelHandle, ctx: StageContext) -> StageResult:
         raise NotImplementedError(f"stage kind {type(self).__name__} has no run()")
@@ -47,7 +49,7 @@ class StageBase(BaseModel):
 class StageContext:
     """Run-time inputs a stage may use; built once by the pipeline, never mutated."""
 
-    workdir: Path            # a private scratch folder for this stage, removed with the run
+    workdir: Path  # a private scratch folder for this stage, removed with the run
     calibration_texts: tuple[str, ...]
     seq_len: int
     seed: int
@@ -55,7 +57,7 @@ class StageContext:
     judge: Callable[[ModelHandle], tuple[dict[str, float], dict[str, Any]]]
     # Cheap fidelity probe on the held-out texts (cosine_mean, cosine_min vs the reference).
     probe: Callable[[ModelHandle], dict[str, float]]
-    console: Console         # progress and tables (stderr: stdout is kept for --json)
+    console: Console  # progress and tables (stderr: stdout is kept for --json)
 
 
 @dataclass(frozen=True)
@@ -63,7 +65,7 @@ class StageResult:
     """What a stage returns: the new model, and what it decided, for the manifest and the report."""
 
     model: ModelHandle
-    decisions: dict[str, Any] = field(default_factory=dict)   # candidates tried, variant chosen, ...
-    precision_plan: dict[str, str] = field(default_factory=dict)   # layer -> int8 | int4 | fp32
-    runtime: dict[str, Any] = field(default_factory=dict)     # settings the shipped runtime needs
-    advice: str | None = None   # what to change in the recipe if this stage's gate fails
+    decisions: dict[str, Any] = field(default_factory=dict)  # candidates tried, variant chosen, ...
+    precision_plan: dict[str, str] = field(default_factory=dict)  # layer -> int8 | int4 | fp32
+    runtime: dict[str, Any] = field(default_factory=dict)  # settings the shipped runtime needs
+    advice: str | None = None  # what to change in the recipe if this stage's gate fails

@@ -37,8 +37,9 @@ class CompileStage(StageBase):
 
     kind: Literal["compile"] = "compile"
     target: Literal["cpu", "cuda", "tensorrt"] = "cpu"
-    variants: list[Variant] = Field(["as-is", "basic", "extended", "fused"], min_length=1,
-                                    description="candidate graphs to measure on cpu")
+    variants: list[Variant] = Field(
+        ["as-is", "basic", "extended", "fused"], min_length=1, description="candidate graphs to measure on cpu"
+    )
     agreement: float = Field(0.999, gt=0, le=1, description="min sentence cosine vs the input model")
     fp16: bool = Field(True, description="cuda/tensorrt: let the provider run float layers in fp16")
     min_speedup: float = Field(0.05, ge=0, description="a later variant must be this much faster to be kept")
@@ -51,8 +52,10 @@ def _optimize(source: Path, out: Path, level: str) -> None:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.graph_optimization_level = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-                                        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED}[level]
+    options.graph_optimization_level = {
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    }[level]
     options.optimized_model_filepath = str(out)
     ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
 
@@ -66,9 +69,14 @@ def _fuse(source: Path, out: Path, checkpoint: Path) -> dict[str, int]:
     model_type = config.get("model_type", "bert")
     if model_type not in optimizer.MODEL_TYPES:
         raise ValueError(f"onnxruntime has no transformer fusions for model type {model_type!r}")
-    fused = optimizer.optimize_model(str(source), model_type=model_type,
-                                     num_heads=config.get("num_attention_heads", 0),
-                                     hidden_size=config.get("hidden_size", 0), opt_level=1, use_gpu=False)
+    fused = optimizer.optimize_model(
+        str(source),
+        model_type=model_type,
+        num_heads=config.get("num_attention_heads", 0),
+        hidden_size=config.get("hidden_size", 0),
+        opt_level=1,
+        use_gpu=False,
+    )
     fused.save_model_to_file(str(out))
     return {k: v for k, v in fused.get_fused_operator_statistics().items() if v}
 
@@ -125,7 +133,9 @@ def run(config: CompileStage, model: ModelHandle, ctx: StageContext) -> StageRes
         if best is None or ms < best[0] * (1 - config.min_speedup):
             best = (ms, candidate, record["variant"])
     if best is None:
-        raise GateFailed("compile: no candidate graph agreed with the input model: "
-                         + "; ".join(f"{t['variant']}: {t.get('error') or t.get('agreement_cosine_min')}"
-                                     for t in tried), [])
+        raise GateFailed(
+            "compile: no candidate graph agreed with the input model: "
+            + "; ".join(f"{t['variant']}: {t.get('error') or t.get('agreement_cosine_min')}" for t in tried),
+            [],
+        )
     return StageResult(best[1], {"variant": best[2], "candidates": tried})

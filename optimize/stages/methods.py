@@ -37,8 +37,10 @@ class MethodBase(BaseModel):
 
 
 Int8Weights = Literal["auto", "s8", "s8-reduced"]
-INT8_WEIGHTS_HELP = ("auto: full-range s8 on CPUs with VNNI/AMX/dotprod, 7-bit s8-reduced elsewhere "
-                     "(full range saturates onnxruntime's AVX2 kernel, see optimize/cpu.py)")
+INT8_WEIGHTS_HELP = (
+    "auto: full-range s8 on CPUs with VNNI/AMX/dotprod, 7-bit s8-reduced elsewhere "
+    "(full range saturates onnxruntime's AVX2 kernel, see optimize/cpu.py)"
+)
 
 
 def int8_weight_range(weights: Int8Weights, info: cpu.CpuInfo) -> str:
@@ -59,9 +61,15 @@ class Dynamic(MethodBase):
     def build(self, src: Path, out: Path, layers: list[str], calibration: Callable[[], CalibrationReader]) -> None:
         from onnxruntime import quantization as q
 
-        q.quantize_dynamic(str(src), str(out), per_channel=self.per_channel, weight_type=q.QuantType.QInt8,
-                           reduce_range=int8_weight_range(self.weights, cpu.current()) == "s8-reduced",
-                           op_types_to_quantize=["MatMul", "Gather"], nodes_to_quantize=layers)
+        q.quantize_dynamic(
+            str(src),
+            str(out),
+            per_channel=self.per_channel,
+            weight_type=q.QuantType.QInt8,
+            reduce_range=int8_weight_range(self.weights, cpu.current()) == "s8-reduced",
+            op_types_to_quantize=["MatMul", "Gather"],
+            nodes_to_quantize=layers,
+        )
 
 
 class Static(MethodBase):
@@ -76,14 +84,25 @@ class Static(MethodBase):
     def build(self, src: Path, out: Path, layers: list[str], calibration: Callable[[], CalibrationReader]) -> None:
         from onnxruntime import quantization as q
 
-        method = {"minmax": q.CalibrationMethod.MinMax, "entropy": q.CalibrationMethod.Entropy,
-                  "percentile": q.CalibrationMethod.Percentile}[self.calibrate]
-        q.quantize_static(str(src), str(out), calibration(), quant_format=q.QuantFormat.QDQ,
-                          per_channel=self.per_channel, activation_type=q.QuantType.QInt8,
-                          weight_type=q.QuantType.QInt8, op_types_to_quantize=["MatMul", "Gather"],
-                          reduce_range=int8_weight_range(self.weights, cpu.current()) == "s8-reduced",
-                          nodes_to_quantize=layers, calibrate_method=method,
-                          extra_options={"ActivationSymmetric": True})
+        method = {
+            "minmax": q.CalibrationMethod.MinMax,
+            "entropy": q.CalibrationMethod.Entropy,
+            "percentile": q.CalibrationMethod.Percentile,
+        }[self.calibrate]
+        q.quantize_static(
+            str(src),
+            str(out),
+            calibration(),
+            quant_format=q.QuantFormat.QDQ,
+            per_channel=self.per_channel,
+            activation_type=q.QuantType.QInt8,
+            weight_type=q.QuantType.QInt8,
+            op_types_to_quantize=["MatMul", "Gather"],
+            reduce_range=int8_weight_range(self.weights, cpu.current()) == "s8-reduced",
+            nodes_to_quantize=layers,
+            calibrate_method=method,
+            extra_options={"ActivationSymmetric": True},
+        )
 
 
 class WeightOnly4(MethodBase):
@@ -103,12 +122,14 @@ class WeightOnly4(MethodBase):
     def build(self, src: Path, out: Path, layers: list[str], calibration: Callable[[], CalibrationReader]) -> None:
         from onnxruntime.quantization import matmul_nbits_quantizer as nbits
 
-        algo: Any = {"rtn": lambda: nbits.RTNWeightOnlyQuantConfig(),
-                     "hqq": lambda: nbits.HQQWeightOnlyQuantConfig(block_size=self.block_size),
-                     "gptq": lambda: nbits.GPTQWeightOnlyQuantConfig(calibration(), block_size=self.block_size),
-                     }[self.name]()
-        quantizer = nbits.MatMulNBitsQuantizer(str(src), block_size=self.block_size, is_symmetric=True,
-                                               nodes_to_include=layers, algo_config=algo)
+        algo: Any = {
+            "rtn": lambda: nbits.RTNWeightOnlyQuantConfig(),
+            "hqq": lambda: nbits.HQQWeightOnlyQuantConfig(block_size=self.block_size),
+            "gptq": lambda: nbits.GPTQWeightOnlyQuantConfig(calibration(), block_size=self.block_size),
+        }[self.name]()
+        quantizer = nbits.MatMulNBitsQuantizer(
+            str(src), block_size=self.block_size, is_symmetric=True, nodes_to_include=layers, algo_config=algo
+        )
         quantizer.process()
         quantizer.model.save_model_to_file(str(out), use_external_data_format=False)
 

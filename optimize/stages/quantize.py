@@ -51,17 +51,23 @@ class QuantizeStage(StageBase):
     method: Method | None = Field(None, description="how layers are quantized; default: dynamic (int8), rtn (int4)")
     max_evals: int = Field(4, ge=1, le=20, description="full gate evaluations the auto search may spend")
     rank_by: Literal["cost", "sensitivity"] = Field(
-        "cost", description="auto: keep layers in float by sensitivity per weight (cost), or by sensitivity alone")
+        "cost", description="auto: keep layers in float by sensitivity per weight (cost), or by sensitivity alone"
+    )
     plan: str | None = Field(None, description="a plan JSON {layer: precision} to use instead of searching")
     require_speedup: bool = Field(True, description="fail a plan that is not faster than the float model")
-    min_speedup: float = Field(0.1, ge=0, lt=1, description="how much faster (0.1 = 10%) a plan must be than "
-                                                            "the float model, timed in turns at batch 1")
+    min_speedup: float = Field(
+        0.1,
+        ge=0,
+        lt=1,
+        description="how much faster (0.1 = 10%) a plan must be than the float model, timed in turns at batch 1",
+    )
 
     @model_validator(mode="after")
     def _method_matches_precision(self) -> QuantizeStage:
         if self.method is not None and self.precision in ("int8", "int4") and self.method.precision != self.precision:
-            raise ValueError(f"method {self.method.name} makes {self.method.precision}, but precision is "
-                             f"{self.precision}")
+            raise ValueError(
+                f"method {self.method.name} makes {self.method.precision}, but precision is {self.precision}"
+            )
         return self
 
     @property
@@ -77,10 +83,19 @@ class QuantizeStage(StageBase):
         if self.precision != "fp16":
             return []
         if target == "cpu":
-            return [(("precision",), "fp16 is slower than fp32 on CPUs, and this recipe compiles for cpu; "
-                                     "use int8, int4 or auto")]
-        return [(("precision",), f"fp16 on {target} is the compile stage's `fp16: true` (the provider runs float "
-                                 "layers in fp16); use int8, int4 or auto here")]
+            return [
+                (
+                    ("precision",),
+                    "fp16 is slower than fp32 on CPUs, and this recipe compiles for cpu; use int8, int4 or auto",
+                )
+            ]
+        return [
+            (
+                ("precision",),
+                f"fp16 on {target} is the compile stage's `fp16: true` (the provider runs float "
+                "layers in fp16); use int8, int4 or auto here",
+            )
+        ]
 
     def run(self, model: ModelHandle, ctx: StageContext) -> StageResult:
         return run(self, model, ctx)
@@ -94,9 +109,12 @@ def quantizable_layers(path: Path, precision: str) -> dict[str, int]:
 
     model = onnx.load(str(path), load_external_data=False)
     sizes = {i.name: math.prod(i.dims) for i in model.graph.initializer}
-    return {n.name: sizes[n.input[1] if n.op_type == "MatMul" else n.input[0]] for n in model.graph.node
-            if (n.op_type == "MatMul" and n.input[1] in sizes)
-            or (n.op_type == "Gather" and n.input[0] in sizes and precision != "int4")}
+    return {
+        n.name: sizes[n.input[1] if n.op_type == "MatMul" else n.input[0]]
+        for n in model.graph.node
+        if (n.op_type == "MatMul" and n.input[1] in sizes)
+        or (n.op_type == "Gather" and n.input[0] in sizes and precision != "int4")
+    }
 
 
 class _Calibration:
@@ -110,8 +128,9 @@ class _Calibration:
         session = ort.InferenceSession(str(model.onnx_path), providers=["CPUExecutionProvider"])
         names = [i.name for i in session.get_inputs()]
         tokenizer = Tokenizer(model.checkpoint / "tokenizer.json", ctx.seq_len)
-        self.feeds = [{n: v for n, v in tokenizer([text]).items() if n in names}
-                      for text in ctx.calibration_texts[:limit]]
+        self.feeds = [
+            {n: v for n, v in tokenizer([text]).items() if n in names} for text in ctx.calibration_texts[:limit]
+        ]
         self.index = 0
 
     def get_next(self) -> dict[str, np.ndarray] | None:
@@ -124,8 +143,9 @@ class _Calibration:
         self.index = 0
 
 
-def build(config: QuantizeStage, source: ModelHandle, plan: dict[str, str], out: Path,
-          ctx: StageContext | None) -> ModelHandle:
+def build(
+    config: QuantizeStage, source: ModelHandle, plan: dict[str, str], out: Path, ctx: StageContext | None
+) -> ModelHandle:
     """Write the model for `plan` ({layer: int8 | int4 | fp32}) to `out` with the stage's method."""
     assert source.onnx_path is not None
     chosen = {p for p in plan.values() if p != FLOAT}
@@ -138,8 +158,10 @@ def build(config: QuantizeStage, source: ModelHandle, plan: dict[str, str], out:
         return source.with_onnx(out)
     method = config.quantizer
     if chosen != {method.precision}:
-        raise UsageError(f"quantize: method {getattr(method, 'name', '?')} makes {method.precision}; the plan asks "
-                         f"for {', '.join(sorted(chosen))} (a plan mixes one low precision with {FLOAT})")
+        raise UsageError(
+            f"quantize: method {getattr(method, 'name', '?')} makes {method.precision}; the plan asks "
+            f"for {', '.join(sorted(chosen))} (a plan mixes one low precision with {FLOAT})"
+        )
 
     def calibration() -> _Calibration:
         assert ctx is not None, "a calibrated method needs the stage context"
@@ -149,8 +171,9 @@ def build(config: QuantizeStage, source: ModelHandle, plan: dict[str, str], out:
     return source.with_onnx(out)
 
 
-def sensitivity(config: QuantizeStage, source: ModelHandle, layers: list[str], low: str,
-                ctx: StageContext) -> dict[str, float]:
+def sensitivity(
+    config: QuantizeStage, source: ModelHandle, layers: list[str], low: str, ctx: StageContext
+) -> dict[str, float]:
     """1 - cosine_mean of the model with only `layer` in `low` precision, for each layer."""
     from rich.progress import Progress
 
@@ -178,12 +201,22 @@ def _preprocess(model: ModelHandle, ctx: StageContext) -> ModelHandle:
     return model.with_onnx(out)
 
 
-def _print_sensitivity(ctx: StageContext, ranking: list[str], scores: dict[str, float], costs: dict[str, int],
-                       low: str, rank_by: str, shown: int = 12) -> None:
+def _print_sensitivity(
+    ctx: StageContext,
+    ranking: list[str],
+    scores: dict[str, float],
+    costs: dict[str, int],
+    low: str,
+    rank_by: str,
+    shown: int = 12,
+) -> None:
     from rich.table import Table
 
-    table = Table(title=f"sensitivity: 1 - cosine_mean with only that layer in {low}; the first "
-                        f"{shown} of {len(ranking)} to keep in float (ranked by {rank_by})", title_justify="left")
+    table = Table(
+        title=f"sensitivity: 1 - cosine_mean with only that layer in {low}; the first "
+        f"{shown} of {len(ranking)} to keep in float (ranked by {rank_by})",
+        title_justify="left",
+    )
     table.add_column("rank", justify="right")
     table.add_column("layer")
     table.add_column("score", justify="right")
@@ -225,9 +258,11 @@ def _rank(layers: list[str], scores: dict[str, float], costs: dict[str, int], ra
 def _advice(scores: dict[str, float], low: str) -> str:
     worst = sorted(scores, key=lambda n: -scores[n])[:5]
     named = ", ".join(f"{n} ({scores[n]:.3g})" for n in worst)
-    return (f"all {low} did not hold the gate; the most sensitive layers (1 - cosine_mean with only that layer "
-            f"in {low}) are {named}. Try `precision: auto` in the recipe (`--precision auto`), which keeps the "
-            "most sensitive layers in fp32 until the gate holds.")
+    return (
+        f"all {low} did not hold the gate; the most sensitive layers (1 - cosine_mean with only that layer "
+        f"in {low}) are {named}. Try `precision: auto` in the recipe (`--precision auto`), which keeps the "
+        "most sensitive layers in fp32 until the gate holds."
+    )
 
 
 def run(config: QuantizeStage, model: ModelHandle, ctx: StageContext) -> StageResult:
@@ -244,8 +279,12 @@ def run(config: QuantizeStage, model: ModelHandle, ctx: StageContext) -> StageRe
     float_metrics, _ = ctx.judge(model)
     candidates: list[dict[str, Any]] = []
     here = cpu.current()
-    info: dict[str, Any] = {"layers": len(layers), "float_latency_p50_ms": float_metrics["latency_p50_ms"],
-                            "cpu": here.summary(), "candidates": candidates}
+    info: dict[str, Any] = {
+        "layers": len(layers),
+        "float_latency_p50_ms": float_metrics["latency_p50_ms"],
+        "cpu": here.summary(),
+        "candidates": candidates,
+    }
     method = config.quantizer
     info["method"] = method.model_dump(mode="json")
     if isinstance(method, Dynamic | Static):
@@ -254,8 +293,12 @@ def run(config: QuantizeStage, model: ModelHandle, ctx: StageContext) -> StageRe
     def evaluate(plan: dict[str, str], label: str) -> tuple[ModelHandle, dict[str, Any]]:
         handle = build(config, model, plan, ctx.workdir / f"candidate-{len(candidates)}.onnx", ctx)
         metrics, gate = ctx.judge(handle)
-        record: dict[str, Any] = {"label": label, "kept_float": sorted(n for n, p in plan.items() if p == FLOAT),
-                                  "metrics": metrics, "gate_passed": gate["passed"]}
+        record: dict[str, Any] = {
+            "label": label,
+            "kept_float": sorted(n for n, p in plan.items() if p == FLOAT),
+            "metrics": metrics,
+            "gate_passed": gate["passed"],
+        }
         faster = True
         if config.require_speedup:
             # One timing on a shared machine can be a slow spell: the candidate and the float model are
@@ -276,9 +319,12 @@ def run(config: QuantizeStage, model: ModelHandle, ctx: StageContext) -> StageRe
             advice = _advice(scores, low)
         elif not record["faster_than_float"]:
             candidate_ms, float_ms = record["timed_in_turns_ms"]
-            raise GateFailed(f"quantize: the {low} model ({candidate_ms} ms) is not {config.min_speedup:.0%} faster "
-                             f"than the float model ({float_ms} ms) on this CPU ({here.model}), timed in turns; "
-                             "try `precision: auto`, or `require_speedup: false` for a size-only goal", [])
+            raise GateFailed(
+                f"quantize: the {low} model ({candidate_ms} ms) is not {config.min_speedup:.0%} faster "
+                f"than the float model ({float_ms} ms) on this CPU ({here.model}), timed in turns; "
+                "try `precision: auto`, or `require_speedup: false` for a size-only goal",
+                [],
+            )
         return StageResult(handle, info, precision_plan=plan, advice=advice)
 
     scores = sensitivity(config, model, layers, low, ctx)
@@ -309,10 +355,13 @@ def run(config: QuantizeStage, model: ModelHandle, ctx: StageContext) -> StageRe
             kept = (lo + hi) // 2 if best is not None else min(hi - 1, max(lo + 1, math.ceil(lo * 2)))
     if best is None:
         closest = max(candidates, key=lambda c: (c["faster_than_float"], c["metrics"].get("cosine_mean", 0)))
-        raise GateFailed(f"quantize: no plan passed in {len(candidates)} evaluations; the best kept "
-                         f"{len(closest['kept_float'])} layers in {FLOAT}: "
-                         + ", ".join(f"{k} {v}" for k, v in closest["metrics"].items())
-                         + "; raise `max_evals`, or loosen the gate if the float model itself is close to it", [])
+        raise GateFailed(
+            f"quantize: no plan passed in {len(candidates)} evaluations; the best kept "
+            f"{len(closest['kept_float'])} layers in {FLOAT}: "
+            + ", ".join(f"{k} {v}" for k, v in closest["metrics"].items())
+            + "; raise `max_evals`, or loosen the gate if the float model itself is close to it",
+            [],
+        )
     return StageResult(best[1], info, precision_plan=plan_keeping(best[0]))
 
 
