@@ -206,7 +206,7 @@ def quantize_cmd(
     ] = None,
     precision: Annotated[
         str | None,
-        typer.Option("--precision", help="auto (search a mixed plan against the gate) | int8 | int4 | fp16."),
+        typer.Option("--precision", help="auto (search a mixed plan against the gate) | int8 | int4."),
     ] = None,
     plan: Annotated[
         Path | None,
