@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import shutil
+from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,25 @@ TOKENIZER_FILES = (
     "tokenizer.model",
     "config.json",
 )
+# What sentence-transformers reads beside the weights (pooling, normalization, its own config).
+SENTENCE_TRANSFORMERS_FILES = (
+    "modules.json",
+    "sentence_bert_config.json",
+    "config_sentence_transformers.json",
+    "1_Pooling",
+    "2_Normalize",
+)
 RUNTIME_SOURCE = Path(__file__).parent / "runtime"
+
+
+def copy_checkpoint_files(source: Path, target: Path, extra: Sequence[str] = ()) -> None:
+    """The tokenizer, config and sentence-transformers files of a checkpoint folder (and `extra`)."""
+    for name in (*TOKENIZER_FILES, *SENTENCE_TRANSFORMERS_FILES, *extra):
+        path = source / name
+        if path.is_dir():
+            shutil.copytree(path, target / name, dirs_exist_ok=True)
+        elif path.is_file():
+            shutil.copyfile(path, target / name)
 
 
 def versions() -> dict[str, str]:
@@ -95,8 +114,10 @@ def write(
     report_md: str,
     report: dict[str, Any],
     overwrite: bool,
+    with_weights: bool = False,
 ) -> None:
-    """Fill `staging`, write the manifest last, then rename it to OUT."""
+    """Fill `staging`, write the manifest last, then rename it to OUT. `with_weights` also copies the
+    checkpoint's safetensors and sentence-transformers files (a model this run trained)."""
     shutil.copyfile(onnx_path, staging / "model.onnx")
     external = onnx_path.parent / (onnx_path.name + ".data")
     if external.exists():
@@ -104,6 +125,8 @@ def write(
     for name in TOKENIZER_FILES:
         if (checkpoint / name).is_file():
             shutil.copyfile(checkpoint / name, staging / name)
+    if with_weights:
+        copy_checkpoint_files(checkpoint, staging, [p.name for p in sorted(checkpoint.glob("*.safetensors"))])
     write_runtime(staging, manifest["provenance"]["versions"])
     (staging / "report.md").write_text(report_md)
     (staging / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")

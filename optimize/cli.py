@@ -72,10 +72,15 @@ def _execute(
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     overwrite: bool = False,
+    resume: bool = False,
 ) -> None:
     """Validate the recipe, run the pipeline, print the outcome and exit with DESIGN.md's code."""
+    from optimize.training import is_main
+
     # Libraries (onnxruntime.quantization, optimum) log advice for every call; the run has its own report.
     logging.basicConfig(level=logging.ERROR, format="%(name)s: %(message)s")
+    # Under torchrun, rank 0 speaks for the run; the other ranks only train beside it.
+    run_console = console if is_main() else Console(stderr=True, quiet=True)
     try:
         loaded = build()
         if dry_run:
@@ -84,9 +89,15 @@ def _execute(
         from optimize.pipeline import RunOptions, run
 
         options = RunOptions(
-            out or Path("artifacts") / loaded.recipe.name, model, allow_pickle, trust_remote_code, cache_dir, overwrite
+            out or Path("artifacts") / loaded.recipe.name,
+            model,
+            allow_pickle,
+            trust_remote_code,
+            cache_dir,
+            overwrite,
+            resume,
         )
-        result = run(loaded, options, console)
+        result = run(loaded, options, run_console)
     except UsageError as exc:
         console.print(f"[red]error:[/] {exc}", highlight=False)
         _emit(as_json, "error", None, [], str(exc))
@@ -106,6 +117,8 @@ def _execute(
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(130)
+    if result.status == "worker":
+        return
     console.print(f"[green]passed[/]: artifact at {result.artifact}")
     _emit(as_json, result.status, result.artifact, result.stages, None)
 
@@ -241,6 +254,74 @@ def quantize_cmd(
         trust_remote_code=trust_remote_code,
         overwrite=overwrite,
     )
+
+
+@app.command("distill")
+def distill_cmd(
+    teacher: Annotated[str, typer.Argument(help="Checkpoint folder, `package:NAME` or hub id: the model to shrink.")],
+    recipe: Annotated[
+        Path | None,
+        typer.Option("-r", "--recipe", help="Take calibration, evals and the distill stage (with its gate) from here."),
+    ] = None,
+    data: Annotated[
+        list[str],
+        typer.Option(
+            "--data", help="Training text file (repeatable): .txt/.jsonl/.csv/.parquet or a `datasets` folder."
+        ),
+    ] = [],  # noqa: B006
+    layers: Annotated[
+        str | None,
+        typer.Option("--layers", help="Teacher layers to keep, e.g. 0,2,4, or how many (spread evenly), e.g. 3."),
+    ] = None,
+    steps: Annotated[int | None, typer.Option("--steps", help="Optimizer steps.")] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from the checkpoints an interrupted run left beside OUT.")
+    ] = False,
+    suites: Annotated[
+        list[str], typer.Option("--suite", help="Eval suite the gate may use, e.g. evals/stsb-test.yaml.")
+    ] = [],  # noqa: B006
+    gate: Annotated[list[str], typer.Option("--gate", help="A gate check, e.g. 'spearman max_drop 0.02'.")] = [],  # noqa: B006
+    out: OutOpt = None,
+    as_json: JsonOpt = False,
+    cache_dir: CacheOpt = None,
+    dry_run: DryRunOpt = False,
+    allow_pickle: PickleOpt = False,
+    trust_remote_code: RemoteOpt = False,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Distill TEACHER into a student with fewer layers, trained to mimic it on unlabeled text, and gate
+    the student against the teacher. Runs under `torchrun --nproc_per_node=N` as it is (DDP).
+
+    Writes a checkpoint folder (safetensors, tokenizer, sentence-transformers files) that is also an
+    artifact (model.onnx, runtime, manifest, report)."""
+    checks = [_parse_check(text) for text in gate]
+    settings = {
+        "layers": _parse_layers(layers) if layers is not None else None,
+        "steps": steps,
+        "data": [{"path": spec} for spec in data] or None,
+        "gate": checks or None,
+    }
+    _execute(
+        lambda: single_stage("distill", teacher, recipe, settings, {"evals": suites or None}),
+        out,
+        as_json,
+        dry_run,
+        cache_dir=cache_dir,
+        allow_pickle=allow_pickle,
+        trust_remote_code=trust_remote_code,
+        overwrite=overwrite,
+        resume=resume,
+    )
+
+
+def _parse_layers(text: str) -> int | list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"{text!r}: give layer indices like 0,2,4 or a count like 3") from None
+    if not values:
+        raise typer.BadParameter("give layer indices like 0,2,4 or a count like 3")
+    return values[0] if len(values) == 1 and "," not in text else values
 
 
 def _parse_check(text: str) -> dict[str, Any]:

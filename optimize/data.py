@@ -9,7 +9,7 @@ import hashlib
 import json
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from optimize.errors import UsageError
 
@@ -43,6 +43,29 @@ def read_rows(path: Path, delimiter: str | None = None) -> list[dict[str, Any]]:
     except OSError as exc:
         raise UsageError(f"{path}: cannot read ({exc})") from None
     raise UsageError(f"{path}: unknown data format {suffix!r}; use one of {', '.join(SUFFIXES)}")
+
+
+Format = Literal["auto", "tsv-noheader", "label-text"]
+
+
+def read_format(path: Path, fmt: Format, named_in: Path | str) -> list[dict[str, Any]]:
+    """Rows of a data file in a named layout: `auto` (by suffix, see `read_rows`), `tsv-noheader`
+    (numbered columns "0", "1", ...), or `label-text` (`<label> <text>` per line, as SST-2)."""
+    if fmt == "tsv-noheader":
+        return read_rows(path, delimiter="\t")
+    if fmt == "label-text":
+        if not path.is_file():
+            raise UsageError(f"{path}: no such data file")
+        rows = []
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            label, _, text = line.strip().partition(" ")
+            if not text or not label.lstrip("-").isdigit():
+                raise UsageError(f"{path}:{number}: expected `<label> <text>` (format label-text in {named_in})")
+            rows.append({"label": label, "text": text})
+        return rows
+    return read_rows(path)
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:

@@ -39,6 +39,10 @@ class ModelHandle:
     def with_onnx(self, path: Path) -> ModelHandle:
         return dataclasses.replace(self, onnx_path=path)
 
+    def with_checkpoint(self, folder: Path) -> ModelHandle:
+        """A new checkpoint (a distilled student): no ONNX file yet, weights from safetensors."""
+        return dataclasses.replace(self, checkpoint=folder, onnx_path=None, allow_pickle=False)
+
     @property
     def is_onnx(self) -> bool:
         return self.onnx_path is not None

@@ -32,13 +32,23 @@ def find(relative: str, folder: str, base_dir: Path | None = None) -> Path:
     return base / path
 
 
+def data_roots() -> list[Path]:
+    """Where public data sets live: `$OPTIMIZE_DATA_ROOT`, then `../shared/data` of a source checkout."""
+    roots = [Path(os.environ["OPTIMIZE_DATA_ROOT"])] if os.environ.get("OPTIMIZE_DATA_ROOT") else []
+    return [*roots, SOURCE_TREE.parent / "shared" / "data"]
+
+
+def find_training_data(relative: str, base_dir: Path | None = None) -> Path:
+    """A data file a recipe trains on: found as recipe files are (`find`), else among the data roots."""
+    found = find(relative, "calibration", base_dir)
+    if found.exists():
+        return found
+    return next((root / relative for root in data_roots() if (root / relative).exists()), found)
+
+
 def find_dataset(name: str, suite_path: Path) -> Path:
     """The data file an eval suite names (`data: stsb/sts-test.csv`)."""
-    roots = [suite_path.parent]
-    if os.environ.get("OPTIMIZE_DATA_ROOT"):
-        roots.append(Path(os.environ["OPTIMIZE_DATA_ROOT"]))
-    roots.append(SOURCE_TREE.parent / "shared" / "data")
-    for root in roots:
+    for root in [suite_path.parent, *data_roots()]:
         if (root / name).exists():
             return (root / name).resolve()
     raise UsageError(

@@ -18,13 +18,14 @@ import dataclasses
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
-from optimize import artifact, metrics, report
+from optimize import artifact, metrics, report, training
 from optimize.data import column, read_rows, split_calibration, texts_sha256
 from optimize.errors import GateFailed, UsageError
 from optimize.evaluate import Evaluator, SpeedSettings
@@ -45,6 +46,7 @@ class RunOptions:
     trust_remote_code: bool = False
     cache_dir: Path | None = None
     overwrite: bool = False
+    resume: bool = False  # continue a training stage from its checkpoints beside OUT
 
 
 @dataclass
@@ -177,16 +179,7 @@ class _Run:
             measured, _ = self.evaluator.measure(handle)
             return measured, judge_all(checks, measured, reference, source)
 
-        recipe = self.prepared.loaded.recipe
-        ctx = StageContext(
-            self.workdir(stage.kind),
-            tuple(self.prepared.calibration),
-            recipe.calibration.seq_len,
-            recipe.seed,
-            judge,
-            self.evaluator.probe,
-            self.console,
-        )
+        ctx = self.context(index, stage, judge)
         try:
             # stdout is kept for --json: what a library prints during a stage goes to stderr.
             with self.console.status(f"stage {index} ({name}): running"), contextlib.redirect_stdout(sys.stderr):
@@ -211,6 +204,23 @@ class _Run:
             advice = f"; {result.advice}" if result.advice else ""
             raise self.fail(f"stage {index} ({name}): gate failed: {record.failed_checks()}{advice}")
         return result.model
+
+    def context(
+        self, index: int, stage: StageBase, judge: Callable[[ModelHandle], tuple[dict[str, float], dict[str, Any]]]
+    ) -> StageContext:
+        loaded = self.prepared.loaded
+        return StageContext(
+            self.workdir(stage.kind),
+            tuple(self.prepared.calibration),
+            loaded.recipe.calibration.seq_len,
+            loaded.recipe.seed,
+            judge,
+            self.evaluator.probe,
+            self.console,
+            loaded.base_dir,
+            checkpoints=_checkpoints(self.options.out) / f"stage-{index}",
+            resume=self.options.resume,
+        )
 
     def manifest(self, model: ModelHandle) -> dict[str, Any]:
         prepared, loaded = self.prepared, self.prepared.loaded
@@ -259,6 +269,8 @@ def run(loaded: LoadedRecipe, options: RunOptions, console: Console) -> RunResul
     staging: Path | None = None
     try:
         state = _Run(prepared, options, console, workroot)
+        if not training.is_main():
+            return _train_only(state)
         model = prepared.model
         with console.status("measuring the reference (input model)"):
             state.reference, state.reference_details = prepared.evaluator.measure(model)
@@ -270,6 +282,9 @@ def run(loaded: LoadedRecipe, options: RunOptions, console: Console) -> RunResul
         assert model.onnx_path is not None
         staging = artifact.staging_dir(options.out)
         summary = state.summary("passed")
+        # A trained student ships its weights too, so the artifact is also a checkpoint folder that
+        # transformers, sentence-transformers and a later `optimize quantize` take as it is.
+        trained = model.checkpoint != prepared.model.checkpoint
         artifact.write(
             options.out,
             staging,
@@ -279,10 +294,26 @@ def run(loaded: LoadedRecipe, options: RunOptions, console: Console) -> RunResul
             report.markdown(summary),
             summary.to_json(),
             options.overwrite,
+            with_weights=trained,
         )
         staging = None
+        shutil.rmtree(_checkpoints(options.out), ignore_errors=True)  # the artifact supersedes them
         return RunResult("passed", options.out, state.stages)
     finally:
         shutil.rmtree(workroot, ignore_errors=True)
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def _checkpoints(out: Path) -> Path:
+    out = out.resolve()
+    return out.parent / f".{out.name}.checkpoints"
+
+
+def _train_only(state: _Run) -> RunResult:
+    """A torchrun worker (rank > 0) only trains beside rank 0: the first stage, when it is one that
+    trains (distill); rank 0 alone measures, gates and writes."""
+    first = state.prepared.loaded.recipe.stages[0]
+    if first.kind == "distill":
+        first.run(state.prepared.model, state.context(0, first, lambda handle: ({}, {"passed": True})))
+    return RunResult("worker", None)

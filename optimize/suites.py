@@ -25,7 +25,7 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from optimize.data import read_rows
+from optimize.data import read_format
 from optimize.errors import UsageError
 from optimize.metrics import suite_metric
 from optimize.paths import find_dataset
@@ -68,22 +68,6 @@ class LoadedSuite:
         return np.array([float(r[self.suite.columns["label"]]) for r in (self.rows if rows is None else rows)])
 
 
-def _rows(path: Path, fmt: str, suite_path: Path) -> list[dict[str, Any]]:
-    if fmt == "tsv-noheader":
-        return read_rows(path, delimiter="\t")
-    if fmt == "label-text":
-        rows = []
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            label, _, text = line.strip().partition(" ")
-            if not text or not label.lstrip("-").isdigit():
-                raise UsageError(f"{path}:{number}: expected `<label> <text>` (format label-text in {suite_path})")
-            rows.append({"label": label, "text": text})
-        return rows
-    return read_rows(path)
-
-
 def read_suite(path: Path) -> Suite:
     """The suite's settings only, no data read: what recipe validation needs."""
     try:
@@ -104,8 +88,8 @@ def read_suite(path: Path) -> Suite:
 def load_suite(path: Path) -> LoadedSuite:
     """The suite with its rows, checked: the columns it names exist and labels are numbers."""
     suite = read_suite(path)
-    rows = _rows(find_dataset(suite.data, path), suite.format, path)
-    train = _rows(find_dataset(suite.train_data, path), suite.format, path) if suite.train_data else []
+    rows = read_format(find_dataset(suite.data, path), suite.format, path)
+    train = read_format(find_dataset(suite.train_data, path), suite.format, path) if suite.train_data else []
     if suite.train_limit is not None and len(train) > suite.train_limit:
         train = random.Random(suite.seed).sample(train, suite.train_limit)
     if not rows:

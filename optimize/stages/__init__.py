@@ -11,6 +11,7 @@ from typing import Annotated
 from pydantic import Field
 
 from optimize.stages.compile import CompileStage
+from optimize.stages.distill import DistillStage
 from optimize.stages.quantize import QuantizeStage
 
-Stage = Annotated[QuantizeStage | CompileStage, Field(discriminator="kind")]
+Stage = Annotated[DistillStage | QuantizeStage | CompileStage, Field(discriminator="kind")]

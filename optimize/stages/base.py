@@ -58,6 +58,9 @@ class StageContext:
     # Cheap fidelity probe on the held-out texts (cosine_mean, cosine_min vs the reference).
     probe: Callable[[ModelHandle], dict[str, float]]
     console: Console  # progress and tables (stderr: stdout is kept for --json)
+    base_dir: Path = Path()  # relative data paths in the recipe resolve against this folder first
+    checkpoints: Path | None = None  # where a training stage keeps checkpoints a rerun resumes
+    resume: bool = False  # continue from those checkpoints (--resume)
 
 
 @dataclass(frozen=True)
