@@ -188,6 +188,16 @@ class Evaluator:
     reference_outputs: np.ndarray | None = None
     conditions: dict[str, object] = field(default_factory=dict)
     _cache: dict[tuple[object, ...], tuple[dict[str, float], dict[str, object]]] = field(default_factory=dict)
+    _outputs: dict[ModelHandle, np.ndarray] = field(default_factory=dict)
+
+    def agreement(self, candidate: ModelHandle, base: ModelHandle) -> dict[str, float]:
+        """Fidelity of `candidate` to `base` (not to the reference) on the held-out texts: how a
+        default gate judges a stage whose input is no longer the reference (after distillation)."""
+        seq_len = self.speed.seq_len if self.speed else self.seq_len
+        if base not in self._outputs:
+            self._outputs[base] = outputs(open_model(base, seq_len), base.task, self.texts)
+        rows = outputs(open_model(candidate, seq_len), candidate.task, self.texts)
+        return fidelity(rows, self._outputs[base], candidate.task)
 
     def probe(self, handle: ModelHandle) -> dict[str, float]:
         """Fidelity on the held-out texts only: the cheap signal for per-layer sensitivity."""

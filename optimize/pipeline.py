@@ -131,6 +131,23 @@ class _Run:
         self.reference_details: dict[str, Any] = {}
         self.plan: dict[str, str] = {}
         self.runtime: dict[str, Any] = {}
+        # What default gates measure fidelity against: the reference (None) until a stage changes the
+        # weights (distillation); from then on the newest trained model, so a later stage is judged on
+        # what it changed, not on the distance the student already is from its teacher.
+        self.anchor: ModelHandle | None = None
+
+    def judge(
+        self, checks: list[GateCheck], measured: dict[str, float], source: GateSource, handle: ModelHandle
+    ) -> dict[str, Any]:
+        values = measured
+        if source == "default" and self.anchor is not None:
+            values = {**measured, **self.evaluator.agreement(handle, self.anchor)}
+        return judge_all(checks, values, self.reference, source)
+
+    def probe(self, handle: ModelHandle) -> dict[str, float]:
+        if self.anchor is None:
+            return self.evaluator.probe(handle)
+        return self.evaluator.agreement(handle, self.anchor)
 
     def workdir(self, name: str) -> Path:
         path = self.workroot / f"{len(self.stages)}-{name}"
@@ -162,7 +179,7 @@ class _Run:
                 model, self.workdir("export"), self.prepared.holdout, cal.seq_len, self.options.cache_dir
             )
             measured, details = self.evaluator.measure(exported)
-        gate = judge_all(default_gate(model.task), measured, self.reference, "default")
+        gate = self.judge(default_gate(model.task), measured, "default", exported)
         record = self.record(StageRecord("export", "export", info, measured, gate, details))
         if not record.passed:
             raise self.fail(f"export: the ONNX model does not agree with the checkpoint: {record.failed_checks()}")
@@ -173,11 +190,10 @@ class _Run:
         if stage.needs_onnx and not model.is_onnx:
             model = self.export(model)
         name, checks, source = stage.name or stage.kind, list(stage.gate or []), self.prepared.sources[index]
-        reference = self.reference
 
         def judge(handle: ModelHandle) -> tuple[dict[str, float], dict[str, Any]]:
             measured, _ = self.evaluator.measure(handle)
-            return measured, judge_all(checks, measured, reference, source)
+            return measured, self.judge(checks, measured, source, handle)
 
         ctx = self.context(index, stage, judge)
         try:
@@ -196,10 +212,12 @@ class _Run:
                 stage.kind,
                 stage.model_dump(mode="json", exclude={"gate", "name"}),
                 measured,
-                judge_all(checks, measured, reference, source),
+                self.judge(checks, measured, source, result.model),
                 {**result.decisions, "speed": speed},
             )
         )
+        if result.model.checkpoint != model.checkpoint:
+            self.anchor = result.model  # new weights: later default gates compare against them
         if not record.passed:
             advice = f"; {result.advice}" if result.advice else ""
             raise self.fail(f"stage {index} ({name}): gate failed: {record.failed_checks()}{advice}")
@@ -215,7 +233,7 @@ class _Run:
             loaded.recipe.calibration.seq_len,
             loaded.recipe.seed,
             judge,
-            self.evaluator.probe,
+            self.probe,
             self.console,
             loaded.base_dir,
             checkpoints=_checkpoints(self.options.out) / f"stage-{index}",
