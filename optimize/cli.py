@@ -43,6 +43,9 @@ CacheOpt = Annotated[Path | None, typer.Option("--cache-dir", help="Reuse export
 PickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Load pickled (.bin) weights; they can run code.")]
 RemoteOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Run model code shipped with the checkpoint.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists (only once the run passed).")]
+ResumeOpt = Annotated[
+    bool, typer.Option("--resume", help="Continue training from the checkpoints an unfinished run left beside OUT.")
+]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the resolved recipe and exit.")]
 
 
@@ -161,6 +164,7 @@ def run_cmd(
     allow_pickle: PickleOpt = False,
     trust_remote_code: RemoteOpt = False,
     overwrite: OverwriteOpt = False,
+    resume: ResumeOpt = False,
 ) -> None:
     """Run a whole recipe: reference, then each stage with its gate, then the artifact.
 
@@ -178,6 +182,7 @@ def run_cmd(
         allow_pickle=allow_pickle,
         trust_remote_code=trust_remote_code,
         overwrite=overwrite,
+        resume=resume,
     )
 
 
@@ -274,9 +279,7 @@ def distill_cmd(
         typer.Option("--layers", help="Teacher layers to keep, e.g. 0,2,4, or how many (spread evenly), e.g. 3."),
     ] = None,
     steps: Annotated[int | None, typer.Option("--steps", help="Optimizer steps.")] = None,
-    resume: Annotated[
-        bool, typer.Option("--resume", help="Continue from the checkpoints an interrupted run left beside OUT.")
-    ] = False,
+    resume: ResumeOpt = False,
     suites: Annotated[
         list[str], typer.Option("--suite", help="Eval suite the gate may use, e.g. evals/stsb-test.yaml.")
     ] = [],  # noqa: B006

@@ -196,12 +196,17 @@ def open_checkpoint(
 def open_any(
     spec: str, allow_pickle: bool = False, trust_remote_code: bool = False, base_dir: Path | None = None
 ) -> ModelHandle:
-    """A checkpoint, an .onnx file (tokenizer and config.json beside it) or an artifact folder."""
+    """A checkpoint, an .onnx file (tokenizer and config.json beside it) or an artifact folder.
+
+    An artifact is measured as it ships (its model.onnx), also when it carries the safetensors of a
+    distilled student (which a distill stage then trains from); a checkpoint folder that happens to
+    hold a model.onnx beside its safetensors stays a checkpoint."""
     path = Path(spec).expanduser()
     if base_dir is not None and not path.is_absolute() and (base_dir / path).exists():
         path = base_dir / path
     onnx_path = path if path.suffix == ".onnx" else path / "model.onnx"
-    if onnx_path.is_file() and not any(onnx_path.parent.glob("*.safetensors")):
+    explicit = path.suffix == ".onnx" or (path / "manifest.json").is_file()
+    if onnx_path.is_file() and (explicit or not any(onnx_path.parent.glob("*.safetensors"))):
         folder = onnx_path.parent
         for needed in ("config.json", "tokenizer.json"):
             if not (folder / needed).is_file():

@@ -106,6 +106,8 @@ def prepare(loaded: LoadedRecipe, options: RunOptions, console: Console) -> Prep
                     f"{loaded.source}: stages.{index}.gate: {check.metric} is not measured for a "
                     f"{model.task} model (measured: {', '.join(sorted(measured))})"
                 )
+    for stage in recipe.stages:
+        stage.check_input(model, loaded.base_dir)
     sources = [gate_source(stage.gate) for stage in recipe.stages]
     for index, stage in enumerate(recipe.stages):
         if sources[index] == "ungated":

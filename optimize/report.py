@@ -68,6 +68,22 @@ def markdown(run: RunSummary) -> str:
                 f"- {stage.name}: **ungated** (`gate: []` in the recipe): its output was not checked "
                 "against the input model"
             )
+    for stage in run.stages:
+        curve = stage.details.get("loss_curve")
+        if curve:
+            lines += [
+                "",
+                f"## Distillation loss ({stage.name})",
+                "",
+                "| step | train | held-out | lr |",
+                "|---|---|---|---|",
+            ]
+            shown = curve if len(curve) <= 12 else [*curve[:: len(curve) // 12], curve[-1]]
+            points = {point["step"]: point for point in shown}  # the last point may repeat
+            lines += [
+                f"| {p['step']} | {_fmt(p['train_loss'])} | {_fmt(p['heldout_loss'])} | {p['lr']:.2e} |"
+                for p in points.values()
+            ]
     if run.failure:
         lines += ["", "## Why it failed", "", run.failure]
     return "\n".join(lines) + "\n"

@@ -186,13 +186,23 @@ def train(
             f"{settings.accumulation} accumulation steps; make it a multiple of {world * settings.accumulation}"
         )
     torch.manual_seed(settings.seed)
+    gpu = torch.cuda.is_available()
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if gpu else "cpu")
     if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    student.eval()  # dropout off; gradients still flow
-    teacher.eval()
+        torch.distributed.init_process_group("nccl" if gpu else "gloo")
+    student.to(device).eval()  # dropout off; gradients still flow
+    teacher.to(device).eval()
     model: torch.nn.Module = student
     if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(student)
+        # Parts of a checkpoint the loss never reaches (BERT's pooler under an embedding loss) get no
+        # gradient; DDP must be told, or it waits for them.
+        model = torch.nn.parallel.DistributedDataParallel(
+            student, device_ids=[device.index] if gpu else None, find_unused_parameters=True
+        )
+
+    def batch(texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        return {k: v.to(device) for k, v in tokenize(texts).items()}
+
     decay = [p for n, p in student.named_parameters() if p.ndim > 1]
     no_decay = [p for n, p in student.named_parameters() if p.ndim <= 1]
     optimizer = torch.optim.AdamW(
@@ -200,7 +210,7 @@ def train(
         lr=settings.lr,
     )
     start, history = checkpoints.load(student, optimizer) if resume and checkpoints else (0, [])
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.bf16)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.bf16)
     columns = (
         TextColumn("distill"),
         BarColumn(),
@@ -221,9 +231,9 @@ def train(
             total = 0.0
             for i in range(settings.accumulation):
                 with autocast:
-                    loss = loss_fn(model, teacher, tokenize(mine[i * micro : (i + 1) * micro])) / settings.accumulation
+                    loss = loss_fn(model, teacher, batch(mine[i * micro : (i + 1) * micro])) / settings.accumulation
                 loss.backward()  # type: ignore[no-untyped-call]
-                total += float(loss)
+                total += float(loss.detach())
             torch.nn.utils.clip_grad_norm_(student.parameters(), settings.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -231,7 +241,7 @@ def train(
             progress.update(bar, advance=1, loss=f"{running[-1]:.5f}")
             done = step + 1
             if done % settings.eval_every == 0 or done == settings.steps:
-                held = heldout_loss(student, teacher, tokenize, loss_fn, heldout_texts, micro)
+                held = heldout_loss(student, teacher, batch, loss_fn, heldout_texts, micro)
                 history.append(
                     {
                         "step": done,
@@ -247,6 +257,7 @@ def train(
     if world > 1:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+    student.to("cpu")
     return history
 
 

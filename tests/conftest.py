@@ -121,3 +121,27 @@ def int8_breaks(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for name in TOKENIZER_FILES:
         shutil.copyfile(minilm_path() / name, folder / name)
     return folder
+
+
+@pytest.fixture(scope="session")
+def deep_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 3-layer random BERT whose layers matter (weights drawn at std 0.3, not 0.02): a teacher a
+    1-layer student cannot copy without training."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("deep-bert")
+    config = BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=512,
+        initializer_range=0.3,
+    )
+    BertModel(config).save_pretrained(folder, safe_serialization=True)
+    for name in TOKENIZER_FILES:
+        shutil.copyfile(minilm_path() / name, folder / name)
+    return folder

@@ -76,3 +76,31 @@ def test_quantize_with_defaults_only_passes_is_faster_and_keeps_spearman(tmp_pat
     assert scored.exit_code == 0, scored.output
     scores = json.loads(scored.stdout)
     assert scores["reference"]["metrics"]["spearman"] - scores["metrics"]["spearman"] <= 0.003
+
+
+def test_minilm_distilled_to_three_layers_keeps_most_of_its_spearman_and_is_faster(tmp_path):
+    # The short CI version of recipes/minilm-distill-int8.yaml's first stage (1500 steps there):
+    # 100 steps on 3,000 STS-B train sentences (without their scores), gated on STS-B test Spearman.
+    import yaml
+
+    recipe = yaml.safe_load((ROOT / "recipes" / "minilm-distill-int8.yaml").read_text())
+    distill = recipe["stages"][0]
+    distill.update(
+        steps=100,
+        holdout=128,
+        eval_every=50,
+        gate=[{"metric": "spearman", "max_drop": 0.04}],
+        data=[{**distill["data"][0], "limit": 3000}],
+    )
+    recipe.update(stages=[distill], evals=[str(ROOT / "evals" / "stsb-test.yaml")])
+    path = tmp_path / "short.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    out = tmp_path / "student"
+    result = CliRunner().invoke(app, ["run", str(path), "-o", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    manifest = runtime.verify(out)
+    reference, student = manifest["reference"]["metrics"], manifest["stages"][0]["metrics"]
+    assert student["spearman"] >= 0.78  # teacher 0.8203; 0.805 after 150 steps of the full recipe's data
+    assert student["latency_p50_ms"] * 1.3 <= reference["latency_p50_ms"]  # 3 of 6 layers, same run
+    curve = manifest["stages"][0]["details"]["loss_curve"]
+    assert curve[-1]["heldout_loss"] < curve[0]["heldout_loss"]

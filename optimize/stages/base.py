@@ -39,6 +39,10 @@ class StageBase(BaseModel):
     def run(self, model: ModelHandle, ctx: StageContext) -> StageResult:
         raise NotImplementedError(f"stage kind {type(self).__name__} has no run()")
 
+    def check_input(self, model: ModelHandle, base_dir: Path) -> None:
+        """Raise `UsageError` for what this stage cannot do with the recipe's model (read from its
+        config, no weights loaded): called before the reference is measured."""
+
     def problems(self, target: str) -> list[tuple[tuple[str | int, ...], str]]:
         """Recipe-level problems only this kind knows of (key path within the stage, message), given
         the recipe's compile target; found by validation, before any model loads."""

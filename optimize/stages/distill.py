@@ -97,8 +97,45 @@ class DistillStage(StageBase):
             raise ValueError("layers: a student needs at least 1 layer")
         return self
 
+    def check_input(self, model: ModelHandle, base_dir: Path) -> None:
+        if not any(model.checkpoint.glob("*.safetensors")) and not model.allow_pickle:
+            raise UsageError(
+                f"distill: the teacher must be a checkpoint with weights (safetensors); {model.checkpoint} has "
+                "none (an ONNX model cannot be trained)"
+            )
+        config = json.loads((model.checkpoint / "config.json").read_text())
+        count = config.get("num_hidden_layers", config.get("n_layers", config.get("n_layer")))
+        if isinstance(count, int):
+            chosen_layers(self.layers, count)
+        width = config.get("hidden_size", config.get("dim"))
+        if self.student.hidden_size is not None and width is not None:
+            check_width(self.student.hidden_size, width)
+        for source in self.data:
+            find_data(source, base_dir)
+
     def run(self, model: ModelHandle, ctx: StageContext) -> StageResult:
         return run(self, model, ctx)
+
+
+def check_width(student: int, teacher: int) -> None:
+    if student != teacher:
+        raise UsageError(
+            f"distill: student.hidden_size {student} differs from the teacher's {teacher}: that needs a learned "
+            "projection, which this version does not build; keep the hidden size and shrink layers, "
+            "intermediate_size or num_attention_heads"
+        )
+
+
+def find_data(source: DataSource, base_dir: Path) -> Path:
+    from optimize.paths import find_training_data
+
+    path = find_training_data(source.path, base_dir)
+    if not path.exists():
+        raise UsageError(
+            f"distill: data: {source.path} not found (beside the recipe, in the working folder, "
+            "under $OPTIMIZE_DATA_ROOT or ../shared/data)"
+        )
+    return path
 
 
 def layer_list(model: torch.nn.Module, count: int) -> str:
@@ -131,12 +168,8 @@ def build_student(teacher: torch.nn.Module, layers: list[int], overrides: Studen
 
     config: Any = copy.deepcopy(teacher.config)
     count = int(config.num_hidden_layers)
-    if overrides.hidden_size is not None and overrides.hidden_size != config.hidden_size:
-        raise UsageError(
-            f"distill: student.hidden_size {overrides.hidden_size} differs from the teacher's {config.hidden_size}: "
-            "that needs a learned projection, which this version does not build; keep the hidden size and "
-            "shrink layers, intermediate_size or num_attention_heads"
-        )
+    if overrides.hidden_size is not None:
+        check_width(overrides.hidden_size, config.hidden_size)
     prefix = layer_list(teacher, count) + "."
     config.num_hidden_layers = len(layers)
     if getattr(config, "layer_types", None):
@@ -160,20 +193,13 @@ def build_student(teacher: torch.nn.Module, layers: list[int], overrides: Studen
 
 def load_texts(config: DistillStage, ctx: StageContext, base_dir: Path) -> tuple[list[str], list[str], list[str]]:
     """Training texts, held-out texts, and where they came from; bad or empty data is exit 2."""
-    from optimize.paths import find_training_data
-
     texts: list[str] = []
     sources: list[str] = []
     if not config.data:
         texts = list(ctx.calibration_texts)
         sources.append("calibration texts")
     for source in config.data:
-        path = find_training_data(source.path, base_dir)
-        if not path.exists():
-            raise UsageError(
-                f"distill: data: {source.path} not found (beside the recipe, in the working folder, "
-                "under $OPTIMIZE_DATA_ROOT or ../shared/data)"
-            )
+        path = find_data(source, base_dir)
         rows = read_format(path, source.format, "distill data")
         names: list[str | None] = list(source.columns) or [None]
         found = [text for name in names for text in column(rows, name, path)]
@@ -236,8 +262,7 @@ def run(config: DistillStage, model: ModelHandle, ctx: StageContext) -> StageRes
 
     from optimize.runtime import Tokenizer
 
-    if model.is_onnx:
-        raise UsageError("distill: the teacher must be a checkpoint (safetensors), not an ONNX model")
+    config.check_input(model, ctx.base_dir)
     teacher = load_torch(model)
     teacher_config: Any = teacher.config
     count = int(teacher_config.num_hidden_layers)
