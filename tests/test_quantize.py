@@ -130,3 +130,15 @@ def test_a_gate_on_a_metric_no_suite_measures_is_refused_before_any_work(tiny_be
     )
     result, report = run(recipe, tmp_path / "out")
     assert result.exit_code == 2 and "spearman is not measured" in report["error"]
+
+
+def test_fuse_then_quantize_runs_attention_as_one_int8_op(tiny_bert, tmp_path):
+    method = {"name": "dynamic", "fuse": True}
+    recipe = write_recipe(tmp_path, quantize_stage(precision="int8", method=method), model=str(tiny_bert))
+    result, report = run(recipe, tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "out" / "model.onnx")).graph.node}
+    assert {"QAttention", "QEmbedLayerNormalization"} <= ops
+    plan = json.loads((tmp_path / "out" / "manifest.json").read_text())["precision_plan"]
+    assert any("Attention" in name for name in plan)  # the fused ops are layers of the plan
+    assert report["stages"][-1]["gate"]["source"] == "default" and report["stages"][-1]["gate"]["passed"]

@@ -60,7 +60,9 @@ def _optimize(source: Path, out: Path, level: str) -> None:
     ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
 
 
-def _fuse(source: Path, out: Path, checkpoint: Path) -> dict[str, int]:
+def fuse(source: Path, out: Path, checkpoint: Path) -> dict[str, int]:
+    """onnxruntime.transformers' fusions (Attention, SkipLayerNormalization, BiasGelu,
+    EmbedLayerNormalization) for the model type in config.json; returns the fused-op counts."""
     import json
 
     from onnxruntime.transformers import optimizer
@@ -87,7 +89,7 @@ def build(variant: str, model: ModelHandle, out: Path) -> dict[str, Any]:
         shutil.copyfile(model.onnx_path, out)
         return {}
     if variant == "fused":
-        return {"fused": _fuse(model.onnx_path, out, model.checkpoint)}
+        return {"fused": fuse(model.onnx_path, out, model.checkpoint)}
     _optimize(model.onnx_path, out, variant)
     return {}
 

@@ -36,6 +36,9 @@ class MethodBase(BaseModel):
         raise NotImplementedError
 
 
+# The ops whose constant weight a method quantizes, and which input holds it.
+WEIGHT_INPUT = {"MatMul": 1, "Gather": 0, "Attention": 1, "EmbedLayerNormalization": 2}
+
 Int8Weights = Literal["auto", "s8", "s8-reduced"]
 INT8_WEIGHTS_HELP = (
     "auto: full-range s8 on CPUs with VNNI/AMX/dotprod, 7-bit s8-reduced elsewhere "
@@ -57,6 +60,11 @@ class Dynamic(MethodBase):
     name: Literal["dynamic"] = "dynamic"
     per_channel: bool = Field(True, description="int8 weight scales per output channel")
     weights: Int8Weights = Field("auto", description=INT8_WEIGHTS_HELP)
+    fuse: bool = Field(
+        False,
+        description="fuse attention, layer norms and embeddings (onnxruntime.transformers) before quantizing, "
+        "so attention runs as one int8 QAttention op",
+    )
 
     def build(self, src: Path, out: Path, layers: list[str], calibration: Callable[[], CalibrationReader]) -> None:
         from onnxruntime import quantization as q
@@ -67,8 +75,10 @@ class Dynamic(MethodBase):
             per_channel=self.per_channel,
             weight_type=q.QuantType.QInt8,
             reduce_range=int8_weight_range(self.weights, cpu.current()) == "s8-reduced",
-            op_types_to_quantize=["MatMul", "Gather"],
+            op_types_to_quantize=list(WEIGHT_INPUT),
             nodes_to_quantize=layers,
+            # Fused contrib ops defeat ONNX shape inference; their float outputs are float.
+            extra_options={"DefaultTensorType": 1},
         )
 
 

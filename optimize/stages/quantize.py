@@ -38,7 +38,15 @@ from optimize import cpu
 from optimize.errors import GateFailed, UsageError
 from optimize.model import ModelHandle
 from optimize.stages.base import StageBase, StageContext, StageResult
-from optimize.stages.methods import Dynamic, Method, MethodBase, Static, default_method, int8_weight_range
+from optimize.stages.methods import (
+    WEIGHT_INPUT,
+    Dynamic,
+    Method,
+    MethodBase,
+    Static,
+    default_method,
+    int8_weight_range,
+)
 
 FLOAT = "fp32"
 
@@ -102,18 +110,18 @@ class QuantizeStage(StageBase):
 
 
 def quantizable_layers(path: Path, precision: str) -> dict[str, int]:
-    """MatMuls with a constant weight, and (int8 only) Gathers from a constant table (embeddings),
-    each with its weight's element count: what keeping it in float costs, in size and (for a
-    MatMul) in multiply-adds per token."""
+    """Ops with a constant weight (MatMul; with int8 also embedding Gathers and the fused Attention and
+    EmbedLayerNormalization), each with its weight's element count: what keeping it in float costs,
+    in size and (for a MatMul) in multiply-adds per token. int4 (MatMulNBits) takes MatMuls only."""
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
     sizes = {i.name: math.prod(i.dims) for i in model.graph.initializer}
+    kinds = WEIGHT_INPUT if precision != "int4" else {"MatMul": 1}
     return {
-        n.name: sizes[n.input[1] if n.op_type == "MatMul" else n.input[0]]
+        n.name: sizes[n.input[kinds[n.op_type]]]
         for n in model.graph.node
-        if (n.op_type == "MatMul" and n.input[1] in sizes)
-        or (n.op_type == "Gather" and n.input[0] in sizes and precision != "int4")
+        if n.op_type in kinds and len(n.input) > kinds[n.op_type] and n.input[kinds[n.op_type]] in sizes
     }
 
 
@@ -189,13 +197,24 @@ def sensitivity(
     return scores
 
 
-def _preprocess(model: ModelHandle, ctx: StageContext) -> ModelHandle:
+def _preprocess(model: ModelHandle, ctx: StageContext, method: MethodBase) -> ModelHandle:
     """onnxruntime's recommended step before quantizing: ONNX shape inference and ORT's basic graph
-    optimization (constant folding, redundant node removal), so fewer, larger ops get quantized."""
+    optimization (constant folding, redundant node removal), so fewer, larger ops get quantized.
+    With `fuse`, onnxruntime.transformers' fusions instead (their contrib ops defeat ONNX shape
+    inference): on the 3-layer distilled MiniLM, fused then int8 ran in 2.944 ms at batch 1 against
+    3.41 ms unfused, same run, STS-B Spearman 0.8224 vs the fp32 student's 0.8238."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from optimize.stages.compile import fuse
 
     assert model.onnx_path is not None
     out = ctx.workdir / "preprocessed.onnx"
+    if isinstance(method, Dynamic) and method.fuse:
+        try:
+            fuse(model.onnx_path, out, model.checkpoint)
+        except ValueError as exc:
+            raise UsageError(f"quantize: method.fuse: {exc}; set fuse: false") from None
+        return model.with_onnx(out)
     # Symbolic shape inference does not complete on every transformer export; ONNX's does.
     quant_pre_process(str(model.onnx_path), str(out), skip_symbolic_shape=True)
     return model.with_onnx(out)
@@ -269,7 +288,7 @@ def run(config: QuantizeStage, model: ModelHandle, ctx: StageContext) -> StageRe
     from optimize.evaluate import time_in_turns
 
     assert model.onnx_path is not None
-    model = _preprocess(model, ctx)
+    model = _preprocess(model, ctx, config.quantizer)
     assert model.onnx_path is not None
     low = config.low
     costs = quantizable_layers(model.onnx_path, low)
