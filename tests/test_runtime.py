@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from typer.testing import CliRunner
 
 from optimize import runtime
 from optimize.cli import app
-from tests.conftest import ROOT, minilm_path, write_recipe
+from tests.conftest import ROOT, minilm_path, small_bert, write_recipe
 
 ALL = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
 
@@ -135,27 +136,18 @@ def test_a_fresh_environment_with_only_the_requirements_runs_a_minilm_artifact(t
 def test_a_classifier_artifact_classifies_as_torch_does(tmp_path):
     """A sequence classifier goes through the pipeline (logit fidelity) and the runtime's classify
     gives torch's argmax label with its softmax score."""
-    import shutil
-
     import torch
-    from transformers import BertConfig, BertForSequenceClassification
 
-    torch.manual_seed(0)
     folder = tmp_path / "classifier"
-    config = BertConfig(
-        vocab_size=30522,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
+    labels = {0: "neg", 1: "neutral", 2: "pos"}
+    model: Any = small_bert(
+        folder,
+        "BertForSequenceClassification",
         num_labels=3,
-        id2label={0: "neg", 1: "neutral", 2: "pos"},
-        label2id={"neg": 0, "neutral": 1, "pos": 2},
+        id2label=labels,
+        label2id={v: k for k, v in labels.items()},
     )
-    model = BertForSequenceClassification(config).eval()
-    model.save_pretrained(folder, safe_serialization=True)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
-        shutil.copyfile(minilm_path() / name, folder / name)
+    model.eval()
     recipe = write_recipe(
         tmp_path, [{"kind": "compile", "gate": [{"metric": "top1_agreement", "min": 1.0}]}], model=str(folder)
     )
@@ -170,5 +162,5 @@ def test_a_classifier_artifact_classifies_as_torch_does(tmp_path):
     with torch.no_grad():
         logits = model(**{k: torch.from_numpy(v) for k, v in tokenizer(texts).items()}).logits
     probs = logits.softmax(-1)
-    assert [g["label"] for g in got] == [config.id2label[int(i)] for i in probs.argmax(-1)]
+    assert [g["label"] for g in got] == [labels[int(i)] for i in probs.argmax(-1)]
     assert [g["score"] for g in got] == pytest.approx(probs.max(-1).values.tolist(), abs=1e-5)
