@@ -201,8 +201,9 @@ def _preprocess(model: ModelHandle, ctx: StageContext, method: MethodBase) -> Mo
     """onnxruntime's recommended step before quantizing: ONNX shape inference and ORT's basic graph
     optimization (constant folding, redundant node removal), so fewer, larger ops get quantized.
     With `fuse`, onnxruntime.transformers' fusions instead (their contrib ops defeat ONNX shape
-    inference): on the 3-layer distilled MiniLM, fused then int8 ran in 2.944 ms at batch 1 against
-    3.41 ms unfused, same run, STS-B Spearman 0.8224 vs the fp32 student's 0.8238."""
+    inference). Not a default: on the 3-layer distilled MiniLM (AVX-512 VNNI CPU), fused int8 ran
+    at 84.3 ms vs 73.8 ms unfused at batch 32 (5.35 vs 3.05 ms at batch 1), same run.
+    """
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     from optimize.stages.compile import fuse
