@@ -12,6 +12,7 @@ import os
 import re
 import signal
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.console import Console
 
-from optimize.errors import GateFailed, UsageError
+from optimize.errors import INTERRUPTED, GateFailed, UsageError
 
 if TYPE_CHECKING:
     from optimize.recipe import LoadedRecipe
@@ -92,6 +93,14 @@ def _execute(
 
     # Libraries (onnxruntime.quantization, optimum) log advice for every call; the run has its own report.
     logging.basicConfig(level=logging.ERROR, format="%(name)s: %(message)s")
+
+    def on_interrupt(signum: int, frame: object) -> None:
+        INTERRUPTED.set()
+        raise KeyboardInterrupt
+
+    INTERRUPTED.clear()
+    if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
+        signal.signal(signal.SIGINT, on_interrupt)
     # Under torchrun, rank 0 speaks for the run; the other ranks only train beside it.
     run_console = console if is_main() else Console(stderr=True, quiet=True)
     try:

@@ -7,6 +7,7 @@ did not hold; everything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import threading
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -27,3 +28,14 @@ class GateFailed(Exception):
     def __init__(self, message: str, stages: list[StageRecord] | None = None):
         super().__init__(message)
         self.stages = stages or []
+
+
+# Set by the command line's Ctrl-C handler. A library can swallow the KeyboardInterrupt it raises
+# (under load a run was seen to finish and exit 0 after Ctrl-C); the pipeline checks this flag between
+# steps and before the artifact is renamed into place, so an interrupted run never emits one.
+INTERRUPTED = threading.Event()
+
+
+def stop_if_interrupted() -> None:
+    if INTERRUPTED.is_set():
+        raise KeyboardInterrupt

@@ -27,7 +27,7 @@ from rich.console import Console
 
 from optimize import artifact, metrics, report, training
 from optimize.data import column, read_rows, split_calibration, texts_sha256
-from optimize.errors import GateFailed, UsageError
+from optimize.errors import INTERRUPTED, GateFailed, UsageError, stop_if_interrupted
 from optimize.evaluate import Evaluator, SpeedSettings
 from optimize.export import content_sha256, export
 from optimize.gate import GateCheck, GateSource, default_gate, judge_all
@@ -175,6 +175,7 @@ class _Run:
         return record
 
     def export(self, model: ModelHandle) -> ModelHandle:
+        stop_if_interrupted()
         cal = self.prepared.loaded.recipe.calibration
         with self.console.status("exporting to ONNX"), contextlib.redirect_stdout(sys.stderr):
             exported, info = export(
@@ -189,6 +190,7 @@ class _Run:
 
     def stage(self, index: int, stage: StageBase, model: ModelHandle) -> ModelHandle:
         """Run one stage on `model` and hold it to its gate; returns the stage's model."""
+        stop_if_interrupted()
         if stage.needs_onnx and not model.is_onnx:
             model = self.export(model)
         name, checks, source = stage.name or stage.kind, list(stage.gate or []), self.prepared.sources[index]
@@ -300,6 +302,7 @@ def run(loaded: LoadedRecipe, options: RunOptions, console: Console) -> RunResul
         if not model.is_onnx:
             model = state.export(model)
         assert model.onnx_path is not None
+        stop_if_interrupted()
         staging = artifact.staging_dir(options.out)
         summary = state.summary("passed")
         # A trained student ships its weights too, so the artifact is also a checkpoint folder that
@@ -317,6 +320,9 @@ def run(loaded: LoadedRecipe, options: RunOptions, console: Console) -> RunResul
             with_weights=trained,
         )
         staging = None
+        if INTERRUPTED.is_set():  # Ctrl-C while the files were written: take the artifact back
+            shutil.rmtree(options.out, ignore_errors=True)
+            raise KeyboardInterrupt
         shutil.rmtree(_checkpoints(options.out), ignore_errors=True)  # the artifact supersedes them
         return RunResult("passed", options.out, state.stages)
     finally:
