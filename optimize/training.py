@@ -53,7 +53,6 @@ class Settings:
     warmup: float  # fraction of the steps
     schedule: str  # cosine | linear
     max_grad_norm: float
-    seq_len: int
     bf16: bool
     eval_every: int
     checkpoint_every: int

@@ -191,7 +191,7 @@ def build_student(teacher: torch.nn.Module, layers: list[int], overrides: Studen
     return student
 
 
-def load_texts(config: DistillStage, ctx: StageContext, base_dir: Path) -> tuple[list[str], list[str], list[str]]:
+def load_texts(config: DistillStage, ctx: StageContext) -> tuple[list[str], list[str], list[str]]:
     """Training texts, held-out texts, and where they came from; bad or empty data is exit 2."""
     texts: list[str] = []
     sources: list[str] = []
@@ -199,7 +199,7 @@ def load_texts(config: DistillStage, ctx: StageContext, base_dir: Path) -> tuple
         texts = list(ctx.calibration_texts)
         sources.append("calibration texts")
     for source in config.data:
-        path = find_data(source, base_dir)
+        path = find_data(source, ctx.base_dir)
         rows = read_format(path, source.format, "distill data")
         names: list[str | None] = list(source.columns) or [None]
         found = [text for name in names for text in column(rows, name, path)]
@@ -262,14 +262,13 @@ def run(config: DistillStage, model: ModelHandle, ctx: StageContext) -> StageRes
 
     from optimize.runtime import Tokenizer
 
-    config.check_input(model, ctx.base_dir)
-    teacher = load_torch(model)
+    teacher = load_torch(model)  # check_input ran when the pipeline prepared the recipe
     teacher_config: Any = teacher.config
     count = int(teacher_config.num_hidden_layers)
     layers = chosen_layers(config.layers, count)
     torch.manual_seed(ctx.seed)
     student = build_student(teacher, layers, config.student)
-    train_texts, heldout, sources = load_texts(config, ctx, ctx.base_dir)
+    train_texts, heldout, sources = load_texts(config, ctx)
     tokenizer = Tokenizer(model.checkpoint / "tokenizer.json", config.seq_len)
     accepted = set(inspect.signature(student.forward).parameters)
 
@@ -285,7 +284,6 @@ def run(config: DistillStage, model: ModelHandle, ctx: StageContext) -> StageRes
         config.warmup,
         config.schedule,
         config.max_grad_norm,
-        config.seq_len,
         config.bf16,
         config.eval_every,
         config.checkpoint_every,
