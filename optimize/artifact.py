@@ -38,6 +38,7 @@ SENTENCE_TRANSFORMERS_FILES = (
     "config_sentence_transformers.json",
     "1_Pooling",
     "2_Normalize",
+    "2_Dense",  # a distilled student's projection to its teacher's width (optimize/projection.py)
 )
 RUNTIME_SOURCE = Path(__file__).parent / "runtime"
 

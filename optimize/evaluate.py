@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from optimize import runtime
+from optimize import projection, runtime
 from optimize.model import ModelHandle, load_torch
 from optimize.suites import LoadedSuite, run_suite
 
@@ -42,13 +42,15 @@ class TorchModel:
             if n in inspect.signature(self.model.forward).parameters
         ]
         self.provider = "torch-cpu"
+        self.projection = projection.read(handle.checkpoint) if handle.task == "feature-extraction" else None
 
     def run(self, inputs: Inputs) -> np.ndarray:
         import torch
 
         with torch.inference_mode():
             out = self.model(**{n: torch.from_numpy(inputs[n]) for n in self.input_names})
-        return np.asarray(out[0].float().numpy())
+        first = np.asarray(out[0].float().numpy())
+        return first if self.projection is None else projection.apply(first, self.projection)
 
     def embed(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
         return runtime.embed(self.run, self.tokenizer, texts, batch_size)

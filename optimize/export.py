@@ -12,7 +12,7 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-from optimize import __version__
+from optimize import __version__, projection
 from optimize.evaluate import max_abs_diff
 from optimize.model import ModelHandle, load_torch
 
@@ -64,3 +64,6 @@ def _export(model: ModelHandle, workdir: Path) -> None:
 
     task = "text-generation-with-past" if model.task == "text-generation" else model.task
     onnx_export_from_model(load_torch(model), workdir, task=task, opset=OPSET, do_validation=False)
+    dense = projection.read(model.checkpoint) if model.task == "feature-extraction" else None
+    if dense is not None:  # a distilled student of another width ships a projection to the teacher's
+        projection.append_to_onnx(workdir / "model.onnx", dense)

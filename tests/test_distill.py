@@ -63,7 +63,15 @@ def test_a_tiny_llama_is_distilled_by_logit_kl_and_generates_through_the_runtime
     import torch
     from transformers import AutoModelForCausalLM
 
-    recipe = distill_recipe(tmp_path, tiny_llama, layers=1, steps=20, lr=3e-3, gate=[{"metric": "kl_div", "max": 1.0}])
+    recipe = distill_recipe(
+        tmp_path,
+        tiny_llama,
+        layers=1,
+        steps=20,
+        lr=3e-3,
+        losses={"hard_label": 0.5},  # next-token cross-entropy beside the KL
+        gate=[{"metric": "kl_div", "max": 1.0}],
+    )
     out = tmp_path / "out"
     result, report = run_json("run", str(recipe), "-o", str(out), "--json")
     assert result.exit_code == 0, result.output
@@ -84,6 +92,78 @@ def test_a_tiny_llama_is_distilled_by_logit_kl_and_generates_through_the_runtime
     ids = torch.tensor([tokenizer.encode("the model").ids])
     expected = student.generate(ids, max_new_tokens=6, do_sample=False)[0, ids.shape[1] :]
     assert generated == tokenizer.decode(expected.tolist())
+
+
+def test_a_narrower_student_learns_a_projection_and_ships_it_so_embeddings_keep_the_teacher_width(
+    deep_bert, tmp_path
+):
+    import numpy as np
+    import onnx
+
+    recipe = distill_recipe(
+        tmp_path,
+        deep_bert,
+        layers=[2],
+        student={"hidden_size": 16, "intermediate_size": 32},
+        losses={"hidden_mse": 0.5},
+        steps=40,
+        lr=3e-3,
+        gate=[{"metric": "cosine_mean", "min": 0.5}],  # measured against the 32-wide teacher: widths agree
+    )
+    out = tmp_path / "out"
+    result, report = run_json("run", str(recipe), "-o", str(out), "--json")
+    assert result.exit_code == 0, result.output
+    details = json.loads((out / "manifest.json").read_text())["stages"][0]["details"]
+    assert details["hidden_size"] == 16 and details["teacher_hidden_size"] == 32 and details["projection"]
+    assert details["loss_curve"][-1]["heldout_loss"] < 0.5 * details["loss_curve"][0]["heldout_loss"]
+    graph = onnx.load(str(out / "model.onnx")).graph
+    assert graph.output[0].type.tensor_type.shape.dim[-1].dim_value == 32
+    modules = json.loads((out / "modules.json").read_text())
+    assert [m["path"] for m in modules] == ["", "1_Pooling", "2_Dense"]
+    sentence_transformers = pytest.importorskip("sentence_transformers")
+    texts = ["a first sentence", "and a second, longer one about something else"]
+    loaded = sentence_transformers.SentenceTransformer(str(out), device="cpu").encode(texts)
+    sys.path.insert(0, str(out))
+    try:
+        import runtime
+
+        ours = runtime.load(out, available=["CPUExecutionProvider"]).embed(texts)
+    finally:
+        sys.path.remove(str(out))
+        sys.modules.pop("runtime", None)
+    assert loaded.shape == (2, 32) and np.abs(loaded - ours).max() < 1e-4
+
+
+def test_hard_labels_teach_a_classifier_what_its_data_says(tmp_path):
+    from tests.conftest import small_bert
+
+    teacher = tmp_path / "teacher"
+    small_bert(teacher, "BertForSequenceClassification", num_labels=2)
+    words = ["apple", "river", "stone", "cloud", "green", "table", "music", "light"]
+    lines = [f"{i % 2} {'good' if i % 2 else 'bad'} {words[i % 8]} {words[(i * 3) % 8]} {i}" for i in range(400)]
+    (tmp_path / "labeled.txt").write_text("\n".join(lines))
+    source = {"path": str(tmp_path / "labeled.txt"), "format": "label-text", "label": "label"}
+    stage = {"layers": [1], "steps": 60, "lr": 3e-3, "holdout": 64, "data": [source], "gate": []}
+    recipe = distill_recipe(tmp_path, teacher, losses={"logit_kl": 0.0, "hard_label": 1.0}, **stage)
+    result, _ = run_json("run", str(recipe), "-o", str(tmp_path / "out"))
+    assert result.exit_code == 0, result.output
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from optimize.runtime import Tokenizer
+
+    student = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out").eval()
+    held = lines[-64:]
+    batch = Tokenizer(tmp_path / "out" / "tokenizer.json", 32)([line[2:] for line in held])
+    with torch.no_grad():
+        predicted = student(**{k: torch.from_numpy(v) for k, v in batch.items()}).logits.argmax(-1)
+    accuracy = float((predicted == torch.tensor([int(line[0]) for line in held])).float().mean())
+    assert accuracy > 0.95  # the random teacher knows nothing of good/bad: the labels taught it
+    wrong = [{**source, "path": str(tmp_path / "named.txt")}]
+    (tmp_path / "named.txt").write_text("\n".join(f"{i} text {i}" for i in range(5, 200)))
+    bad = distill_recipe(tmp_path, teacher, name="bad", losses={"hard_label": 1.0}, **{**stage, "data": wrong})
+    result, report = run_json("run", str(bad), "-o", str(tmp_path / "bad"), "--json")
+    assert result.exit_code == 2 and "not a class of the model" in report["error"]
 
 
 def test_batches_are_a_function_of_seed_and_step_and_cover_the_epoch():
@@ -123,7 +203,9 @@ def test_an_interrupted_run_resumes_where_its_checkpoint_left_off(deep_bert, tmp
         ({"steps": 0}, "steps"),
         ({"data": [{"path": "missing.txt"}]}, "missing.txt not found"),
         ({"data": [{"path": "EMPTY"}]}, "no rows"),
-        ({"student": {"hidden_size": 64}}, "projection"),
+        ({"student": {"hidden_size": 64, "projection": False}}, "wider than its teacher"),
+        ({"student": {"hidden_size": 20, "num_attention_heads": 3}}, "not a multiple"),
+        ({"losses": {"hard_label": 1.0}}, "no labels"),
     ],
 )
 def test_bad_distill_input_exits_2_with_one_message_and_writes_nothing(deep_bert, tmp_path, change, expected):

@@ -19,12 +19,13 @@ import json
 import random
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from optimize import training
+from optimize import projection, training
 from optimize.data import Format, column, read_format
 from optimize.errors import UsageError
 from optimize.model import ModelHandle, load_torch
@@ -42,6 +43,7 @@ class DataSource(BaseModel):
     path: str
     format: Format = "auto"
     columns: list[str] = Field(default_factory=list, description="text columns to take (default: the text one)")
+    label: str | None = Field(None, description="classifiers: the column of hard labels (ids or label names)")
     limit: int | None = Field(None, gt=0, description="at most this many texts (seeded sample)")
 
 
@@ -52,17 +54,26 @@ class Losses(BaseModel):
     embedding_cosine: float = Field(1.0, ge=0, description="embeddings: 1 - cosine of mean-pooled embeddings")
     hidden_mse: float = Field(0.0, ge=0, description="embeddings: MSE of hidden states on the mapped layers")
     logit_kl: float = Field(1.0, ge=0, description="classifiers and LMs: KL of logits at the temperature")
+    hard_label: float = Field(
+        0.0, ge=0, description="classifiers: cross-entropy on the data's `label` column; LMs: on the next token"
+    )
     temperature: float = Field(2.0, gt=0)
 
 
 class StudentConfig(BaseModel):
-    """Config fields to change besides the layer count; the hidden width must stay the teacher's."""
+    """Config fields to change besides the layer count. A different `hidden_size` starts from the
+    leading block of every teacher weight and learns a projection to the teacher's width."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     intermediate_size: int | None = Field(None, gt=0)
     num_attention_heads: int | None = Field(None, gt=0)
     hidden_size: int | None = Field(None, gt=0)
+    projection: bool = Field(
+        True,
+        description="where widths differ, learn a projection to the teacher's; sentence embeddings ship it "
+        "(a sentence-transformers Dense module), so they keep the teacher's width",
+    )
 
 
 class DistillStage(StageBase):
@@ -107,9 +118,12 @@ class DistillStage(StageBase):
         count = config.get("num_hidden_layers", config.get("n_layers", config.get("n_layer")))
         if isinstance(count, int):
             chosen_layers(self.layers, count)
-        width = config.get("hidden_size", config.get("dim"))
-        if self.student.hidden_size is not None and width is not None:
-            check_width(self.student.hidden_size, width)
+        check_student(self, model.task, config)
+        if self.losses.hard_label > 0:
+            if model.task == "feature-extraction":
+                raise UsageError("distill: losses.hard_label: sentence embeddings have no labels; set it to 0")
+            if model.task == "text-classification" and not any(s.label for s in self.data):
+                raise UsageError("distill: losses.hard_label needs a data source with `label:` (its label column)")
         for source in self.data:
             find_data(source, base_dir)
 
@@ -117,12 +131,21 @@ class DistillStage(StageBase):
         return run(self, model, ctx)
 
 
-def check_width(student: int, teacher: int) -> None:
-    if student != teacher:
+def check_student(config: DistillStage, task: str, teacher: dict[str, Any]) -> None:
+    """A student config the teacher's class can build, and a projection wherever the losses need one."""
+    width = teacher.get("hidden_size")
+    student = config.student
+    hidden = student.hidden_size or width
+    heads = student.num_attention_heads or teacher.get("num_attention_heads")
+    if isinstance(hidden, int) and isinstance(heads, int) and hidden % heads and "head_dim" not in teacher:
+        raise UsageError(f"distill: student: hidden_size {hidden} is not a multiple of num_attention_heads {heads}")
+    needs = task == "feature-extraction" or config.losses.hidden_mse > 0
+    if hidden != width and needs and not student.projection:
+        side = "wider" if isinstance(width, int) and isinstance(hidden, int) and hidden > width else "narrower"
         raise UsageError(
-            f"distill: student.hidden_size {student} differs from the teacher's {teacher}: that needs a learned "
-            "projection, which this version does not build; keep the hidden size and shrink layers, "
-            "intermediate_size or num_attention_heads"
+            f"distill: the student ({hidden} wide) is {side} than its teacher ({width}) and student.projection "
+            "is false: its embeddings or hidden states cannot be compared with the teacher's; set "
+            "student.projection: true or keep the teacher's hidden_size"
         )
 
 
@@ -163,38 +186,85 @@ def chosen_layers(layers: list[int] | int, count: int) -> list[int]:
 
 
 def build_student(teacher: torch.nn.Module, layers: list[int], overrides: StudentConfig) -> torch.nn.Module:
-    """A model of the teacher's class with `layers` (renumbered) and teacher weights wherever shapes fit."""
+    """A model of the teacher's class with `layers` (renumbered). Every weight starts as the teacher's,
+    or, where the student's shape differs (narrower or wider), as the block they share (the leading
+    rows and columns: with fewer heads of the same size, the first heads)."""
     import copy
+
+    import torch
 
     config: Any = copy.deepcopy(teacher.config)
     count = int(config.num_hidden_layers)
-    if overrides.hidden_size is not None:
-        check_width(overrides.hidden_size, config.hidden_size)
     prefix = layer_list(teacher, count) + "."
     config.num_hidden_layers = len(layers)
     if getattr(config, "layer_types", None):
         config.layer_types = [config.layer_types[i] for i in layers]
-    for key, value in overrides.model_dump(exclude_none=True).items():
+    for key, value in overrides.model_dump(exclude_none=True, exclude={"projection"}).items():
         setattr(config, key, value)
     student = type(teacher)(config)
     target = student.state_dict()
-    copied = {}
-    for name, tensor in teacher.state_dict().items():
-        if name.startswith(prefix):
-            index, rest = name[len(prefix) :].split(".", 1)
-            if int(index) not in layers:
-                continue
-            name = f"{prefix}{layers.index(int(index))}.{rest}"
-        if name in target and target[name].shape == tensor.shape:
-            copied[name] = tensor
-    student.load_state_dict(copied, strict=False)
+    with torch.no_grad():
+        for name, tensor in teacher.state_dict().items():
+            if name.startswith(prefix):
+                index, rest = name[len(prefix) :].split(".", 1)
+                if int(index) not in layers:
+                    continue
+                name = f"{prefix}{layers.index(int(index))}.{rest}"
+            if name in target and target[name].ndim == tensor.ndim:
+                block = tuple(slice(0, min(a, b)) for a, b in zip(target[name].shape, tensor.shape, strict=True))
+                target[name][block] = tensor[block]
+    student.load_state_dict(target)
     return student
 
 
-def load_texts(config: DistillStage, ctx: StageContext) -> tuple[list[str], list[str], list[str]]:
-    """Training texts, held-out texts, and where they came from; bad or empty data is exit 2."""
+def with_projection(student: torch.nn.Module, width: int, teacher_width: int, layers: int) -> torch.nn.Module:
+    """The student behind a learned projection to the teacher's width, on its last hidden state and on
+    each mapped layer's, so the losses compare like with like. Starts as the identity on the shared
+    dimensions. DDP wraps this module, so the projections are trained in step with the student."""
+    import torch
+
+    def linear() -> torch.nn.Linear:
+        layer = torch.nn.Linear(width, teacher_width)
+        with torch.no_grad():
+            layer.weight.copy_(torch.eye(teacher_width, width))
+            layer.bias.zero_()
+        return layer
+
+    class Projected(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = student
+            self.last = linear()
+            self.hidden = torch.nn.ModuleList(linear() for _ in range(layers))
+
+        def forward(self, **batch: Any) -> Any:
+            from transformers.modeling_outputs import BaseModelOutput
+
+            out = self.model(**batch)
+            states = out.hidden_states
+            if states is not None:  # [embeddings, layer 1, ...]: the mapped layers get their projection
+                states = (states[0], *(p(h) for p, h in zip(self.hidden, states[1:], strict=True)))
+            if getattr(out, "logits", None) is not None:
+                out.hidden_states = states
+                return out
+            return BaseModelOutput(last_hidden_state=self.last(out[0]), hidden_states=states)
+
+    return Projected()
+
+
+@dataclass
+class Texts:
+    train: list[str]
+    heldout: list[str]
+    sources: list[str]
+    labels: dict[str, str]  # text -> its hard label, where the data gives one
+
+
+def load_texts(config: DistillStage, ctx: StageContext) -> Texts:
+    """Training texts, held-out texts, where they came from and their labels; bad or empty data is exit 2."""
     texts: list[str] = []
     sources: list[str] = []
+    labels: dict[str, str] = {}
     if not config.data:
         texts = list(ctx.calibration_texts)
         sources.append("calibration texts")
@@ -203,6 +273,14 @@ def load_texts(config: DistillStage, ctx: StageContext) -> tuple[list[str], list
         rows = read_format(path, source.format, "distill data")
         names: list[str | None] = list(source.columns) or [None]
         found = [text for name in names for text in column(rows, name, path)]
+        if source.label is not None:
+            if source.label not in rows[0]:
+                raise UsageError(f"{path}: no label column {source.label!r} (columns: {', '.join(map(str, rows[0]))})")
+            for name in names:
+                key = name or ("text" if "text" in rows[0] else None)
+                for row in rows:
+                    text = str(row.get(key or "") or "").strip()
+                    labels.setdefault(text, str(row[source.label]).strip())
         if source.limit is not None and len(found) > source.limit:
             found = random.Random(ctx.seed).sample(found, source.limit)
         texts += found
@@ -211,7 +289,20 @@ def load_texts(config: DistillStage, ctx: StageContext) -> tuple[list[str], list
     random.Random(ctx.seed).shuffle(texts)
     if len(texts) <= config.holdout:
         raise UsageError(f"distill: data: {len(texts)} texts, no more than holdout={config.holdout}; give more data")
-    return texts[config.holdout :], texts[: config.holdout], sources
+    return Texts(texts[config.holdout :], texts[: config.holdout], sources, labels)
+
+
+def label_ids(labels: dict[str, str], label2id: dict[str, int], classes: int) -> dict[str, int]:
+    """Hard labels as class ids: numbers as they are, names through the model's `label2id`."""
+    ids: dict[str, int] = {}
+    for text, label in labels.items():
+        value = int(label) if label.lstrip("-").isdigit() else label2id.get(label)
+        if value is None or not 0 <= value < classes:
+            raise UsageError(
+                f"distill: label {label!r} is not a class of the model ({classes} classes: {', '.join(label2id)})"
+            )
+        ids[text] = value
+    return ids
 
 
 def loss_function(config: DistillStage, task: str, layers: list[int]) -> training.LossFn:
@@ -240,19 +331,27 @@ def loss_function(config: DistillStage, task: str, layers: list[int]) -> trainin
 
     def logits(student: torch.nn.Module, teacher: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         temperature = weights.temperature
+        labels = batch.pop("labels", None)
         with torch.no_grad():
             t = teacher(**batch).logits
         s = student(**batch).logits
-        if s.ndim == 3:  # causal LM: every real token is a row
+        hard = s.new_zeros(())
+        if s.ndim == 3:  # causal LM: every real token is a row; the hard label is the next token
             real = batch["attention_mask"].bool()
+            if weights.hard_label > 0:
+                targets = batch["input_ids"][:, 1:].masked_fill(~real[:, 1:], -100)
+                hard = F.cross_entropy(s[:, :-1].flatten(0, 1), targets.flatten(), ignore_index=-100)
             s, t = s[real], t[real]
+        elif labels is not None and bool((labels >= 0).any()):
+            hard = F.cross_entropy(s, labels, ignore_index=-100)
         kl = F.kl_div(
             F.log_softmax(s / temperature, -1),
             F.log_softmax(t / temperature, -1),
             log_target=True,
             reduction="batchmean",
         )
-        return weights.logit_kl * kl * temperature**2
+        loss: torch.Tensor = weights.logit_kl * kl * temperature**2 + weights.hard_label * hard
+        return loss
 
     return embeddings if task == "feature-extraction" else logits
 
@@ -268,12 +367,22 @@ def run(config: DistillStage, model: ModelHandle, ctx: StageContext) -> StageRes
     layers = chosen_layers(config.layers, count)
     torch.manual_seed(ctx.seed)
     student = build_student(teacher, layers, config.student)
-    train_texts, heldout, sources = load_texts(config, ctx)
+    student_config: Any = student.config
+    width, teacher_width = int(student_config.hidden_size), int(teacher_config.hidden_size)
+    projected = width != teacher_width and config.student.projection
+    trainee = with_projection(student, width, teacher_width, len(layers)) if projected else student
+    data = load_texts(config, ctx)
     tokenizer = Tokenizer(model.checkpoint / "tokenizer.json", config.seq_len)
     accepted = set(inspect.signature(student.forward).parameters)
+    labels: dict[str, int] = {}
+    if model.task == "text-classification" and config.losses.hard_label > 0:
+        labels = label_ids(data.labels, dict(teacher_config.label2id), int(teacher_config.num_labels))
 
     def tokenize(texts: Sequence[str]) -> dict[str, torch.Tensor]:
-        return {k: torch.from_numpy(v) for k, v in tokenizer(list(texts)).items() if k in accepted}
+        batch = {k: torch.from_numpy(v) for k, v in tokenizer(list(texts)).items() if k in accepted}
+        if labels:
+            batch["labels"] = torch.tensor([labels.get(t, -100) for t in texts])
+        return batch
 
     settings = training.Settings(
         config.steps,
@@ -291,19 +400,19 @@ def run(config: DistillStage, model: ModelHandle, ctx: StageContext) -> StageRes
     )
     key = hashlib.sha256(
         json.dumps(
-            [config.model_dump(mode="json", exclude={"gate", "name"}), str(model.checkpoint), sources, ctx.seed],
+            [config.model_dump(mode="json", exclude={"gate", "name"}), str(model.checkpoint), data.sources, ctx.seed],
             sort_keys=True,
         ).encode()
     ).hexdigest()
     checkpoints = training.Checkpoints(ctx.checkpoints, key) if ctx.checkpoints else None
     began = time.perf_counter()
     history = training.train(
-        student,
+        trainee,
         teacher,
         tokenize,
         loss_function(config, model.task, layers),
-        train_texts,
-        heldout,
+        data.train,
+        data.heldout,
         settings,
         checkpoints,
         ctx.resume,
@@ -313,13 +422,19 @@ def run(config: DistillStage, model: ModelHandle, ctx: StageContext) -> StageRes
     out = ctx.workdir / "student"
     if training.is_main():
         save_student(student, model.checkpoint, out)
+        if projected and model.task == "feature-extraction":
+            last: Any = trainee.last  # the embedding's projection ships; the hidden-state ones were for training
+            projection.write(out, last.weight.detach().numpy(), last.bias.detach().numpy())
     params = sum(p.numel() for p in student.parameters())
     decisions: dict[str, Any] = {
         "layers": layers,
         "teacher_layers": count,
+        "hidden_size": width,
+        "teacher_hidden_size": teacher_width,
+        "projection": projected,
         "student_parameters": params,
         "teacher_parameters": sum(p.numel() for p in teacher.parameters()),
-        "data": {"sources": sources, "train_texts": len(train_texts), "heldout_texts": len(heldout)},
+        "data": {"sources": data.sources, "train_texts": len(data.train), "heldout_texts": len(data.heldout)},
         "processes": training.world_size(),
         "seconds": seconds,
         "loss_curve": history,
