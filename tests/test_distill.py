@@ -94,9 +94,7 @@ def test_a_tiny_llama_is_distilled_by_logit_kl_and_generates_through_the_runtime
     assert generated == tokenizer.decode(expected.tolist())
 
 
-def test_a_narrower_student_learns_a_projection_and_ships_it_so_embeddings_keep_the_teacher_width(
-    deep_bert, tmp_path
-):
+def test_a_narrower_student_learns_a_projection_and_ships_it_so_embeddings_keep_the_teacher_width(deep_bert, tmp_path):
     import numpy as np
     import onnx
 
@@ -132,6 +130,32 @@ def test_a_narrower_student_learns_a_projection_and_ships_it_so_embeddings_keep_
         sys.path.remove(str(out))
         sys.modules.pop("runtime", None)
     assert loaded.shape == (2, 32) and np.abs(loaded - ours).max() < 1e-4
+
+
+def test_a_narrower_feed_forward_keeps_the_strongest_neurons_of_a_reordering_that_changes_nothing(deep_bert):
+    import torch
+    from transformers import AutoModel
+
+    from optimize.stages.distill import StudentConfig, build_student, ranked_by_strength
+
+    teacher = AutoModel.from_pretrained(deep_bert).eval()
+    state = teacher.state_dict()
+    ranked = ranked_by_strength(state, "encoder.layer.", 64)
+    first = "encoder.layer.0."
+    strength = ranked[first + "intermediate.dense.weight"].norm(dim=1) * ranked[first + "output.dense.weight"].norm(
+        dim=0
+    )
+    assert bool((strength[:-1] >= strength[1:]).all()) and not torch.equal(
+        ranked[first + "output.dense.weight"], state[first + "output.dense.weight"]
+    )
+    reordered = AutoModel.from_pretrained(deep_bert).eval()
+    reordered.load_state_dict(ranked)
+    ids = torch.tensor([[101, 2023, 2003, 1037, 3231, 102]])
+    with torch.no_grad():
+        assert torch.allclose(teacher(input_ids=ids)[0], reordered(input_ids=ids)[0], atol=1e-5)
+    student = build_student(teacher, [0], StudentConfig(intermediate_size=16))
+    kept = student.state_dict()[first + "intermediate.dense.weight"]
+    assert torch.equal(kept, ranked[first + "intermediate.dense.weight"][:16])
 
 
 def test_hard_labels_teach_a_classifier_what_its_data_says(tmp_path):

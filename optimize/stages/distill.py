@@ -188,7 +188,8 @@ def chosen_layers(layers: list[int] | int, count: int) -> list[int]:
 def build_student(teacher: torch.nn.Module, layers: list[int], overrides: StudentConfig) -> torch.nn.Module:
     """A model of the teacher's class with `layers` (renumbered). Every weight starts as the teacher's,
     or, where the student's shape differs (narrower or wider), as the block they share (the leading
-    rows and columns: with fewer heads of the same size, the first heads)."""
+    rows and columns: with fewer heads of the same size, the first heads). A narrower feed-forward
+    keeps each layer's strongest neurons (`ranked_by_strength`)."""
     import copy
 
     import torch
@@ -203,8 +204,12 @@ def build_student(teacher: torch.nn.Module, layers: list[int], overrides: Studen
         setattr(config, key, value)
     student = type(teacher)(config)
     target = student.state_dict()
+    state = teacher.state_dict()
+    width = int(getattr(teacher.config, "intermediate_size", 0) or 0)
+    if overrides.intermediate_size is not None and overrides.intermediate_size < width:
+        state = ranked_by_strength(state, prefix, width)
     with torch.no_grad():
-        for name, tensor in teacher.state_dict().items():
+        for name, tensor in state.items():
             if name.startswith(prefix):
                 index, rest = name[len(prefix) :].split(".", 1)
                 if int(index) not in layers:
@@ -215,6 +220,35 @@ def build_student(teacher: torch.nn.Module, layers: list[int], overrides: Studen
                 target[name][block] = tensor[block]
     student.load_state_dict(target)
     return student
+
+
+def ranked_by_strength(state: dict[str, torch.Tensor], prefix: str, width: int) -> dict[str, torch.Tensor]:
+    """The teacher's weights with each layer's feed-forward neurons reordered strongest first, so the
+    leading block a narrower student copies holds them. A neuron's strength is the norm of the
+    weights into it times the norm of the weights out of it; reordering neurons leaves the teacher's
+    function unchanged. Tensors of a layer with `width` rows feed the neurons (BERT's
+    `intermediate.dense`, Llama's `gate_proj`/`up_proj`), those with `width` columns read them."""
+    import torch
+
+    out = dict(state)
+    by_layer: dict[str, list[str]] = {}
+    for name in state:
+        if name.startswith(prefix):
+            by_layer.setdefault(name[len(prefix) :].split(".", 1)[0], []).append(name)
+    for names in by_layer.values():
+        into = [n for n in names if state[n].shape[0] == width and state[n].ndim <= 2]
+        reads = [n for n in names if state[n].ndim == 2 and state[n].shape[1] == width]
+        weights = [n for n in into if state[n].ndim == 2]
+        if not weights or not reads or any(state[n].shape[1] == width for n in weights):
+            continue  # no feed-forward recognised, or a square one: keep the order
+        strength = torch.stack([state[n].norm(dim=1) for n in weights]).prod(0)
+        strength = strength * torch.stack([state[n].norm(dim=0) for n in reads]).prod(0)
+        order = torch.argsort(strength, descending=True)
+        for n in into:
+            out[n] = state[n][order]
+        for n in reads:
+            out[n] = state[n][:, order]
+    return out
 
 
 def with_projection(student: torch.nn.Module, width: int, teacher_width: int, layers: int) -> torch.nn.Module:
