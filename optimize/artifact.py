@@ -1,7 +1,7 @@
 """The release artifact: one folder written beside OUT and renamed into place only when complete.
 
 Layout (DESIGN.md): manifest.json, model.onnx, tokenizer files and config.json, runtime/ (the
-torch-free runtime with pinned requirements), report.md and report.json. The manifest lists every
+torch-free runtime with its requirements), report.md and report.json. The manifest lists every
 other file with its sha256 and size, so the runtime can refuse a changed file.
 """
 
@@ -93,17 +93,27 @@ def staging_dir(out: Path) -> Path:
     return staging
 
 
-def write_runtime(folder: Path, pins: dict[str, str]) -> None:
+# The runtime's requirements: ranges that install on Python 3.10+ (the versions this run measured
+# are in the manifest's provenance), and one onnxruntime per platform, with pyproject.toml's markers:
+# the GPU build (it also runs on CPU) where it is published, the plain one elsewhere (macOS, ARM).
+GPU_BUILD_PLATFORMS = "(platform_system == 'Linux' and platform_machine == 'x86_64') or platform_system == 'Windows'"
+OTHER_PLATFORMS = "(platform_system != 'Linux' or platform_machine != 'x86_64') and platform_system != 'Windows'"
+RUNTIME_REQUIREMENTS = (
+    "# The runtime of this artifact: numpy, tokenizers and one onnxruntime build (never both).",
+    "# On a GPU machine, `pip install 'onnxruntime-gpu[cuda,cudnn]'` also brings the CUDA libraries.",
+    f"onnxruntime-gpu>=1.20,<2; {GPU_BUILD_PLATFORMS}",
+    f"onnxruntime>=1.20,<2; {OTHER_PLATFORMS}",
+    "numpy>=1.26,<3",
+    "tokenizers>=0.19,<1",
+)
+
+
+def write_runtime(folder: Path) -> None:
     runtime = folder / "runtime"
     runtime.mkdir()
     for source in sorted(RUNTIME_SOURCE.glob("*.py")):
         shutil.copyfile(source, runtime / source.name)
-    requirements = [
-        f"onnxruntime-gpu=={pins['onnxruntime']}",
-        f"numpy=={pins['numpy']}",
-        f"tokenizers=={pins['tokenizers']}",
-    ]
-    (runtime / "requirements.txt").write_text("\n".join(requirements) + "\n")
+    (runtime / "requirements.txt").write_text("\n".join(RUNTIME_REQUIREMENTS) + "\n")
 
 
 def write(
@@ -128,7 +138,7 @@ def write(
             shutil.copyfile(checkpoint / name, staging / name)
     if with_weights:
         copy_checkpoint_files(checkpoint, staging, [p.name for p in sorted(checkpoint.glob("*.safetensors"))])
-    write_runtime(staging, manifest["provenance"]["versions"])
+    write_runtime(staging)
     (staging / "report.md").write_text(report_md)
     (staging / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     files = sorted(p for p in staging.rglob("*") if p.is_file() and "__pycache__" not in p.parts)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+import yaml
 from rich.console import Console
 
 from optimize.errors import INTERRUPTED, GateFailed, UsageError
@@ -60,15 +61,24 @@ ResumeOpt = Annotated[
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the resolved recipe and exit.")]
 
 
-def _emit(as_json: bool, status: str, artifact: Path | None, stages: list[StageRecord], error: str | None) -> None:
+def _emit(
+    as_json: bool,
+    status: str,
+    artifact: Path | None = None,
+    stages: list[StageRecord] | None = None,
+    error: str | None = None,
+    **extra: Any,
+) -> None:
+    """`--json`: the one object every command prints on stdout, in every outcome (README, "JSON")."""
     if as_json:
         print(
             json.dumps(
                 {
                     "status": status,
                     "artifact": str(artifact) if artifact else None,
-                    "stages": [s.public() for s in stages],
+                    "stages": [s.public() for s in stages or []],
                     "error": error,
+                    **extra,
                 },
                 indent=2,
             )
@@ -106,7 +116,11 @@ def _execute(
     try:
         loaded = build()
         if dry_run:
-            print(_dry_run_text(loaded, model), end="")
+            text = _dry_run_text(loaded, model)
+            if as_json:
+                _emit(True, "dry_run", recipe=yaml.safe_load(text))
+            else:
+                print(text, end="")
             raise typer.Exit(0)
         from optimize.pipeline import RunOptions, run
 
@@ -122,7 +136,7 @@ def _execute(
         result = run(loaded, options, run_console)
     except UsageError as exc:
         console.print(f"[red]error:[/] {exc}", highlight=False)
-        _emit(as_json, "error", None, [], str(exc))
+        _emit(as_json, "error", error=str(exc))
         raise typer.Exit(exc.exit_code) from None
     except GateFailed as exc:
         console.print(f"[red]gate failed:[/] {exc}", highlight=False)
@@ -131,7 +145,7 @@ def _execute(
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the message short
         console.print("[yellow]interrupted[/]: no artifact written")
-        _emit(as_json, "error", None, [], "interrupted")
+        _emit(as_json, "error", error="interrupted")
         # The pipeline's cleanup has run. Exit now rather than through the interpreter's shutdown:
         # when the interrupt passed through a C extension's PyRun_* call, CPython remembers it as
         # unhandled and, at shutdown, kills the process with SIGINT instead of exiting 130 (seen
@@ -391,11 +405,9 @@ def _measure_command(as_json: bool, work: Callable[[], dict[str, Any]]) -> None:
         result = work()
     except UsageError as exc:
         console.print(f"[red]error:[/] {exc}", highlight=False)
-        if as_json:
-            print(json.dumps({"status": "error", "error": str(exc)}))
+        _emit(as_json, "error", error=str(exc))
         raise typer.Exit(exc.exit_code) from None
-    if as_json:
-        print(json.dumps({"status": "passed", **result, "error": None}, indent=2))
+    _emit(as_json, "passed", **result)
 
 
 def _metrics_table(title: str, columns: dict[str, dict[str, Any]]) -> None:
@@ -479,7 +491,10 @@ def bench_cmd(
 
 
 @app.command("inspect")
-def inspect_cmd(artifact: Annotated[Path, typer.Argument(help="An artifact folder written by optimize.")]) -> None:
+def inspect_cmd(
+    artifact: Annotated[Path, typer.Argument(help="An artifact folder written by optimize.")],
+    as_json: JsonOpt = False,
+) -> None:
     """Verify an artifact's files against its manifest and summarize it."""
     from optimize import runtime
 
@@ -487,9 +502,15 @@ def inspect_cmd(artifact: Annotated[Path, typer.Argument(help="An artifact folde
         manifest = runtime.verify(artifact)
     except runtime.ArtifactError as exc:
         console.print(f"[red]error:[/] {exc}", highlight=False)
+        _emit(as_json, "error", error=str(exc))
         raise typer.Exit(2) from None
     from optimize.records import StageRecord
     from optimize.report import print_stage
+
+    if as_json:
+        stages = [StageRecord(**stage) for stage in manifest["stages"]]
+        _emit(True, "passed", artifact, stages, manifest=manifest)
+        return
 
     provenance = manifest["provenance"]
     console.print(f"[bold]{manifest['name']}[/] ({manifest['task']}), {len(manifest['files'])} files verified")
@@ -500,24 +521,44 @@ def inspect_cmd(artifact: Annotated[Path, typer.Argument(help="An artifact folde
 
 
 @recipe_app.command("validate")
-def validate_cmd(files: Annotated[list[Path], typer.Argument(help="Recipe files to check.")]) -> None:
+def validate_cmd(
+    files: Annotated[list[Path], typer.Argument(help="Recipe files to check.")], as_json: JsonOpt = False
+) -> None:
     """Check recipes without loading any model; exit 2 naming file, line and key on the first problem."""
     from optimize import recipe as recipes
 
-    failed = False
+    errors = []
     for path in files:
         try:
             recipes.load(path)
             console.print(f"[green]ok[/] {path}")
         except UsageError as exc:
             console.print(f"[red]error:[/] {exc}", highlight=False)
-            failed = True
-    if failed:
+            errors.append(str(exc))
+    _emit(as_json, "error" if errors else "passed", error="; ".join(errors) or None, files=[str(f) for f in files])
+    if errors:
         raise typer.Exit(2)
 
 
 def main() -> None:
+    """The console script. Usage errors (a bad flag or value, a missing argument) are exit 2 with
+    the usual message on stderr and, under `--json`, the one JSON object on stdout as well."""
+    # typer.BadParameter derives from click's UsageError and ClickException (vendored by newer typer).
+    usage_error: Any = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+    click_exception: Any = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
     try:
-        app()
+        code = app(standalone_mode=False)
+    except usage_error as exc:
+        from typer import rich_utils
+
+        rich_utils.rich_format_error(exc)
+        _emit("--json" in sys.argv[1:], "error", error=exc.format_message())
+        sys.exit(2)
+    except click_exception as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        sys.exit(1)
     except BrokenPipeError:
         sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -176,3 +176,43 @@ def test_ctrl_c_during_a_run_leaves_no_out_and_no_temporary_folder(tiny_bert, tm
     assert "interrupted" in stderr and "Traceback" not in stderr
     assert not (tmp_path / "out").exists()
     assert leftovers(tmp_path) == [] and leftovers(cache) == []
+
+
+@pytest.mark.parametrize(
+    "case, code, status",
+    [
+        ("passed", 0, "passed"),
+        ("gate failed", 3, "gate_failed"),
+        ("bad recipe", 2, "error"),
+        ("bad flag", 2, "error"),
+        ("missing file", 2, "error"),
+        ("dry run", 0, "dry_run"),
+        ("inspect", 2, "error"),
+        ("validate", 2, "error"),
+    ],
+)
+def test_every_outcome_of_json_is_one_object_on_stdout(tiny_bert, tmp_path, case, code, status):
+    """Through the console script in a real process: click's usage errors included."""
+    good = write_recipe(tmp_path, COMPILE, name="good", model=str(tiny_bert))
+    failing = [{**COMPILE[0], "gate": [{"metric": "cosine_min", "min": 1.5}]}]
+    args = {
+        "passed": ["run", str(good), "-o", str(tmp_path / "out")],
+        "gate failed": ["run", str(write_recipe(tmp_path, failing, name="bad", model=str(tiny_bert)))],
+        "bad recipe": ["run", str(write_recipe(tmp_path, [{"kind": "compile", "targt": "cpu"}], model="x"))],
+        "bad flag": ["quantize", str(tiny_bert), "--precisoin", "int8"],
+        "missing file": ["eval", str(tmp_path / "nothing"), "--suite", "stsb-test.yaml"],
+        "dry run": ["run", str(good), "--dry-run"],
+        "inspect": ["inspect", str(tmp_path)],
+        "validate": ["recipe", "validate", str(tmp_path / "none.yaml")],
+    }[case]
+    proc = subprocess.run(
+        [sys.executable, "-m", "optimize", *args, "--json"], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert proc.returncode == code, proc.stderr[-2000:]
+    report = json.loads(proc.stdout)  # the whole of stdout is one JSON object
+    assert report["status"] == status and set(report) >= {"status", "artifact", "stages", "error"}
+    assert (report["error"] is None) == (code == 0) and "Traceback" not in proc.stderr
+    if case == "bad flag":
+        assert "--precisoin" in report["error"]
+    if case == "dry run":
+        assert report["recipe"]["stages"][0]["kind"] == "compile"

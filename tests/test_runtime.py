@@ -164,3 +164,54 @@ def test_a_classifier_artifact_classifies_as_torch_does(tmp_path):
     probs = logits.softmax(-1)
     assert [g["label"] for g in got] == [labels[int(i)] for i in probs.argmax(-1)]
     assert [g["score"] for g in got] == pytest.approx(probs.max(-1).values.tolist(), abs=1e-5)
+
+
+PLATFORMS = {  # (platform_system, platform_machine) -> the onnxruntime build pip must pick
+    ("Linux", "x86_64"): "onnxruntime-gpu",
+    ("Windows", "AMD64"): "onnxruntime-gpu",
+    ("Linux", "aarch64"): "onnxruntime",
+    ("Darwin", "arm64"): "onnxruntime",
+    ("Darwin", "x86_64"): "onnxruntime",
+}
+
+
+def runtime_requirements() -> list:
+    from packaging.requirements import Requirement
+
+    from optimize.artifact import RUNTIME_REQUIREMENTS
+
+    return [Requirement(line) for line in RUNTIME_REQUIREMENTS if not line.startswith("#")]
+
+
+@pytest.mark.parametrize("system, machine", list(PLATFORMS))
+@pytest.mark.parametrize("python", ["3.10", "3.11", "3.12"])
+def test_the_runtime_requirements_pick_one_onnxruntime_per_platform_as_pyproject_does(system, machine, python):
+    from packaging.requirements import Requirement
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    env = {"platform_system": system, "platform_machine": machine, "python_version": python}
+    chosen = [r.name for r in runtime_requirements() if r.marker is None or r.marker.evaluate(env)]
+    assert sorted(chosen) == sorted([PLATFORMS[system, machine], "numpy", "tokenizers"])
+    assert all(not any(s.operator == "==" for s in r.specifier) for r in runtime_requirements())  # ranges
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    ours = [Requirement(d) for d in project if Requirement(d).name.startswith("onnxruntime")]
+    assert [r.name for r in ours if r.marker is None or r.marker.evaluate(env)] == [PLATFORMS[system, machine]]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("python", ["3.10", "3.11", "3.12"])
+def test_the_runtime_requirements_resolve_for_each_python_on_linux_x86_64(python, tmp_path):
+    """pip resolves the file against the registry for that Python (wheels only, nothing installed)."""
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text("\n".join(str(r) for r in runtime_requirements()) + "\n")
+    version = python.replace(".", "")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--only-binary=:all:", "--ignore-installed"]
+        + ["--python-version", version, "--target", str(tmp_path / "t")]
+        + [f"--platform=manylinux_2_{glibc}_x86_64" for glibc in (17, 27, 28)]
+        + ["-r", str(requirements)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     import onnxruntime as ort
 
 PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+GPU_HINT = " (with a GPU, `pip install 'onnxruntime-gpu[cuda,cudnn]'` brings the CUDA and cuDNN libraries it needs)"
 # Which providers may run a model compiled for each target, best first.
 TARGET_PROVIDERS = {
     "tensorrt": PREFERENCE,
@@ -107,7 +108,9 @@ def make_session(
         try:
             session = ort.InferenceSession(str(model_path), options, providers=chain)
         except Exception as exc:  # a provider whose device or libraries are missing fails here
-            notes.append(f"{provider}: {str(exc).splitlines()[0][:200]}")
+            notes.append(
+                f"{provider}: {str(exc).splitlines()[0][:200]}{GPU_HINT if provider != PREFERENCE[-1] else ''}"
+            )
             continue
         if session.get_providers()[0] == provider:
             return session, notes
