@@ -133,11 +133,10 @@ def write(
     external = onnx_path.parent / (onnx_path.name + ".data")
     if external.exists():
         shutil.copyfile(external, staging / external.name)
-    for name in TOKENIZER_FILES:
-        if (checkpoint / name).is_file():
-            shutil.copyfile(checkpoint / name, staging / name)
-    if with_weights:
-        copy_checkpoint_files(checkpoint, staging, [p.name for p in sorted(checkpoint.glob("*.safetensors"))])
+    # The tokenizer, config and sentence-transformers files (the model's pooling, read by the runtime
+    # and by sentence-transformers loading the artifact), and the weights of a model this run trained.
+    weights = [p.name for p in sorted(checkpoint.glob("*.safetensors"))] if with_weights else []
+    copy_checkpoint_files(checkpoint, staging, weights)
     write_runtime(staging)
     (staging / "report.md").write_text(report_md)
     (staging / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")

@@ -35,7 +35,9 @@ class TorchModel:
 
         torch.set_num_threads(threads())
         self.model = load_torch(handle)
-        self.tokenizer = runtime.Tokenizer(handle.checkpoint / "tokenizer.json", seq_len)
+        self.tokenizer = runtime.Tokenizer(
+            handle.checkpoint / "tokenizer.json", runtime.model_seq_len(handle.checkpoint, seq_len)
+        )
         self.input_names = [
             n
             for n in ("input_ids", "attention_mask", "token_type_ids")
@@ -43,6 +45,7 @@ class TorchModel:
         ]
         self.provider = "torch-cpu"
         self.projection = projection.read(handle.checkpoint) if handle.task == "feature-extraction" else None
+        self.pooling = runtime.Pooling.of(handle.checkpoint)
 
     def run(self, inputs: Inputs) -> np.ndarray:
         import torch
@@ -53,7 +56,7 @@ class TorchModel:
         return first if self.projection is None else projection.apply(first, self.projection)
 
     def embed(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
-        return runtime.embed(self.run, self.tokenizer, texts, batch_size)
+        return runtime.embed(self.run, self.tokenizer, texts, batch_size, self.pooling)
 
 
 def open_model(handle: ModelHandle, seq_len: int) -> TorchModel | runtime.OnnxModel:

@@ -215,3 +215,42 @@ def test_the_runtime_requirements_resolve_for_each_python_on_linux_x86_64(python
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_a_cls_pooled_model_embeds_as_its_authors_shipped_it_from_runtime_and_sentence_transformers(tmp_path):
+    """The model's own pooling (CLS) and normalization, read from its sentence-transformers files,
+    in the gate's reference, the runtime, and sentence-transformers loading the artifact."""
+    st = pytest.importorskip("sentence_transformers")
+    from optimize.evaluate import fidelity
+
+    checkpoint = tmp_path / "cls-model"  # laid out as sentence-transformers saves a model
+    small_bert(checkpoint, initializer_range=0.3)
+    modules = [("", "Transformer"), ("1_Pooling", "Pooling"), ("2_Normalize", "Normalize")]
+    (checkpoint / "modules.json").write_text(
+        json.dumps(
+            [
+                {"idx": i, "name": str(i), "path": path, "type": f"sentence_transformers.models.{kind}"}
+                for i, (path, kind) in enumerate(modules)
+            ]
+        )
+    )
+    (checkpoint / "1_Pooling").mkdir()
+    pooling = {"word_embedding_dimension": 32, "pooling_mode_cls_token": True, "pooling_mode_mean_tokens": False}
+    (checkpoint / "1_Pooling" / "config.json").write_text(json.dumps(pooling))
+    (checkpoint / "2_Normalize").mkdir()
+    (checkpoint / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 64}))
+    out = tmp_path / "art"
+    result = CliRunner().invoke(app, ["compile", str(checkpoint), "-o", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    texts = ["A man is playing a guitar.", "A woman is slicing an onion.", "The stock market fell sharply today."]
+    texts.append(" ".join(["a long text, cut at the model's max_seq_length of 64 tokens"] * 12))
+    ours = runtime.load(out, available=["CPUExecutionProvider"]).embed(texts)
+    original = st.SentenceTransformer(str(checkpoint), device="cpu").encode(texts)
+    onnx = st.SentenceTransformer(str(out), device="cpu", backend="onnx", model_kwargs={"file_name": "model.onnx"})
+    for other in (original, onnx.encode(texts)):
+        assert fidelity(ours, other)["cosine_min"] >= 0.9999
+    assert np.allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-5)  # the Normalize module was applied
+    mean = runtime.Pooling("mean", True)
+    model = runtime.load(out, available=["CPUExecutionProvider"])
+    inputs = model.tokenizer(texts)
+    assert fidelity(mean(model.run(inputs), inputs["attention_mask"]), ours)["cosine_min"] < 0.99  # CLS mattered

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -157,14 +158,79 @@ def mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return pooled
 
 
+# sentence-transformers' Pooling config flags -> our names for them
+POOLING_MODES = {
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_max_tokens": "max",
+    "pooling_mode_lasttoken": "lasttoken",
+    "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len",
+}
+
+
+@dataclass(frozen=True)
+class Pooling:
+    """How a sentence-embedding model turns token states into one vector, as its authors shipped it
+    (sentence-transformers' `modules.json`: a Pooling module, maybe a Normalize); mean pooling
+    without normalization when the folder has no such files."""
+
+    mode: str = "mean"
+    normalize: bool = False
+
+    @classmethod
+    def of(cls, folder: Path) -> Pooling:
+        path = Path(folder) / "modules.json"
+        if not path.is_file():
+            return cls()
+        mode, normalize = "mean", False
+        for module in json.loads(path.read_text()):
+            kind = str(module.get("type", ""))
+            if kind.endswith("Pooling"):
+                config = json.loads((Path(folder) / module["path"] / "config.json").read_text())
+                modes = [name for key, name in POOLING_MODES.items() if config.get(key, key.endswith("mean_tokens"))]
+                if len(modes) != 1:
+                    raise ValueError(f"{folder}: pooling modes {modes} combined; one mode is supported")
+                mode = modes[0]
+            elif kind.endswith("Normalize"):
+                normalize = True
+        return cls(mode, normalize)
+
+    def __call__(self, hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        real = mask[..., None].astype(bool)
+        if self.mode == "cls":
+            pooled = hidden[:, 0]
+        elif self.mode == "lasttoken":  # right padding: the last real token
+            pooled = hidden[np.arange(len(hidden)), np.maximum(mask.sum(axis=1) - 1, 0)]
+        elif self.mode == "max":
+            pooled = np.where(real, hidden, -1e9).max(axis=1)
+        elif self.mode == "mean_sqrt_len":
+            pooled = (hidden * real).sum(axis=1) / np.sqrt(np.clip(real.sum(axis=1), 1, None))
+        else:
+            pooled = mean_pool(hidden, mask)
+        if self.normalize:
+            pooled = pooled / np.clip(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12, None)
+        return np.asarray(pooled, dtype=np.float32)
+
+
+def model_seq_len(folder: Path, seq_len: int) -> int:
+    """`seq_len`, or the shorter `max_seq_length` a sentence-transformers model was trained with."""
+    path = Path(folder) / "sentence_bert_config.json"
+    longest = json.loads(path.read_text()).get("max_seq_length") if path.is_file() else None
+    return min(seq_len, int(longest)) if longest else seq_len
+
+
 def embed(
-    run: Callable[[dict[str, np.ndarray]], np.ndarray], tokenizer: Tokenizer, texts: Sequence[str], batch_size: int = 32
+    run: Callable[[dict[str, np.ndarray]], np.ndarray],
+    tokenizer: Tokenizer,
+    texts: Sequence[str],
+    batch_size: int = 32,
+    pooling: Pooling = Pooling(),
 ) -> np.ndarray:
-    """Sentence embeddings: mean of the last hidden states over real (unpadded) tokens."""
+    """Sentence embeddings: the last hidden states over real (unpadded) tokens, pooled."""
     out = []
     for start in range(0, len(texts), batch_size):
         inputs = tokenizer(texts[start : start + batch_size])
-        out.append(mean_pool(run(inputs), inputs["attention_mask"]))
+        out.append(pooling(run(inputs), inputs["attention_mask"]))
     return np.concatenate(out).astype(np.float32)
 
 
@@ -183,11 +249,12 @@ class OnnxModel:
         settings: dict[str, Any] | None = None,
     ):
         self.session, self.fallbacks = make_session(model_path, target, threads, available, settings)
-        self.tokenizer = Tokenizer(tokenizer_path, seq_len)
+        self.tokenizer = Tokenizer(tokenizer_path, model_seq_len(Path(tokenizer_path).parent, seq_len))
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.cache_inputs = [i for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
         config_path = Path(model_path).parent / "config.json"
         self.config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        self.pooling = Pooling.of(Path(tokenizer_path).parent)
 
     @property
     def provider(self) -> str:
@@ -217,7 +284,7 @@ class OnnxModel:
         return feed
 
     def embed(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
-        return embed(self.run, self.tokenizer, texts, batch_size)
+        return embed(self.run, self.tokenizer, texts, batch_size, self.pooling)
 
     def classify(self, texts: Sequence[str], batch_size: int = 32) -> list[dict[str, object]]:
         """For a sequence classifier: the label and the softmax score per text."""

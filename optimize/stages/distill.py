@@ -119,6 +119,16 @@ class DistillStage(StageBase):
         if isinstance(count, int):
             chosen_layers(self.layers, count)
         check_student(self, model.task, config)
+        width = config.get("hidden_size")
+        if self.student.hidden_size not in (None, width) and model.task == "feature-extraction":
+            from optimize.runtime import Pooling
+
+            mode = Pooling.of(model.checkpoint).mode
+            if mode not in ("mean", "cls", "lasttoken"):
+                raise UsageError(
+                    f"distill: the teacher pools by {mode}, which a projection after pooling cannot follow; "
+                    "keep the teacher's hidden_size"
+                )
         if self.losses.hard_label > 0:
             if model.task == "feature-extraction":
                 raise UsageError("distill: losses.hard_label: sentence embeddings have no labels; set it to 0")
@@ -339,7 +349,22 @@ def label_ids(labels: dict[str, str], label2id: dict[str, int], classes: int) ->
     return ids
 
 
-def loss_function(config: DistillStage, task: str, layers: list[int]) -> training.LossFn:
+def pooled(states: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """The sentence vector the model's own pooling makes (`runtime.Pooling`, before any normalization)."""
+    import torch
+
+    if mode == "cls":
+        return states[:, 0]
+    if mode == "lasttoken":
+        return states[torch.arange(len(states)), (mask.sum(1) - 1).clamp(min=0)]
+    weights = mask.unsqueeze(-1).to(states.dtype)
+    if mode == "max":
+        return states.masked_fill(weights == 0, -1e9).max(1).values
+    count = weights.sum(1).clamp(min=1e-9)
+    return (states * weights).sum(1) / (count.sqrt() if mode == "mean_sqrt_len" else count)
+
+
+def loss_function(config: DistillStage, task: str, layers: list[int], pooling: str = "mean") -> training.LossFn:
     import torch
     import torch.nn.functional as F  # noqa: N812
 
@@ -351,11 +376,8 @@ def loss_function(config: DistillStage, task: str, layers: list[int]) -> trainin
             t = teacher(**batch, output_hidden_states=hidden)
         s = student(**batch, output_hidden_states=hidden)
         mask = batch["attention_mask"].unsqueeze(-1).to(s[0].dtype)
-
-        def pool(states: torch.Tensor) -> torch.Tensor:
-            return (states * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-
-        a, b = pool(s[0]), pool(t[0].to(s[0].dtype))
+        a = pooled(s[0], batch["attention_mask"], pooling)
+        b = pooled(t[0].to(s[0].dtype), batch["attention_mask"], pooling)
         loss = weights.embedding_mse * F.mse_loss(a, b)
         loss = loss + weights.embedding_cosine * (1 - F.cosine_similarity(a, b, dim=-1)).mean()
         if hidden:
@@ -393,7 +415,7 @@ def loss_function(config: DistillStage, task: str, layers: list[int]) -> trainin
 def run(config: DistillStage, model: ModelHandle, ctx: StageContext) -> StageResult:
     import torch
 
-    from optimize.runtime import Tokenizer
+    from optimize.runtime import Pooling, Tokenizer
 
     teacher = load_torch(model)  # check_input ran when the pipeline prepared the recipe
     teacher_config: Any = teacher.config
@@ -444,7 +466,7 @@ def run(config: DistillStage, model: ModelHandle, ctx: StageContext) -> StageRes
         trainee,
         teacher,
         tokenize,
-        loss_function(config, model.task, layers),
+        loss_function(config, model.task, layers, Pooling.of(model.checkpoint).mode),
         data.train,
         data.heldout,
         settings,
