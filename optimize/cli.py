@@ -21,6 +21,7 @@ import typer
 import yaml
 from rich.console import Console
 
+from optimize import paths
 from optimize.errors import INTERRUPTED, GateFailed, UsageError
 
 if TYPE_CHECKING:
@@ -206,7 +207,7 @@ def run_cmd(
     from optimize import recipe as recipes
 
     _execute(
-        lambda: recipes.load(recipe, overrides),
+        lambda: recipes.load(paths.named(recipe, "recipes"), overrides),
         out,
         as_json,
         dry_run,
@@ -228,6 +229,7 @@ def single_stage(
 
     data: dict[str, Any] = {}
     if recipe is not None:
+        recipe = paths.named(recipe, "recipes")
         data, _ = recipes.load_data(recipe)
     stage = next(
         (dict(s) for s in data.get("stages", []) if isinstance(s, dict) and s.get("kind") == kind), {"kind": kind}
@@ -443,7 +445,7 @@ def eval_cmd(
         from optimize.model import open_any
         from optimize.suites import load_suite
 
-        loaded = [load_suite(path) for path in suites]
+        loaded = [load_suite(paths.named(path, "evals")) for path in suites]
         handle = open_any(model, allow_pickle, trust_remote_code)
         texts = loaded[0].texts()[:512] if reference and loaded[0].suite.task != "perplexity" else []
         evaluator = Evaluator(texts, None, loaded, seq_len=seq_len)
@@ -520,6 +522,22 @@ def inspect_cmd(
         print_stage(console, StageRecord(**stage), manifest["reference"]["metrics"])
 
 
+@recipe_app.command("list")
+def list_cmd(as_json: JsonOpt = False) -> None:
+    """The recipes and eval suites that ship with optimize, by the names `run` and `--suite` take."""
+    import yaml as yaml_lib
+
+    found: dict[str, list[dict[str, str]]] = {"recipes": [], "evals": []}
+    for folder, items in found.items():
+        for path in paths.shipped(folder):
+            lines = [line[2:] for line in path.read_text().splitlines() if line.startswith("# ")]
+            about = " ".join(lines[:2]) if lines else str(yaml_lib.safe_load(path.read_text()).get("name", ""))
+            items.append({"name": path.stem, "path": str(path), "about": about})
+            if not as_json:
+                console.print(f"[bold]{folder[:-1]:7}[/] {path.stem:24} {about}", highlight=False)
+    _emit(as_json, "passed", recipes=found["recipes"], evals=found["evals"])
+
+
 @recipe_app.command("validate")
 def validate_cmd(
     files: Annotated[list[Path], typer.Argument(help="Recipe files to check.")], as_json: JsonOpt = False
@@ -530,7 +548,7 @@ def validate_cmd(
     errors = []
     for path in files:
         try:
-            recipes.load(path)
+            recipes.load(paths.named(path, "recipes"))
             console.print(f"[green]ok[/] {path}")
         except UsageError as exc:
             console.print(f"[red]error:[/] {exc}", highlight=False)

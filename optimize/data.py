@@ -1,5 +1,10 @@
-"""Reading text data named by a SPEC: a local .jsonl/.csv/.tsv/.txt/.parquet file or a folder saved
-by `datasets`. Rows come back as dicts; a bad file is a `UsageError` naming it.
+"""Reading text data named by a SPEC, one grammar for calibration, distillation data and eval suites:
+a local .jsonl/.csv/.tsv/.txt/.parquet file or a folder saved by `datasets` (found beside the recipe
+or suite, in the working folder, among the shipped files, then under the data roots), or a Hugging
+Face dataset `name[:config][:split]` loaded through `datasets.load_dataset`. Offline, a hub name is
+looked up first as a folder laid out like the hub repository under a data root
+(`$OPTIMIZE_DATA_ROOT/glue` for `glue:sst2:validation`). Rows come back as dicts; bad data is a
+`UsageError` naming it and, for a wrong column, the columns that exist.
 """
 
 from __future__ import annotations
@@ -8,6 +13,9 @@ import csv
 import hashlib
 import json
 import random
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -83,8 +91,14 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 def _read_delimited(path: Path, delimiter: str | None) -> list[dict[str, Any]]:
     with path.open(encoding="utf-8", newline="") as handle:
-        if delimiter is None:
-            return list(csv.DictReader(handle, delimiter="\t" if path.suffix.lower() == ".tsv" else ","))
+        if delimiter is None:  # a header row; the delimiter as the file's first lines show it
+            sample = handle.read(1 << 16)
+            handle.seek(0)
+            try:
+                found = csv.Sniffer().sniff(sample, delimiters=",\t;|").delimiter
+            except csv.Error:
+                found = "\t" if path.suffix.lower() == ".tsv" else ","
+            return list(csv.DictReader(handle, delimiter=found))
         # Headerless files such as STS-B carry stray quotes: read them literally.
         reader = csv.reader(handle, delimiter=delimiter, quoting=csv.QUOTE_NONE)
         return [{str(i): value for i, value in enumerate(row)} for row in reader if row]
@@ -136,3 +150,58 @@ def split_calibration(
 
 def texts_sha256(texts: list[str]) -> str:
     return hashlib.sha256("\n".join(texts).encode()).hexdigest()
+
+
+# name[:config][:split]: a hub dataset id (`glue:sst2:validation`, `Salesforce/wikitext:wikitext-2-raw-v1:test`)
+HUB_SPEC = re.compile(r"^(?P<name>[A-Za-z0-9][\w.-]*(?:/[\w.-]+)?)(?::(?P<config>[\w.-]*))?(?::(?P<split>[\w.-]+))?$")
+
+
+@dataclass(frozen=True)
+class Rows:
+    rows: list[dict[str, Any]]
+    source: str  # the file or folder read, or the hub id (and where `datasets` found it)
+
+
+def looks_like_hub_id(spec: str) -> bool:
+    return bool(HUB_SPEC.match(spec)) and Path(spec).suffix.lower() not in SUFFIXES
+
+
+def load_rows(spec: str, local: Sequence[Path], fmt: Format = "auto", where: str = "data") -> Rows:
+    """The rows of SPEC: the first of `local` (candidate paths for it, in order) that exists, else a
+    hub dataset by id. `where` names the recipe or suite field in messages."""
+    from optimize.paths import data_roots
+
+    for path in local:
+        if path.exists():
+            return Rows(read_format(path, fmt, where), str(path))
+    if not looks_like_hub_id(spec):
+        raise UsageError(
+            f"{where}: {spec} not found (looked in {', '.join(str(p) for p in local)}); "
+            "name a file that exists or a hub dataset `name[:config][:split]`"
+        )
+    found = HUB_SPEC.match(spec)
+    assert found is not None
+    name, config, split = found["name"], found["config"] or None, found["split"] or "train"
+    copy = next((root / name for root in data_roots() if (root / name).is_dir()), None)
+    return Rows(read_hub(str(copy) if copy else name, config, split, spec, where), f"{spec} ({copy or 'hub'})")
+
+
+def read_hub(path: str, config: str | None, split: str, spec: str, where: str) -> list[dict[str, Any]]:
+    """One split of a hub dataset (or of a local folder laid out like its repository) via `datasets`."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    try:
+        loaded = datasets.load_dataset(path, config, split=split)
+    except Exception as exc:  # datasets raises many types: no network, no such config or split
+        message = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise UsageError(
+            f"{where}: cannot load hub dataset {spec} ({message}); offline, put a copy laid out like its "
+            "hub repository under $OPTIMIZE_DATA_ROOT/<name>"
+        ) from None
+    return list(loaded.to_list())
+
+
+def columns_of(rows: list[dict[str, Any]], names: Sequence[str | None], source: str) -> list[str]:
+    """The texts of each named column (None: the text one), in order; a wrong name is exit 2."""
+    return [text for name in names for text in column(rows, name, Path(source))]

@@ -2,16 +2,15 @@
 
 A recipe names calibration files and eval suites by relative path; they are looked for beside the
 recipe, in the working folder, in this source checkout, then among the files shipped inside the
-wheel (`optimize/_shipped`). An eval suite names its public data set by a path that is looked for
-beside the suite, under `$OPTIMIZE_DATA_ROOT`, then in `../shared/data` of a source checkout.
+wheel (`optimize/_shipped`). Data (calibration, training text, an eval suite's data set) is also
+looked for under `$OPTIMIZE_DATA_ROOT`, then in `../shared/data` of a source checkout; what is
+nowhere local is read from the Hugging Face hub (`optimize.data.load_rows`).
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-
-from optimize.errors import UsageError
 
 SHIPPED = Path(__file__).parent / "_shipped"  # recipes/, calibration/, evals/ in a wheel
 SOURCE_TREE = Path(__file__).parent.parent  # the same folders in a source checkout
@@ -38,20 +37,39 @@ def data_roots() -> list[Path]:
     return [*roots, SOURCE_TREE.parent / "shared" / "data"]
 
 
-def find_training_data(relative: str, base_dir: Path | None = None) -> Path:
-    """A data file a recipe trains on: found as recipe files are (`find`), else among the data roots."""
-    found = find(relative, "calibration", base_dir)
-    if found.exists():
-        return found
-    return next((root / relative for root in data_roots() if (root / relative).exists()), found)
+def recipe_data(relative: str, base_dir: Path | None = None) -> list[Path]:
+    """Where a data SPEC a recipe names may be, in order: as recipe files are found (`find`), then
+    under the data roots. `data.load_rows` takes the first that exists, else reads it from the hub."""
+    path = Path(relative).expanduser()
+    if path.is_absolute():
+        return [path]
+    return [find(relative, "calibration", base_dir), *(root / relative for root in data_roots())]
 
 
-def find_dataset(name: str, suite_path: Path) -> Path:
-    """The data file an eval suite names (`data: stsb/sts-test.csv`)."""
-    for root in [suite_path.parent, *data_roots()]:
-        if (root / name).exists():
-            return (root / name).resolve()
-    raise UsageError(
-        f"{suite_path}: data: {name} not found beside the suite, under $OPTIMIZE_DATA_ROOT "
-        "or in ../shared/data; set OPTIMIZE_DATA_ROOT to the folder that holds it"
-    )
+def suite_data(relative: str, suite_path: Path) -> list[Path]:
+    """Where a data SPEC an eval suite names may be: beside the suite, then under the data roots."""
+    path = Path(relative).expanduser()
+    return [path] if path.is_absolute() else [root / relative for root in [suite_path.parent, *data_roots()]]
+
+
+def named(name: str | Path, folder: str, base_dir: Path | None = None) -> Path:
+    """A recipe or eval suite (`folder` is `recipes` or `evals`) given by its path, or by the name of
+    one that ships with optimize: `minilm-int8` for recipes/minilm-int8.yaml, `stsb` for the one
+    suite whose name starts so. Else the path as given, so the error that follows names it."""
+    path = Path(name).expanduser()
+    if path.is_absolute() or path.exists():
+        return path
+    for candidate in (str(name), f"{name}.yaml"):
+        found = find(candidate, folder, base_dir)
+        if found.exists():
+            return found
+    matches = {p.name: p for p in shipped(folder) if p.name.startswith(str(name))}
+    return next(iter(matches.values())) if len(matches) == 1 else path
+
+
+def shipped(folder: str) -> list[Path]:
+    """The recipes or suites that ship with optimize (the source checkout's, else the wheel's)."""
+    found: dict[str, Path] = {}
+    for root in (SHIPPED / folder, SOURCE_TREE / folder):
+        found.update({p.name: p for p in root.glob("*.yaml")} if root.is_dir() else {})
+    return [found[n] for n in sorted(found)]

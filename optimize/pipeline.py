@@ -26,12 +26,13 @@ from typing import Any
 from rich.console import Console
 
 from optimize import artifact, metrics, report, training
-from optimize.data import column, read_rows, split_calibration, texts_sha256
+from optimize.data import columns_of, load_rows, split_calibration, texts_sha256
 from optimize.errors import INTERRUPTED, GateFailed, UsageError, stop_if_interrupted
 from optimize.evaluate import Evaluator, SpeedSettings
 from optimize.export import content_sha256, export
 from optimize.gate import GateCheck, GateSource, default_gate, judge_all
 from optimize.model import ModelHandle, open_any
+from optimize.paths import named, recipe_data
 from optimize.recipe import LoadedRecipe
 from optimize.records import RunSummary, StageRecord
 from optimize.stages.base import StageBase, StageContext
@@ -67,6 +68,7 @@ class Prepared:
     calibration: list[str]
     holdout: list[str]
     evaluator: Evaluator
+    data: list[dict[str, Any]]  # what each data set read was (source, rows, sha256), for the manifest
 
 
 def gate_source(gate: list[GateCheck] | None) -> GateSource:
@@ -92,11 +94,10 @@ def prepare(loaded: LoadedRecipe, options: RunOptions, console: Console) -> Prep
     if not (model.checkpoint / "tokenizer.json").is_file():
         raise UsageError(f"model {spec!r}: no tokenizer.json; save the checkpoint with a fast tokenizer")
     cal = recipe.calibration
-    cal_path = loaded.find(cal.data, "calibration")
-    calibration, holdout = split_calibration(
-        column(read_rows(cal_path), None, cal_path), cal.samples, cal.holdout, recipe.seed, cal_path
-    )
-    suites = [load_suite(loaded.find(name, "evals")) for name in recipe.evals]
+    found = load_rows(cal.data, recipe_data(cal.data, loaded.base_dir), cal.format, f"{loaded.source}: calibration")
+    texts = columns_of(found.rows, list(cal.columns) or [None], found.source)
+    calibration, holdout = split_calibration(texts, cal.samples, cal.holdout, recipe.seed, Path(found.source))
+    suites = [load_suite(named(name, "evals", loaded.base_dir)) for name in recipe.evals]
     # Validation allowed logit metrics while the task was unknown; now the model says.
     measured = metrics.measured(model.task, [s.suite.task for s in suites])
     for index, stage in enumerate(recipe.stages):
@@ -117,8 +118,10 @@ def prepare(loaded: LoadedRecipe, options: RunOptions, console: Console) -> Prep
                 highlight=False,
             )
     evaluator = Evaluator(holdout, SpeedSettings(seq_len=cal.seq_len), suites)
+    data = [{"calibration": cal.data, "source": found.source, "rows": len(found.rows)}]
+    data += [suite.provenance() for suite in suites]
     return Prepared(
-        loaded.with_default_gates(default_gate(model.task)), spec, model, sources, calibration, holdout, evaluator
+        loaded.with_default_gates(default_gate(model.task)), spec, model, sources, calibration, holdout, evaluator, data
     )
 
 
@@ -263,6 +266,7 @@ class _Run:
                     "samples": len(prepared.calibration),
                     "holdout": len(prepared.holdout),
                 },
+                "data": prepared.data,
                 "versions": artifact.versions(),
             },
             "reference": {

@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from optimize import metrics, paths
+from optimize.data import Format
 from optimize.errors import UsageError
 from optimize.gate import GateCheck
 from optimize.stages import Stage
@@ -28,7 +29,9 @@ from optimize.suites import read_suite
 class Calibration(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    data: str = "calibration/default.jsonl"
+    data: str = Field("calibration/default.jsonl", description="SPEC: a file, a `datasets` folder or a hub id")
+    format: Format = "auto"
+    columns: list[str] = Field(default_factory=list, description="text columns to take (default: the text one)")
     samples: int = Field(256, gt=0, description="texts used to calibrate")
     seq_len: int = Field(128, gt=0, le=8192, description="tokens per text; longer texts are truncated")
     holdout: int = Field(64, gt=0, description="texts kept out of calibration to measure fidelity")
@@ -74,7 +77,7 @@ def problems(recipe: Recipe, base_dir: Path) -> list[Problem]:
     suite_tasks = []
     for j, name in enumerate(recipe.evals):
         try:
-            suite_tasks.append(read_suite(paths.find(name, "evals", base_dir)).task)
+            suite_tasks.append(read_suite(paths.named(name, "evals", base_dir)).task)
         except UsageError as exc:
             found.append((("evals", j), str(exc)))
     measured = metrics.measured(recipe.task, suite_tasks)
@@ -117,10 +120,6 @@ class LoadedRecipe:
     @property
     def sha256(self) -> str:
         return hashlib.sha256(self.text.encode()).hexdigest()
-
-    def find(self, relative: str, folder: str) -> Path:
-        """A data file named in the recipe (`folder` is `calibration` or `evals`); see `paths.find`."""
-        return paths.find(relative, folder, self.base_dir)
 
 
 def _read_yaml(path: Path) -> tuple[dict[str, Any], yaml.Node | None]:

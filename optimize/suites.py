@@ -2,9 +2,12 @@
 
     name: stsb-test
     task: sts                    # sts | classification | perplexity
-    data: stsb/sts-test.csv      # beside the suite, under $OPTIMIZE_DATA_ROOT, or ../shared/data
-    format: tsv-noheader         # auto | tsv-noheader | label-text
-    columns: {text: "5", text_pair: "6", label: "4"}
+    data: sentence-transformers/stsb::test   # SPEC: a hub dataset name[:config][:split], or a file
+    columns: {text: sentence1, text_pair: sentence2, label: score}
+    local:                       # the same rows in a local copy, used when it is found (offline, CI)
+      data: stsb/sts-test.csv    # beside the suite, under $OPTIMIZE_DATA_ROOT, or ../shared/data
+      format: tsv-noheader       # auto | tsv-noheader | label-text
+      columns: {text: "5", text_pair: "6", label: "4"}
     limit: null                  # at most this many rows (seeded sample)
 
 Tasks: `sts` gives `spearman` between the cosine of the pair's mean-pooled embeddings and the gold
@@ -15,6 +18,8 @@ causal LM, sliding windows of `window` tokens moved by `stride`.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,12 +30,23 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from optimize.data import read_format
+from optimize.data import load_rows
 from optimize.errors import UsageError
 from optimize.metrics import suite_metric
-from optimize.paths import find_dataset
+from optimize.paths import suite_data
 
 Column = Literal["text", "text_pair", "label"]
+
+
+class LocalCopy(BaseModel):
+    """A suite's data set as a local file, with its own layout: read instead of the hub when found."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    data: str
+    train_data: str | None = None
+    format: Literal["auto", "tsv-noheader", "label-text"] = "auto"
+    columns: dict[Column, str] = {"text": "text"}
 
 
 class Suite(BaseModel):
@@ -48,6 +64,7 @@ class Suite(BaseModel):
     window: int = Field(512, gt=1)  # perplexity
     stride: int = Field(256, gt=0)
     max_tokens: int | None = Field(None, gt=1)
+    local: LocalCopy | None = None
 
 
 @dataclass(frozen=True)
@@ -56,6 +73,18 @@ class LoadedSuite:
     path: Path
     rows: list[dict[str, Any]]
     train_rows: list[dict[str, Any]]
+    source: str = ""  # what was read: a file, or a hub id and where datasets found it
+
+    def provenance(self) -> dict[str, Any]:
+        """What the manifest records of the data this suite read."""
+        digest = hashlib.sha256(json.dumps(self.rows, sort_keys=True, default=str).encode()).hexdigest()
+        return {
+            "suite": self.suite.name,
+            "data": self.suite.data,
+            "source": self.source,
+            "rows": len(self.rows),
+            "sha256": digest,
+        }
 
     @property
     def metric(self) -> str:
@@ -88,8 +117,16 @@ def read_suite(path: Path) -> Suite:
 def load_suite(path: Path) -> LoadedSuite:
     """The suite with its rows, checked: the columns it names exist and labels are numbers."""
     suite = read_suite(path)
-    rows = read_format(find_dataset(suite.data, path), suite.format, path)
-    train = read_format(find_dataset(suite.train_data, path), suite.format, path) if suite.train_data else []
+    local = suite.local
+    if local is not None and any(p.exists() for p in suite_data(local.data, path)):
+        suite = suite.model_copy(update=local.model_dump())  # the local copy, in its own layout
+    found = load_rows(suite.data, suite_data(suite.data, path), suite.format, f"{path}: data")
+    rows = found.rows
+    train = (
+        load_rows(suite.train_data, suite_data(suite.train_data, path), suite.format, f"{path}: train_data").rows
+        if suite.train_data
+        else []
+    )
     if suite.train_limit is not None and len(train) > suite.train_limit:
         train = random.Random(suite.seed).sample(train, suite.train_limit)
     if not rows:
@@ -109,7 +146,7 @@ def load_suite(path: Path) -> LoadedSuite:
         pass  # the text keeps its order: a sample would cut documents apart
     elif suite.limit is not None and len(rows) > suite.limit:
         rows = random.Random(suite.seed).sample(rows, suite.limit)
-    loaded = LoadedSuite(suite, path, rows, train)
+    loaded = LoadedSuite(suite, path, rows, train, found.source)
     if suite.task in ("sts", "classification"):
         try:
             loaded.labels()

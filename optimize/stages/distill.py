@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from optimize import projection, training
-from optimize.data import Format, column, read_format
+from optimize.data import Format, column, load_rows
 from optimize.errors import UsageError
 from optimize.model import ModelHandle, load_torch
 from optimize.stages.base import StageBase, StageContext, StageResult
@@ -36,7 +36,8 @@ if TYPE_CHECKING:
 
 
 class DataSource(BaseModel):
-    """Unlabeled training text: a file (found like calibration files, then in the data roots)."""
+    """Unlabeled training text: a SPEC (a file found like calibration files, then in the data roots;
+    or a hub dataset `name[:config][:split]`)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -135,7 +136,7 @@ class DistillStage(StageBase):
             if model.task == "text-classification" and not any(s.label for s in self.data):
                 raise UsageError("distill: losses.hard_label needs a data source with `label:` (its label column)")
         for source in self.data:
-            find_data(source, base_dir)
+            check_data(source, base_dir)
 
     def run(self, model: ModelHandle, ctx: StageContext) -> StageResult:
         return run(self, model, ctx)
@@ -159,16 +160,16 @@ def check_student(config: DistillStage, task: str, teacher: dict[str, Any]) -> N
         )
 
 
-def find_data(source: DataSource, base_dir: Path) -> Path:
-    from optimize.paths import find_training_data
+def check_data(source: DataSource, base_dir: Path) -> None:
+    """A local file that exists, or a hub dataset id (read when the stage runs)."""
+    from optimize.data import looks_like_hub_id
+    from optimize.paths import recipe_data
 
-    path = find_training_data(source.path, base_dir)
-    if not path.exists():
+    if not any(p.exists() for p in recipe_data(source.path, base_dir)) and not looks_like_hub_id(source.path):
         raise UsageError(
             f"distill: data: {source.path} not found (beside the recipe, in the working folder, "
-            "under $OPTIMIZE_DATA_ROOT or ../shared/data)"
+            "under $OPTIMIZE_DATA_ROOT or ../shared/data), and not a hub dataset `name[:config][:split]`"
         )
-    return path
 
 
 def layer_list(model: torch.nn.Module, count: int) -> str:
@@ -306,6 +307,8 @@ class Texts:
 
 def load_texts(config: DistillStage, ctx: StageContext) -> Texts:
     """Training texts, held-out texts, where they came from and their labels; bad or empty data is exit 2."""
+    from optimize.paths import recipe_data
+
     texts: list[str] = []
     sources: list[str] = []
     labels: dict[str, str] = {}
@@ -313,8 +316,8 @@ def load_texts(config: DistillStage, ctx: StageContext) -> Texts:
         texts = list(ctx.calibration_texts)
         sources.append("calibration texts")
     for source in config.data:
-        path = find_data(source, ctx.base_dir)
-        rows = read_format(path, source.format, "distill data")
+        loaded = load_rows(source.path, recipe_data(source.path, ctx.base_dir), source.format, "distill: data")
+        rows, path = loaded.rows, Path(loaded.source)
         names: list[str | None] = list(source.columns) or [None]
         found = [text for name in names for text in column(rows, name, path)]
         if source.label is not None:
@@ -328,7 +331,7 @@ def load_texts(config: DistillStage, ctx: StageContext) -> Texts:
         if source.limit is not None and len(found) > source.limit:
             found = random.Random(ctx.seed).sample(found, source.limit)
         texts += found
-        sources.append(f"{source.path} ({len(found)} texts)")
+        sources.append(f"{source.path} ({len(found)} texts, from {loaded.source})")
     texts = list(dict.fromkeys(texts))  # a sentence seen twice is trained on once
     random.Random(ctx.seed).shuffle(texts)
     if len(texts) <= config.holdout:
