@@ -189,8 +189,26 @@ def open_checkpoint(
 ) -> ModelHandle:
     checkpoint = resolve(spec, base_dir)
     check_weights(checkpoint, allow_pickle)
+    if not trust_remote_code:
+        check_no_remote_code(checkpoint, spec)
     found = detect_task(checkpoint)
     return ModelHandle(checkpoint, task or found, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+
+
+def check_no_remote_code(checkpoint: Path, spec: str) -> None:
+    """A checkpoint whose architecture exists only in code it ships (`auto_map` in config.json, a
+    model_type transformers does not know) runs that code only with --trust-remote-code."""
+    config_path = checkpoint / "config.json"
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    if not config.get("auto_map"):
+        return
+    from transformers import CONFIG_MAPPING
+
+    if config.get("model_type") not in CONFIG_MAPPING:
+        raise UsageError(
+            f"model {spec!r} ships its own model code (config.json auto_map, model_type "
+            f"{config.get('model_type')!r}); running it needs --trust-remote-code (read the code first)"
+        )
 
 
 def open_any(

@@ -216,3 +216,16 @@ def test_every_outcome_of_json_is_one_object_on_stdout(tiny_bert, tmp_path, case
         assert "--precisoin" in report["error"]
     if case == "dry run":
         assert report["recipe"]["stages"][0]["kind"] == "compile"
+
+
+def test_a_model_shipping_its_own_code_needs_trust_remote_code_named_in_one_message(tiny_bert, tmp_path):
+    import shutil
+
+    custom = tmp_path / "custom"
+    shutil.copytree(tiny_bert, custom)
+    config = json.loads((custom / "config.json").read_text())
+    config.update(model_type="my-own-bert", auto_map={"AutoModel": "modeling_mine.MyModel"})
+    (custom / "config.json").write_text(json.dumps(config))
+    result = invoke("compile", str(custom), "-o", str(tmp_path / "out"), "--json")
+    assert result.exit_code == 2
+    assert "--trust-remote-code" in json.loads(result.stdout)["error"] and "Traceback" not in result.output
