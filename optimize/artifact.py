@@ -30,6 +30,9 @@ TOKENIZER_FILES = (
     "vocab.json",
     "tokenizer.model",
     "config.json",
+    "generation_config.json",
+    "genai_config.json",  # an onnxruntime-genai model folder (optimize/stages/genai.py)
+    "chat_template.jinja",
 )
 # What sentence-transformers reads beside the weights (pooling, normalization, its own config).
 SENTENCE_TRANSFORMERS_FILES = (

@@ -52,7 +52,7 @@ class Recipe(BaseModel):
     @property
     def target(self) -> str:
         """What the recipe compiles for: the compile stage's target, else cpu."""
-        return next((getattr(s, "target", "cpu") for s in self.stages if s.kind == "compile"), "cpu")
+        return next((getattr(s, "target", "cpu") for s in self.stages if s.kind in ("compile", "genai")), "cpu")
 
 
 Problem = tuple[tuple[str | int, ...], str]  # (key path in the recipe, message)

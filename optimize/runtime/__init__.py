@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .generation import GenAIEngine, Sampling, kv_loop, stream
+
 if TYPE_CHECKING:
     import onnxruntime as ort
 
@@ -255,6 +257,8 @@ class OnnxModel:
         config_path = Path(model_path).parent / "config.json"
         self.config = json.loads(config_path.read_text()) if config_path.is_file() else {}
         self.pooling = Pooling.of(Path(tokenizer_path).parent)
+        self.folder = Path(model_path).parent
+        self._genai: Any = None  # the onnxruntime-genai engine, opened on the first generate
 
     @property
     def provider(self) -> str:
@@ -276,6 +280,9 @@ class OnnxModel:
                 feed[spec.name] = past[spec.name]
             else:  # an empty cache: batch x heads x 0 positions x head size
                 heads, head_dim = (d if isinstance(d, int) else 0 for d in (spec.shape[1], spec.shape[3]))
+                if not head_dim:  # a symbolic size (onnxruntime-genai's graphs): from the config
+                    config = self.config
+                    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
                 dtype = np.float16 if "float16" in spec.type else np.float32
                 feed[spec.name] = np.zeros((mask.shape[0], heads, 0, head_dim), dtype=dtype)
         missing = [name for name in self.input_names if name not in feed]
@@ -303,34 +310,48 @@ class OnnxModel:
                 out.append({"label": labels.get(str(best), str(best)), "score": round(float(row[best]), 6)})
         return out
 
-    def generate(self, prompt: str, max_new_tokens: int = 32) -> str:
-        """Greedy decoding with the KV cache for a causal LM exported with past key values: the
-        prompt runs once, then one token per step. Stops at the end-of-sequence token."""
-        if not self.cache_inputs:
-            raise ValueError("this model was not exported for generation (no past_key_values inputs)")
+    def generate(
+        self,
+        prompt: str,
+        max_new_tokens: int = 32,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+        on_text: Callable[[str], None] | None = None,
+    ) -> str:
+        """Continue `prompt` (greedy unless `temperature` > 0; a `seed` makes sampling repeatable),
+        ending at the end-of-sequence token, `max_new_tokens` or before the first `stop` string.
+        `on_text` receives each new piece of text as it comes (streaming). Artifacts built by
+        onnxruntime-genai generate through it; exported graphs through this runtime's KV-cache loop."""
+        sampling = Sampling(max_new_tokens, temperature, top_k, top_p, seed, tuple(stop))
         eos = self.config.get("eos_token_id")
-        stop = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        ends = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         ids = self.tokenizer.ids(prompt, special=True)
-        step = np.array([ids], dtype=np.int64)
-        mask = np.ones_like(step)
+        if (self.folder / "genai_config.json").is_file():
+            if self._genai is None:
+                self._genai = GenAIEngine(self.folder, use_gpu=self.provider != "CPUExecutionProvider")
+            tokens = self._genai.tokens(ids, sampling, ends)
+        elif self.cache_inputs:
+            tokens = kv_loop(self._step, ids, sampling, ends)
+        else:
+            raise ValueError("this model was not exported for generation (no past_key_values inputs)")
+        return stream(tokens, self.tokenizer.decode, sampling, on_text or (lambda piece: None))
+
+    def _step(self, ids: np.ndarray, past: dict[str, np.ndarray] | None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """One forward pass with the cache: logits, and the cache for the next step."""
+        seen = next(iter(past.values())).shape[2] if past else 0
+        mask = np.ones((1, seen + ids.shape[1]), dtype=np.int64)
+        outputs = self.session.run(None, self._feed({"input_ids": ids, "attention_mask": mask}, past))
         names = [o.name for o in self.session.get_outputs()]
-        past: dict[str, np.ndarray] | None = None
-        new: list[int] = []
-        for _ in range(max_new_tokens):
-            outputs = self.session.run(None, self._feed({"input_ids": step, "attention_mask": mask}, past))
-            token = int(outputs[0][0, -1].argmax())
-            if token in stop:
-                break
-            new.append(token)
-            # present.N.key / present.N.value come back as the next step's past_key_values.N.*
-            past = {
-                n.replace("present", "past_key_values", 1): v
-                for n, v in zip(names, outputs, strict=True)
-                if n.startswith("present")
-            }
-            step = np.array([[token]], dtype=np.int64)
-            mask = np.ones((1, mask.shape[1] + 1), dtype=np.int64)
-        return self.tokenizer.decode(new)
+        # present.N.key / present.N.value come back as the next step's past_key_values.N.*
+        cache = {
+            n.replace("present", "past_key_values", 1): v
+            for n, v in zip(names, outputs, strict=True)
+            if n.startswith("present")
+        }
+        return outputs[0], cache
 
 
 def load(artifact_dir: str | Path, available: Sequence[str] | None = None) -> OnnxModel:

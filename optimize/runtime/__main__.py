@@ -2,7 +2,8 @@
 
 Input: JSONL with a "text" field per line, or plain text with one text per line ("-" for stdin).
 Output, one line per text: {"text", "embedding"} (embed), {"text", "label", "score"} (classify) or
-{"text", "generated"} (generate: greedy, the text is the prompt). The provider used (and any that
+{"text", "generated"} (generate: the text is the prompt; greedy unless --temperature; --stream prints
+the text as it comes instead). The provider used (and any that
 could not be used) is reported on stderr. Exit 2 when the artifact or the input is unusable.
 """
 
@@ -41,10 +42,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input", default="-", help="texts: .jsonl or .txt file, or - for stdin")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=32, help="generate: tokens per prompt")
+    parser.add_argument("--prompt", help="generate: this prompt instead of --input")
+    parser.add_argument("--stream", action="store_true", help="generate: print text as it comes, no JSON")
+    parser.add_argument("--temperature", type=float, default=0.0, help="generate: 0 is greedy")
+    parser.add_argument("--top-k", type=int, default=0, help="generate: sample among the k likeliest (0: all)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="generate: sample within this probability mass")
+    parser.add_argument("--seed", type=int, help="generate: makes sampling repeatable")
+    parser.add_argument("--stop", action="append", default=[], help="generate: end before this string (repeatable)")
     args = parser.parse_args(argv)
     try:
         model = load(args.artifact)
-        texts = _texts(args.input)
+        texts = [args.prompt] if args.prompt is not None else _texts(args.input)
     except (ArtifactError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -57,8 +65,20 @@ def main(argv: list[str] | None = None) -> int:
             for text, result in zip(texts, model.classify(texts, args.batch_size), strict=True):
                 print(json.dumps({"text": text, **result}))
         else:
+            options = dict(
+                max_new_tokens=args.max_new_tokens,
+                temperature=args.temperature,
+                top_k=args.top_k,
+                top_p=args.top_p,
+                seed=args.seed,
+                stop=args.stop,
+            )
             for text in texts:
-                print(json.dumps({"text": text, "generated": model.generate(text, args.max_new_tokens)}), flush=True)
+                if args.stream:
+                    model.generate(text, **options, on_text=lambda piece: print(piece, end="", flush=True))
+                    print(flush=True)
+                else:
+                    print(json.dumps({"text": text, "generated": model.generate(text, **options)}), flush=True)
     except ValueError as exc:  # the model does not do what was asked (e.g. generate on an encoder)
         print(f"error: {exc}", file=sys.stderr)
         return 2

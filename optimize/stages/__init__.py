@@ -12,6 +12,7 @@ from pydantic import Field
 
 from optimize.stages.compile import CompileStage
 from optimize.stages.distill import DistillStage
+from optimize.stages.genai import GenAIStage
 from optimize.stages.quantize import QuantizeStage
 
-Stage = Annotated[DistillStage | QuantizeStage | CompileStage, Field(discriminator="kind")]
+Stage = Annotated[DistillStage | QuantizeStage | CompileStage | GenAIStage, Field(discriminator="kind")]

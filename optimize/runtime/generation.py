@@ -1,0 +1,152 @@
+"""Text generation for causal LMs: greedy or sampled (temperature, top-k, top-p, a seed makes it
+reproducible), stop strings, and streaming (each new piece of text handed to a callback as it comes).
+
+Two engines behind one `generate`: onnxruntime-genai for artifacts its model builder made (they hold
+`genai_config.json`; its C++ loop keeps the KV cache in place and samples), and a KV-cache loop in
+Python over an onnxruntime session for graphs exported with past key values. Text is decoded with the
+artifact's own `tokenizer.json` in both, so the two engines print the same text for the same tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_new_tokens: int = 32
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0  # 0: no limit
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()  # generation ends before the first of these strings
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1 or self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
+            raise ValueError("max_new_tokens >= 1, temperature >= 0, top_k >= 0 and 0 < top_p <= 1, please")
+
+
+def pick(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> int:
+    """The next token from one row of logits: argmax, or a draw after temperature, top-k and top-p."""
+    if sampling.temperature == 0:
+        return int(logits.argmax())
+    z = logits.astype(np.float64) / sampling.temperature
+    if 0 < sampling.top_k < len(z):
+        z = np.where(z < np.partition(z, -sampling.top_k)[-sampling.top_k], -np.inf, z)
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    if sampling.top_p < 1:
+        order = np.argsort(-p)
+        keep = order[: int(np.searchsorted(np.cumsum(p[order]), sampling.top_p)) + 1]
+        kept = np.zeros_like(p)
+        kept[keep] = p[keep]
+        p = kept / kept.sum()
+    return int(rng.choice(len(p), p=p))
+
+
+class Text:
+    """The text of the tokens so far, what is new since last asked, and where a stop string begins."""
+
+    def __init__(self, decode: Callable[[list[int]], str], stop: Sequence[str]):
+        self.decode, self.stop = decode, [s for s in stop if s]
+        self.tokens: list[int] = []
+        self.sent = 0  # characters already handed out
+
+    def add(self, token: int) -> tuple[str, bool]:
+        """Append a token: (text safe to hand out now, whether a stop string was reached)."""
+        self.tokens.append(token)
+        text = self.decode(self.tokens)
+        cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            piece, self.sent = text[self.sent : cut], cut
+            return piece, True
+        # hold back a tail that could still grow into a stop string, and an unfinished character
+        hold = max((len(s) - 1 for s in self.stop), default=0)
+        safe = len(text) - hold if not text.endswith("\ufffd") else text.rfind("\ufffd")
+        safe = max(safe, self.sent)
+        piece, self.sent = text[self.sent : safe], safe
+        return piece, False
+
+    def rest(self) -> str:
+        text = self.decode(self.tokens)
+        cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=len(text))
+        piece, self.sent = text[self.sent : cut], cut
+        return piece
+
+
+def stream(
+    tokens: Iterator[int], decode: Callable[[list[int]], str], sampling: Sampling, on_text: Callable[[str], None]
+) -> str:
+    """Drive a token iterator to max_new_tokens or a stop string; returns the whole text."""
+    text = Text(decode, sampling.stop)
+    pieces: list[str] = []
+    stopped = False
+    for count, token in enumerate(tokens, start=1):
+        piece, stopped = text.add(token)
+        if piece:
+            pieces.append(piece)
+            on_text(piece)
+        if stopped or count >= sampling.max_new_tokens:
+            break
+    if not stopped:
+        piece = text.rest()
+        if piece:
+            pieces.append(piece)
+            on_text(piece)
+    return "".join(pieces)
+
+
+class GenAIEngine:
+    """An onnxruntime-genai model folder. On a machine without a GPU, a model built for CUDA runs on
+    the CPU: the config's providers are cleared (the `-cuda` package also runs CPU models)."""
+
+    def __init__(self, folder: Path, use_gpu: bool):
+        import onnxruntime_genai as og
+
+        config = og.Config(str(folder))
+        if not use_gpu:
+            config.clear_providers()
+        self.og, self.model = og, og.Model(config)
+
+    def tokens(self, prompt_ids: list[int], sampling: Sampling, eos: set[int]) -> Iterator[int]:
+        params = self.og.GeneratorParams(self.model)
+        options: dict[str, Any] = {
+            "max_length": len(prompt_ids) + sampling.max_new_tokens,
+            "do_sample": sampling.temperature > 0,
+        }
+        if sampling.temperature > 0:
+            options.update(temperature=sampling.temperature, top_k=sampling.top_k or 0, top_p=sampling.top_p)
+            if sampling.seed is not None:
+                options["random_seed"] = sampling.seed
+        params.set_search_options(**options)
+        generator = self.og.Generator(self.model, params)
+        generator.append_tokens([prompt_ids])
+        while not generator.is_done():
+            generator.generate_next_token()
+            token = int(generator.get_next_tokens()[0])
+            if token in eos:
+                return
+            yield token
+
+
+def kv_loop(
+    step: Callable[[np.ndarray, dict[str, np.ndarray] | None], tuple[np.ndarray, dict[str, np.ndarray]]],
+    prompt_ids: list[int],
+    sampling: Sampling,
+    eos: set[int],
+) -> Iterator[int]:
+    """Tokens from an exported graph: the prompt once, then one token per step with the cache."""
+    rng = np.random.default_rng(sampling.seed)
+    ids = np.array([prompt_ids], dtype=np.int64)
+    logits, past = step(ids, None)
+    while True:
+        token = pick(logits[0, -1], sampling, rng)
+        if token in eos:
+            return
+        yield token
+        logits, past = step(np.array([[token]], dtype=np.int64), past)

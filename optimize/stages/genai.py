@@ -1,0 +1,160 @@
+"""The genai stage: build a decoder LM into an onnxruntime-genai model folder with its model builder,
+searching the precisions it offers against the stage's gate.
+
+The builder makes the graph an engine runs fast (grouped-query attention with rotary embedding
+fused, a KV cache updated in place, MatMulNBits int4/int8 weights with int8 activations at accuracy
+level 4, a quantized LM head shared with the embedding when the model ties them) and writes
+`genai_config.json`; the runtime then generates through onnxruntime-genai's C++ loop. Candidates are
+tried in order (cheapest first, as written) and the first whose gate holds is kept, or, with
+`pick: fastest`, every candidate is measured and the fastest passing one is kept. Every candidate's
+metrics and verdict are recorded.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from optimize.errors import UsageError
+from optimize.model import ModelHandle
+from optimize.stages.base import StageBase, StageContext, StageResult
+
+# The checkpoint's own tokenizer and config replace what the builder re-saves, so the reference and
+# every candidate tokenize alike (a re-saved tokenizer may add a BOS token).
+KEPT = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+class Candidate(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    precision: Literal["fp32", "int8", "int4"]
+    block_size: int = Field(32, description="int4/int8: weights per quantization block (16-256)")
+    accuracy_level: Literal[1, 2, 3, 4] = Field(4, description="int4/int8 activations: 4 int8, 3 bf16, 1 fp32")
+    algorithm: Literal["default", "rtn", "k_quant"] = "default"
+    int8: list[Literal["last_matmul", "mixed_layers"]] = Field(
+        default_factory=list,
+        description="int4: MatMul groups kept at int8 (the LM head; llama.cpp's most sensitive layers)",
+    )
+
+    @field_validator("block_size")
+    @classmethod
+    def _block(cls, value: int) -> int:
+        if value not in (16, 32, 64, 128, 256):
+            raise ValueError("block_size: one of 16, 32, 64, 128, 256")
+        return value
+
+    def label(self) -> str:
+        if self.precision == "fp32":
+            return "fp32"
+        kept = f", {'+'.join(self.int8)} int8" if self.int8 else ""
+        return f"{self.precision} {self.algorithm} b{self.block_size} a{self.accuracy_level}{kept}"
+
+    def builder_options(self) -> list[str]:
+        if self.precision == "fp32":
+            return []
+        options = [
+            f"block_size={self.block_size}",
+            f"accuracy_level={self.accuracy_level}",
+            f"algo_config={self.algorithm}",
+        ]
+        if self.int8 and self.precision == "int4":
+            options.append("matmul_mixed_precision=" + ",".join(f"{group}:int8" for group in self.int8))
+        return options
+
+
+class GenAIStage(StageBase):
+    order: ClassVar[int] = 2
+    repeatable: ClassVar[bool] = False
+    needs_onnx: ClassVar[bool] = False  # the builder reads the checkpoint itself
+
+    kind: Literal["genai"] = "genai"
+    target: Literal["cpu", "cuda"] = Field("cpu", description="the execution provider the graph is built for")
+    candidates: list[Candidate] = Field(
+        default_factory=lambda: [Candidate(precision="int4")], min_length=1, description="tried in order"
+    )
+    pick: Literal["first", "fastest"] = Field("first", description="the first passing candidate, or the fastest")
+
+    def check_input(self, model: ModelHandle, base_dir: Path) -> None:
+        if model.task != "text-generation":
+            raise UsageError(f"genai: builds decoder LMs (text-generation), not {model.task} models")
+        if model.is_onnx or not any(model.checkpoint.glob("*.safetensors")):
+            raise UsageError(
+                f"genai: the model builder reads a checkpoint with safetensors; {model.checkpoint} has none"
+            )
+
+    def problems(self, target: str) -> list[tuple[tuple[str | int, ...], str]]:
+        return [
+            (("candidates", i, "int8"), "int8 groups apply to int4 candidates only")
+            for i, c in enumerate(self.candidates)
+            if c.int8 and c.precision != "int4"
+        ]
+
+    def run(self, model: ModelHandle, ctx: StageContext) -> StageResult:
+        return run(self, model, ctx)
+
+
+def build(checkpoint: Path, out: Path, candidate: Candidate, target: str, cache: Path) -> None:
+    """The builder in a subprocess (it reads sys.argv and writes progress bars); its log kept on failure."""
+    command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(checkpoint), "-o", str(out)]
+    command += ["-p", candidate.precision, "-e", target, "-c", str(cache)]
+    options = candidate.builder_options()
+    if options:
+        command += ["--extra_options", *options]
+    proc = subprocess.run(command, capture_output=True, text=True)
+    if proc.returncode != 0 or not (out / "genai_config.json").is_file():
+        tail = [line for line in (proc.stderr or proc.stdout).splitlines() if line.strip()][-3:]
+        raise RuntimeError(f"onnxruntime-genai's model builder failed for {candidate.label()}: {' | '.join(tail)}")
+    for name in KEPT:
+        if (checkpoint / name).is_file():
+            shutil.copyfile(checkpoint / name, out / name)
+
+
+def run(config: GenAIStage, model: ModelHandle, ctx: StageContext) -> StageResult:
+    tried: list[dict[str, Any]] = []
+    passing: list[tuple[float, int, ModelHandle]] = []
+    for index, candidate in enumerate(config.candidates):
+        out = ctx.workdir / f"candidate-{index}"
+        with ctx.console.status(f"genai: building {candidate.label()}"):
+            build(model.checkpoint, out, candidate, config.target, ctx.workdir / "builder-cache")
+        handle = ModelHandle(out, model.task, onnx_path=out / "model.onnx")
+        metrics, gate = ctx.judge(handle)
+        tried.append({"candidate": candidate.model_dump(), "label": candidate.label(), "metrics": metrics, **gate})
+        ctx.console.print(f"genai: {candidate.label()}: gate {'passed' if gate['passed'] else 'failed'}")
+        if gate["passed"]:
+            passing.append((metrics.get("latency_p50_ms", 0.0), index, handle))
+            if config.pick == "first":
+                break
+    if passing:
+        _, chosen, handle = min(passing) if config.pick == "fastest" else passing[0]
+    else:  # none held: hand on the last, whose gate the pipeline then reports as failed
+        chosen, handle = len(config.candidates) - 1, ModelHandle(out, model.task, onnx_path=out / "model.onnx")
+    genai_config = json.loads((handle.checkpoint / "genai_config.json").read_text())
+    decisions = {"candidates": tried, "chosen": config.candidates[chosen].label(), "builder": builder_version()}
+    runtime = {
+        "engine": "onnxruntime-genai",
+        "target": config.target,
+        "context_length": genai_config["model"].get("context_length"),
+    }
+    advice = (
+        None
+        if passing
+        else "add candidates that keep more at int8 (int8: [last_matmul, mixed_layers]) or precision int8"
+    )
+    return StageResult(handle, decisions, runtime=runtime, advice=advice)
+
+
+def builder_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    for name in ("onnxruntime-genai-cuda", "onnxruntime-genai"):
+        try:
+            return f"{name} {version(name)}"
+        except PackageNotFoundError:
+            continue
+    return "missing"
