@@ -111,12 +111,19 @@ RUNTIME_REQUIREMENTS = (
 )
 
 
+GENAI_REQUIREMENTS = (
+    f"onnxruntime-genai-cuda>=0.12,<0.16; {GPU_BUILD_PLATFORMS}",
+    f"onnxruntime-genai>=0.12,<0.16; {OTHER_PLATFORMS}",
+)
+
+
 def write_runtime(folder: Path) -> None:
     runtime = folder / "runtime"
     runtime.mkdir()
     for source in sorted(RUNTIME_SOURCE.glob("*.py")):
         shutil.copyfile(source, runtime / source.name)
-    (runtime / "requirements.txt").write_text("\n".join(RUNTIME_REQUIREMENTS) + "\n")
+    genai = GENAI_REQUIREMENTS if (folder / "genai_config.json").is_file() else ()  # a decoder engine folder
+    (runtime / "requirements.txt").write_text("\n".join((*RUNTIME_REQUIREMENTS, *genai)) + "\n")
 
 
 def write(

@@ -195,7 +195,13 @@ def test_the_runtime_requirements_pick_one_onnxruntime_per_platform_as_pyproject
     assert all(not any(s.operator == "==" for s in r.specifier) for r in runtime_requirements())  # ranges
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     ours = [Requirement(d) for d in project if Requirement(d).name.startswith("onnxruntime")]
-    assert [r.name for r in ours if r.marker is None or r.marker.evaluate(env)] == [PLATFORMS[system, machine]]
+    picked = [r.name for r in ours if r.marker is None or r.marker.evaluate(env)]
+    build = PLATFORMS[system, machine]  # and the decoder engine paired with it
+    assert sorted(picked) == sorted([build, "onnxruntime-genai-cuda" if build.endswith("gpu") else "onnxruntime-genai"])
+    from optimize.artifact import GENAI_REQUIREMENTS
+
+    engines = [Requirement(line) for line in GENAI_REQUIREMENTS]
+    assert [r.name for r in engines if r.marker.evaluate(env)] == [n for n in picked if "genai" in n]
 
 
 @pytest.mark.slow
