@@ -95,3 +95,14 @@ def test_the_sampler_follows_temperature_top_k_and_top_p():
     assert drawn == {0, 1, 2, 3}
     with pytest.raises(ValueError):
         Sampling(top_p=0)
+
+
+def test_a_chat_prompt_is_rendered_by_the_models_template_and_refused_without_one(built, tmp_path):
+    from optimize.runtime.generation import chat_prompt
+
+    template = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{{ eos_token }}{% endfor %}"
+    template += "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": template, "eos_token": "</s>"}))
+    assert chat_prompt(tmp_path, "Hi") == "<|user|>Hi</s><|assistant|>"
+    with pytest.raises(ValueError, match="no chat template"):
+        load(built).generate("Hi", chat=True)

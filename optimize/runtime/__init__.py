@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .generation import GenAIEngine, Sampling, kv_loop, stream
+from .generation import GenAIEngine, Sampling, chat_prompt, kv_loop, stream
 
 if TYPE_CHECKING:
     import onnxruntime as ort
@@ -320,15 +320,17 @@ class OnnxModel:
         seed: int | None = None,
         stop: Sequence[str] = (),
         on_text: Callable[[str], None] | None = None,
+        chat: bool = False,
     ) -> str:
         """Continue `prompt` (greedy unless `temperature` > 0; a `seed` makes sampling repeatable),
         ending at the end-of-sequence token, `max_new_tokens` or before the first `stop` string.
-        `on_text` receives each new piece of text as it comes (streaming). Artifacts built by
-        onnxruntime-genai generate through it; exported graphs through this runtime's KV-cache loop."""
+        `on_text` receives each new piece of text as it comes (streaming); `chat` wraps the prompt in
+        the model's chat template as one user turn. Artifacts built by onnxruntime-genai generate
+        through it; exported graphs through this runtime's KV-cache loop."""
         sampling = Sampling(max_new_tokens, temperature, top_k, top_p, seed, tuple(stop))
         eos = self.config.get("eos_token_id")
         ends = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        ids = self.tokenizer.ids(prompt, special=True)
+        ids = self.tokenizer.ids(chat_prompt(self.folder, prompt) if chat else prompt, special=not chat)
         if (self.folder / "genai_config.json").is_file():
             if self._genai is None:
                 self._genai = GenAIEngine(self.folder, use_gpu=self.provider != "CPUExecutionProvider")

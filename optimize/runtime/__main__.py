@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-p", type=float, default=1.0, help="generate: sample within this probability mass")
     parser.add_argument("--seed", type=int, help="generate: makes sampling repeatable")
     parser.add_argument("--stop", action="append", default=[], help="generate: end before this string (repeatable)")
+    parser.add_argument("--chat", action="store_true", help="generate: the prompt as a user turn of the chat template")
     args = parser.parse_args(argv)
     try:
         model = load(args.artifact)
@@ -72,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
                 top_p=args.top_p,
                 seed=args.seed,
                 stop=args.stop,
+                chat=args.chat,
             )
             for text in texts:
                 if args.stream:

@@ -9,6 +9,7 @@ artifact's own `tokenizer.json` in both, so the two engines print the same text 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,6 +133,37 @@ class GenAIEngine:
             if token in eos:
                 return
             yield token
+
+
+def chat_prompt(folder: Path, prompt: str) -> str:
+    """`prompt` as one user turn in the model's chat template (`chat_template.jinja` or the one in
+    `tokenizer_config.json`), rendered as transformers renders it (needs `jinja2`)."""
+    config_path = folder / "tokenizer_config.json"
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    path = folder / "chat_template.jinja"
+    template = path.read_text() if path.is_file() else config.get("chat_template")
+    if not isinstance(template, str) or not template:
+        raise ValueError("this model has no chat template; generate without --chat")
+    try:
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    except ImportError:
+        raise ValueError("a chat template needs jinja2: pip install jinja2") from None
+
+    def fail(message: str) -> None:
+        raise ValueError(f"chat template: {message}")
+
+    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    environment.globals["raise_exception"] = fail
+
+    def token(name: str) -> str:
+        value = config.get(name)
+        return str(value.get("content", "")) if isinstance(value, dict) else str(value or "")
+
+    messages = [{"role": "user", "content": prompt}]
+    rendered: str = environment.from_string(template).render(
+        messages=messages, add_generation_prompt=True, bos_token=token("bos_token"), eos_token=token("eos_token")
+    )
+    return rendered
 
 
 def kv_loop(
