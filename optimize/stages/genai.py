@@ -37,6 +37,7 @@ class Candidate(BaseModel):
     block_size: int = Field(32, description="int4/int8: weights per quantization block (16-256)")
     accuracy_level: Literal[1, 2, 3, 4] = Field(4, description="int4/int8 activations: 4 int8, 3 bf16, 1 fp32")
     algorithm: Literal["default", "rtn", "k_quant"] = "default"
+    symmetric: bool = Field(True, description="int4/int8: signed weights around zero, or unsigned with a zero point")
     int8: list[Literal["last_matmul", "mixed_layers"]] = Field(
         default_factory=list,
         description="int4: MatMul groups kept at int8 (the LM head; llama.cpp's most sensitive layers)",
@@ -53,7 +54,8 @@ class Candidate(BaseModel):
         if self.precision == "fp32":
             return "fp32"
         kept = f", {'+'.join(self.int8)} int8" if self.int8 else ""
-        return f"{self.precision} {self.algorithm} b{self.block_size} a{self.accuracy_level}{kept}"
+        asymmetric = " asym" if not self.symmetric else ""
+        return f"{self.precision} {self.algorithm}{asymmetric} b{self.block_size} a{self.accuracy_level}{kept}"
 
     def builder_options(self) -> list[str]:
         if self.precision == "fp32":
@@ -62,9 +64,14 @@ class Candidate(BaseModel):
             f"block_size={self.block_size}",
             f"accuracy_level={self.accuracy_level}",
             f"algo_config={self.algorithm}",
+            f"is_symmetric={str(self.symmetric).lower()}",
         ]
         if self.int8 and self.precision == "int4":
             options.append("matmul_mixed_precision=" + ",".join(f"{group}:int8" for group in self.int8))
+        if self.precision == "int8":
+            # onnxruntime-genai 0.15's builder writes an int8 graph that does not load when the
+            # embedding and LM head share their weights (a tied model): keep them apart.
+            options.append("shared_embeddings=false")
         return options
 
 
@@ -125,7 +132,8 @@ def run(config: GenAIStage, model: ModelHandle, ctx: StageContext) -> StageResul
         handle = ModelHandle(out, model.task, onnx_path=out / "model.onnx")
         metrics, gate = ctx.judge(handle)
         tried.append({"candidate": candidate.model_dump(), "label": candidate.label(), "metrics": metrics, **gate})
-        ctx.console.print(f"genai: {candidate.label()}: gate {'passed' if gate['passed'] else 'failed'}")
+        shown = ", ".join(f"{c['metric']} {c['value']}" for c in gate.get("checks", []))
+        ctx.console.print(f"genai: {candidate.label()}: {shown}: gate {'passed' if gate['passed'] else 'failed'}")
         if gate["passed"]:
             passing.append((metrics.get("latency_p50_ms", 0.0), index, handle))
             if config.pick == "first":
