@@ -106,3 +106,44 @@ def test_a_chat_prompt_is_rendered_by_the_models_template_and_refused_without_on
     assert chat_prompt(tmp_path, "Hi") == "<|user|>Hi</s><|assistant|>"
     with pytest.raises(ValueError, match="no chat template"):
         load(built).generate("Hi", chat=True)
+
+
+def test_minmax_int4_lands_exactly_on_weights_dequantized_from_a_4_bit_grid(tiny_llama, tmp_path):
+    """Weights put on a Q4_1-style grid (blocks of 32: d * q + m) come back exactly: the int4 model
+    then agrees with its float reference as closely as float activations allow."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    folder = tmp_path / "on-grid"
+    shutil.copytree(tiny_llama, folder)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear):
+                out, k = module.weight.shape
+                scale = torch.rand(out, k // 32, 1, generator=generator) * 0.02 + 0.005
+                low = -torch.rand(out, k // 32, 1, generator=generator) * 0.1
+                q = torch.randint(0, 16, (out, k // 32, 32), generator=generator).float()
+                q[..., 0], q[..., 1] = 0, 15  # every block spans its grid, as Q4_1's do
+                module.weight.copy_((low + scale * q).reshape(out, k))
+    model.config.tie_word_embeddings = False
+    model.save_pretrained(folder, safe_serialization=True)
+    stage = {
+        "kind": "genai",
+        "candidates": [{"precision": "int4", "algorithm": "minmax", "accuracy_level": 1}],
+        "gate": [{"metric": "top1_agreement", "min": 0.99}, {"metric": "kl_div", "max": 1e-3}],
+    }
+    recipe = write_recipe(tmp_path, [stage], model=str(folder))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["run", str(recipe), "-o", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    tried = json.loads((out / "manifest.json").read_text())["stages"][0]["details"]["candidates"][0]
+    assert tried["reconstruction"]["max_error_4bit"] < 1e-6
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node}
+    assert "MatMulNBits" in ops and "MatMul" in ops  # the 4-bit weights, and the blocks' minimums
+    assert load(out).generate("the model", max_new_tokens=4)  # onnxruntime-genai runs it

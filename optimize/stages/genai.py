@@ -36,7 +36,11 @@ class Candidate(BaseModel):
     precision: Literal["fp32", "int8", "int4"]
     block_size: int = Field(32, description="int4/int8: weights per quantization block (16-256)")
     accuracy_level: Literal[1, 2, 3, 4] = Field(4, description="int4/int8 activations: 4 int8, 3 bf16, 1 fp32")
-    algorithm: Literal["default", "rtn", "k_quant"] = "default"
+    algorithm: Literal["default", "rtn", "k_quant", "minmax"] = Field(
+        "default",
+        description="int4: the builder's (default, rtn, k_quant), or minmax (optimize/minmax.py: each block's "
+        "own scale and float minimum; exact for weights dequantized from a Q4_1 GGUF)",
+    )
     symmetric: bool = Field(True, description="int4/int8: signed weights around zero, or unsigned with a zero point")
     int8: list[Literal["last_matmul", "mixed_layers"]] = Field(
         default_factory=list,
@@ -58,7 +62,7 @@ class Candidate(BaseModel):
         return f"{self.precision} {self.algorithm}{asymmetric} b{self.block_size} a{self.accuracy_level}{kept}"
 
     def builder_options(self) -> list[str]:
-        if self.precision == "fp32":
+        if self.precision == "fp32" or self.algorithm == "minmax":  # minmax rewrites the fp32 build
             return []
         options = [
             f"block_size={self.block_size}",
@@ -96,20 +100,26 @@ class GenAIStage(StageBase):
             )
 
     def problems(self, target: str) -> list[tuple[tuple[str | int, ...], str]]:
-        return [
+        found: list[tuple[tuple[str | int, ...], str]] = [
             (("candidates", i, "int8"), "int8 groups apply to int4 candidates only")
             for i, c in enumerate(self.candidates)
             if c.int8 and c.precision != "int4"
         ]
+        for i, c in enumerate(self.candidates):
+            if c.algorithm == "minmax" and (c.precision != "int4" or c.block_size != 32 or "mixed_layers" in c.int8):
+                found.append((("candidates", i), "minmax is int4 with blocks of 32 (int8: only last_matmul)"))
+        return found
 
     def run(self, model: ModelHandle, ctx: StageContext) -> StageResult:
         return run(self, model, ctx)
 
 
-def build(checkpoint: Path, out: Path, candidate: Candidate, target: str, cache: Path) -> None:
-    """The builder in a subprocess (it reads sys.argv and writes progress bars); its log kept on failure."""
+def build(checkpoint: Path, out: Path, candidate: Candidate, target: str, cache: Path) -> dict[str, float]:
+    """The builder in a subprocess (it reads sys.argv and writes progress bars); its log kept on failure.
+    A minmax candidate is built in fp32 and then requantized; returns its reconstruction errors."""
+    minmax = candidate.algorithm == "minmax"
     command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(checkpoint), "-o", str(out)]
-    command += ["-p", candidate.precision, "-e", target, "-c", str(cache)]
+    command += ["-p", "fp32" if minmax else candidate.precision, "-e", target, "-c", str(cache)]
     options = candidate.builder_options()
     if options:
         command += ["--extra_options", *options]
@@ -120,6 +130,11 @@ def build(checkpoint: Path, out: Path, candidate: Candidate, target: str, cache:
     for name in KEPT:
         if (checkpoint / name).is_file():
             shutil.copyfile(checkpoint / name, out / name)
+    if not minmax:
+        return {}
+    from optimize.minmax import requantize
+
+    return requantize(out / "model.onnx", candidate.accuracy_level, "last_matmul" in candidate.int8)
 
 
 def run(config: GenAIStage, model: ModelHandle, ctx: StageContext) -> StageResult:
@@ -128,10 +143,11 @@ def run(config: GenAIStage, model: ModelHandle, ctx: StageContext) -> StageResul
     for index, candidate in enumerate(config.candidates):
         out = ctx.workdir / f"candidate-{index}"
         with ctx.console.status(f"genai: building {candidate.label()}"):
-            build(model.checkpoint, out, candidate, config.target, ctx.workdir / "builder-cache")
+            errors = build(model.checkpoint, out, candidate, config.target, ctx.workdir / "builder-cache")
         handle = ModelHandle(out, model.task, onnx_path=out / "model.onnx")
         metrics, gate = ctx.judge(handle)
-        tried.append({"candidate": candidate.model_dump(), "label": candidate.label(), "metrics": metrics, **gate})
+        record = {"candidate": candidate.model_dump(), "label": candidate.label(), "metrics": metrics, **gate}
+        tried.append({**record, **({"reconstruction": errors} if errors else {})})
         shown = ", ".join(f"{c['metric']} {c['value']}" for c in gate.get("checks", []))
         ctx.console.print(f"genai: {candidate.label()}: {shown}: gate {'passed' if gate['passed'] else 'failed'}")
         if gate["passed"]:

@@ -1,0 +1,97 @@
+"""int4 "minmax": each block of 32 weights as `d * q + m` with q in 0..15, d = (max - min) / 15 and m
+the block's own float minimum, so weights dequantized from a llama.cpp Q4_1 GGUF land back on their
+grid exactly (Q8_0 weights likewise at 8 bits). MatMulNBits takes only integer zero points on its
+fast path, so `x . W` is computed as MatMulNBits(x, q, d, zero point 0) plus the blocks' minimums
+times the sums of x over each block: a MatMul 32 times smaller. Applied to the fp32 graph that
+onnxruntime-genai's model builder wrote.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+BLOCK = 32
+
+
+def requantize(model_path: Path, accuracy_level: int, int8_head: bool) -> dict[str, float]:
+    """Rewrite every MatMul with a constant weight in place; returns the largest reconstruction error
+    of the 4-bit and of the 8-bit weights (0 for weights dequantized from Q4_1 / Q8_0)."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(model_path))
+    weights = {i.name: i for i in model.graph.initializer}
+    nodes, replaced, worst4, worst8 = [], set(), 0.0, 0.0
+    for node in model.graph.node:
+        init = weights.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
+        if init is None or len(init.dims) != 2 or init.dims[0] % BLOCK:
+            nodes.append(node)
+            continue
+        w = numpy_helper.to_array(init).astype(np.float32)
+        k, n = w.shape
+        blocks = w.T.reshape(n, k // BLOCK, BLOCK)
+        name, base = init.name, node.name
+        replaced.add(name)
+        if int8_head and base.startswith("/lm_head/"):
+            scale = np.abs(blocks).max(-1) / 127
+            scale = np.where(scale == 0, 1.0, scale).astype(np.float32)
+            q8 = np.clip(np.rint(blocks / scale[..., None]), -127, 127)
+            worst8 = max(worst8, float(np.abs(q8 * scale[..., None] - blocks).max()))
+            model.graph.initializer.extend(
+                [
+                    numpy_helper.from_array((q8 + 128).astype(np.uint8), name + "_Q8"),
+                    numpy_helper.from_array(scale, name + "_scales"),
+                ]
+            )
+            attributes = {"K": k, "N": n, "bits": 8, "block_size": BLOCK, "accuracy_level": accuracy_level}
+            inputs = [node.input[0], name + "_Q8", name + "_scales"]
+            nodes.append(
+                helper.make_node(
+                    "MatMulNBits", inputs, list(node.output), base + "_Q8", domain="com.microsoft", **attributes
+                )
+            )
+            continue
+        low, high = blocks.min(-1), blocks.max(-1)
+        scale = np.where(high > low, (high - low) / 15, 1.0).astype(np.float32)
+        q = np.clip(np.rint((blocks - low[..., None]) / scale[..., None]), 0, 15).astype(np.uint8)
+        worst4 = max(worst4, float(np.abs(q * scale[..., None] + low[..., None] - blocks).max()))
+        count = k // BLOCK
+        model.graph.initializer.extend(
+            [
+                numpy_helper.from_array((q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8), name + "_Q4"),
+                numpy_helper.from_array(scale, name + "_scales"),
+                numpy_helper.from_array(np.zeros((n, (count + 1) // 2), dtype=np.uint8), name + "_zero"),
+                numpy_helper.from_array(np.ascontiguousarray(low.T).astype(np.float32), name + "_minimums"),
+                numpy_helper.from_array(np.array([0, 0, count, BLOCK], dtype=np.int64), name + "_blocks"),
+                numpy_helper.from_array(np.array([-1], dtype=np.int64), name + "_last_axis"),
+            ]
+        )
+        attributes = {"K": k, "N": n, "bits": 4, "block_size": BLOCK, "accuracy_level": accuracy_level}
+        nodes += [
+            helper.make_node(
+                "MatMulNBits",
+                [node.input[0], name + "_Q4", name + "_scales", name + "_zero"],
+                [base + "/q4"],
+                base + "_Q4",
+                domain="com.microsoft",
+                **attributes,
+            ),
+            helper.make_node("Reshape", [node.input[0], name + "_blocks"], [base + "/blocks"], base + "/Reshape"),
+            helper.make_node(
+                "ReduceSum", [base + "/blocks", name + "_last_axis"], [base + "/sums"], base + "/ReduceSum", keepdims=0
+            ),
+            helper.make_node("MatMul", [base + "/sums", name + "_minimums"], [base + "/offset"], base + "/Minimums"),
+            helper.make_node("Add", [base + "/q4", base + "/offset"], list(node.output), base + "/Add"),
+        ]
+    used = {i for node in nodes for i in node.input}
+    kept = [i for i in model.graph.initializer if i.name not in replaced or i.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    data = model_path.with_name(model_path.name + ".data")
+    data.unlink(missing_ok=True)
+    onnx.save(model, str(model_path), save_as_external_data=True, location=data.name, all_tensors_to_one_file=True)
+    return {"max_error_4bit": worst4, "max_error_8bit": worst8}
