@@ -134,7 +134,11 @@ def test_the_built_wheel_works_from_any_folder_with_shipped_recipes_and_suites_b
         return json.loads(proc.stdout)
 
     where = subprocess.run(
-        [str(python), "-c", "import optimize; print(optimize.__file__)"], capture_output=True, text=True, cwd=work
+        [str(python), "-c", "import optimize; print(optimize.__file__)"],
+        capture_output=True,
+        text=True,
+        cwd=work,
+        env=env,
     )
     assert where.stdout.startswith(site)  # the wheel's copy, not the source checkout
     shipped = run("recipe", "list")
