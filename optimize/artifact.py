@@ -47,8 +47,11 @@ RUNTIME_SOURCE = Path(__file__).parent / "runtime"
 
 
 def copy_checkpoint_files(source: Path, target: Path, extra: Sequence[str] = ()) -> None:
-    """The tokenizer, config and sentence-transformers files of a checkpoint folder (and `extra`)."""
-    for name in (*TOKENIZER_FILES, *SENTENCE_TRANSFORMERS_FILES, *extra):
+    """The tokenizer, config and sentence-transformers files of a checkpoint folder (and `extra`),
+    with every module folder its `modules.json` names (the runtime reads the pooling from there)."""
+    modules = source / "modules.json"
+    listed = [str(m["path"]) for m in json.loads(modules.read_text()) if m.get("path")] if modules.is_file() else []
+    for name in dict.fromkeys((*TOKENIZER_FILES, *SENTENCE_TRANSFORMERS_FILES, *listed, *extra)):
         path = source / name
         if path.is_dir():
             shutil.copytree(path, target / name, dirs_exist_ok=True)
