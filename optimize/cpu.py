@@ -26,6 +26,11 @@ class CpuInfo:
     flags: frozenset[str]
 
     @property
+    def bf16_math(self) -> bool:
+        """True when the CPU multiplies bf16 natively (AVX512-BF16, AMX-BF16, Arm BF16)."""
+        return any(flag in self.flags for flag in ("avx512_bf16", "amx_bf16", "bf16"))
+
+    @property
     def int8_dot(self) -> bool:
         """True when int8 x int8 products accumulate without 16-bit saturation."""
         return any(flag in self.flags for flag in INT8_DOT_FLAGS)

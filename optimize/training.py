@@ -43,6 +43,17 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def bf16_supported() -> bool:
+    """Whether bf16 autocast pays here: a GPU that computes in bf16, or a CPU with native bf16 math."""
+    import torch
+
+    from optimize import cpu
+
+    if torch.cuda.is_available():
+        return bool(torch.cuda.is_bf16_supported())
+    return cpu.current().bf16_math
+
+
 @dataclass(frozen=True)
 class Settings:
     steps: int

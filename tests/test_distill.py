@@ -16,7 +16,8 @@ from optimize.cli import app
 from optimize.training import batch_texts
 from tests.conftest import ROOT, write_recipe
 
-FAST = {"kind": "distill", "batch_size": 8, "holdout": 16, "eval_every": 5, "seq_len": 32}
+# bf16 off: these tests compare runs to rounding (resume, DDP); bf16 "auto" is tested on its own.
+FAST = {"kind": "distill", "batch_size": 8, "holdout": 16, "eval_every": 5, "seq_len": 32, "bf16": False}
 
 
 def run_json(*args: str):
@@ -188,6 +189,22 @@ def test_hard_labels_teach_a_classifier_what_its_data_says(tmp_path):
     bad = distill_recipe(tmp_path, teacher, name="bad", losses={"hard_label": 1.0}, **{**stage, "data": wrong})
     result, report = run_json("run", str(bad), "-o", str(tmp_path / "bad"), "--json")
     assert result.exit_code == 2 and "not a class of the model" in report["error"]
+
+
+def test_bf16_auto_follows_the_cpu_and_the_run_records_it(deep_bert, tmp_path, monkeypatch):
+    from optimize import cpu, training
+
+    monkeypatch.setattr(cpu, "current", lambda: cpu.CpuInfo("x", frozenset({"avx2", "avx512_bf16"})))
+    assert training.bf16_supported()
+    monkeypatch.setattr(cpu, "current", lambda: cpu.CpuInfo("x", frozenset({"avx2"})))
+    assert not training.bf16_supported()
+    monkeypatch.undo()
+    recipe = distill_recipe(tmp_path, deep_bert, layers=[2], steps=10, lr=3e-3, bf16="auto", gate=[])
+    out = tmp_path / "out"
+    assert run_json("run", str(recipe), "-o", str(out))[0].exit_code == 0
+    details = json.loads((out / "manifest.json").read_text())["stages"][0]["details"]
+    assert details["bf16"] == training.bf16_supported()
+    assert details["loss_curve"][-1]["heldout_loss"] < details["loss_curve"][0]["heldout_loss"]
 
 
 def test_batches_are_a_function_of_seed_and_step_and_cover_the_epoch():
