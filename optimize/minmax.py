@@ -1,14 +1,15 @@
 """int4 "minmax": each block of 32 weights as `d * q + m` with q in 0..15, d = (max - min) / 15 and m
 the block's own float minimum, so weights dequantized from a llama.cpp Q4_1 GGUF land back on their
-grid exactly (Q8_0 weights likewise at 8 bits). MatMulNBits takes only integer zero points on its
-fast path, so `x . W` is computed as MatMulNBits(x, q, d, zero point 0) plus the blocks' minimums
-times the sums of x over each block: a MatMul 32 times smaller. Applied to the fp32 graph that
-onnxruntime-genai's model builder wrote.
+grid exactly (Q8_0 weights likewise at 8 bits, and the token embedding as an 8-bit table).
+MatMulNBits takes only integer zero points on its fast path, so `x . W` is computed as
+MatMulNBits(x, q, d, zero point 0) plus the blocks' minimums times the sums of x over each block: a
+MatMul 32 times smaller. Applied to the fp32 graph that onnxruntime-genai's model builder wrote.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -85,6 +86,7 @@ def requantize(model_path: Path, accuracy_level: int, int8_head: bool) -> dict[s
             helper.make_node("MatMul", [base + "/sums", name + "_minimums"], [base + "/offset"], base + "/Minimums"),
             helper.make_node("Add", [base + "/q4", base + "/offset"], list(node.output), base + "/Add"),
         ]
+    nodes, worst_embedding = _embedding_8bit(model, nodes)
     used = {i for node in nodes for i in node.input}
     kept = [i for i in model.graph.initializer if i.name not in replaced or i.name in used]
     del model.graph.initializer[:]
@@ -94,4 +96,54 @@ def requantize(model_path: Path, accuracy_level: int, int8_head: bool) -> dict[s
     data = model_path.with_name(model_path.name + ".data")
     data.unlink(missing_ok=True)
     onnx.save(model, str(model_path), save_as_external_data=True, location=data.name, all_tensors_to_one_file=True)
-    return {"max_error_4bit": worst4, "max_error_8bit": worst8}
+    return {"max_error_4bit": worst4, "max_error_8bit": worst8, "max_error_embedding": worst_embedding}
+
+
+def _embedding_8bit(model: Any, nodes: list[Any]) -> tuple[list[Any], float]:
+    """The token embedding as an 8-bit table (GatherBlockQuantized, blocks of 32 along the hidden size;
+    exact for Q8_0): the Gather of a float table, or of the transposed LM head of a tied model, which
+    otherwise keeps a full fp32 copy of the largest matrix."""
+    from onnx import helper, numpy_helper
+
+    weights = {i.name: i for i in model.graph.initializer}
+    producers = {output: node for node in nodes for output in node.output}
+    out, worst = [], 0.0
+    dropped: set[int] = set()
+    for node in nodes:
+        source = producers.get(node.input[0]) if node.op_type == "Gather" else None
+        transposed = source is not None and source.op_type == "Transpose" and source.input[0] in weights
+        name = str(source.input[0]) if transposed and source is not None else ""
+        name = name or (str(node.input[0]) if node.op_type == "Gather" else "")
+        table = weights.get(name)
+        if table is None or len(table.dims) != 2:
+            out.append(node)
+            continue
+        values = numpy_helper.to_array(table).astype(np.float32)
+        values = values.T if transposed else values  # [vocabulary, hidden]
+        if values.shape[1] % BLOCK:
+            out.append(node)
+            continue
+        blocks = values.reshape(values.shape[0], -1, BLOCK)
+        scale = np.abs(blocks).max(-1) / 127
+        scale = np.where(scale == 0, 1.0, scale).astype(np.float32)
+        q = np.clip(np.rint(blocks / scale[..., None]), -127, 127)
+        worst = max(worst, float(np.abs(q * scale[..., None] - blocks).max()))
+        base = node.name
+        model.graph.initializer.extend(
+            [
+                numpy_helper.from_array((q + 128).astype(np.uint8).reshape(values.shape), base + "_Q8"),
+                numpy_helper.from_array(scale, base + "_scales"),
+                numpy_helper.from_array(np.full(scale.shape, 128, dtype=np.uint8), base + "_zero"),
+            ]
+        )
+        inputs = [base + "_Q8", node.input[1], base + "_scales", base + "_zero"]
+        outputs = list(node.output)
+        gather = helper.make_node("GatherBlockQuantized", inputs, outputs, base + "_Q8", domain="com.microsoft")
+        gather.attribute.extend(
+            helper.make_attribute(key, value)
+            for key, value in {"gather_axis": 0, "quantize_axis": 1, "block_size": BLOCK, "bits": 8}.items()
+        )
+        out.append(gather)
+        if transposed:
+            dropped.add(id(source))
+    return [node for node in out if id(node) not in dropped], worst

@@ -142,8 +142,10 @@ def test_minmax_int4_lands_exactly_on_weights_dequantized_from_a_4_bit_grid(tiny
     assert result.exit_code == 0, result.output
     tried = json.loads((out / "manifest.json").read_text())["stages"][0]["details"]["candidates"][0]
     assert tried["reconstruction"]["max_error_4bit"] < 1e-6
+    assert "max_error_embedding" in tried["reconstruction"]
     import onnx
 
     ops = {n.op_type for n in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node}
     assert "MatMulNBits" in ops and "MatMul" in ops  # the 4-bit weights, and the blocks' minimums
+    assert "GatherBlockQuantized" in ops  # the 8-bit embedding
     assert load(out).generate("the model", max_new_tokens=4)  # onnxruntime-genai runs it
