@@ -525,13 +525,11 @@ def inspect_cmd(
 @recipe_app.command("list")
 def list_cmd(as_json: JsonOpt = False) -> None:
     """The recipes and eval suites that ship with optimize, by the names `run` and `--suite` take."""
-    import yaml as yaml_lib
-
     found: dict[str, list[dict[str, str]]] = {"recipes": [], "evals": []}
     for folder, items in found.items():
         for path in paths.shipped(folder):
             lines = [line[2:] for line in path.read_text().splitlines() if line.startswith("# ")]
-            about = " ".join(lines[:2]) if lines else str(yaml_lib.safe_load(path.read_text()).get("name", ""))
+            about = " ".join(lines[:2]) if lines else str(yaml.safe_load(path.read_text()).get("name", ""))
             items.append({"name": path.stem, "path": str(path), "about": about})
             if not as_json:
                 console.print(f"[bold]{folder[:-1]:7}[/] {path.stem:24} {about}", highlight=False)

@@ -117,8 +117,8 @@ def _read_datasets_folder(path: Path) -> list[dict[str, Any]]:
     return list(loaded.to_list())
 
 
-def column(rows: list[dict[str, Any]], name: str | None, path: Path) -> list[str]:
-    """The text column `name` (or the only/first text-looking column when None)."""
+def column_name(rows: list[dict[str, Any]], name: str | None, path: Path) -> str:
+    """`name` checked to be a column of the rows, or (None) the `text` column, else the first text one."""
     if not rows:
         raise UsageError(f"{path}: no rows")
     if name is None:
@@ -127,6 +127,12 @@ def column(rows: list[dict[str, Any]], name: str | None, path: Path) -> list[str
             raise UsageError(f"{path}: no text column; name one (columns: {', '.join(map(str, rows[0]))})")
     if name not in rows[0]:
         raise UsageError(f"{path}: no column {name!r} (columns: {', '.join(map(str, rows[0]))})")
+    return name
+
+
+def column(rows: list[dict[str, Any]], name: str | None, path: Path) -> list[str]:
+    """The non-empty texts of column `name` (or of the one `column_name` picks when None)."""
+    name = column_name(rows, name, path)
     texts = [str(row.get(name) or "").strip() for row in rows]
     texts = [t for t in texts if t]
     if not texts:

@@ -36,13 +36,11 @@ def requantize(model_path: Path, accuracy_level: int, int8_head: bool) -> dict[s
         name, base = init.name, node.name
         replaced.add(name)
         if int8_head and base.startswith("/lm_head/"):
-            scale = np.abs(blocks).max(-1) / 127
-            scale = np.where(scale == 0, 1.0, scale).astype(np.float32)
-            q8 = np.clip(np.rint(blocks / scale[..., None]), -127, 127)
-            worst8 = max(worst8, float(np.abs(q8 * scale[..., None] - blocks).max()))
+            q8, scale, error = eight_bit(blocks)
+            worst8 = max(worst8, error)
             model.graph.initializer.extend(
                 [
-                    numpy_helper.from_array((q8 + 128).astype(np.uint8), name + "_Q8"),
+                    numpy_helper.from_array(q8, name + "_Q8"),
                     numpy_helper.from_array(scale, name + "_scales"),
                 ]
             )
@@ -99,6 +97,16 @@ def requantize(model_path: Path, accuracy_level: int, int8_head: bool) -> dict[s
     return {"max_error_4bit": worst4, "max_error_8bit": worst8, "max_error_embedding": worst_embedding}
 
 
+def eight_bit(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """Blocks as Q8_0 stores them (scale = largest magnitude / 127, no offset): the values stored as
+    uint8 around the zero point 128, the scales, and the largest reconstruction error."""
+    scale = np.abs(blocks).max(-1) / 127
+    scale = np.where(scale == 0, 1.0, scale).astype(np.float32)
+    q = np.clip(np.rint(blocks / scale[..., None]), -127, 127)
+    error = float(np.abs(q * scale[..., None] - blocks).max())
+    return (q + 128).astype(np.uint8), scale, error
+
+
 def _embedding_8bit(model: Any, nodes: list[Any]) -> tuple[list[Any], float]:
     """The token embedding as an 8-bit table (GatherBlockQuantized, blocks of 32 along the hidden size;
     exact for Q8_0): the Gather of a float table, or of the transposed LM head of a tied model, which
@@ -123,15 +131,12 @@ def _embedding_8bit(model: Any, nodes: list[Any]) -> tuple[list[Any], float]:
         if values.shape[1] % BLOCK:
             out.append(node)
             continue
-        blocks = values.reshape(values.shape[0], -1, BLOCK)
-        scale = np.abs(blocks).max(-1) / 127
-        scale = np.where(scale == 0, 1.0, scale).astype(np.float32)
-        q = np.clip(np.rint(blocks / scale[..., None]), -127, 127)
-        worst = max(worst, float(np.abs(q * scale[..., None] - blocks).max()))
+        q8, scale, error = eight_bit(values.reshape(values.shape[0], -1, BLOCK))
+        worst = max(worst, error)
         base = node.name
         model.graph.initializer.extend(
             [
-                numpy_helper.from_array((q + 128).astype(np.uint8).reshape(values.shape), base + "_Q8"),
+                numpy_helper.from_array(q8.reshape(values.shape), base + "_Q8"),
                 numpy_helper.from_array(scale, base + "_scales"),
                 numpy_helper.from_array(np.full(scale.shape, 128, dtype=np.uint8), base + "_zero"),
             ]

@@ -30,7 +30,7 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from optimize.data import load_rows
+from optimize.data import Format, load_rows
 from optimize.errors import UsageError
 from optimize.metrics import suite_metric
 from optimize.paths import suite_data
@@ -45,7 +45,7 @@ class LocalCopy(BaseModel):
 
     data: str
     train_data: str | None = None
-    format: Literal["auto", "tsv-noheader", "label-text"] = "auto"
+    format: Format = "auto"
     columns: dict[Column, str] = {"text": "text"}
 
 
@@ -55,7 +55,7 @@ class Suite(BaseModel):
     name: str
     task: Literal["sts", "classification", "perplexity"]
     data: str
-    format: Literal["auto", "tsv-noheader", "label-text"] = "auto"
+    format: Format = "auto"
     columns: dict[Column, str] = {"text": "text"}
     train_data: str | None = None  # classification probe for embedding models
     train_limit: int | None = Field(2000, gt=0)

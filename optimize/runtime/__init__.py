@@ -253,6 +253,7 @@ class OnnxModel:
         self.session, self.fallbacks = make_session(model_path, target, threads, available, settings)
         self.tokenizer = Tokenizer(tokenizer_path, model_seq_len(Path(tokenizer_path).parent, seq_len))
         self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
         self.cache_inputs = [i for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
         config_path = Path(model_path).parent / "config.json"
         self.config = json.loads(config_path.read_text()) if config_path.is_file() else {}
@@ -346,11 +347,10 @@ class OnnxModel:
         seen = next(iter(past.values())).shape[2] if past else 0
         mask = np.ones((1, seen + ids.shape[1]), dtype=np.int64)
         outputs = self.session.run(None, self._feed({"input_ids": ids, "attention_mask": mask}, past))
-        names = [o.name for o in self.session.get_outputs()]
         # present.N.key / present.N.value come back as the next step's past_key_values.N.*
         cache = {
             n.replace("present", "past_key_values", 1): v
-            for n, v in zip(names, outputs, strict=True)
+            for n, v in zip(self.output_names, outputs, strict=True)
             if n.startswith("present")
         }
         return outputs[0], cache

@@ -62,7 +62,7 @@ class Text:
         """Append a token: (text safe to hand out now, whether a stop string was reached)."""
         self.tokens.append(token)
         text = self.decode(self.tokens)
-        cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
+        cut = self._stop_at(text)
         if cut >= 0:
             piece, self.sent = text[self.sent : cut], cut
             return piece, True
@@ -75,9 +75,14 @@ class Text:
 
     def rest(self) -> str:
         text = self.decode(self.tokens)
-        cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=len(text))
+        cut = self._stop_at(text)
+        cut = len(text) if cut < 0 else cut
         piece, self.sent = text[self.sent : cut], cut
         return piece
+
+    def _stop_at(self, text: str) -> int:
+        """Where the earliest stop string begins in `text`, or -1."""
+        return min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
 
 
 def stream(

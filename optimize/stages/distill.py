@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from optimize import projection, training
-from optimize.data import Format, column, load_rows
+from optimize.data import Format, column_name, columns_of, load_rows
 from optimize.errors import UsageError
 from optimize.model import ModelHandle, load_torch
 from optimize.stages.base import StageBase, StageContext, StageResult
@@ -323,15 +323,12 @@ def load_texts(config: DistillStage, ctx: StageContext) -> Texts:
         loaded = load_rows(source.path, recipe_data(source.path, ctx.base_dir), source.format, "distill: data")
         rows, path = loaded.rows, Path(loaded.source)
         names: list[str | None] = list(source.columns) or [None]
-        found = [text for name in names for text in column(rows, name, path)]
+        found = columns_of(rows, names, loaded.source)
         if source.label is not None:
-            if source.label not in rows[0]:
-                raise UsageError(f"{path}: no label column {source.label!r} (columns: {', '.join(map(str, rows[0]))})")
-            for name in names:
-                key = name or ("text" if "text" in rows[0] else None)
+            label = column_name(rows, source.label, path)
+            for key in (column_name(rows, name, path) for name in names):
                 for row in rows:
-                    text = str(row.get(key or "") or "").strip()
-                    labels.setdefault(text, str(row[source.label]).strip())
+                    labels.setdefault(str(row.get(key) or "").strip(), str(row[label]).strip())
         if source.limit is not None and len(found) > source.limit:
             found = random.Random(ctx.seed).sample(found, source.limit)
         texts += found

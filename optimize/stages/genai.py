@@ -156,8 +156,8 @@ def run(config: GenAIStage, model: ModelHandle, ctx: StageContext) -> StageResul
                 break
     if passing:
         _, chosen, handle = min(passing) if config.pick == "fastest" else passing[0]
-    else:  # none held: hand on the last, whose gate the pipeline then reports as failed
-        chosen, handle = len(config.candidates) - 1, ModelHandle(out, model.task, onnx_path=out / "model.onnx")
+    else:  # none held: hand on the last (`handle`), whose gate the pipeline then reports as failed
+        chosen = len(config.candidates) - 1
     genai_config = json.loads((handle.checkpoint / "genai_config.json").read_text())
     decisions = {"candidates": tried, "chosen": config.candidates[chosen].label(), "builder": builder_version()}
     runtime = {
