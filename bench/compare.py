@@ -1,5 +1,7 @@
 """Compare, in one run on this machine, torch fp32, ONNX Runtime fp32, the Optimum peer (dynamic
-int8) and any optimize artifacts, on the real MiniLM and STS-B test.
+int8), OpenVINO fp32 and int8 (NNCF's transformer preset, calibrated on our calibration texts; when
+`optimum-intel[openvino]` is installed: `pip install -e ".[peers]"`) and any optimize artifacts, on
+the real MiniLM and STS-B test.
 
     python bench/compare.py [ARTIFACT ...] [--runs 30] [--json results.json]
 
@@ -16,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from rich.console import Console
@@ -61,6 +64,56 @@ def peer(model_dir: Path, work: Path) -> Path:
     return onnx
 
 
+class OpenVINOModel:
+    """An OpenVINO IR folder behind the interface the measurements use (tokenizer, run, embed), on the
+    same threads as every other model, pooled as the model's sentence-transformers files say."""
+
+    def __init__(self, folder: Path, model_dir: Path, seq_len: int):
+        import openvino
+
+        from optimize import runtime
+
+        config = {"INFERENCE_NUM_THREADS": threads(), "PERFORMANCE_HINT": "LATENCY"}
+        self.compiled = openvino.Core().compile_model(str(folder / "openvino_model.xml"), "CPU", config)
+        self.names = {port.any_name for port in self.compiled.inputs}
+        self.tokenizer = runtime.Tokenizer(model_dir / "tokenizer.json", seq_len)
+        self.pooling = runtime.Pooling.of(model_dir)
+
+    def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        return np.asarray(self.compiled({k: v for k, v in inputs.items() if k in self.names})[0])
+
+    def embed(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
+        from optimize import runtime
+
+        return runtime.embed(self.run, self.tokenizer, texts, batch_size, self.pooling)
+
+
+def openvino_peers(model_dir: Path, work: Path) -> dict[str, Path]:
+    """OpenVINO fp32 (exported by optimum-intel) and int8 (NNCF, transformer preset, calibrated on the
+    first 300 of our calibration texts), when optimum-intel is installed; else none."""
+    try:
+        import nncf
+        from optimum.intel import OVConfig, OVModelForFeatureExtraction, OVQuantizationConfig, OVQuantizer
+    except ImportError:
+        console.print("OpenVINO peers skipped: optimum-intel (with openvino) is not installed")
+        return {}
+    from optimize import runtime
+    from optimize.data import load_rows
+
+    fp32, int8 = work / "openvino-fp32", work / "openvino-int8"
+    model = OVModelForFeatureExtraction.from_pretrained(model_dir, export=True, compile=False)
+    model.save_pretrained(fp32)
+    tokenizer = runtime.Tokenizer(model_dir / "tokenizer.json", 128)
+    path = find("default.jsonl", "calibration")
+    texts = [str(row["text"]) for row in load_rows(str(path), [path]).rows][:300]
+    feeds = [dict(tokenizer([text])) for text in texts]
+    config = OVConfig(quantization_config=OVQuantizationConfig(num_samples=len(feeds), model_type="transformer"))
+    OVQuantizer.from_pretrained(model).quantize(
+        calibration_dataset=nncf.Dataset(feeds), save_directory=int8, ov_config=config
+    )
+    return {"openvino fp32": fp32, "openvino int8 (NNCF, transformer preset)": int8}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("artifacts", nargs="*", type=Path, help="optimize artifact folders to compare")
@@ -91,14 +144,17 @@ def main() -> None:
     if not args.no_peer:
         with console.status("building the Optimum peer"):
             candidates["optimum dynamic int8 (peer)"] = str(peer(model_dir, work))
+        with console.status("building the OpenVINO peers"):
+            openvino = openvino_peers(model_dir, work)
+        candidates.update({label: str(folder) for label, folder in openvino.items()})
     for path in args.artifacts:
         candidates[f"optimize: {path.name}"] = str(path)
 
     rows, reference, models = [], None, {}
     for label, spec in candidates.items():
         with console.status(f"measuring quality of {label}"):
-            handle = open_any(spec)
-            model = open_model(handle, 128)
+            handle = open_any(spec) if not label.startswith("openvino") else None
+            model: Any = open_model(handle, 128) if handle else OpenVINOModel(Path(spec), model_dir, 128)
             embeddings = model.embed(sentences)
             reference = embeddings if reference is None else reference
             rows.append(
@@ -106,7 +162,7 @@ def main() -> None:
                     "model": label,
                     "spearman": round(spearman(model, suite), 4),
                     **fidelity(embeddings, reference),
-                    "size_mb": size_mb(handle),
+                    "size_mb": size_mb(handle) if handle else _folder_mb(Path(spec)),
                 }
             )
             models[label] = model
@@ -167,6 +223,10 @@ def main() -> None:
     Console(width=220).print(table)
     if args.json:
         args.json.write_text(json.dumps({"threads": threads(), "cpu": here, "rows": rows}, indent=2))
+
+
+def _folder_mb(folder: Path) -> float:
+    return round(sum(p.stat().st_size for p in folder.rglob("*.bin")) / 1e6, 3)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ from __future__ import annotations
 import platform
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
 
 # Flags that give int8 dot products with 32-bit accumulation (no 16-bit saturation).
 INT8_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8", "asimddp")
@@ -45,18 +44,8 @@ class CpuInfo:
 
 @lru_cache(maxsize=1)
 def current() -> CpuInfo:
-    """This machine's CPU from /proc/cpuinfo (Linux); elsewhere the name only and no flags, which
-    the callers treat as "no VNNI" (the safe choice)."""
-    model, flags = platform.processor() or platform.machine(), frozenset[str]()
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return CpuInfo(model, flags)
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        key = key.strip()
-        if key in ("model name", "Model", "CPU part") and model in ("", platform.machine(), platform.processor()):
-            model = value.strip()
-        elif key in ("flags", "Features") and not flags:
-            flags = frozenset(value.split())
-    return CpuInfo(model, flags)
+    """This machine's CPU from /proc/cpuinfo (Linux; read by the shipped runtime's `cpu_info`, which
+    warns with it); elsewhere the name only and no flags, which the callers treat as "no VNNI"."""
+    from optimize.runtime import cpu_info
+
+    return CpuInfo(*cpu_info())

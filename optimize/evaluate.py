@@ -156,10 +156,16 @@ def latency_rounds(
 
 
 def time_in_turns(
-    models: Sequence[ModelHandle], texts: Sequence[str], seq_len: int, rounds: int = 5, runs: int = 10
+    models: Sequence[ModelHandle],
+    texts: Sequence[str],
+    seq_len: int,
+    rounds: int = 5,
+    runs: int = 10,
+    batch_size: int = 1,
 ) -> list[float]:
-    """Median over `latency_rounds` at batch 1 of each model."""
-    settings = SpeedSettings(batch_size=1, seq_len=seq_len, warmup=2, runs=runs)
+    """Median over `latency_rounds` at `batch_size` of each model (fewer runs per round for big batches)."""
+    runs = max(2, runs * 4 // (4 + batch_size)) if batch_size > 1 else runs
+    settings = SpeedSettings(batch_size=batch_size, seq_len=seq_len, warmup=1 if batch_size > 1 else 2, runs=runs)
     times = latency_rounds([open_model(m, seq_len) for m in models], texts, settings, rounds)
     return [round(float(np.median(t)), 3) for t in times]
 

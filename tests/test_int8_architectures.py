@@ -123,8 +123,8 @@ def test_the_int8_weights_chosen_for_this_cpu_do_not_saturate(tmp_path):
 
     expected = output(tmp_path / "float.onnx")
     chosen = int8_weight_range("auto", cpu.current())
-    # the safe range everywhere, and full range where this CPU is said to sum it safely
-    for weights in {"s8-reduced", chosen}:
+    # the safe range and u8u8 everywhere, and full range where this CPU is said to sum it safely
+    for weights in {"s8-reduced", "u8", chosen}:
         config = QuantizeStage(precision="int8", method={"name": "dynamic", "weights": weights})
         quantized = build(config, source, {"MatMul_0": "int8"}, tmp_path / f"{weights}.onnx", None)  # type: ignore[arg-type]
         got = output(quantized.onnx_path)

@@ -356,11 +356,49 @@ class OnnxModel:
         return outputs[0], cache
 
 
+def cpu_info() -> tuple[str, frozenset[str]]:
+    """This machine's CPU name and instruction-set flags from /proc/cpuinfo (Linux); elsewhere the
+    platform's name and no flags."""
+    import platform
+
+    model, flags = platform.processor() or platform.machine(), frozenset[str]()
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return model, flags
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key in ("model name", "Model", "CPU part") and model in ("", platform.machine(), platform.processor()):
+            model = value.strip()
+        elif key in ("flags", "Features") and not flags:
+            flags = frozenset(value.split())
+    return model, flags
+
+
+def tuning_warning(tuned_on: dict[str, Any], flags: frozenset[str]) -> str | None:
+    """What to tell a user whose CPU lacks instruction sets the artifact was tuned with (its int8
+    formulation and graph were chosen by timing there), or None."""
+    missing = sorted(set(tuned_on.get("flags", [])) - flags)
+    if not missing:
+        return None
+    return (
+        f"this artifact was tuned on {tuned_on.get('model', 'another CPU')} with {', '.join(missing)}, which this "
+        "CPU lacks: its formulation may not be the fastest here; rerun the recipe on this CPU to tune for it"
+    )
+
+
 def load(artifact_dir: str | Path, available: Sequence[str] | None = None) -> OnnxModel:
-    """Verify an artifact and open it on the best provider it was compiled for."""
+    """Verify an artifact and open it on the best provider it was compiled for; warns when this CPU
+    lacks what the artifact was tuned for."""
+    import warnings
+
     artifact_dir = Path(artifact_dir)
     manifest = verify(artifact_dir)
     runtime = manifest.get("runtime", {})
+    warning = tuning_warning(runtime["tuned_on"], cpu_info()[1]) if isinstance(runtime.get("tuned_on"), dict) else None
+    if warning:
+        warnings.warn(warning, stacklevel=2)
     return OnnxModel(
         artifact_dir / "model.onnx",
         artifact_dir / "tokenizer.json",

@@ -140,4 +140,7 @@ def run(config: CompileStage, model: ModelHandle, ctx: StageContext) -> StageRes
             + "; ".join(f"{t['variant']}: {t.get('error') or t.get('agreement_cosine_min')}" for t in tried),
             [],
         )
-    return StageResult(best[1], {"variant": best[2], "candidates": tried})
+    from optimize import cpu
+
+    tuned_on = cpu.current().summary()  # the variant was chosen by timing on this CPU
+    return StageResult(best[1], {"variant": best[2], "candidates": tried}, runtime={"tuned_on": tuned_on})

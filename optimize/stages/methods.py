@@ -32,6 +32,9 @@ class MethodBase(BaseModel):
 
     precision: ClassVar[str]  # the low precision this method produces: int8 or int4
 
+    def label(self) -> str:
+        return str(getattr(self, "name", type(self).__name__))
+
     def build(self, src: Path, out: Path, layers: list[str], calibration: Callable[[], CalibrationReader]) -> None:
         raise NotImplementedError
 
@@ -39,18 +42,27 @@ class MethodBase(BaseModel):
 # The ops whose constant weight a method quantizes, and which input holds it.
 WEIGHT_INPUT = {"MatMul": 1, "Gather": 0, "Attention": 1, "EmbedLayerNormalization": 2}
 
-Int8Weights = Literal["auto", "s8", "s8-reduced"]
+Int8Weights = Literal["auto", "s8", "s8-reduced", "u8"]
 INT8_WEIGHTS_HELP = (
     "auto: full-range s8 on CPUs with VNNI/AMX/dotprod, 7-bit s8-reduced elsewhere "
-    "(full range saturates onnxruntime's AVX2 kernel, see optimize/cpu.py)"
+    "(full range saturates onnxruntime's AVX2 kernel, see optimize/cpu.py); u8: unsigned weights "
+    "(onnxruntime's u8u8 kernel, which sums in 32 bits on any x86 CPU)"
 )
 
 
 def int8_weight_range(weights: Int8Weights, info: cpu.CpuInfo) -> str:
-    """`s8` (full range) or `s8-reduced` (7 bits), as set or from what the CPU can sum safely."""
+    """`s8` (full range), `s8-reduced` (7 bits) or `u8`, as set or from what the CPU can sum safely."""
     if weights != "auto":
         return weights
     return "s8" if info.int8_dot else "s8-reduced"
+
+
+def _weight_type(weights: Int8Weights) -> tuple[Any, bool]:
+    """onnxruntime's weight type and reduce_range for a weight setting on this CPU."""
+    from onnxruntime import quantization as q
+
+    chosen = int8_weight_range(weights, cpu.current())
+    return (q.QuantType.QUInt8 if chosen == "u8" else q.QuantType.QInt8), chosen == "s8-reduced"
 
 
 class Dynamic(MethodBase):
@@ -66,15 +78,19 @@ class Dynamic(MethodBase):
         "so attention runs as one int8 QAttention op (measure it: it was slower on our AVX-512 VNNI CPU)",
     )
 
+    def label(self) -> str:
+        return f"dynamic {int8_weight_range(self.weights, cpu.current())}{' fused' if self.fuse else ''}"
+
     def build(self, src: Path, out: Path, layers: list[str], calibration: Callable[[], CalibrationReader]) -> None:
         from onnxruntime import quantization as q
 
+        weight_type, reduce_range = _weight_type(self.weights)
         q.quantize_dynamic(
             str(src),
             str(out),
             per_channel=self.per_channel,
-            weight_type=q.QuantType.QInt8,
-            reduce_range=int8_weight_range(self.weights, cpu.current()) == "s8-reduced",
+            weight_type=weight_type,
+            reduce_range=reduce_range,
             op_types_to_quantize=list(WEIGHT_INPUT),
             nodes_to_quantize=layers,
             # Fused contrib ops defeat ONNX shape inference; their float outputs are float.
@@ -83,13 +99,21 @@ class Dynamic(MethodBase):
 
 
 class Static(MethodBase):
-    """int8 weights and activations, activation ranges calibrated on the calibration texts (QDQ)."""
+    """int8 weights and activations, activation ranges calibrated on the calibration texts, as QDQ
+    pairs around float ops (onnxruntime fuses them into int8 kernels) or as QOperator ops
+    (QLinearMatMul, ...)."""
 
     precision: ClassVar[str] = "int8"
     name: Literal["static"]
     calibrate: Literal["minmax", "entropy", "percentile"] = "minmax"
     per_channel: bool = Field(True, description="int8 weight scales per output channel")
     weights: Int8Weights = Field("auto", description=INT8_WEIGHTS_HELP)
+    format: Literal["qdq", "qoperator"] = Field(
+        "qdq", description="QuantizeLinear/DequantizeLinear pairs, or QLinear ops"
+    )
+
+    def label(self) -> str:
+        return f"static {self.format} {int8_weight_range(self.weights, cpu.current())} ({self.calibrate})"
 
     def build(self, src: Path, out: Path, layers: list[str], calibration: Callable[[], CalibrationReader]) -> None:
         from onnxruntime import quantization as q
@@ -99,20 +123,53 @@ class Static(MethodBase):
             "entropy": q.CalibrationMethod.Entropy,
             "percentile": q.CalibrationMethod.Percentile,
         }[self.calibrate]
+        weight_type, reduce_range = _weight_type(self.weights)
+        qoperator = self.format == "qoperator"
         q.quantize_static(
             str(src),
             str(out),
             calibration(),
-            quant_format=q.QuantFormat.QDQ,
+            quant_format=q.QuantFormat.QOperator if qoperator else q.QuantFormat.QDQ,
             per_channel=self.per_channel,
-            activation_type=q.QuantType.QInt8,
-            weight_type=q.QuantType.QInt8,
+            # QLinearMatMul takes uint8 activations; QDQ pairs are symmetric int8.
+            activation_type=q.QuantType.QUInt8 if qoperator else q.QuantType.QInt8,
+            weight_type=weight_type,
             op_types_to_quantize=["MatMul", "Gather"],
-            reduce_range=int8_weight_range(self.weights, cpu.current()) == "s8-reduced",
+            reduce_range=reduce_range,
             nodes_to_quantize=layers,
             calibrate_method=method,
-            extra_options={"ActivationSymmetric": True},
+            extra_options={"ActivationSymmetric": not qoperator},
         )
+
+
+class WeightOnly8(MethodBase):
+    """8-bit weights in blocks (MatMulNBits) multiplied with activations quantized to int8 per block
+    at run time (accuracy level 4): the kernel onnxruntime tunes for LLM decoding."""
+
+    precision: ClassVar[str] = "int8"
+    name: Literal["nbits8"]
+    block_size: int = Field(32, ge=16, le=4096, description="weights per scale (a power of two)")
+
+    def label(self) -> str:
+        return f"nbits8 b{self.block_size}"
+
+    def build(self, src: Path, out: Path, layers: list[str], calibration: Callable[[], CalibrationReader]) -> None:
+        from onnxruntime.quantization import matmul_nbits_quantizer as nbits
+
+        config = nbits.DefaultWeightOnlyQuantConfig(
+            block_size=self.block_size, is_symmetric=True, accuracy_level=4, bits=8
+        )
+        quantizer = nbits.MatMulNBitsQuantizer(
+            str(src),
+            bits=8,
+            block_size=self.block_size,
+            is_symmetric=True,
+            accuracy_level=4,
+            nodes_to_include=layers,
+            algo_config=config,
+        )
+        quantizer.process()
+        quantizer.model.save_model_to_file(str(out), use_external_data_format=False)
 
 
 class WeightOnly4(MethodBase):
@@ -145,7 +202,7 @@ class WeightOnly4(MethodBase):
 
 
 # The table of methods: one entry per class above.
-Method = Annotated[Dynamic | Static | WeightOnly4, Field(discriminator="name")]
+Method = Annotated[Dynamic | Static | WeightOnly8 | WeightOnly4, Field(discriminator="name")]
 
 
 def default_method(precision: str) -> Dynamic | WeightOnly4:

@@ -62,6 +62,12 @@ class QuantizeStage(StageBase):
         "cost", description="auto: keep layers in float by sensitivity per weight (cost), or by sensitivity alone"
     )
     plan: str | None = Field(None, description="a plan JSON {layer: precision} to use instead of searching")
+    formulations: Literal["auto"] | list[Method] | None = Field(
+        None,
+        description="int8: measure these formulations (auto: the list for this CPU) and fp32 in turns, and keep "
+        "the fastest that passes the gate; fp32 ships when int8 does not pay (optimize/stages/formulations.py)",
+    )
+    min_gain: float = Field(0.03, ge=0, lt=1, description="formulations: how much faster a later one must be")
     require_speedup: bool = Field(True, description="fail a plan that is not faster than the float model")
     min_speedup: float = Field(
         0.1,
@@ -76,6 +82,11 @@ class QuantizeStage(StageBase):
             raise ValueError(
                 f"method {self.method.name} makes {self.method.precision}, but precision is {self.precision}"
             )
+        if self.formulations is not None:
+            if self.precision != "int8" or self.method is not None or self.plan is not None:
+                raise ValueError("formulations are whole-model int8 methods: use precision int8, no method or plan")
+            if isinstance(self.formulations, list) and any(m.precision != "int8" for m in self.formulations):
+                raise ValueError("formulations: int8 methods only (dynamic, static, nbits8)")
         return self
 
     @property
@@ -152,9 +163,15 @@ class _Calibration:
 
 
 def build(
-    config: QuantizeStage, source: ModelHandle, plan: dict[str, str], out: Path, ctx: StageContext | None
+    config: QuantizeStage,
+    source: ModelHandle,
+    plan: dict[str, str],
+    out: Path,
+    ctx: StageContext | None,
+    method: MethodBase | None = None,
 ) -> ModelHandle:
-    """Write the model for `plan` ({layer: int8 | int4 | fp32}) to `out` with the stage's method."""
+    """Write the model for `plan` ({layer: int8 | int4 | fp32}) to `out` with `method` (by default
+    the stage's)."""
     assert source.onnx_path is not None
     chosen = {p for p in plan.values() if p != FLOAT}
     layers = [n for n, p in plan.items() if p != FLOAT]
@@ -164,7 +181,7 @@ def build(
 
         shutil.copyfile(source.onnx_path, out)
         return source.with_onnx(out)
-    method = config.quantizer
+    method = method or config.quantizer
     if chosen != {method.precision}:
         raise UsageError(
             f"quantize: method {getattr(method, 'name', '?')} makes {method.precision}; the plan asks "
@@ -209,8 +226,9 @@ def _preprocess(model: ModelHandle, ctx: StageContext, method: MethodBase) -> Mo
     from optimize.stages.compile import fuse
 
     assert model.onnx_path is not None
-    out = ctx.workdir / "preprocessed.onnx"
-    if isinstance(method, Dynamic) and method.fuse:
+    fused = isinstance(method, Dynamic) and method.fuse
+    out = ctx.workdir / ("fused.onnx" if fused else "preprocessed.onnx")
+    if fused:
         try:
             fuse(model.onnx_path, out, model.checkpoint)
         except ValueError as exc:
@@ -289,6 +307,8 @@ def run(config: QuantizeStage, model: ModelHandle, ctx: StageContext) -> StageRe
     from optimize.evaluate import time_in_turns
 
     assert model.onnx_path is not None
+    if config.formulations is not None:
+        return _formulations(config, model, ctx)
     model = _preprocess(model, ctx, config.quantizer)
     assert model.onnx_path is not None
     low = config.low
@@ -383,6 +403,24 @@ def run(config: QuantizeStage, model: ModelHandle, ctx: StageContext) -> StageRe
             [],
         )
     return StageResult(best[1], info, precision_plan=plan_keeping(best[0]))
+
+
+def _formulations(config: QuantizeStage, model: ModelHandle, ctx: StageContext) -> StageResult:
+    from optimize.stages.formulations import for_cpu, search
+
+    methods = for_cpu(cpu.current()) if config.formulations == "auto" else config.formulations
+    assert methods is not None
+    plans: dict[Path, dict[str, str]] = {}
+
+    def make(method: MethodBase, out: Path) -> ModelHandle:
+        source = _preprocess(model, ctx, method)
+        assert source.onnx_path is not None
+        plans[out] = {n: "int8" for n in quantizable_layers(source.onnx_path, "int8")}
+        return build(config, source, plans[out], out, ctx, method)
+
+    result = search(methods, model, ctx, make, config.min_speedup, config.min_gain)
+    plan = plans.get(result.model.onnx_path, {}) if result.model.onnx_path else {}
+    return StageResult(result.model, result.decisions, precision_plan=plan, runtime=result.runtime)
 
 
 def _read_plan(path: Path, layers: list[str]) -> dict[str, str]:

@@ -1,0 +1,136 @@
+"""Which int8 formulation (or float) is fastest on the CPU that runs it, chosen by measuring.
+
+Which int8 kernel wins depends on the instruction set (u8s8 with VNNI or AMX; without them, 7-bit
+weights or u8u8 so onnxruntime's AVX2 kernel does not saturate), on the batch and on the sequence
+length, and on some CPUs int8 does not pay at all. So `quantize` with `formulations:` builds every
+listed formulation of the whole model, holds each to the stage's gate, times the passing ones and
+the float model in turns at batch 1 and batch 32 in the shipped runtime, and keeps the one whose
+worse ratio to float is lowest. The float model wins when no formulation is `min_speedup` faster
+than it at both batch sizes: the stage then ships float and says so, rather than failing.
+
+`formulations: auto` takes the list for this CPU (`for_cpu`); a recipe may list methods itself.
+Earlier entries win ties: a later one must be `min_gain` faster, so a rerun on the same machine
+picks the same formulation unless the timings really moved (both are recorded).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from optimize import cpu
+from optimize.model import ModelHandle
+from optimize.stages.base import StageContext, StageResult
+from optimize.stages.methods import Dynamic, MethodBase, Static, WeightOnly8
+
+BATCHES = (1, 32)
+FLOAT_LABEL = "fp32 (no int8)"
+
+
+def for_cpu(info: cpu.CpuInfo) -> list[MethodBase]:
+    """The formulations worth measuring on this CPU, the usual winner first."""
+    if info.int8_dot:  # VNNI / AMX / dotprod: full-range s8 weights with u8 activations
+        return [
+            Dynamic(weights="s8"),
+            Dynamic(weights="s8", fuse=True),
+            Static(name="static", weights="s8"),
+            Static(name="static", weights="s8", format="qoperator"),
+            WeightOnly8(name="nbits8"),
+        ]
+    # AVX2 only: 7-bit weights or u8u8, which sum without saturating; int8 may not pay at all.
+    return [
+        Dynamic(weights="s8-reduced"),
+        Dynamic(weights="u8"),
+        Dynamic(weights="s8-reduced", fuse=True),
+        Static(name="static", weights="s8-reduced"),
+        WeightOnly8(name="nbits8"),
+    ]
+
+
+def choose(
+    float_ms: dict[int, float], timed: Sequence[dict[int, float]], min_speedup: float, min_gain: float
+) -> tuple[int | None, list[float]]:
+    """The index of the formulation to keep (None: float), and each one's score: its worst ratio of
+    latency to float's over the batch sizes. Earlier formulations win unless a later one scores
+    `min_gain` better; float wins unless the best is `min_speedup` faster at every batch size."""
+    scores = [round(max(ms[b] / float_ms[b] for b in float_ms), 4) for ms in timed]
+    best: int | None = None
+    for index, score in enumerate(scores):
+        if best is None or score < scores[best] * (1 - min_gain):
+            best = index
+    if best is None or scores[best] > 1 - min_speedup:
+        return None, scores
+    return best, scores
+
+
+def search(
+    methods: Sequence[MethodBase],
+    model: ModelHandle,
+    ctx: StageContext,
+    build: Callable[[MethodBase, Path], ModelHandle],
+    min_speedup: float,
+    min_gain: float,
+) -> StageResult:
+    """Build, gate and time every formulation of `model` (all layers low), and keep the fastest."""
+    from optimize.evaluate import time_in_turns
+
+    records: list[dict[str, Any]] = []
+    passing: list[tuple[dict[str, Any], ModelHandle]] = []
+    for index, method in enumerate(methods):
+        record: dict[str, Any] = {"formulation": method.label(), "method": method.model_dump(mode="json")}
+        records.append(record)
+        with ctx.console.status(f"quantize: building {method.label()}"):
+            try:
+                handle = build(method, ctx.workdir / f"formulation-{index}.onnx")
+            except Exception as exc:  # a formulation onnxruntime cannot make of this graph is recorded
+                record["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+                continue
+            metrics, gate = ctx.judge(handle)
+        record.update(metrics=metrics, gate_passed=gate["passed"], checks=gate["checks"])
+        if gate["passed"]:
+            passing.append((record, handle))
+    timings: dict[int, list[float]] = {}
+    with ctx.console.status(f"quantize: timing {len(passing)} formulations and fp32 in turns"):
+        for batch in BATCHES:
+            timings[batch] = time_in_turns(
+                [model, *(h for _, h in passing)], ctx.calibration_texts, ctx.seq_len, batch_size=batch
+            )
+    float_ms = {b: timings[b][0] for b in BATCHES}
+    timed = [{b: timings[b][i + 1] for b in BATCHES} for i in range(len(passing))]
+    chosen, scores = choose(float_ms, timed, min_speedup, min_gain)
+    for (record, _), ms, score in zip(passing, timed, scores, strict=True):
+        record.update(latency_ms={f"b{b}": v for b, v in ms.items()}, worst_ratio_to_fp32=score)
+    label = FLOAT_LABEL if chosen is None else passing[chosen][0]["formulation"]
+    ctx.console.print(
+        "quantize: formulations on this CPU (latency vs fp32, batch "
+        + "/".join(map(str, BATCHES))
+        + "): "
+        + "; ".join(
+            f"{r['formulation']} "
+            + (
+                "/".join(f"{v / float_ms[int(k[1:])]:.2f}" for k, v in r["latency_ms"].items())
+                if "latency_ms" in r
+                else r.get("error") or "gate failed"
+            )
+            for r in records
+        )
+        + f"; kept: {label}"
+    )
+    decisions = {
+        "formulations": records,
+        "fp32_latency_ms": {f"b{b}": v for b, v in float_ms.items()},
+        "chosen": label,
+        "cpu": cpu.current().summary(),
+    }
+    runtime = {"tuned_on": cpu.current().summary()}
+    if chosen is None:
+        decisions["why"] = (
+            f"no int8 formulation passed the gate and was {min_speedup:.0%} faster than fp32 at batch "
+            + " and ".join(map(str, BATCHES))
+            + " on this CPU: the float model ships"
+        )
+        ctx.console.print(f"quantize: {decisions['why']}")
+        return StageResult(model, decisions, precision_plan={}, runtime=runtime)
+    record, handle = passing[chosen]
+    return StageResult(handle, decisions, runtime=runtime)
