@@ -120,6 +120,38 @@ GENAI_REQUIREMENTS = (
 )
 
 
+# What varies from one run to the next (timings and what is derived from them) is kept out of the
+# manifest, in measurements.json, so the same recipe, inputs and seed give byte-identical files.
+VOLATILE = {"throughput_per_s", "seconds", "speed", "worst_ratio_to_fp32", "peak_rss_mb", "cache_hit", "created"}
+# Files that carry timings: written beside the model, listed in the manifest, not hashed.
+MEASUREMENT_FILES = ("measurements.json", "report.md", "report.json", "report.html")
+
+
+def _volatile(key: str) -> bool:
+    return key.endswith("_ms") or key in VOLATILE
+
+
+def split_volatile(value: Any) -> tuple[Any, Any]:
+    """(value without timings, the timings at the same paths): keys ending in `_ms`, throughput,
+    seconds, speed details, and the value, threshold and reference of a gate check on a timing."""
+    if isinstance(value, dict):
+        stable, moved = {}, {}
+        timing_check = isinstance(value.get("metric"), str) and _volatile(value["metric"])
+        for k, v in value.items():
+            if _volatile(str(k)) or (timing_check and k in ("value", "threshold", "reference")):
+                moved[k] = v
+                continue
+            stable[k], inner = split_volatile(v)
+            if inner:
+                moved[k] = inner
+        return stable, moved
+    if isinstance(value, list):
+        pairs = [split_volatile(v) for v in value]
+        moved_items = [m for _, m in pairs]
+        return [s for s, _ in pairs], (moved_items if any(moved_items) else None)
+    return value, None
+
+
 def write_runtime(folder: Path) -> None:
     runtime = folder / "runtime"
     runtime.mkdir()
@@ -138,6 +170,7 @@ def write(
     report_md: str,
     report: dict[str, Any],
     overwrite: bool,
+    report_html: str | None = None,
     with_weights: bool = False,
 ) -> None:
     """Fill `staging`, write the manifest last, then rename it to OUT. `with_weights` also copies the
@@ -152,12 +185,89 @@ def write(
     copy_checkpoint_files(checkpoint, staging, weights)
     write_runtime(staging)
     (staging / "report.md").write_text(report_md)
+    if report_html is not None:
+        (staging / "report.html").write_text(report_html)
     (staging / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    manifest, measurements = split_volatile(manifest)
+    (staging / "measurements.json").write_text(json.dumps(measurements or {}, indent=2, sort_keys=True) + "\n")
     files = sorted(p for p in staging.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
     manifest["files"] = {
-        str(p.relative_to(staging)): {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in files
+        str(p.relative_to(staging)): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+        for p in files
+        if str(p.relative_to(staging)) not in MEASUREMENT_FILES
     }
+    manifest["measurement_files"] = [name for name in MEASUREMENT_FILES if (staging / name).is_file()]
     (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    swap_into_place(staging, out, overwrite)
+
+
+def swap_into_place(staging: Path, out: Path, overwrite: bool) -> None:
+    """Rename the complete `staging` folder to OUT. An existing OUT (with --overwrite) is first
+    renamed aside and removed only once the new one is in place: the old artifact stays until the
+    new one is complete, and no moment shows a half-written OUT."""
+    old = None
     if out.exists() and overwrite:
-        shutil.rmtree(out)
-    staging.rename(out)
+        old = out.resolve().parent / f".{out.name}.replaced-{os.getpid()}"
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+    try:
+        staging.rename(out)
+    except OSError:
+        if old is not None:
+            old.rename(out)  # put the old artifact back
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def package(folder: Path, archive: Path) -> None:
+    """A deterministic .tar.gz of an artifact folder: entries in sorted order, fixed mtime (0),
+    owner root:root with no names, modes 0644 / 0755, and a gzip header without time or name; the
+    same folder gives the same bytes. Written beside `archive` and renamed into place."""
+    import gzip
+    import io
+    import tarfile
+
+    partial = archive.with_name(archive.name + ".partial")
+    paths = sorted(p for p in folder.rglob("*") if "__pycache__" not in p.parts)
+    with partial.open("wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as zipped:
+        with tarfile.open(fileobj=zipped, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            for path in paths:
+                if path.is_symlink():
+                    raise UsageError(f"{path}: an artifact holds no links; refusing to package it")
+                info = tarfile.TarInfo(f"{folder.name}/{path.relative_to(folder).as_posix()}")
+                info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
+                if path.is_dir():
+                    info.type, info.mode = tarfile.DIRTYPE, 0o755
+                    tar.addfile(info)
+                    continue
+                data = path.read_bytes()
+                info.size, info.mode = len(data), 0o644
+                tar.addfile(info, io.BytesIO(data))
+    partial.replace(archive)
+
+
+def extract(archive: Path, dest: Path) -> Path:
+    """Unpack an artifact archive into `dest` after checking every member: no absolute paths, no
+    `..`, no links, devices or other special files, one top folder. Returns that folder."""
+    import tarfile
+
+    try:
+        tar = tarfile.open(archive, "r:*")
+    except (OSError, tarfile.TarError) as exc:
+        raise UsageError(f"{archive}: not a readable .tar.gz archive ({exc})") from None
+    with tar:
+        members = tar.getmembers()
+        tops = set()
+        for member in members:
+            name = member.name
+            parts = Path(name).parts
+            if name.startswith(("/", "\\")) or Path(name).is_absolute() or ".." in parts:
+                raise UsageError(f"{archive}: member {name!r} would land outside the folder; refusing to extract")
+            if not (member.isfile() or member.isdir()):
+                raise UsageError(f"{archive}: member {name!r} is a link or special file; refusing to extract")
+            tops.add(parts[0] if parts else "")
+        if len(tops) != 1 or "" in tops:
+            raise UsageError(f"{archive}: an artifact archive holds one top folder, this one has {len(tops)}")
+        tar.extractall(dest, filter="data")
+    return dest / tops.pop()

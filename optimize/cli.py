@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import sys
 import threading
@@ -37,12 +38,27 @@ app = typer.Typer(
 )
 recipe_app = typer.Typer(help="Work with recipe files.", no_args_is_help=True)
 app.add_typer(recipe_app, name="recipe")
+cache_app = typer.Typer(help="See and free the stage cache (what reruns reuse).", no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
 
 console = Console(stderr=True, soft_wrap=True)  # messages stay on one line, for grep and CI logs
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print exactly one JSON object on stdout; logs go to stderr.")]
 OutOpt = Annotated[Path | None, typer.Option("-o", "--out", help="Artifact folder (default: artifacts/NAME).")]
-CacheOpt = Annotated[Path | None, typer.Option("--cache-dir", help="Reuse exports across runs from this folder.")]
+CacheOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--cache-dir", help="The stage cache's folder (default: $OPTIMIZE_CACHE_DIR/stages, ~/.cache/optimize)."
+    ),
+]
+NoCacheOpt = Annotated[
+    bool,
+    typer.Option(
+        "--no-cache",
+        envvar="OPTIMIZE_NO_CACHE",
+        help="Run every step: reuse nothing from the stage cache and store nothing in it.",
+    ),
+]
 PickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Load pickled (.bin) weights; they can run code.")]
 RemoteOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Run model code shipped with the checkpoint.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists (only once the run passed).")]
@@ -94,6 +110,7 @@ def _execute(
     *,
     model: str | None = None,
     cache_dir: Path | None = None,
+    no_cache: bool = False,
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     overwrite: bool = False,
@@ -112,6 +129,7 @@ def _execute(
     INTERRUPTED.clear()
     if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
         signal.signal(signal.SIGINT, on_interrupt)
+        signal.signal(signal.SIGTERM, on_interrupt)  # a CI job cancelled: the same clean stop as Ctrl-C
     # Under torchrun, rank 0 speaks for the run; the other ranks only train beside it.
     run_console = console if is_main() else Console(stderr=True, quiet=True)
     try:
@@ -131,6 +149,7 @@ def _execute(
             allow_pickle,
             trust_remote_code,
             cache_dir,
+            no_cache,
             overwrite,
             resume,
         )
@@ -192,6 +211,7 @@ def run_cmd(
     out: OutOpt = None,
     as_json: JsonOpt = False,
     cache_dir: CacheOpt = None,
+    no_cache: NoCacheOpt = False,
     overrides: Annotated[list[str], typer.Option("--set", help="Override one key: --set stages.0.target=cpu.")] = [],  # noqa: B006
     model: Annotated[str | None, typer.Option("--model", help="Use this model instead of the recipe's.")] = None,
     dry_run: DryRunOpt = False,
@@ -213,6 +233,7 @@ def run_cmd(
         dry_run,
         model=model,
         cache_dir=cache_dir,
+        no_cache=no_cache,
         allow_pickle=allow_pickle,
         trust_remote_code=trust_remote_code,
         overwrite=overwrite,
@@ -270,6 +291,7 @@ def quantize_cmd(
     out: OutOpt = None,
     as_json: JsonOpt = False,
     cache_dir: CacheOpt = None,
+    no_cache: NoCacheOpt = False,
     dry_run: DryRunOpt = False,
     allow_pickle: PickleOpt = False,
     trust_remote_code: RemoteOpt = False,
@@ -286,6 +308,7 @@ def quantize_cmd(
         as_json,
         dry_run,
         cache_dir=cache_dir,
+        no_cache=no_cache,
         allow_pickle=allow_pickle,
         trust_remote_code=trust_remote_code,
         overwrite=overwrite,
@@ -316,6 +339,7 @@ def distill_cmd(
     out: OutOpt = None,
     as_json: JsonOpt = False,
     cache_dir: CacheOpt = None,
+    no_cache: NoCacheOpt = False,
     dry_run: DryRunOpt = False,
     allow_pickle: PickleOpt = False,
     trust_remote_code: RemoteOpt = False,
@@ -339,6 +363,7 @@ def distill_cmd(
         as_json,
         dry_run,
         cache_dir=cache_dir,
+        no_cache=no_cache,
         allow_pickle=allow_pickle,
         trust_remote_code=trust_remote_code,
         overwrite=overwrite,
@@ -382,6 +407,7 @@ def compile_cmd(
     out: OutOpt = None,
     as_json: JsonOpt = False,
     cache_dir: CacheOpt = None,
+    no_cache: NoCacheOpt = False,
     dry_run: DryRunOpt = False,
     allow_pickle: PickleOpt = False,
     trust_remote_code: RemoteOpt = False,
@@ -395,6 +421,7 @@ def compile_cmd(
         as_json,
         dry_run,
         cache_dir=cache_dir,
+        no_cache=no_cache,
         allow_pickle=allow_pickle,
         trust_remote_code=trust_remote_code,
         overwrite=overwrite,
@@ -494,32 +521,106 @@ def bench_cmd(
 
 @app.command("inspect")
 def inspect_cmd(
-    artifact: Annotated[Path, typer.Argument(help="An artifact folder written by optimize.")],
+    artifact: Annotated[Path, typer.Argument(help="An artifact folder written by optimize, or its .tar.gz.")],
     as_json: JsonOpt = False,
 ) -> None:
-    """Verify an artifact's files against its manifest and summarize it."""
-    from optimize import runtime
+    """Verify an artifact's files against its manifest and summarize it (an archive is checked
+    member by member and unpacked into a temporary folder first)."""
+    import tempfile
 
+    unpacked = Path(tempfile.mkdtemp(prefix="optimize-inspect-"))
     try:
-        manifest = runtime.verify(artifact)
-    except runtime.ArtifactError as exc:
-        console.print(f"[red]error:[/] {exc}", highlight=False)
-        _emit(as_json, "error", error=str(exc))
-        raise typer.Exit(2) from None
+        _inspect(artifact, unpacked, as_json)
+    finally:
+        shutil.rmtree(unpacked, ignore_errors=True)
+
+
+def _inspect(artifact: Path, unpacked: Path, as_json: bool) -> None:
+    from optimize import artifact as artifacts
+    from optimize import runtime
     from optimize.records import StageRecord
     from optimize.report import print_stage
 
+    try:
+        if artifact.is_file() and artifact.name.endswith((".tar.gz", ".tgz", ".tar")):
+            artifact = artifacts.extract(artifact, unpacked)
+        manifest = runtime.verify(artifact)
+        try:
+            stages = [StageRecord(**stage) for stage in manifest["stages"]]
+            provenance, reference = manifest["provenance"], manifest["reference"]["metrics"]
+            source, digest, versions = provenance["source"], provenance["source_sha256"], dict(provenance["versions"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UsageError(
+                f"{artifact / 'manifest.json'}: a field inspect reads is missing or malformed ({exc})"
+            ) from None
+    except (runtime.ArtifactError, UsageError) as exc:
+        console.print(f"[red]error:[/] {exc}", highlight=False)
+        _emit(as_json, "error", error=str(exc))
+        raise typer.Exit(2) from None
     if as_json:
-        stages = [StageRecord(**stage) for stage in manifest["stages"]]
         _emit(True, "passed", artifact, stages, manifest=manifest)
         return
+    console.print(f"[bold]{manifest['name']}[/] ({manifest.get('task')}), {len(manifest['files'])} files verified")
+    console.print(f"source: {source} (sha256 {str(digest)[:12]})")
+    console.print("versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
+    for stage in stages:
+        print_stage(console, stage, reference)
 
-    provenance = manifest["provenance"]
-    console.print(f"[bold]{manifest['name']}[/] ({manifest['task']}), {len(manifest['files'])} files verified")
-    console.print(f"source: {provenance['source']} (sha256 {provenance['source_sha256'][:12]})")
-    console.print("versions: " + ", ".join(f"{k} {v}" for k, v in provenance["versions"].items()))
-    for stage in manifest["stages"]:
-        print_stage(console, StageRecord(**stage), manifest["reference"]["metrics"])
+
+@app.command("package")
+def package_cmd(
+    artifact: Annotated[Path, typer.Argument(help="An artifact folder written by optimize.")],
+    out: Annotated[Path | None, typer.Option("-o", "--out", help="The archive (default: ARTIFACT.tar.gz).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Verify an artifact and pack it as a deterministic .tar.gz (sorted, fixed times and owners):
+    the same artifact gives the same archive bytes, for release checksums."""
+    from optimize import artifact as artifacts
+    from optimize import runtime
+
+    archive = out or artifact.with_name(artifact.name + ".tar.gz")
+    try:
+        runtime.verify(artifact)
+        if not archive.parent.is_dir():
+            raise UsageError(f"{archive.parent}: no such folder for the archive")
+        artifacts.package(artifact, archive)
+    except (runtime.ArtifactError, UsageError) as exc:
+        console.print(f"[red]error:[/] {exc}", highlight=False)
+        _emit(as_json, "error", error=str(exc))
+        raise typer.Exit(2) from None
+    console.print(f"packaged {artifact} as {archive} (sha256 {runtime.sha256_file(archive)})", highlight=False)
+    _emit(as_json, "passed", artifact, archive=str(archive), sha256=runtime.sha256_file(archive))
+
+
+def _stage_cache(cache_dir: Path | None) -> Any:
+    from optimize import cache
+
+    return cache.StageCache(cache_dir / "stages" if cache_dir else cache.default_root())
+
+
+@cache_app.command("list")
+def cache_list_cmd(cache_dir: CacheOpt = None, as_json: JsonOpt = False) -> None:
+    """The cached steps (reference, export, stages), newest first, with their size."""
+    import time
+
+    store = _stage_cache(cache_dir)
+    entries = store.entries()
+    if not as_json:
+        for entry in entries:
+            age = time.strftime("%Y-%m-%d %H:%M", time.localtime(float(entry["created"])))
+            console.print(f"{entry['key']}  {age}  {entry['size_mb']:>9.3f} MB  {entry['recipe']}: {entry['step']}")
+        total = sum(float(e["size_mb"]) for e in entries)
+        console.print(f"{len(entries)} entries, {total:.1f} MB in {store.root}", highlight=False)
+    _emit(as_json, "passed", entries=entries, root=str(store.root))
+
+
+@cache_app.command("clear")
+def cache_clear_cmd(cache_dir: CacheOpt = None, as_json: JsonOpt = False) -> None:
+    """Remove every cached step (a later run recomputes what it needs)."""
+    store = _stage_cache(cache_dir)
+    freed = store.clear()
+    console.print(f"cleared {store.root}: {freed / 1e6:.1f} MB freed", highlight=False)
+    _emit(as_json, "passed", root=str(store.root), freed_mb=round(freed / 1e6, 3))
 
 
 @recipe_app.command("list")

@@ -17,7 +17,7 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from optimize.errors import UsageError
 
@@ -140,8 +140,41 @@ def from_gguf(path: Path) -> Path:
     return folder
 
 
+def read_config(checkpoint: Path) -> dict[str, Any]:
+    """config.json as a dict, or one clear error naming the file."""
+    path = checkpoint / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UsageError(f"model {checkpoint}: no config.json; give a folder written by save_pretrained") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UsageError(f"model {checkpoint}: config.json is not readable JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise UsageError(f"model {checkpoint}: config.json holds {type(config).__name__}, not an object")
+    return config
+
+
+def check_safetensors(path: Path) -> None:
+    """A safetensors file whose header parses and whose tensors fit in the file (a truncated
+    download or another file renamed fails here, before minutes of work)."""
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as handle:
+            length = int.from_bytes(handle.read(8), "little")
+            if not 2 <= length <= min(size - 8, 100_000_000):
+                raise ValueError("no safetensors header")
+            header = json.loads(handle.read(length))
+        ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
+        raise UsageError(f"{path}: not a readable safetensors file ({exc}); re-download or re-save it") from None
+    if 8 + length + max(ends, default=0) > size:
+        raise UsageError(
+            f"{path}: truncated ({size} bytes, its header describes {8 + length + max(ends)}); re-download it"
+        )
+
+
 def detect_task(checkpoint: Path) -> str:
-    config = json.loads((checkpoint / "config.json").read_text())
+    config = read_config(checkpoint)
     architectures = config.get("architectures") or []
     if any(a.endswith("ForSequenceClassification") for a in architectures):
         return "text-classification"
@@ -171,8 +204,12 @@ def peek_task(spec: str, base_dir: Path | None = None) -> str | None:
 
 
 def check_weights(checkpoint: Path, allow_pickle: bool) -> None:
-    """Refuse pickled weights (they can run code on load) unless the user allowed them."""
-    if any(checkpoint.glob("*.safetensors")):
+    """Refuse pickled weights (they can run code on load) unless the user allowed them, and
+    safetensors files that are truncated or not safetensors at all."""
+    found = sorted(checkpoint.glob("*.safetensors"))
+    for path in found:
+        check_safetensors(path)
+    if found:
         return
     pickled = sorted(p.name for p in checkpoint.glob("*.bin")) + sorted(p.name for p in checkpoint.glob("*.pt"))
     if pickled and not allow_pickle:
@@ -198,8 +235,7 @@ def open_checkpoint(
 def check_no_remote_code(checkpoint: Path, spec: str) -> None:
     """A checkpoint whose architecture exists only in code it ships (`auto_map` in config.json, a
     model_type transformers does not know) runs that code only with --trust-remote-code."""
-    config_path = checkpoint / "config.json"
-    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    config = read_config(checkpoint)
     if not config.get("auto_map"):
         return
     from transformers import CONFIG_MAPPING

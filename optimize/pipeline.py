@@ -25,7 +25,8 @@ from typing import Any
 
 from rich.console import Console
 
-from optimize import artifact, metrics, report, training
+from optimize import artifact, metrics, report, report_html, training
+from optimize import cache as stage_cache
 from optimize.data import columns_of, load_rows, split_calibration, texts_sha256
 from optimize.errors import INTERRUPTED, GateFailed, UsageError, stop_if_interrupted
 from optimize.evaluate import Evaluator, SpeedSettings
@@ -45,7 +46,8 @@ class RunOptions:
     model: str | None = None
     allow_pickle: bool = False
     trust_remote_code: bool = False
-    cache_dir: Path | None = None
+    cache_dir: Path | None = None  # the stage cache's folder (default: cache.default_root())
+    no_cache: bool = False  # run every step, reuse and store nothing
     overwrite: bool = False
     resume: bool = False  # continue a training stage from its checkpoints beside OUT
 
@@ -140,6 +142,62 @@ class _Run:
         # weights (distillation); from then on the newest trained model, so a later stage is judged on
         # what it changed, not on the distance the student already is from its teacher.
         self.anchor: ModelHandle | None = None
+        # The stage cache and the key of the run so far (each step chains its own onto it).
+        use_cache = not options.no_cache and training.world_size() == 1
+        root = options.cache_dir / "stages" if options.cache_dir else stage_cache.default_root()
+        self.cache = stage_cache.StageCache(root) if use_cache else None
+        recipe, cal = prepared.loaded.recipe, prepared.loaded.recipe.calibration
+        self.key = stage_cache.key(
+            "run",
+            content_sha256(prepared.model.checkpoint) if self.cache else "",
+            prepared.model.task,
+            texts_sha256(prepared.calibration),
+            texts_sha256(prepared.holdout),
+            cal.seq_len,
+            recipe.seed,
+            prepared.data,
+            artifact.versions(),
+            stage_cache.source_sha256() if self.cache else "",
+        )
+
+    def cached(self, step: str, parts: tuple[Any, ...]) -> tuple[str, tuple[Path, dict[str, Any]] | None]:
+        """The key of the next step (chained on the run so far) and its cache entry, if any."""
+        step_key = stage_cache.key(self.key, step, *parts)
+        found = self.cache.get(step_key) if self.cache else None
+        if found is not None:
+            self.console.print(f"{step}: reused from the cache ({found[0]})", highlight=False)
+        return step_key, found
+
+    def keep(
+        self,
+        step_key: str,
+        step: str,
+        record: StageRecord,
+        model: ModelHandle,
+        source: ModelHandle,
+        extra: dict[str, Any],
+    ) -> None:
+        """Store a finished step's model and record under its key, and move the run's key on."""
+        if self.cache is not None:
+            own = model.checkpoint != source.checkpoint
+
+            def fill(folder: Path) -> dict[str, Any]:
+                stored = stage_cache.store_model(folder, model.onnx_path, model.checkpoint, own)
+                name = self.prepared.loaded.recipe.name
+                return {"step": step, "recipe": name, "record": record.to_json(), **extra, **stored}
+
+            self.cache.put(step_key, fill)
+        self.key = step_key
+
+    def reuse(self, step_key: str, found: tuple[Path, dict[str, Any]], source: ModelHandle) -> ModelHandle:
+        """A cached step's model and record, as if it had just run."""
+        folder, entry = found
+        checkpoint = folder / entry["checkpoint"] if entry.get("checkpoint") else source.checkpoint
+        onnx = folder / entry["onnx"] if entry.get("onnx") else None
+        handle = dataclasses.replace(source, checkpoint=checkpoint, onnx_path=onnx)
+        self.record(StageRecord(**entry["record"]))
+        self.key = step_key
+        return handle
 
     def judge(
         self, checks: list[GateCheck], measured: dict[str, float], source: GateSource, handle: ModelHandle
@@ -170,6 +228,7 @@ class _Run:
         path = out.resolve().parent / f"{out.name}.gate-failed.md"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(report.markdown(self.summary("gate failed", message)))
+        report.to_job_summary(path.read_text())
         return GateFailed(message, self.stages)
 
     def record(self, record: StageRecord) -> StageRecord:
@@ -179,6 +238,9 @@ class _Run:
 
     def export(self, model: ModelHandle) -> ModelHandle:
         stop_if_interrupted()
+        step_key, found = self.cached("export", ())
+        if found is not None:
+            return self.reuse(step_key, found, model)
         cal = self.prepared.loaded.recipe.calibration
         with self.console.status("exporting to ONNX"), contextlib.redirect_stdout(sys.stderr):
             exported, info = export(
@@ -189,6 +251,7 @@ class _Run:
         record = self.record(StageRecord("export", "export", info, measured, gate, details))
         if not record.passed:
             raise self.fail(f"export: the ONNX model does not agree with the checkpoint: {record.failed_checks()}")
+        self.keep(step_key, "export", record, exported, model, {})
         return exported
 
     def stage(self, index: int, stage: StageBase, model: ModelHandle) -> ModelHandle:
@@ -197,6 +260,15 @@ class _Run:
         if stage.needs_onnx and not model.is_onnx:
             model = self.export(model)
         name, checks, source = stage.name or stage.kind, list(stage.gate or []), self.prepared.sources[index]
+        step = f"stage {index} ({name})"
+        step_key, found = self.cached(step, (stage.model_dump(mode="json"), source))
+        if found is not None:
+            reused = self.reuse(step_key, found, model)
+            self.plan.update(found[1]["plan"])
+            self.runtime.update(found[1]["runtime"])
+            if reused.checkpoint != model.checkpoint:
+                self.anchor = reused
+            return reused
 
         def judge(handle: ModelHandle) -> tuple[dict[str, float], dict[str, Any]]:
             measured, _ = self.evaluator.measure(handle)
@@ -228,6 +300,9 @@ class _Run:
         if not record.passed:
             advice = f"; {result.advice}" if result.advice else ""
             raise self.fail(f"stage {index} ({name}): gate failed: {record.failed_checks()}{advice}")
+        self.keep(
+            step_key, step, record, result.model, model, {"plan": result.precision_plan, "runtime": result.runtime}
+        )
         return result.model
 
     def context(
@@ -298,8 +373,7 @@ def run(loaded: LoadedRecipe, options: RunOptions, console: Console) -> RunResul
         if not training.is_main():
             return _train_only(state)
         model = prepared.model
-        with console.status("measuring the reference (input model)"):
-            state.reference, state.reference_details = prepared.evaluator.measure(model)
+        state.reference, state.reference_details = _reference(state)
         console.print(f"reference: {model.checkpoint} ({model.task})")
         for index, stage in enumerate(prepared.loaded.recipe.stages):
             model = state.stage(index, stage, model)
@@ -321,9 +395,11 @@ def run(loaded: LoadedRecipe, options: RunOptions, console: Console) -> RunResul
             report.markdown(summary),
             summary.to_json(),
             options.overwrite,
+            report_html=report_html.page(summary, state.plan, report.markdown(summary)),
             with_weights=trained,
         )
         staging = None
+        report.to_job_summary(report.markdown(summary))
         if INTERRUPTED.is_set():  # Ctrl-C while the files were written: take the artifact back
             shutil.rmtree(options.out, ignore_errors=True)
             raise KeyboardInterrupt
@@ -333,6 +409,22 @@ def run(loaded: LoadedRecipe, options: RunOptions, console: Console) -> RunResul
         shutil.rmtree(workroot, ignore_errors=True)
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def _reference(state: _Run) -> tuple[dict[str, float], dict[str, Any]]:
+    """The input model measured (metrics and speed details), from the cache when it was before."""
+    step_key = stage_cache.key(state.key, "reference")
+    found = state.cache.get(step_key) if state.cache else None
+    evaluator = state.prepared.evaluator
+    if found is not None:
+        evaluator.conditions = found[1]["conditions"]  # what the speed figures were measured under
+        return found[1]["metrics"], found[1]["details"]
+    with state.console.status("measuring the reference (input model)"):
+        measured, details = evaluator.measure(state.prepared.model)
+    if state.cache is not None:
+        entry = {"step": "reference", "recipe": state.prepared.loaded.recipe.name, "metrics": measured}
+        state.cache.put(step_key, lambda _: {**entry, "details": details, "conditions": evaluator.conditions})
+    return measured, details
 
 
 def _checkpoints(out: Path) -> Path:

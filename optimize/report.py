@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from rich.console import Console
 from rich.table import Table
 
@@ -87,3 +90,11 @@ def markdown(run: RunSummary) -> str:
     if run.failure:
         lines += ["", "## Why it failed", "", run.failure]
     return "\n".join(lines) + "\n"
+
+
+def to_job_summary(text: str) -> None:
+    """Append the report to the CI job summary when the job has one ($GITHUB_STEP_SUMMARY)."""
+    path = os.environ.get("GITHUB_STEP_SUMMARY")
+    if path:
+        with Path(path).open("a") as summary:
+            summary.write(text + "\n")

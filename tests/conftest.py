@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+
+# Tests run every step: a stage cache shared between tests would make one test's outcome depend on
+# another's. The cache's own tests turn it on, in a folder of their own.
+os.environ["OPTIMIZE_NO_CACHE"] = "1"
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = ROOT.parent / "shared" / "data"

@@ -47,9 +47,14 @@ def test_a_compile_recipe_passes_and_every_manifest_file_has_its_sha256(tiny_ber
         "passed": True,
     }
     manifest = json.loads((out / "manifest.json").read_text())
-    assert {"model.onnx", "tokenizer.json", "config.json", "report.md", "runtime/__init__.py"} <= set(manifest["files"])
+    assert {"model.onnx", "tokenizer.json", "config.json", "runtime/__init__.py"} <= set(manifest["files"])
     for name, entry in manifest["files"].items():
         assert runtime.sha256_file(out / name) == entry["sha256"], name
+    # Files with timings are listed but not hashed; the manifest itself holds no timing.
+    assert set(manifest["measurement_files"]) == {"measurements.json", "report.md", "report.json", "report.html"}
+    assert "latency_p50_ms" not in json.dumps(manifest) and "latency_p50_ms" in (out / "measurements.json").read_text()
+    merged = runtime.verify(out)  # the runtime's view puts them back
+    assert merged["stages"][1]["metrics"]["latency_p50_ms"] == compile_stage["metrics"]["latency_p50_ms"]
     assert manifest["provenance"]["seed"] == 0 and len(manifest["provenance"]["recipe_sha256"]) == 64
     assert manifest["provenance"]["versions"]["onnxruntime"]
     assert leftovers(tmp_path) == []

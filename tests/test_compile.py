@@ -6,6 +6,7 @@ import json
 
 from typer.testing import CliRunner
 
+from optimize import runtime
 from optimize.cli import app
 
 
@@ -18,7 +19,7 @@ def test_cpu_compile_measures_each_variant_and_keeps_the_fastest_that_agrees(tin
     out = tmp_path / "out"
     result, report = compile_json(str(tiny_bert), "-o", str(out))
     assert result.exit_code == 0, result.output
-    details = json.loads((out / "manifest.json").read_text())["stages"][1]["details"]
+    details = runtime.verify(out)["stages"][1]["details"]  # with its measurements merged back
     tried = {c["variant"]: c for c in details["candidates"]}
     assert set(tried) == {"as-is", "basic", "extended", "fused"}
     agreeing = [c for c in tried.values() if c.get("agrees")]
@@ -52,7 +53,7 @@ def test_a_pinned_variant_is_the_only_one_built(tiny_bert, tmp_path):
     out = tmp_path / "out"
     result, _ = compile_json(str(tiny_bert), "--variant", "as-is", "-o", str(out))
     assert result.exit_code == 0, result.output
-    details = json.loads((out / "manifest.json").read_text())["stages"][1]["details"]
+    details = runtime.verify(out)["stages"][1]["details"]  # with its measurements merged back
     assert [c["variant"] for c in details["candidates"]] == ["as-is"] and details["variant"] == "as-is"
     bad, report = compile_json(str(tiny_bert), "--variant", "turbo", "-o", str(tmp_path / "bad"))
     assert bad.exit_code == 2 and "variants" in report["error"] and not (tmp_path / "bad").exists()

@@ -3,13 +3,11 @@ and the choice rule with faked flags and timings, and the stage end to end on a 
 
 from __future__ import annotations
 
-import json
-
 import onnx
 import pytest
 from typer.testing import CliRunner
 
-from optimize import cpu
+from optimize import cpu, runtime
 from optimize.cli import app
 from optimize.runtime import tuning_warning
 from optimize.stages import formulations
@@ -60,7 +58,7 @@ def _run(tmp_path, tiny_bert, **fields):
     recipe = write_recipe(tmp_path, [stage], model=str(tiny_bert))
     result = CliRunner().invoke(app, ["run", str(recipe), "-o", str(tmp_path / "out"), "--json"])
     assert result.exit_code == 0, result.output
-    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    manifest = runtime.verify(tmp_path / "out")  # with its measurements (timings) merged back
     ops = {n.op_type for n in onnx.load(str(tmp_path / "out" / "model.onnx")).graph.node}
     return manifest, manifest["stages"][-1]["details"], ops
 

@@ -1,0 +1,137 @@
+"""The stage cache: what each step of a run produced, kept under a key of everything it depended on,
+so a rerun reuses it and an interrupted run resumes at the first step it had not finished.
+
+A key chains: the run's base key hashes the input model's bytes, the calibration and held-out texts,
+the eval suites' data, the sequence length, the seed, the tool versions and optimize's own source;
+each step's key hashes the previous key with that step's config and gate. An entry is a folder
+(`<root>/<key>/`): the step's output model files and `entry.json` (its record, plan and runtime
+settings). Entries are written to a temporary folder and renamed into place under a file lock
+(`filelock`), so two runs sharing the folder never see half an entry, and a killed run leaves at
+most a temporary folder that `optimize cache clear` removes.
+
+The root is `--cache-dir`, else `$OPTIMIZE_CACHE_DIR/stages` (default `~/.cache/optimize/stages`);
+`--no-cache` skips it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optimize
+
+ENTRY = "entry.json"
+
+
+def default_root() -> Path:
+    from optimize.model import cache_root
+
+    return cache_root() / "stages"
+
+
+def key(*parts: Any) -> str:
+    """A stable hash of JSON-able parts (sorted keys; paths and other objects as strings)."""
+    text = json.dumps(parts, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def source_sha256() -> str:
+    """optimize's own source: a change to the code that made an entry invalidates it."""
+    digest = hashlib.sha256()
+    package = Path(optimize.__file__).parent
+    for path in sorted(package.rglob("*.py")):
+        digest.update(str(path.relative_to(package)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class StageCache:
+    root: Path
+
+    def get(self, entry_key: str) -> tuple[Path, dict[str, Any]] | None:
+        folder = self.root / entry_key
+        try:
+            return folder, json.loads((folder / ENTRY).read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+
+    def put(self, entry_key: str, fill: Callable[[Path], dict[str, Any]]) -> tuple[Path, dict[str, Any]]:
+        """Make the entry with `fill(folder) -> entry` unless another run already has; atomic."""
+        from filelock import FileLock
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(self.root / f"{entry_key}.lock")):
+            found = self.get(entry_key)
+            if found is not None:
+                return found
+            staging = Path(tempfile.mkdtemp(prefix=f".{entry_key}.", dir=self.root))
+            try:
+                entry = {**fill(staging), "created": time.time()}
+                (staging / ENTRY).write_text(json.dumps(entry, indent=1, default=str))  # metrics keep their order
+                staging.rename(self.root / entry_key)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+        found = self.get(entry_key)
+        assert found is not None
+        return found
+
+    def entries(self) -> list[dict[str, Any]]:
+        """What is cached: key, step, size in MB, age, newest first."""
+        rows = []
+        for folder in sorted(self.root.glob("*")) if self.root.is_dir() else []:
+            found = self.get(folder.name) if folder.is_dir() and not folder.name.startswith(".") else None
+            if found is None:
+                continue
+            size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+            entry = found[1]
+            rows.append(
+                {
+                    "key": folder.name,
+                    "step": entry.get("step", "?"),
+                    "recipe": entry.get("recipe", "?"),
+                    "size_mb": round(size / 1e6, 3),
+                    "created": entry.get("created", 0),
+                }
+            )
+        return sorted(rows, key=lambda r: -float(r["created"]))
+
+    def clear(self) -> int:
+        """Remove every entry, lock and leftover temporary folder; returns the bytes freed."""
+        freed = 0
+        for path in list(self.root.glob("*")) if self.root.is_dir() else []:
+            freed += (
+                sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
+            )
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        return freed
+
+
+def store_model(folder: Path, onnx_path: Path | None, checkpoint: Path, own_checkpoint: bool) -> dict[str, Any]:
+    """Copy a step's output model into an entry folder: its ONNX file (with external data) and, when
+    the step made a new checkpoint (a trained student, a decoder engine folder), that folder."""
+    stored: dict[str, Any] = {"onnx": None, "checkpoint": None}
+    if own_checkpoint:
+        shutil.copytree(checkpoint, folder / "checkpoint")
+        stored["checkpoint"] = "checkpoint"
+    if onnx_path is not None:
+        if own_checkpoint and onnx_path.parent == checkpoint:
+            stored["onnx"] = f"checkpoint/{onnx_path.name}"
+        else:
+            (folder / "onnx").mkdir()
+            shutil.copyfile(onnx_path, folder / "onnx" / onnx_path.name)
+            external = onnx_path.with_name(onnx_path.name + ".data")
+            if external.is_file():
+                shutil.copyfile(external, folder / "onnx" / external.name)
+            stored["onnx"] = f"onnx/{onnx_path.name}"
+    return stored
