@@ -90,9 +90,24 @@ def check_destination(out: Path, overwrite: bool) -> None:
         raise UsageError(f"{parent}: not writable")
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def staging_dir(out: Path) -> Path:
-    """A hidden sibling of OUT (same file system, so the final rename is atomic)."""
+    """A hidden sibling of OUT (same file system, so the final rename is atomic). Siblings left by
+    runs that were killed (their process is gone) are removed first."""
     out.resolve().parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.resolve().parent.glob(f".{out.name}.partial-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
     staging = out.resolve().parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()

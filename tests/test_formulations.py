@@ -75,8 +75,8 @@ def test_every_formulation_is_built_gated_timed_and_recorded(tiny_bert, tmp_path
         assert not manifest["precision_plan"] and not ops & {"MatMulInteger", "DynamicQuantizeMatMul", "MatMulNBits"}
     else:
         chosen = next(r for r in records if r["formulation"] == details["chosen"])
-        best = min(r["worst_ratio_to_fp32"] for r in records)  # kept unless a later one is 3% better
-        assert best <= chosen["worst_ratio_to_fp32"] <= best / (1 - 0.03) and chosen["worst_ratio_to_fp32"] <= 1
+        best = min(r["worst_ratio_to_fp32"] for r in records)  # kept unless a later one is 5% better (min_gain)
+        assert best <= chosen["worst_ratio_to_fp32"] <= best / (1 - 0.05) and chosen["worst_ratio_to_fp32"] <= 1
         assert set(manifest["precision_plan"].values()) == {"int8"}
         assert ops & {"MatMulInteger", "DynamicQuantizeMatMul", "MatMulNBits", "DynamicQuantizeLinear"}
 

@@ -126,3 +126,60 @@ def test_report_html_has_its_plots_and_the_job_summary_gets_the_report(tiny_bert
     assert "latency p50" in page and "chosen precision" in page and "<script" not in page
     written = summary.read_text()
     assert written.startswith("earlier step\n") and "# test: passed" in written
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_never_leaves_a_corrupt_out_and_the_next_run_resumes(tiny_bert, tmp_path):
+    """Ten runs killed with SIGKILL at random moments (seeded), sharing one stage cache: OUT is
+    either absent or a whole artifact that verifies, and a last run completes from the cache."""
+    import random
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    recipe = write_recipe(tmp_path, COMPILE, model=str(tiny_bert), evals=[str(ROOT / "evals" / "stsb-test.yaml")])
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    command = [sys.executable, "-m", "optimize", "run", str(recipe), "-o", str(out), "--cache-dir", str(cache)]
+    env = {k: v for k, v in os.environ.items() if k != "OPTIMIZE_NO_CACHE"}
+    timed = time.perf_counter()
+    subprocess.run(
+        [*command[:-4], "-o", str(tmp_path / "timed"), "--no-cache"], env=env, check=True, capture_output=True
+    )
+    full = time.perf_counter() - timed  # how long one cold run takes on this machine now
+    rng = random.Random(0)
+    for trial in range(10):
+        proc = subprocess.Popen(
+            [*command, "--overwrite"], env=env, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL
+        )
+        try:
+            proc.wait(timeout=rng.uniform(0.2, full))
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+        if out.exists():
+            assert runtime.verify(out)["name"] == "test", f"trial {trial}: a corrupt OUT"
+    final = subprocess.run([*command, "--overwrite"], env=env, capture_output=True, text=True)
+    assert final.returncode == 0, final.stderr
+    assert "reused from the cache" in final.stderr
+    assert runtime.verify(out)["name"] == "test"
+
+
+def test_the_example_ci_job_runs_commands_that_exist():
+    import yaml
+
+    from tests.conftest import ROOT
+
+    job = yaml.safe_load((ROOT / "examples" / "github-actions.yml").read_text())
+    steps = job["jobs"]["release"]["steps"]
+    commands = [
+        line.split()[1] for s in steps for line in s.get("run", "").splitlines() if line.startswith("optimize ")
+    ]
+    assert commands == ["run", "package"]
+    for command in commands:  # each is a real subcommand with the flags the job passes
+        help_text = invoke(command, "--help").output
+        assert "--json" in help_text and "-o" in help_text
+    assert (ROOT / job["jobs"]["release"]["env"]["RECIPE"]).is_file()
+    upload = next(s for s in steps if s.get("uses", "").startswith("actions/upload-artifact") and "if" not in s)
+    assert "tar.gz" in upload["with"]["path"]  # the packaged artifact, uploaded only on success

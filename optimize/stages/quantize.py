@@ -67,7 +67,7 @@ class QuantizeStage(StageBase):
         description="int8: measure these formulations (auto: the list for this CPU) and fp32 in turns, and keep "
         "the fastest that passes the gate; fp32 ships when int8 does not pay (optimize/stages/formulations.py)",
     )
-    min_gain: float = Field(0.03, ge=0, lt=1, description="formulations: how much faster a later one must be")
+    min_gain: float = Field(0.05, ge=0, lt=1, description="formulations: how much faster a later one must be")
     require_speedup: bool = Field(True, description="fail a plan that is not faster than the float model")
     min_speedup: float = Field(
         0.1,
