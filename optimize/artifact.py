@@ -90,6 +90,20 @@ def check_destination(out: Path, overwrite: bool) -> None:
         raise UsageError(f"{parent}: not writable")
 
 
+def check_free_space(out: Path, needed_bytes: int) -> None:
+    """Fail before any work when OUT's file system cannot hold the artifact (its model files, about
+    the size of the input model's weights) plus its staging copy."""
+    parent = out.resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    free = shutil.disk_usage(parent).free
+    if free < 2 * needed_bytes:
+        raise UsageError(
+            f"{parent}: {free / 1e6:.0f} MB free, the artifact needs about {2 * needed_bytes / 1e6:.0f} MB "
+            "(the model and its staging copy); free space or choose another -o"
+        )
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

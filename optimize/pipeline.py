@@ -93,6 +93,12 @@ def prepare(loaded: LoadedRecipe, options: RunOptions, console: Console) -> Prep
     )
     if recipe.task is not None and recipe.task != model.task:
         model = dataclasses.replace(model, task=recipe.task)
+    weights = [
+        *model.checkpoint.glob("*.safetensors"),
+        *model.checkpoint.glob("*.onnx*"),
+        *model.checkpoint.glob("*.bin"),
+    ]
+    artifact.check_free_space(options.out, sum(p.stat().st_size for p in weights if p.is_file()))
     if not (model.checkpoint / "tokenizer.json").is_file():
         raise UsageError(f"model {spec!r}: no tokenizer.json; save the checkpoint with a fast tokenizer")
     cal = recipe.calibration

@@ -4,6 +4,7 @@ traceback, and nothing written (no OUT, no archive, no temporary folder)."""
 
 from __future__ import annotations
 
+import collections
 import io
 import json
 import shutil
@@ -156,6 +157,7 @@ CASES: dict[str, tuple[Callable[[Path, Path, Path], list[str]], str]] = {
         lambda t, a, tmp: (tmp / "out").write_text("x") and ["run", *_run(tmp, str(t))[1:], "--overwrite"],
         "not a folder",
     ),
+    "no free disk": (lambda t, a, tmp: _run(tmp, str(t)), "MB free"),  # disk_usage faked below
     # models and weight files
     "model missing": (lambda t, a, tmp: _run(tmp, str(tmp / "no-model")), "no-model"),
     "config not json": (_model_case(_write("config.json", "{not json")), "config.json"),
@@ -239,9 +241,12 @@ CASES: dict[str, tuple[Callable[[Path, Path, Path], list[str]], str]] = {
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_hostile_input_exits_2_with_one_message_no_traceback_and_nothing_written(
-    case, tiny_bert, good_artifact, tmp_path
+    case, tiny_bert, good_artifact, tmp_path, monkeypatch
 ):
     make, expected = CASES[case]
+    if case == "no free disk":  # OUT's file system reports 1 MB free
+        usage = collections.namedtuple("usage", "total used free")
+        monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9, 10**6))
     args = make(tiny_bert, good_artifact, tmp_path)
     before = {p for p in tmp_path.rglob("*")}
     result = CliRunner().invoke(app, args)
