@@ -539,7 +539,7 @@ def _inspect(artifact: Path, unpacked: Path, as_json: bool) -> None:
     from optimize import artifact as artifacts
     from optimize import runtime
     from optimize.records import StageRecord
-    from optimize.report import print_stage
+    from optimize.report import decisions_table, print_stage
 
     try:
         if artifact.is_file() and artifact.name.endswith((".tar.gz", ".tgz", ".tar")):
@@ -565,6 +565,9 @@ def _inspect(artifact: Path, unpacked: Path, as_json: bool) -> None:
     console.print("versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
     for stage in stages:
         print_stage(console, stage, reference)
+        choices = decisions_table(stage)
+        if choices is not None:
+            console.print(choices)
 
 
 @app.command("package")

@@ -38,6 +38,42 @@ def print_stage(console: Console, stage: StageRecord, reference: dict[str, float
     console.print(stage_table(stage, reference))
 
 
+def decisions_table(stage: StageRecord, shown: int = 12) -> Table | None:
+    """What a stage chose among (formulations, graph variants, genai candidates) or, for a precision
+    search, its most sensitive layers: what report.html plots, as a table for `optimize inspect`."""
+    details = stage.details
+    rows = details.get("formulations") or details.get("candidates") or []
+    if rows and isinstance(rows[0], dict):
+        table = Table(
+            title=f"stage {stage.name}: candidates (chosen: {details.get('chosen') or details.get('variant')})"
+        )
+        table.add_column("candidate")
+        table.add_column("outcome")
+        for row in rows:
+            label = row.get("formulation") or row.get("variant") or row.get("label") or "?"
+            if row.get("error"):
+                outcome = f"error: {str(row['error'])[:60]}"
+            elif "latency_ms" in row:
+                outcome = "latency " + ", ".join(f"{k} {v} ms" for k, v in row["latency_ms"].items())
+            elif "latency_p50_ms" in row:
+                outcome = f"latency {row['latency_p50_ms']} ms, agrees {row.get('agrees')}"
+            elif "agrees" in row:
+                outcome = f"disagrees with its input (cosine_min {row.get('agreement_cosine_min')})"
+            else:
+                outcome = f"gate {'passed' if row.get('gate_passed', row.get('passed')) else 'failed'}"
+            table.add_row(str(label), outcome)
+        return table
+    scores = details.get("sensitivity")
+    if scores:
+        table = Table(title=f"stage {stage.name}: most sensitive layers (1 - cosine_mean, that layer alone quantized)")
+        table.add_column("layer")
+        table.add_column("score", justify="right")
+        for name, score in list(scores.items())[:shown]:
+            table.add_row(name, _fmt(score))
+        return table
+    return None
+
+
 def markdown(run: RunSummary) -> str:
     """A summary fit for a CI job summary: one table of metrics per stage, then every gate check
     (marked when it is the default gate), the ungated stages, and why the run failed if it did."""

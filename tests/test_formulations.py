@@ -71,6 +71,8 @@ def test_every_formulation_is_built_gated_timed_and_recorded(tiny_bert, tmp_path
     assert all(r["gate_passed"] and set(r["latency_ms"]) == {"b1", "b32"} for r in records)
     assert set(details["fp32_latency_ms"]) == {"b1", "b32"}
     assert manifest["runtime"]["tuned_on"] == cpu.current().summary()
+    shown = CliRunner().invoke(app, ["inspect", str(tmp_path / "out")]).stderr  # the same, as rich tables
+    assert f"candidates (chosen: {details['chosen']})" in shown and "dynamic u8" in shown and "b32" in shown
     if details["chosen"] == formulations.FLOAT_LABEL:  # a tiny model may well not be faster in int8
         assert not manifest["precision_plan"] and not ops & {"MatMulInteger", "DynamicQuantizeMatMul", "MatMulNBits"}
     else:
