@@ -2,8 +2,9 @@
 the block's own float minimum, so weights dequantized from a llama.cpp Q4_1 GGUF land back on their
 grid exactly (Q8_0 weights likewise at 8 bits, and the token embedding as an 8-bit table).
 MatMulNBits takes only integer zero points on its fast path, so `x . W` is computed as
-MatMulNBits(x, q, d, zero point 0) plus the blocks' minimums times the sums of x over each block: a
-MatMul 32 times smaller. Applied to the fp32 graph that onnxruntime-genai's model builder wrote.
+MatMulNBits(x, q, d) with no zero-point input (q is read as q - 8), plus the sums of x over each
+block times the block's offset m + 8 d: a MatMul 32 times smaller. The block sums are computed once
+per input (gate and up share theirs). Applied to the fp32 graph onnxruntime-genai's builder wrote.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ def requantize(model_path: Path, accuracy_level: int, int8_head: bool) -> dict[s
     model = onnx.load(str(model_path))
     weights = {i.name: i for i in model.graph.initializer}
     nodes, replaced, worst4, worst8 = [], set(), 0.0, 0.0
+    sums: dict[str, str] = {}  # input -> its block sums, computed once (gate and up share an input)
     for node in model.graph.node:
         init = weights.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
         if init is None or len(init.dims) != 2 or init.dims[0] % BLOCK:
@@ -57,31 +59,30 @@ def requantize(model_path: Path, accuracy_level: int, int8_head: bool) -> dict[s
         q = np.clip(np.rint((blocks - low[..., None]) / scale[..., None]), 0, 15).astype(np.uint8)
         worst4 = max(worst4, float(np.abs(q * scale[..., None] + low[..., None] - blocks).max()))
         count = k // BLOCK
+        # No zero-point input: MatMulNBits then reads q as q - 8 (its default), so each block's offset
+        # is its minimum plus 8 steps: d * q + m = d * (q - 8) + (m + 8 d).
+        offset = (low + 8 * scale).T.astype(np.float32)
         model.graph.initializer.extend(
             [
                 numpy_helper.from_array((q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8), name + "_Q4"),
                 numpy_helper.from_array(scale, name + "_scales"),
-                numpy_helper.from_array(np.zeros((n, (count + 1) // 2), dtype=np.uint8), name + "_zero"),
-                numpy_helper.from_array(np.ascontiguousarray(low.T).astype(np.float32), name + "_minimums"),
-                numpy_helper.from_array(np.array([0, 0, count, BLOCK], dtype=np.int64), name + "_blocks"),
-                numpy_helper.from_array(np.array([-1], dtype=np.int64), name + "_last_axis"),
+                numpy_helper.from_array(np.ascontiguousarray(offset), name + "_minimums"),
             ]
         )
         attributes = {"K": k, "N": n, "bits": 4, "block_size": BLOCK, "accuracy_level": accuracy_level}
         nodes += [
             helper.make_node(
                 "MatMulNBits",
-                [node.input[0], name + "_Q4", name + "_scales", name + "_zero"],
+                [node.input[0], name + "_Q4", name + "_scales"],
                 [base + "/q4"],
                 base + "_Q4",
                 domain="com.microsoft",
                 **attributes,
             ),
-            helper.make_node("Reshape", [node.input[0], name + "_blocks"], [base + "/blocks"], base + "/Reshape"),
+            *_block_sums(model, node.input[0], count, sums),
             helper.make_node(
-                "ReduceSum", [base + "/blocks", name + "_last_axis"], [base + "/sums"], base + "/ReduceSum", keepdims=0
+                "MatMul", [sums[node.input[0]], name + "_minimums"], [base + "/offset"], base + "/Minimums"
             ),
-            helper.make_node("MatMul", [base + "/sums", name + "_minimums"], [base + "/offset"], base + "/Minimums"),
             helper.make_node("Add", [base + "/q4", base + "/offset"], list(node.output), base + "/Add"),
         ]
     nodes, worst_embedding = _embedding_8bit(model, nodes)
@@ -95,6 +96,26 @@ def requantize(model_path: Path, accuracy_level: int, int8_head: bool) -> dict[s
     data.unlink(missing_ok=True)
     onnx.save(model, str(model_path), save_as_external_data=True, location=data.name, all_tensors_to_one_file=True)
     return {"max_error_4bit": worst4, "max_error_8bit": worst8, "max_error_embedding": worst_embedding}
+
+
+def _block_sums(model: Any, source: str, count: int, sums: dict[str, str]) -> list[Any]:
+    """The nodes that sum `source` over each block of 32 (none when an earlier MatMul already did)."""
+    from onnx import helper, numpy_helper
+
+    if source in sums:
+        return []
+    tag = f"{source}/block_sums_{len(sums)}"
+    sums[source] = tag
+    model.graph.initializer.extend(
+        [
+            numpy_helper.from_array(np.array([0, 0, count, BLOCK], dtype=np.int64), tag + "_shape"),
+            numpy_helper.from_array(np.array([-1], dtype=np.int64), tag + "_axis"),
+        ]
+    )
+    return [
+        helper.make_node("Reshape", [source, tag + "_shape"], [tag + "_blocks"], tag + "/Reshape"),
+        helper.make_node("ReduceSum", [tag + "_blocks", tag + "_axis"], [tag], tag + "/ReduceSum", keepdims=0),
+    ]
 
 
 def eight_bit(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
