@@ -52,6 +52,33 @@ def source_sha256() -> str:
     return digest.hexdigest()
 
 
+def referenced_files(config: Any, base_dir: Path) -> dict[str, str]:
+    """The sha256 of every local file a stage's config names (distillation data, a plan file), found
+    as the stage would find it: a changed file under the same name is a different step."""
+    from optimize.paths import recipe_data
+
+    found: dict[str, str] = {}
+
+    def walk(value: Any) -> None:
+        if isinstance(value, dict):
+            for item in value.values():
+                walk(item)
+        elif isinstance(value, list):
+            for item in value:
+                walk(item)
+        elif isinstance(value, str) and ("/" in value or "." in value) and len(value) < 500:
+            path = next((c for c in recipe_data(value, base_dir) if c.is_file()), None)
+            if path is not None:
+                digest = hashlib.sha256()
+                with path.open("rb") as handle:
+                    for block in iter(lambda: handle.read(1 << 20), b""):
+                        digest.update(block)
+                found[value] = digest.hexdigest()
+
+    walk(config)
+    return found
+
+
 @dataclass(frozen=True)
 class StageCache:
     root: Path

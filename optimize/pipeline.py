@@ -267,7 +267,9 @@ class _Run:
             model = self.export(model)
         name, checks, source = stage.name or stage.kind, list(stage.gate or []), self.prepared.sources[index]
         step = f"stage {index} ({name})"
-        step_key, found = self.cached(step, (stage.model_dump(mode="json"), source))
+        config = stage.model_dump(mode="json")
+        files = stage_cache.referenced_files(config, self.prepared.loaded.base_dir) if self.cache else {}
+        step_key, found = self.cached(step, (config, source, files))
         if found is not None:
             reused = self.reuse(step_key, found, model)
             self.plan.update(found[1]["plan"])

@@ -183,3 +183,20 @@ def test_the_example_ci_job_runs_commands_that_exist():
     assert (ROOT / job["jobs"]["release"]["env"]["RECIPE"]).is_file()
     upload = next(s for s in steps if s.get("uses", "").startswith("actions/upload-artifact") and "if" not in s)
     assert "tar.gz" in upload["with"]["path"]  # the packaged artifact, uploaded only on success
+
+
+def test_a_changed_file_under_the_same_name_is_not_reused(tiny_bert, tmp_path, cached):
+    plan = tmp_path / "plan.json"
+    stage = {"kind": "quantize", "precision": "int8", "plan": str(plan), "require_speedup": False}
+    stage["gate"] = [{"metric": "cosine_min", "min": 0.3}]
+    recipe = write_recipe(tmp_path, [stage], model=str(tiny_bert))
+    args = ["run", str(recipe), "--cache-dir", str(cached), "--overwrite", "-o", str(tmp_path / "out")]
+    plan.write_text("{}")  # every layer stays in float
+    assert invoke(*args).exit_code == 0
+    assert "stage 0 (quantize): reused" in invoke(*args).stderr  # the same file: reused
+    layers = sorted(runtime.verify(tmp_path / "out")["precision_plan"])
+    assert set(runtime.verify(tmp_path / "out")["precision_plan"].values()) == {"fp32"}
+    plan.write_text(json.dumps({layers[0]: "int8"}))  # same name, new content
+    result = invoke(*args)
+    assert result.exit_code == 0 and "stage 0 (quantize): reused" not in result.stderr
+    assert runtime.verify(tmp_path / "out")["precision_plan"][layers[0]] == "int8"
