@@ -51,6 +51,7 @@ def test_the_runtime_warns_on_a_cpu_without_what_the_artifact_was_tuned_for():
     warning = tuning_warning(tuned_on, AVX2.flags)
     assert warning is not None and "avx512_vnni" in warning and "avx512f" in warning and "VNNI test CPU" in warning
     assert tuning_warning(tuned_on, VNNI.flags) is None
+    assert tuning_warning({**tuned_on, "flags": [*tuned_on["flags"], "avx512_bf16"]}, VNNI.flags) is None
 
 
 def _run(tmp_path, tiny_bert, **fields):

@@ -418,10 +418,14 @@ def cpu_info() -> tuple[str, frozenset[str]]:
     return model, flags
 
 
+# The instruction sets a formulation's speed (and int8's safety) depends on; bf16 flags do not matter here.
+TUNING_FLAGS = {"avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "asimddp"}
+
+
 def tuning_warning(tuned_on: dict[str, Any], flags: frozenset[str]) -> str | None:
     """What to tell a user whose CPU lacks instruction sets the artifact was tuned with (its int8
     formulation and graph were chosen by timing there), or None."""
-    missing = sorted(set(tuned_on.get("flags", [])) - flags)
+    missing = sorted((set(tuned_on.get("flags", [])) & TUNING_FLAGS) - flags)
     if not missing:
         return None
     return (
