@@ -56,6 +56,7 @@ def referenced_files(config: Any, base_dir: Path) -> dict[str, str]:
     """The sha256 of every local file a stage's config names (distillation data, a plan file), found
     as the stage would find it: a changed file under the same name is a different step."""
     from optimize.paths import recipe_data
+    from optimize.runtime import sha256_file
 
     found: dict[str, str] = {}
 
@@ -69,11 +70,7 @@ def referenced_files(config: Any, base_dir: Path) -> dict[str, str]:
         elif isinstance(value, str) and ("/" in value or "." in value) and len(value) < 500:
             path = next((c for c in recipe_data(value, base_dir) if c.is_file()), None)
             if path is not None:
-                digest = hashlib.sha256()
-                with path.open("rb") as handle:
-                    for block in iter(lambda: handle.read(1 << 20), b""):
-                        digest.update(block)
-                found[value] = digest.hexdigest()
+                found[value] = sha256_file(path)
 
     walk(config)
     return found

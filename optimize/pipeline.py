@@ -153,9 +153,10 @@ class _Run:
         root = options.cache_dir / "stages" if options.cache_dir else stage_cache.default_root()
         self.cache = stage_cache.StageCache(root) if use_cache else None
         recipe, cal = prepared.loaded.recipe, prepared.loaded.recipe.calibration
+        self.source_sha256 = content_sha256(prepared.model.checkpoint)  # hashed once: the key and the manifest
         self.key = stage_cache.key(
             "run",
-            content_sha256(prepared.model.checkpoint) if self.cache else "",
+            self.source_sha256,
             prepared.model.task,
             texts_sha256(prepared.calibration),
             texts_sha256(prepared.holdout),
@@ -339,7 +340,9 @@ class _Run:
             "task": model.task,
             "provenance": {
                 "source": prepared.spec,
-                "source_sha256": content_sha256(model.checkpoint),
+                "source_sha256": self.source_sha256
+                if model.checkpoint == prepared.model.checkpoint
+                else content_sha256(model.checkpoint),
                 "recipe": loaded.text,
                 "recipe_sha256": loaded.sha256,
                 "seed": recipe.seed,
