@@ -69,6 +69,8 @@ def versions() -> dict[str, str]:
         "numpy": ["numpy"],
         "tokenizers": ["tokenizers"],
         "optimum-onnx": ["optimum-onnx"],
+        "openvino": ["openvino"],
+        "nncf": ["nncf"],
     }.items():
         for dist in dists:
             try:
@@ -181,13 +183,18 @@ def split_volatile(value: Any) -> tuple[Any, Any]:
     return value, None
 
 
-def write_runtime(folder: Path) -> None:
+# The OpenVINO engine (an int8 graph NNCF quantized for its kernels); onnxruntime runs it without.
+OPENVINO_REQUIREMENTS = ("openvino>=2024.4",)
+
+
+def write_runtime(folder: Path, engine: str = "onnxruntime") -> None:
     runtime = folder / "runtime"
     runtime.mkdir()
     for source in sorted(RUNTIME_SOURCE.glob("*.py")):
         shutil.copyfile(source, runtime / source.name)
     genai = GENAI_REQUIREMENTS if (folder / "genai_config.json").is_file() else ()  # a decoder engine folder
-    (runtime / "requirements.txt").write_text("\n".join((*RUNTIME_REQUIREMENTS, *genai)) + "\n")
+    openvino = OPENVINO_REQUIREMENTS if engine.startswith("openvino") else ()
+    (runtime / "requirements.txt").write_text("\n".join((*RUNTIME_REQUIREMENTS, *genai, *openvino)) + "\n")
 
 
 def write(
@@ -212,7 +219,7 @@ def write(
     # and by sentence-transformers loading the artifact), and the weights of a model this run trained.
     weights = [p.name for p in sorted(checkpoint.glob("*.safetensors"))] if with_weights else []
     copy_checkpoint_files(checkpoint, staging, weights)
-    write_runtime(staging)
+    write_runtime(staging, str(manifest.get("runtime", {}).get("engine", "onnxruntime")))
     (staging / "report.md").write_text(report_md)
     if report_html is not None:
         (staging / "report.html").write_text(report_html)

@@ -67,6 +67,7 @@ def open_model(handle: ModelHandle, seq_len: int) -> TorchModel | runtime.OnnxMo
             seq_len,
             threads=threads(),
             available=["CPUExecutionProvider"],
+            settings={"engine": handle.engine},
         )
     return TorchModel(handle, seq_len)
 

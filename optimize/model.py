@@ -35,13 +35,14 @@ class ModelHandle:
     onnx_path: Path | None = None  # set once the model is exported
     allow_pickle: bool = False
     trust_remote_code: bool = False
+    engine: str = "onnxruntime"  # what runs the ONNX file: one of runtime.ENGINES
 
-    def with_onnx(self, path: Path) -> ModelHandle:
-        return dataclasses.replace(self, onnx_path=path)
+    def with_onnx(self, path: Path, engine: str | None = None) -> ModelHandle:
+        return dataclasses.replace(self, onnx_path=path, engine=engine or self.engine)
 
     def with_checkpoint(self, folder: Path) -> ModelHandle:
         """A new checkpoint (a distilled student): no ONNX file yet, weights from safetensors."""
-        return dataclasses.replace(self, checkpoint=folder, onnx_path=None, allow_pickle=False)
+        return dataclasses.replace(self, checkpoint=folder, onnx_path=None, allow_pickle=False, engine="onnxruntime")
 
     @property
     def is_onnx(self) -> bool:
@@ -265,10 +266,20 @@ def open_any(
         for needed in ("config.json", "tokenizer.json"):
             if not (folder / needed).is_file():
                 raise UsageError(f"model {spec!r}: {folder} has no {needed} beside the ONNX model")
-        return ModelHandle(folder.resolve(), detect_task(folder), onnx_path=onnx_path.resolve())
+        engine = _artifact_engine(folder)
+        return ModelHandle(folder.resolve(), detect_task(folder), onnx_path=onnx_path.resolve(), engine=engine)
     if path.suffix == ".onnx":
         raise UsageError(f"model {spec!r}: no such file")
     return open_checkpoint(spec, base_dir, None, allow_pickle, trust_remote_code)
+
+
+def _artifact_engine(folder: Path) -> str:
+    """What an artifact's manifest says runs its model.onnx (onnxruntime when it says nothing)."""
+    try:
+        runtime = json.loads((folder / "manifest.json").read_text()).get("runtime", {})
+        return str(runtime.get("engine", "onnxruntime"))
+    except (OSError, ValueError, AttributeError):
+        return "onnxruntime"
 
 
 def load_torch(model: ModelHandle) -> torch.nn.Module:

@@ -191,7 +191,8 @@ class _Run:
             def fill(folder: Path) -> dict[str, Any]:
                 stored = stage_cache.store_model(folder, model.onnx_path, model.checkpoint, own)
                 name = self.prepared.loaded.recipe.name
-                return {"step": step, "recipe": name, "record": record.to_json(), **extra, **stored}
+                entry = {"step": step, "recipe": name, "record": record.to_json(), "engine": model.engine}
+                return {**entry, **extra, **stored}
 
             self.cache.put(step_key, fill)
         self.key = step_key
@@ -201,7 +202,8 @@ class _Run:
         folder, entry = found
         checkpoint = folder / entry["checkpoint"] if entry.get("checkpoint") else source.checkpoint
         onnx = folder / entry["onnx"] if entry.get("onnx") else None
-        handle = dataclasses.replace(source, checkpoint=checkpoint, onnx_path=onnx)
+        engine = entry.get("engine", "onnxruntime")
+        handle = dataclasses.replace(source, checkpoint=checkpoint, onnx_path=onnx, engine=engine)
         self.record(StageRecord(**entry["record"]))
         self.key = step_key
         return handle
@@ -368,6 +370,7 @@ class _Run:
                 "task": model.task,
                 "int8": "int8" in self.plan.values(),
                 **self.runtime,
+                "engine": model.engine,  # what runs model.onnx (runtime.make_session)
             },
         }
 

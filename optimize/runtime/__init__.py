@@ -4,6 +4,8 @@ It imports only onnxruntime, numpy, tokenizers and the standard library, so the 
 is run by exactly the code that measured it. `load(artifact_dir)` checks every file against the
 manifest's sha256, picks execution providers (TensorRT -> CUDA -> CPU, limited to what the
 artifact was compiled for and what this onnxruntime offers) and falls back when one fails.
+An artifact whose manifest names an `openvino` engine (an int8 graph quantized for OpenVINO's CPU
+kernels) runs with OpenVINO when it is installed, else with onnxruntime, which reads the same file.
 """
 
 from __future__ import annotations
@@ -130,24 +132,89 @@ def provider_options(provider: str, settings: dict[str, Any], cache_dir: Path) -
     return {}
 
 
+@dataclass(frozen=True)
+class Port:
+    """An input or output as onnxruntime describes it (the fields this runtime reads)."""
+
+    name: str
+    shape: list[int | str]
+    type: str
+
+
+# What runs model.onnx (the manifest's `runtime.engine`): onnxruntime; OpenVINO with the ops left in
+# float computed in fp32; OpenVINO with them in bf16 (chosen on a CPU that computes bf16 natively).
+ENGINES = ("onnxruntime", "openvino", "openvino-bf16")
+
+
+class OpenVINOSession:
+    """OpenVINO's CPU plugin behind the part of onnxruntime's InferenceSession this runtime uses. It
+    compiles the ONNX file itself (its own fusions and int8 kernels for the QDQ pairs NNCF wrote).
+    The float ops' precision is set (`INFERENCE_PRECISION_HINT`), never left to OpenVINO, whose
+    default changes with the CPU: bf16 where it was measured so, fp32 otherwise."""
+
+    def __init__(self, model_path: Path, threads: int, precision: str = "f32"):
+        import openvino
+
+        config = {
+            "INFERENCE_NUM_THREADS": threads,
+            "PERFORMANCE_HINT": "LATENCY",
+            "INFERENCE_PRECISION_HINT": precision,
+        }
+        self.compiled = openvino.Core().compile_model(str(model_path), "CPU", config)
+        self.request = self.compiled.create_infer_request()
+
+    @staticmethod
+    def _port(port: Any) -> Port:
+        shape = [d.get_length() if d.is_static else "?" for d in port.get_partial_shape()]
+        return Port(port.any_name, shape, f"tensor({port.get_element_type().to_string()})")
+
+    def get_inputs(self) -> list[Port]:
+        return [self._port(p) for p in self.compiled.inputs]
+
+    def get_outputs(self) -> list[Port]:
+        return [self._port(p) for p in self.compiled.outputs]
+
+    def get_providers(self) -> list[str]:
+        return ["OpenVINO (CPU)"]
+
+    def run(self, names: Sequence[str] | None, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        results = self.request.infer(feed)
+        outputs = self.compiled.outputs if names is None else [self.compiled.output(n) for n in names]
+        return [np.array(results[o]) for o in outputs]  # copies: the request reuses its buffers
+
+
+OPENVINO_MISSING = (
+    "openvino: not installed; onnxruntime runs this OpenVINO-tuned int8 graph instead (the same graph; "
+    "slower on it): `pip install openvino` for the speed it was chosen for"
+)
+
+
 def make_session(
     model_path: Path,
     target: str = "cpu",
     threads: int | None = None,
     available: Sequence[str] | None = None,
     settings: dict[str, Any] | None = None,
-) -> tuple[ort.InferenceSession, list[str]]:
+) -> tuple[ort.InferenceSession | OpenVINOSession, list[str]]:
     """An InferenceSession on the best provider that actually starts; falls back down the list.
-    Returns the session and a note per provider that was tried and could not be used."""
+    Returns the session and a note per provider that was tried and could not be used. The
+    `openvino` engines (settings) run on OpenVINO when it imports, else on onnxruntime's CPU."""
     import onnxruntime as ort
 
+    notes: list[str] = []
+    engine = str((settings or {}).get("engine", "onnxruntime"))
+    if engine.startswith("openvino"):
+        precision = "bf16" if engine == "openvino-bf16" else "f32"
+        try:
+            return OpenVINOSession(model_path, threads or os.cpu_count() or 1, precision), notes
+        except ImportError:
+            notes.append(OPENVINO_MISSING)
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or os.cpu_count() or 1
     options.inter_op_num_threads = 1
     options.log_severity_level = 4
     providers = select_providers(available if available is not None else ort.get_available_providers(), target)
     cache_dir = Path(os.environ.get("OPTIMIZE_RUNTIME_CACHE", Path.home() / ".cache" / "optimize-runtime"))
-    notes: list[str] = []
     for i, provider in enumerate(providers):
         chain = [(p, provider_options(p, settings or {}, cache_dir)) for p in providers[i:]]
         try:

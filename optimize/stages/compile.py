@@ -13,6 +13,9 @@ Targets `cuda` and `tensorrt`: offline optimizations beyond `basic` are tied to 
 made them (onnxruntime's documentation), so the graph gets the basic level only, and the artifact's
 runtime settings carry the provider options (fp16 / int8 flags, TensorRT engine and timing caches).
 They are measured here on the CPU fallback; speed on the GPU is not claimed.
+
+A model for the `openvino` engine (quantize's `openvino` method) is kept as it is: OpenVINO
+compiles the graph itself when it loads it, and onnxruntime's offline graphs hold ops it cannot read.
 """
 
 from __future__ import annotations
@@ -111,7 +114,8 @@ def run(config: CompileStage, model: ModelHandle, ctx: StageContext) -> StageRes
     reference = _outputs(model, texts, ctx.seq_len)
     tried: list[dict[str, Any]] = []
     agreeing: list[tuple[dict[str, Any], ModelHandle]] = []
-    for variant in dict.fromkeys(config.variants):
+    variants = config.variants if model.engine == "onnxruntime" else ["as-is"]
+    for variant in dict.fromkeys(variants):
         out = ctx.workdir / f"{variant}.onnx"
         record: dict[str, Any] = {"variant": variant}
         tried.append(record)
@@ -143,4 +147,7 @@ def run(config: CompileStage, model: ModelHandle, ctx: StageContext) -> StageRes
     from optimize import cpu
 
     tuned_on = cpu.current().summary()  # the variant was chosen by timing on this CPU
-    return StageResult(best[1], {"variant": best[2], "candidates": tried}, runtime={"tuned_on": tuned_on})
+    decisions: dict[str, Any] = {"variant": best[2], "candidates": tried}
+    if model.engine != "onnxruntime":
+        decisions["why"] = f"the {model.engine} engine compiles the graph when it loads it: kept as it is"
+    return StageResult(best[1], decisions, runtime={"tuned_on": tuned_on})

@@ -22,22 +22,26 @@ from typing import Any
 from optimize import cpu
 from optimize.model import ModelHandle
 from optimize.stages.base import StageContext, StageResult
-from optimize.stages.methods import Dynamic, MethodBase, Static, WeightOnly8
+from optimize.stages.methods import Dynamic, MethodBase, OpenVINOStatic, Static, WeightOnly8, openvino_available
 
 BATCHES = (1, 32)
 FLOAT_LABEL = "fp32 (no int8)"
 
 
-def for_cpu(info: cpu.CpuInfo) -> list[MethodBase]:
-    """The formulations worth measuring on this CPU, the usual winner first."""
+def for_cpu(info: cpu.CpuInfo, openvino: bool | None = None) -> list[MethodBase]:
+    """The formulations worth measuring on this CPU, the usual winner first. With int8 dot products
+    and OpenVINO installed (`openvino`: whether it is), NNCF's static int8 for OpenVINO's kernels too."""
     if info.int8_dot:  # VNNI / AMX / dotprod: full-range s8 weights with u8 activations
-        return [
+        methods: list[MethodBase] = [
             Dynamic(weights="s8"),
             Dynamic(weights="s8", fuse=True),
             Static(name="static", weights="s8"),
             Static(name="static", weights="s8", format="qoperator"),
             WeightOnly8(name="nbits8"),
         ]
+        if openvino_available() if openvino is None else openvino:
+            methods.append(OpenVINOStatic(name="openvino"))
+        return methods
     # AVX2 only: 7-bit weights or u8u8, which sum without saturating; int8 may not pay at all.
     return [
         Dynamic(weights="s8-reduced"),

@@ -5,11 +5,13 @@ one entry in that union. In a recipe it is the quantize stage's `method:`, e.g.
 `method: {name: static, calibrate: entropy}` or `method: {name: rtn, block_size: 128}`; without
 one, int8 uses `dynamic` and int4 `rtn`.
 
-All of them go through `onnxruntime.quantization`; nothing here quantizes by hand.
+All of them go through `onnxruntime.quantization`, except `openvino`, which is NNCF's (OpenVINO's
+quantizer) for OpenVINO's kernels; nothing here quantizes by hand.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Protocol
@@ -32,10 +34,15 @@ class MethodBase(BaseModel):
 
     precision: ClassVar[str]  # the low precision this method produces: int8 or int4
 
+    @property
+    def engine(self) -> str:
+        """What runs the graph this method writes (`runtime.ENGINES`)."""
+        return "onnxruntime"
+
     def label(self) -> str:
         return str(getattr(self, "name", type(self).__name__))
 
-    def build(self, src: Path, out: Path, layers: list[str], calibration: Callable[[], CalibrationReader]) -> None:
+    def build(self, src: Path, out: Path, layers: list[str], calibration: Callable[..., CalibrationReader]) -> None:
         raise NotImplementedError
 
 
@@ -81,7 +88,7 @@ class Dynamic(MethodBase):
     def label(self) -> str:
         return f"dynamic {int8_weight_range(self.weights, cpu.current())}{' fused' if self.fuse else ''}"
 
-    def build(self, src: Path, out: Path, layers: list[str], calibration: Callable[[], CalibrationReader]) -> None:
+    def build(self, src: Path, out: Path, layers: list[str], calibration: Callable[..., CalibrationReader]) -> None:
         from onnxruntime import quantization as q
 
         weight_type, reduce_range = _weight_type(self.weights)
@@ -115,7 +122,7 @@ class Static(MethodBase):
     def label(self) -> str:
         return f"static {self.format} {int8_weight_range(self.weights, cpu.current())} ({self.calibrate})"
 
-    def build(self, src: Path, out: Path, layers: list[str], calibration: Callable[[], CalibrationReader]) -> None:
+    def build(self, src: Path, out: Path, layers: list[str], calibration: Callable[..., CalibrationReader]) -> None:
         from onnxruntime import quantization as q
 
         method = {
@@ -153,7 +160,7 @@ class WeightOnly8(MethodBase):
     def label(self) -> str:
         return f"nbits8 b{self.block_size}"
 
-    def build(self, src: Path, out: Path, layers: list[str], calibration: Callable[[], CalibrationReader]) -> None:
+    def build(self, src: Path, out: Path, layers: list[str], calibration: Callable[..., CalibrationReader]) -> None:
         from onnxruntime.quantization import matmul_nbits_quantizer as nbits
 
         config = nbits.DefaultWeightOnlyQuantConfig(
@@ -186,7 +193,7 @@ class WeightOnly4(MethodBase):
             raise ValueError(f"block_size must be a power of two (16, 32, 64, 128, ...), not {value}")
         return value
 
-    def build(self, src: Path, out: Path, layers: list[str], calibration: Callable[[], CalibrationReader]) -> None:
+    def build(self, src: Path, out: Path, layers: list[str], calibration: Callable[..., CalibrationReader]) -> None:
         from onnxruntime.quantization import matmul_nbits_quantizer as nbits
 
         algo: Any = {
@@ -201,8 +208,79 @@ class WeightOnly4(MethodBase):
         quantizer.model.save_model_to_file(str(out), use_external_data_format=False)
 
 
+class OpenVINOStatic(MethodBase):
+    """int8 weights and activations for OpenVINO's CPU kernels (int8 brgemm with VNNI or AMX, int8
+    attention): NNCF's post-training quantization for transformers writes QDQ pairs into the ONNX
+    graph, after SmoothQuant (which moves activation outliers into the weights), with activation
+    ranges from the calibration texts. The artifact runs it with OpenVINO (manifest `runtime.engine`);
+    onnxruntime reads the same file where OpenVINO is missing, slower. Needs `openvino` and `nncf`.
+
+    The defaults are measured (all-MiniLM-L6-v2, STS-B test sentences, cosine_min vs fp32): NNCF's
+    own (SmoothQuant 0.95, its range estimator) 0.934; min-max ranges 0.950; min-max with
+    SmoothQuant 0.8 0.985, at the same speed. The ops left in float (layer norms, softmax, GELU, the
+    attention subgraph's float parts) run in bf16 where the CPU computes bf16 natively (`float_ops:
+    auto`): 175.21 vs 192.04 ms at batch 32, L=128 on our AVX-512 BF16 CPU, same run."""
+
+    precision: ClassVar[str] = "int8"
+    name: Literal["openvino"]
+    smooth_quant: float = Field(0.8, ge=-1, le=1, description="SmoothQuant alpha for MatMuls (-1: off)")
+    calibrate: Literal["minmax", "nncf"] = Field("minmax", description="activation ranges: min-max or NNCF's default")
+    samples: int = Field(256, ge=1, description="calibration texts to measure activation ranges on")
+    float_ops: Literal["auto", "f32", "bf16"] = Field(
+        "auto", description="precision of the ops left in float; auto: bf16 where the CPU computes bf16 natively"
+    )
+
+    @property
+    def engine(self) -> str:
+        bf16 = self.float_ops == "bf16" or (self.float_ops == "auto" and cpu.current().bf16_math)
+        return "openvino-bf16" if bf16 else "openvino"
+
+    def label(self) -> str:
+        floats = "bf16" if self.engine.endswith("bf16") else "f32"
+        return f"openvino static s8 ({self.calibrate}, smooth quant {self.smooth_quant}, float ops {floats})"
+
+    def build(self, src: Path, out: Path, layers: list[str], calibration: Callable[..., CalibrationReader]) -> None:
+        import nncf
+        import onnx
+        from nncf.quantization import advanced_parameters as advanced
+        from nncf.quantization.range_estimator import RangeEstimatorParametersSet
+
+        nncf.set_log_level(logging.ERROR)
+        reader = calibration(self.samples)
+        feeds = list(iter(reader.get_next, None))
+        model = onnx.load(str(src))
+        constants = {i.name for i in model.graph.initializer}
+        # Weighted MatMuls left out of `layers` stay float; attention's MatMuls (no weights) are NNCF's.
+        ignored = [
+            n.name
+            for n in model.graph.node
+            if n.op_type == "MatMul" and n.name not in layers and any(i in constants for i in n.input)
+        ]
+        options: dict[str, Any] = {
+            "smooth_quant_alphas": advanced.AdvancedSmoothQuantParameters(matmul=self.smooth_quant)
+        }
+        if self.calibrate == "minmax":
+            options["activations_range_estimator_params"] = RangeEstimatorParametersSet.MINMAX
+        quantized = nncf.quantize(
+            model,
+            nncf.Dataset(feeds),
+            model_type=nncf.ModelType.TRANSFORMER,
+            subset_size=len(feeds),
+            ignored_scope=nncf.IgnoredScope(names=ignored, validate=False),
+            advanced_parameters=advanced.AdvancedQuantizationParameters(**options),
+        )
+        onnx.save(quantized, str(out))
+
+
+def openvino_available() -> bool:
+    """True when OpenVINO and NNCF are installed (the `openvino` method can be built and run)."""
+    import importlib.util
+
+    return all(importlib.util.find_spec(name) is not None for name in ("openvino", "nncf"))
+
+
 # The table of methods: one entry per class above.
-Method = Annotated[Dynamic | Static | WeightOnly8 | WeightOnly4, Field(discriminator="name")]
+Method = Annotated[Dynamic | Static | WeightOnly8 | WeightOnly4 | OpenVINOStatic, Field(discriminator="name")]
 
 
 def default_method(precision: str) -> Dynamic | WeightOnly4:

@@ -46,6 +46,7 @@ from optimize.stages.methods import (
     Static,
     default_method,
     int8_weight_range,
+    openvino_available,
 )
 
 FLOAT = "fp32"
@@ -86,8 +87,15 @@ class QuantizeStage(StageBase):
             if self.precision != "int8" or self.method is not None or self.plan is not None:
                 raise ValueError("formulations are whole-model int8 methods: use precision int8, no method or plan")
             if isinstance(self.formulations, list) and any(m.precision != "int8" for m in self.formulations):
-                raise ValueError("formulations: int8 methods only (dynamic, static, nbits8)")
+                raise ValueError("formulations: int8 methods only (dynamic, static, nbits8, openvino)")
+        if any(m.engine.startswith("openvino") for m in self._listed()) and not openvino_available():
+            raise ValueError("method openvino needs OpenVINO and NNCF: pip install openvino nncf")
         return self
+
+    def _listed(self) -> list[MethodBase]:
+        """The methods the recipe names (its method, or its formulation list)."""
+        listed: list[MethodBase] = [self.method] if self.method is not None else []
+        return listed + (list(self.formulations) if isinstance(self.formulations, list) else [])
 
     @property
     def low(self) -> str:
@@ -99,6 +107,8 @@ class QuantizeStage(StageBase):
         return self.method or default_method(self.low)
 
     def problems(self, target: str) -> list[tuple[tuple[str | int, ...], str]]:
+        if target != "cpu" and any(m.engine.startswith("openvino") for m in self._listed()):
+            return [(("method",), f"method openvino runs on CPUs (OpenVINO's), and this recipe compiles for {target}")]
         if self.precision != "fp16":
             return []
         if target == "cpu":
@@ -188,12 +198,12 @@ def build(
             f"for {', '.join(sorted(chosen))} (a plan mixes one low precision with {FLOAT})"
         )
 
-    def calibration() -> _Calibration:
+    def calibration(limit: int = 64) -> _Calibration:
         assert ctx is not None, "a calibrated method needs the stage context"
-        return _Calibration(ctx, source)
+        return _Calibration(ctx, source, limit)
 
     method.build(source.onnx_path, out, layers, calibration)
-    return source.with_onnx(out)
+    return source.with_onnx(out, engine=method.engine)
 
 
 def sensitivity(

@@ -1,0 +1,103 @@
+"""The `openvino` int8 method (NNCF's static int8 for OpenVINO's kernels) and the runtime's OpenVINO
+engine: built, gated and shipped on a tiny BERT, run by OpenVINO where it is installed and by
+onnxruntime where it is not, kept through compile and through the stage cache."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from typer.testing import CliRunner
+
+from optimize import cpu, runtime
+from optimize.cli import app
+from optimize.stages import formulations, quantize
+from tests.conftest import write_recipe
+from tests.test_formulations import AVX2, VNNI
+
+STAGES = [
+    {
+        "kind": "quantize",
+        "precision": "int8",
+        "method": {"name": "openvino", "samples": 16},
+        "require_speedup": False,  # a 32-wide model is not faster in int8: this checks the mechanics
+        "gate": [{"metric": "cosine_min", "min": 0.5}],
+    },
+    {"kind": "compile", "target": "cpu", "gate": [{"metric": "cosine_min", "min": 0.5}]},
+]
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(app, list(args))
+
+
+@pytest.fixture(scope="module")
+def artifact(tiny_bert, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("openvino")
+    recipe = write_recipe(folder, STAGES, model=str(tiny_bert))
+    result = invoke("run", str(recipe), "-o", str(folder / "out"), "--json")
+    assert result.exit_code == 0, result.output
+    return folder / "out"
+
+
+def test_openvino_is_measured_only_where_int8_dot_products_exist_and_it_is_installed():
+    assert formulations.for_cpu(VNNI, openvino=True)[-1].label().startswith("openvino static s8")
+    assert not any(m.engine.startswith("openvino") for m in formulations.for_cpu(VNNI, openvino=False))
+    # Without VNNI OpenVINO's int8 ran 2x slower than fp32 (issue 14's AVX2 table): not tried there.
+    assert not any(m.engine.startswith("openvino") for m in formulations.for_cpu(AVX2, openvino=True))
+
+
+def test_the_artifact_holds_nncf_qdq_pairs_names_its_engine_and_runs_on_openvino(artifact):
+    manifest = runtime.verify(artifact)
+    assert manifest["runtime"]["engine"] == ("openvino-bf16" if cpu.current().bf16_math else "openvino")
+    ops = {n.op_type for n in onnx.load(str(artifact / "model.onnx")).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops and "MatMulInteger" not in ops
+    compiled = manifest["stages"][-1]["details"]
+    assert compiled["variant"] == "as-is" and "openvino" in compiled["why"]
+    assert [c["variant"] for c in compiled["candidates"]] == ["as-is"]  # no onnxruntime-only graphs
+    assert "openvino" in (artifact / "runtime" / "requirements.txt").read_text()
+    model = runtime.load(artifact)
+    assert model.provider == "OpenVINO (CPU)" and not model.fallbacks
+    embeddings = model.embed(["a short sentence", "another, somewhat longer sentence than the first"])
+    assert embeddings.shape == (2, 32) and np.isfinite(embeddings).all()
+
+
+def test_without_openvino_the_runtime_runs_the_same_graph_on_onnxruntime_and_says_so(artifact, monkeypatch):
+    texts = ["a short sentence", "another, somewhat longer sentence than the first", "third"]
+    on_openvino = runtime.load(artifact).embed(texts)
+    monkeypatch.setitem(sys.modules, "openvino", None)  # `import openvino` now raises ImportError
+    model = runtime.load(artifact)
+    assert model.provider == "CPUExecutionProvider"
+    assert len(model.fallbacks) == 1 and "pip install openvino" in model.fallbacks[0]
+    on_onnxruntime = model.embed(texts)
+    a = on_openvino / np.linalg.norm(on_openvino, axis=1, keepdims=True)
+    b = on_onnxruntime / np.linalg.norm(on_onnxruntime, axis=1, keepdims=True)
+    assert (a * b).sum(axis=1).min() > 0.99  # the same int8 graph, two kernel libraries
+
+
+def test_a_cached_rerun_keeps_the_engine(tiny_bert, tmp_path, monkeypatch):
+    monkeypatch.delenv("OPTIMIZE_NO_CACHE", raising=False)
+    recipe = write_recipe(tmp_path, STAGES, model=str(tiny_bert))
+    cache = str(tmp_path / "cache")
+    for out in ("a", "b"):
+        result = invoke("run", str(recipe), "-o", str(tmp_path / out), "--cache-dir", cache, "--json")
+        assert result.exit_code == 0, result.output
+    first, second = (json.loads((tmp_path / out / "manifest.json").read_text()) for out in ("a", "b"))
+    assert second["runtime"]["engine"].startswith("openvino") and second["files"] == first["files"]
+
+
+@pytest.mark.parametrize(
+    "target, available, message",
+    [("cuda", True, "runs on CPUs"), ("cpu", False, "pip install openvino nncf")],
+)
+def test_openvino_is_refused_for_a_gpu_target_or_when_it_is_not_installed(
+    tiny_bert, tmp_path, monkeypatch, target, available, message
+):
+    monkeypatch.setattr(quantize, "openvino_available", lambda: available)
+    stages = [STAGES[0], {"kind": "compile", "target": target}]
+    recipe = write_recipe(tmp_path, stages, model=str(tiny_bert))
+    result = invoke("recipe", "validate", str(recipe))
+    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
