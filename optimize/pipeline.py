@@ -369,8 +369,8 @@ class _Run:
                 "seq_len": cal.seq_len,
                 "task": model.task,
                 "int8": "int8" in self.plan.values(),
+                "engine": model.engine,  # what runs model.onnx (runtime.ENGINES); the genai stage names its own
                 **self.runtime,
-                "engine": model.engine,  # what runs model.onnx (runtime.make_session)
             },
         }
 

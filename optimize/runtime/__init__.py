@@ -142,8 +142,9 @@ class Port:
 
 
 # What runs model.onnx (the manifest's `runtime.engine`): onnxruntime; OpenVINO with the ops left in
-# float computed in fp32; OpenVINO with them in bf16 (chosen on a CPU that computes bf16 natively).
-ENGINES = ("onnxruntime", "openvino", "openvino-bf16")
+# float computed in fp32; OpenVINO with them in bf16 (chosen on a CPU that computes bf16 natively);
+# onnxruntime-genai for a decoder folder its model builder made (genai_config.json).
+ENGINES = ("onnxruntime", "openvino", "openvino-bf16", "onnxruntime-genai")
 
 
 class OpenVINOSession:
