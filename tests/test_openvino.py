@@ -65,6 +65,27 @@ def test_the_artifact_holds_nncf_qdq_pairs_names_its_engine_and_runs_on_openvino
     assert embeddings.shape == (2, 32) and np.isfinite(embeddings).all()
 
 
+def test_a_recurring_input_shape_gets_its_own_static_compile_with_the_same_results(artifact, monkeypatch):
+    model = runtime.load(artifact)
+    session = model.session
+    monkeypatch.setattr(session, "MAX_SPECIALIZED", 2)
+    feed = model.tokenizer(["a short sentence", "another one"], pad_to=16)
+    dynamic = session.run(None, feed)[0]
+    for _ in range(session.SPECIALIZE_AFTER):
+        static = session.run(None, feed)[0]
+    assert list(session.specialized) == [tuple(tuple(feed[n].shape) for n in sorted(feed))]
+    assert np.allclose(static, dynamic, atol=1e-2) and static.shape == dynamic.shape
+    for length in (8, 9, 10, 11):  # each seen SPECIALIZE_AFTER times; one more fits under the limit
+        other = model.tokenizer(["a short sentence"], pad_to=length)
+        for _ in range(session.SPECIALIZE_AFTER):
+            session.run(None, other)
+    assert {shape[0] for shape in session.specialized} == {(2, 16), (1, 8)}  # equal counts never evict
+    hot = model.tokenizer(["a short sentence"], pad_to=12)
+    for _ in range(2 * (session.SPECIALIZE_AFTER + 1) + 1):  # more than twice the coldest's calls
+        session.run(None, hot)
+    assert {shape[0] for shape in session.specialized} == {(2, 16), (1, 12)}
+
+
 def test_without_openvino_the_runtime_runs_the_same_graph_on_onnxruntime_and_says_so(artifact, monkeypatch):
     texts = ["a short sentence", "another, somewhat longer sentence than the first", "third"]
     on_openvino = runtime.load(artifact).embed(texts)

@@ -151,18 +151,50 @@ class OpenVINOSession:
     """OpenVINO's CPU plugin behind the part of onnxruntime's InferenceSession this runtime uses. It
     compiles the ONNX file itself (its own fusions and int8 kernels for the QDQ pairs NNCF wrote).
     The float ops' precision is set (`INFERENCE_PRECISION_HINT`), never left to OpenVINO, whose
-    default changes with the CPU: bf16 where it was measured so, fp32 otherwise."""
+    default changes with the CPU: bf16 where it was measured so, fp32 otherwise.
+
+    Input shapes that recur (fixed-length padding, steady batch sizes) get a model compiled for that
+    shape after `SPECIALIZE_AFTER` calls, at most `MAX_SPECIALIZED` of them (~0.5 s and one more copy
+    of the weights each); a shape called more than twice as often as the least-called compiled one
+    takes its place (twice: shapes of equal frequency do not evict each other in turn). Every other
+    shape runs on the dynamic-shape model. MiniLM int8, L=128, our 2-core AVX-512 CPU, one run of the
+    runtime: 6.97 vs 7.78 ms at batch 1, 187.44 vs 196.38 ms at batch 32 (the peer: 9.55, 312.20)."""
+
+    SPECIALIZE_AFTER = 3
+    MAX_SPECIALIZED = 8
 
     def __init__(self, model_path: Path, threads: int, precision: str = "f32"):
         import openvino
 
-        config = {
+        self.core = openvino.Core()
+        self.config = {
             "INFERENCE_NUM_THREADS": threads,
             "PERFORMANCE_HINT": "LATENCY",
             "INFERENCE_PRECISION_HINT": precision,
         }
-        self.compiled = openvino.Core().compile_model(str(model_path), "CPU", config)
+        self.model = self.core.read_model(str(model_path))
+        self.compiled = self.core.compile_model(self.model, "CPU", self.config)
         self.request = self.compiled.create_infer_request()
+        self.seen: dict[tuple[tuple[int, ...], ...], int] = {}
+        self.specialized: dict[tuple[tuple[int, ...], ...], Any] = {}
+
+    def _request(self, feed: dict[str, np.ndarray]) -> Any:
+        """The infer request for these inputs' shapes: a static-shape one for a recurring shape."""
+        shape = tuple(tuple(feed[name].shape) for name in sorted(feed))
+        self.seen[shape] = calls = self.seen.get(shape, 0) + 1
+        if shape in self.specialized:
+            return self.specialized[shape]
+        if calls < self.SPECIALIZE_AFTER:
+            return self.request
+        if len(self.specialized) >= self.MAX_SPECIALIZED:
+            coldest = min(self.specialized, key=self.seen.__getitem__)
+            if calls <= 2 * self.seen[coldest]:
+                return self.request
+            del self.specialized[coldest]
+        model = self.model.clone()
+        model.reshape({port.any_name: list(feed[port.any_name].shape) for port in model.inputs})
+        self.specialized[shape] = self.core.compile_model(model, "CPU", self.config).create_infer_request()
+        return self.specialized[shape]
 
     @staticmethod
     def _port(port: Any) -> Port:
@@ -179,9 +211,10 @@ class OpenVINOSession:
         return ["OpenVINO (CPU)"]
 
     def run(self, names: Sequence[str] | None, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-        results = self.request.infer(feed)
-        outputs = self.compiled.outputs if names is None else [self.compiled.output(n) for n in names]
-        return [np.array(results[o]) for o in outputs]  # copies: the request reuses its buffers
+        results = self._request(feed).infer(feed)
+        wanted = [o.any_name for o in self.compiled.outputs] if names is None else list(names)
+        by_name = {port.any_name: value for port, value in results.items()}
+        return [np.array(by_name[n]) for n in wanted]  # copies: the request reuses its buffers
 
 
 OPENVINO_MISSING = (
