@@ -99,6 +99,18 @@ def test_without_openvino_the_runtime_runs_the_same_graph_on_onnxruntime_and_say
     assert (a * b).sum(axis=1).min() > 0.99  # the same int8 graph, two kernel libraries
 
 
+def test_when_openvino_cannot_compile_the_graph_onnxruntime_runs_it(artifact, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise RuntimeError("Exception from src/inference: unsupported CPU\nmore detail")
+
+    monkeypatch.setattr(runtime, "OpenVINOSession", refuse)
+    model = runtime.load(artifact)
+    assert model.provider == "CPUExecutionProvider"
+    assert model.fallbacks == [
+        "openvino: Exception from src/inference: unsupported CPU; onnxruntime runs the graph instead"
+    ]
+
+
 def test_a_cached_rerun_keeps_the_engine(tiny_bert, tmp_path, monkeypatch):
     monkeypatch.delenv("OPTIMIZE_NO_CACHE", raising=False)
     recipe = write_recipe(tmp_path, STAGES, model=str(tiny_bert))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -177,6 +178,7 @@ class OpenVINOSession:
         self.request = self.compiled.create_infer_request()
         self.seen: dict[tuple[tuple[int, ...], ...], int] = {}
         self.specialized: dict[tuple[tuple[int, ...], ...], Any] = {}
+        self.lock = threading.Lock()  # infer requests run one call at a time; onnxruntime's run is thread-safe
 
     def _request(self, feed: dict[str, np.ndarray]) -> Any:
         """The infer request for these inputs' shapes: a static-shape one for a recurring shape."""
@@ -211,10 +213,11 @@ class OpenVINOSession:
         return ["OpenVINO (CPU)"]
 
     def run(self, names: Sequence[str] | None, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-        results = self._request(feed).infer(feed)
         wanted = [o.any_name for o in self.compiled.outputs] if names is None else list(names)
-        by_name = {port.any_name: value for port, value in results.items()}
-        return [np.array(by_name[n]) for n in wanted]  # copies: the request reuses its buffers
+        with self.lock:
+            results = self._request(feed).infer(feed)
+            by_name = {port.any_name: value for port, value in results.items()}
+            return [np.array(by_name[n]) for n in wanted]  # copies: the request reuses its buffers
 
 
 OPENVINO_MISSING = (
@@ -243,6 +246,8 @@ def make_session(
             return OpenVINOSession(model_path, threads or os.cpu_count() or 1, precision), notes
         except ImportError:
             notes.append(OPENVINO_MISSING)
+        except Exception as exc:  # OpenVINO present but unable to compile the graph on this machine
+            notes.append(f"openvino: {str(exc).splitlines()[0][:200]}; onnxruntime runs the graph instead")
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or os.cpu_count() or 1
     options.inter_op_num_threads = 1
