@@ -114,7 +114,7 @@ class StageCache:
             found = self.get(folder.name) if folder.is_dir() and not folder.name.startswith(".") else None
             if found is None:
                 continue
-            size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+            size = _bytes(folder)
             entry = found[1]
             rows.append(
                 {
@@ -131,14 +131,19 @@ class StageCache:
         """Remove every entry, lock and leftover temporary folder; returns the bytes freed."""
         freed = 0
         for path in list(self.root.glob("*")) if self.root.is_dir() else []:
-            freed += (
-                sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
-            )
+            freed += _bytes(path)
             if path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)
             else:
                 path.unlink(missing_ok=True)
         return freed
+
+
+def _bytes(path: Path) -> int:
+    """The size of a file, or of every file under a folder."""
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
 
 
 def store_model(folder: Path, onnx_path: Path | None, checkpoint: Path, own_checkpoint: bool) -> dict[str, Any]:

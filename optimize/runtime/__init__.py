@@ -239,17 +239,18 @@ def make_session(
     import onnxruntime as ort
 
     notes: list[str] = []
+    threads = threads or os.cpu_count() or 1
     engine = str((settings or {}).get("engine", "onnxruntime"))
     if engine.startswith("openvino"):
         precision = "bf16" if engine == "openvino-bf16" else "f32"
         try:
-            return OpenVINOSession(model_path, threads or os.cpu_count() or 1, precision), notes
+            return OpenVINOSession(model_path, threads, precision), notes
         except ImportError:
             notes.append(OPENVINO_MISSING)
         except Exception as exc:  # OpenVINO present but unable to compile the graph on this machine
             notes.append(f"openvino: {str(exc).splitlines()[0][:200]}; onnxruntime runs the graph instead")
     options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or os.cpu_count() or 1
+    options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 4
     providers = select_providers(available if available is not None else ort.get_available_providers(), target)

@@ -224,6 +224,11 @@ def sensitivity(
     return scores
 
 
+def _preprocessed_name(method: MethodBase) -> str:
+    """The file `_preprocess` writes for `method`: one per kind of preprocessing, not per method."""
+    return "fused.onnx" if isinstance(method, Dynamic) and method.fuse else "preprocessed.onnx"
+
+
 def _preprocess(model: ModelHandle, ctx: StageContext, method: MethodBase) -> ModelHandle:
     """onnxruntime's recommended step before quantizing: ONNX shape inference and ORT's basic graph
     optimization (constant folding, redundant node removal), so fewer, larger ops get quantized.
@@ -236,9 +241,8 @@ def _preprocess(model: ModelHandle, ctx: StageContext, method: MethodBase) -> Mo
     from optimize.stages.compile import fuse
 
     assert model.onnx_path is not None
-    fused = isinstance(method, Dynamic) and method.fuse
-    out = ctx.workdir / ("fused.onnx" if fused else "preprocessed.onnx")
-    if fused:
+    out = ctx.workdir / _preprocessed_name(method)
+    if out.name == "fused.onnx":
         try:
             fuse(model.onnx_path, out, model.checkpoint)
         except ValueError as exc:
@@ -421,9 +425,11 @@ def _formulations(config: QuantizeStage, model: ModelHandle, ctx: StageContext) 
     methods = for_cpu(cpu.current()) if config.formulations == "auto" else config.formulations
     assert methods is not None
     plans: dict[Path, dict[str, str]] = {}
+    prepared: dict[str, ModelHandle] = {}  # formulations share a preprocessed graph: made once each
 
     def make(method: MethodBase, out: Path) -> ModelHandle:
-        source = _preprocess(model, ctx, method)
+        name = _preprocessed_name(method)
+        source = prepared[name] = prepared.get(name) or _preprocess(model, ctx, method)
         assert source.onnx_path is not None
         plans[out] = {n: "int8" for n in quantizable_layers(source.onnx_path, "int8")}
         return build(config, source, plans[out], out, ctx, method)
