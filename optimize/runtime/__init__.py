@@ -176,6 +176,7 @@ class OpenVINOSession:
         self.model = self.core.read_model(str(model_path))
         self.compiled = self.core.compile_model(self.model, "CPU", self.config)
         self.request = self.compiled.create_infer_request()
+        self.output_names = [port.any_name for port in self.compiled.outputs]
         self.seen: dict[tuple[tuple[int, ...], ...], int] = {}
         self.specialized: dict[tuple[tuple[int, ...], ...], Any] = {}
         self.lock = threading.Lock()  # infer requests run one call at a time; onnxruntime's run is thread-safe
@@ -213,11 +214,13 @@ class OpenVINOSession:
         return ["OpenVINO (CPU)"]
 
     def run(self, names: Sequence[str] | None, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-        wanted = [o.any_name for o in self.compiled.outputs] if names is None else list(names)
+        indices = range(len(self.output_names)) if names is None else [self.output_names.index(n) for n in names]
         with self.lock:
-            results = self._request(feed).infer(feed)
-            by_name = {port.any_name: value for port, value in results.items()}
-            return [np.array(by_name[n]) for n in wanted]  # copies: the request reuses its buffers
+            request = self._request(feed)
+            # The request reads the caller's arrays in place (no copy in); outputs are copied out, as
+            # the request reuses its buffers on the next call.
+            request.infer(feed, share_inputs=True, share_outputs=True)
+            return [request.get_output_tensor(i).data.copy() for i in indices]
 
 
 OPENVINO_MISSING = (
