@@ -53,8 +53,15 @@ def test_openvino_is_measured_only_where_int8_dot_products_exist_and_it_is_insta
 def test_the_artifact_holds_nncf_qdq_pairs_names_its_engine_and_runs_on_openvino(artifact):
     manifest = runtime.verify(artifact)
     assert manifest["runtime"]["engine"] == ("openvino-bf16" if cpu.current().bf16_math else "openvino")
-    ops = {n.op_type for n in onnx.load(str(artifact / "model.onnx")).graph.node}
-    assert {"QuantizeLinear", "DequantizeLinear"} <= ops and "MatMulInteger" not in ops
+    nodes = onnx.load(str(artifact / "model.onnx")).graph.node
+    assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in nodes}
+    assert "MatMulInteger" not in {n.op_type for n in nodes}
+    # attention's probabilities x values MatMul, which NNCF leaves float, reads int8 on both inputs
+    producers = {output: n for n in nodes for output in n.output}
+    second = [n for n in nodes if n.op_type == "MatMul" and n.name.endswith("attention/self/MatMul_1")]
+    assert second and all(producers[i].op_type == "DequantizeLinear" for n in second for i in n.input)
+    outputs = {n.output[0] for n in second}  # left float: no QuantizeLinear reads them
+    assert not any(n.op_type == "QuantizeLinear" and n.input[0] in outputs for n in nodes)
     compiled = manifest["stages"][-1]["details"]
     assert compiled["variant"] == "as-is" and "openvino" in compiled["why"]
     assert [c["variant"] for c in compiled["candidates"]] == ["as-is"]  # no onnxruntime-only graphs
