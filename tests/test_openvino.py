@@ -82,15 +82,22 @@ def test_a_recurring_input_shape_gets_its_own_static_compile_with_the_same_resul
         static = session.run(None, feed)[0]
     assert list(session.specialized) == [tuple(tuple(feed[n].shape) for n in sorted(feed))]
     assert np.allclose(static, dynamic, atol=1e-2) and static.shape == dynamic.shape
-    for length in (8, 9, 10, 11):  # each seen SPECIALIZE_AFTER times; one more fits under the limit
-        other = model.tokenizer(["a short sentence"], pad_to=length)
-        for _ in range(session.SPECIALIZE_AFTER):
+    in_turn = [model.tokenizer(["a short sentence"], pad_to=length) for length in (8, 9, 10, 11)]
+    for _ in range(10):  # called in turn: (2, 16), no longer called, gives way to one of them
+        for other in in_turn:
             session.run(None, other)
-    assert {shape[0] for shape in session.specialized} == {(2, 16), (1, 8)}  # equal counts never evict
+    settled = dict(session.specialized)
+    assert (1, 8) in {shape[0] for shape in settled} and (2, 16) not in {shape[0] for shape in settled}
+    for _ in range(10):  # shapes called at equal rates never evict each other (no recompiles)
+        for other in in_turn:
+            session.run(None, other)
+    assert session.specialized == settled
     hot = model.tokenizer(["a short sentence"], pad_to=12)
-    for _ in range(2 * (session.SPECIALIZE_AFTER + 1) + 1):  # more than twice the coldest's calls
+    for calls in range(1, 10):  # a steady new shape takes the coldest slot within a few calls
         session.run(None, hot)
-    assert {shape[0] for shape in session.specialized} == {(2, 16), (1, 12)}
+        if len({shape[0] for shape in session.specialized} & {(1, 12)}):
+            break
+    assert calls <= 2 * session.SPECIALIZE_AFTER and len(session.specialized) == 2
 
 
 def test_without_openvino_the_runtime_runs_the_same_graph_on_onnxruntime_and_says_so(artifact, monkeypatch):
