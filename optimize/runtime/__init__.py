@@ -159,8 +159,9 @@ class OpenVINOSession:
     of the weights each). When all are taken, a shape whose recent calls weigh more than twice the
     coldest compiled shape's takes its place; a call's weight decays by `DECAY` with every later
     call. So a steady new shape gets a slot within a few calls, while shapes called in turn at equal
-    rates never evict each other. Every other shape runs on the dynamic-shape model. MiniLM int8, L=128, our 2-core AVX-512 CPU, one run of the
-    runtime: 6.97 vs 7.78 ms at batch 1, 187.44 vs 196.38 ms at batch 32 (the peer: 9.55, 312.20)."""
+    rates never evict each other. Every other shape runs on the dynamic-shape model. MiniLM int8,
+    L=128, our 2-core AVX-512 CPU, one run of the runtime: 6.97 vs 7.78 ms at batch 1, 187.44 vs
+    196.38 ms at batch 32 (the peer: 9.55, 312.20)."""
 
     SPECIALIZE_AFTER = 3
     MAX_SPECIALIZED = 8
