@@ -9,8 +9,9 @@ settings). Entries are written to a temporary folder and renamed into place unde
 (`filelock`), so two runs sharing the folder never see half an entry, and a killed run leaves at
 most a temporary folder that `optimize cache clear` removes.
 
-The root is `--cache-dir`, else `$OPTIMIZE_CACHE_DIR/stages` (default `~/.cache/optimize/stages`);
-`--no-cache` skips it.
+The root is `--cache-dir`, else `$OPTIMIZE_CACHE_DIR` (default `~/.cache/optimize`): the stage
+cache in `stages/`, GGUF files converted to checkpoints in `gguf/`. `--no-cache` reads and writes
+neither (a GGUF is converted into the run's scratch folder), and `optimize cache clear` empties both.
 """
 
 from __future__ import annotations
@@ -30,10 +31,20 @@ import optimize
 ENTRY = "entry.json"
 
 
+# What lives under the cache's root: the stage cache, GGUF conversions, and `export/`, where
+# releases before the export became a stage-cache step kept their own copies (cleared, never read).
+PARTS = ("stages", "gguf", "export")
+
+
 def default_root() -> Path:
     from optimize.model import cache_root
 
     return cache_root() / "stages"
+
+
+def clear_all(root: Path) -> int:
+    """Empty every part of the cache under `root`; returns the bytes freed."""
+    return sum(StageCache(root / part).clear() for part in PARTS)
 
 
 def key(*parts: Any) -> str:

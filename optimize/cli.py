@@ -48,7 +48,9 @@ OutOpt = Annotated[Path | None, typer.Option("-o", "--out", help="Artifact folde
 CacheOpt = Annotated[
     Path | None,
     typer.Option(
-        "--cache-dir", help="The stage cache's folder (default: $OPTIMIZE_CACHE_DIR/stages, ~/.cache/optimize)."
+        "--cache-dir",
+        help="The cache folder: steps in stages/, GGUF conversions in gguf/ "
+        "(default: $OPTIMIZE_CACHE_DIR, else ~/.cache/optimize).",
     ),
 ]
 NoCacheOpt = Annotated[
@@ -56,7 +58,7 @@ NoCacheOpt = Annotated[
     typer.Option(
         "--no-cache",
         envvar="OPTIMIZE_NO_CACHE",
-        help="Run every step: reuse nothing from the stage cache and store nothing in it.",
+        help="Run every step: read nothing from the cache folder and store nothing in it.",
     ),
 ]
 PickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Load pickled (.bin) weights; they can run code.")]
@@ -189,7 +191,7 @@ def _dry_run_text(loaded: LoadedRecipe, model: str | None) -> str:
     spec = model or recipe.model
     task = recipe.task or (peek_task(spec, loaded.base_dir) if spec else None)
     if task is not None:
-        return loaded.with_default_gates(default_gate(task)).text
+        return loaded.with_default_gates(task).text
     if all(stage.gate is not None for stage in recipe.stages):
         return loaded.text
     shown = {
@@ -332,7 +334,10 @@ def distill_cmd(
         str | None,
         typer.Option("--layers", help="Teacher layers to keep, e.g. 0,2,4, or how many (spread evenly), e.g. 3."),
     ] = None,
-    steps: Annotated[int | None, typer.Option("--steps", help="Optimizer steps.")] = None,
+    steps: Annotated[
+        int | None,
+        typer.Option("--steps", min=1, help="Optimizer steps (default: 3 passes over the data, 300 to 3000)."),
+    ] = None,
     resume: ResumeOpt = False,
     suites: SuiteOpt = [],  # noqa: B006
     gate: GateOpt = [],  # noqa: B006
@@ -475,11 +480,12 @@ def eval_cmd(
         loaded = [load_suite(paths.named(path, "evals")) for path in suites]
         handle = open_any(model, allow_pickle, trust_remote_code)
         texts = loaded[0].texts()[:512] if reference and loaded[0].suite.task != "perplexity" else []
-        evaluator = Evaluator(texts, None, loaded, seq_len=seq_len)
+        against = open_any(reference, allow_pickle, trust_remote_code) if reference else None
+        evaluator = Evaluator(texts, None, loaded, seq_len=seq_len, reference=against)
         result: dict[str, Any] = {"model": model, "reference": None, "suites": [s.suite.name for s in loaded]}
         columns = {}
-        if reference:
-            ref_metrics, _ = evaluator.measure(open_any(reference, allow_pickle, trust_remote_code))
+        if against is not None:
+            ref_metrics, _ = evaluator.measure(against)
             result["reference"] = {"model": reference, "metrics": ref_metrics}
             columns["reference"] = ref_metrics
         result["metrics"], details = evaluator.measure(handle)
@@ -619,11 +625,14 @@ def cache_list_cmd(cache_dir: CacheOpt = None, as_json: JsonOpt = False) -> None
 
 @cache_app.command("clear")
 def cache_clear_cmd(cache_dir: CacheOpt = None, as_json: JsonOpt = False) -> None:
-    """Remove every cached step (a later run recomputes what it needs)."""
-    store = _stage_cache(cache_dir)
-    freed = store.clear()
-    console.print(f"cleared {store.root}: {freed / 1e6:.1f} MB freed", highlight=False)
-    _emit(as_json, "passed", root=str(store.root), freed_mb=round(freed / 1e6, 3))
+    """Remove every cached step and GGUF conversion (a later run recomputes what it needs)."""
+    from optimize import cache
+    from optimize.model import cache_root
+
+    root = cache_dir or cache_root()
+    freed = cache.clear_all(root)
+    console.print(f"cleared {root}: {freed / 1e6:.1f} MB freed", highlight=False)
+    _emit(as_json, "passed", root=str(root), freed_mb=round(freed / 1e6, 3))
 
 
 @recipe_app.command("list")

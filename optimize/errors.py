@@ -8,7 +8,7 @@ did not hold; everything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from optimize.records import StageRecord
@@ -25,9 +25,20 @@ class GateFailed(Exception):
 
     exit_code = 3
 
-    def __init__(self, message: str, stages: list[StageRecord] | None = None):
+    def __init__(
+        self,
+        message: str,
+        stages: list[StageRecord] | None = None,
+        *,
+        metrics: dict[str, float] | None = None,
+        checks: list[dict[str, Any]] | None = None,
+        details: dict[str, Any] | None = None,
+    ):
         super().__init__(message)
         self.stages = stages or []
+        # Raised inside a stage (a search that found nothing): what its closest candidate measured,
+        # its gate checks, and everything the stage tried, for the failed stage's record.
+        self.metrics, self.checks, self.details = metrics or {}, checks or [], details or {}
 
 
 # Set by the command line's Ctrl-C handler. A library can swallow the KeyboardInterrupt it raises

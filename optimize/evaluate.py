@@ -190,56 +190,66 @@ def fidelity(candidate: np.ndarray, reference: np.ndarray, task: str = "feature-
 
 @dataclass
 class Evaluator:
-    """Measures models on fixed texts and suites; the first model measured is the reference, and
-    later ones are compared to it (fidelity) in the same run."""
+    """Measures models on fixed texts and suites. Fidelity is always against `reference`, named
+    when the evaluator is made (the run's input model): its outputs are computed the first time a
+    figure needs them, whatever was measured before, so a run that reuses cached steps compares a
+    stage with the same model a cold run does."""
 
     texts: Sequence[str]
     speed: SpeedSettings | None
     suites: Sequence[LoadedSuite] = ()
     seq_len: int = 128
-    reference_outputs: np.ndarray | None = None
+    reference: ModelHandle | None = None  # what fidelity is measured against; None: no fidelity
     conditions: dict[str, object] = field(default_factory=dict)
     _cache: dict[tuple[object, ...], tuple[dict[str, float], dict[str, object]]] = field(default_factory=dict)
-    _outputs: dict[ModelHandle, np.ndarray] = field(default_factory=dict)
+    _outputs: dict[tuple[object, ...], np.ndarray] = field(default_factory=dict)
+
+    @property
+    def _seq_len(self) -> int:
+        return self.speed.seq_len if self.speed else self.seq_len
+
+    def outputs_of(
+        self, handle: ModelHandle, model: TorchModel | runtime.OnnxModel | None = None, keep: bool = True
+    ) -> np.ndarray:
+        """`handle`'s outputs on the held-out texts; kept for the run when `keep` (the models others
+        are compared with: a decoder's rows are vocabulary-wide, so candidates are not kept). An
+        ONNX file rewritten in place by a search is a new model: its size and time are in the key."""
+        key = _identity(handle)
+        found = self._outputs.get(key)
+        if found is None:
+            found = outputs(model or open_model(handle, self._seq_len), handle.task, self.texts)
+            if keep:
+                self._outputs[key] = found
+        return found
 
     def agreement(self, candidate: ModelHandle, base: ModelHandle) -> dict[str, float]:
-        """Fidelity of `candidate` to `base` (not to the reference) on the held-out texts: how a
-        default gate judges a stage whose input is no longer the reference (after distillation)."""
-        seq_len = self.speed.seq_len if self.speed else self.seq_len
-        if base not in self._outputs:
-            self._outputs[base] = outputs(open_model(base, seq_len), base.task, self.texts)
-        rows = outputs(open_model(candidate, seq_len), candidate.task, self.texts)
-        return fidelity(rows, self._outputs[base], candidate.task)
+        """Fidelity of `candidate` to `base` on the held-out texts: to the reference, or (after
+        distillation) to the newest trained model, or (distillation's own gate) to the teacher."""
+        return fidelity(self.outputs_of(candidate, keep=False), self.outputs_of(base), candidate.task)
 
     def probe(self, handle: ModelHandle) -> dict[str, float]:
-        """Fidelity on the held-out texts only: the cheap signal for per-layer sensitivity."""
-        assert self.reference_outputs is not None, "measure the reference first"
-        model = open_model(handle, self.speed.seq_len if self.speed else self.seq_len)
-        return fidelity(outputs(model, handle.task, self.texts), self.reference_outputs, handle.task)
+        """Fidelity to the reference on the held-out texts only: the cheap signal for per-layer sensitivity."""
+        assert self.reference is not None, "an evaluator without a reference measures no fidelity"
+        return self.agreement(handle, self.reference)
 
     def measure(self, handle: ModelHandle) -> tuple[dict[str, float], dict[str, object]]:
         """The metrics of DESIGN.md for this model, and the details behind them (spread, provider).
         An ONNX file already measured in this run (same path, size and time) is not measured again."""
-        key = None
-        if handle.onnx_path is not None:
-            stat = handle.onnx_path.stat()
-            key = (str(handle.onnx_path), stat.st_size, stat.st_mtime_ns)
-            if key in self._cache:
-                return self._cache[key]
+        key = _identity(handle) if handle.onnx_path is not None else None
+        if key is not None and key in self._cache:
+            return self._cache[key]
         result = self._measure(handle)
         if key is not None:
             self._cache[key] = result
         return result
 
     def _measure(self, handle: ModelHandle) -> tuple[dict[str, float], dict[str, object]]:
-        model = open_model(handle, self.speed.seq_len if self.speed else self.seq_len)
+        model = open_model(handle, self._seq_len)
         metrics: dict[str, float] = {}
         details: dict[str, object] = {"provider": model.provider}
-        if self.texts:
-            rows = outputs(model, handle.task, self.texts)
-            if self.reference_outputs is None:
-                self.reference_outputs = rows
-            metrics.update(fidelity(rows, self.reference_outputs, handle.task))
+        if self.texts and self.reference is not None:
+            rows = self.outputs_of(handle, model, keep=handle == self.reference)
+            metrics.update(fidelity(rows, self.outputs_of(self.reference), handle.task))
         for suite in self.suites:
             metrics.update(run_suite(model, handle.task, suite))
         if self.speed is not None:
@@ -256,6 +266,14 @@ class Evaluator:
             }
         metrics["size_mb"] = size_mb(handle)
         return metrics, details
+
+
+def _identity(handle: ModelHandle) -> tuple[object, ...]:
+    """A handle with its ONNX file's size and time: the same path rewritten is another model."""
+    if handle.onnx_path is None:
+        return (handle,)
+    stat = handle.onnx_path.stat()
+    return (handle, stat.st_size, stat.st_mtime_ns)
 
 
 def bench(handle: ModelHandle, batch_size: int, seq_len: int, warmup: int, runs: int) -> dict[str, Any]:

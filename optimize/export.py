@@ -2,17 +2,16 @@
 
 The pipeline inserts this step wherever a stage needs ONNX. The model is loaded with eager
 attention so ONNX Runtime's transformer fusions can recognise the attention pattern later.
-Exports are cached by the checkpoint's content hash when a cache folder is given.
+The stage cache keeps exports (one cache: `--no-cache` and `optimize cache clear` cover them).
 """
 
 from __future__ import annotations
 
 import hashlib
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-from optimize import __version__, projection
+from optimize import projection
 from optimize.evaluate import max_abs_diff
 from optimize.model import ModelHandle, load_torch
 
@@ -34,29 +33,19 @@ def content_sha256(folder: Path) -> str:
 
 
 def export(
-    model: ModelHandle, workdir: Path, texts: Sequence[str], seq_len: int, cache_dir: Path | None = None
+    model: ModelHandle, workdir: Path, texts: Sequence[str], seq_len: int
 ) -> tuple[ModelHandle, dict[str, object]]:
-    """Returns the ONNX handle and what was checked (opset, max_abs_diff vs torch)."""
-    key = hashlib.sha256(f"{content_sha256(model.checkpoint)}:{model.task}:{OPSET}:{__version__}".encode())
-    cached = cache_dir / "export" / key.hexdigest()[:24] / "model.onnx" if cache_dir else None
-    out = workdir / "model.onnx"
-    hit = cached is not None and cached.is_file()
-    if hit:
-        shutil.copyfile(cached, out)  # type: ignore[arg-type]
-    else:
-        _export(model, workdir)
-        if cached is not None:
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(out, cached.with_suffix(".partial"))
-            cached.with_suffix(".partial").replace(cached)
-    exported = model.with_onnx(out)
+    """Returns the ONNX handle and what was checked (opset, max_abs_diff vs torch). Reuse is the
+    stage cache's business: the pipeline keeps this step like any other."""
+    _export(model, workdir)
+    exported = model.with_onnx(workdir / "model.onnx")
     diff, scale = max_abs_diff(model, exported, texts, seq_len)
     if diff > TOLERANCE * max(scale, 1.0):
         raise RuntimeError(
             f"the ONNX export differs from torch by {diff:.2e} (> {TOLERANCE} x {scale:.1f}); "
             "this is a bug in the exporter for this architecture"
         )
-    return exported, {"opset": OPSET, "max_abs_diff": diff, "output_scale": scale, "cache_hit": hit}
+    return exported, {"opset": OPSET, "max_abs_diff": diff, "output_scale": scale}
 
 
 def _export(model: ModelHandle, workdir: Path) -> None:

@@ -49,15 +49,16 @@ class ModelHandle:
         return self.onnx_path is not None
 
 
-def resolve(spec: str, base_dir: Path | None = None) -> Path:
+def resolve(spec: str, base_dir: Path | None = None, gguf_root: Path | None = None) -> Path:
     """Find a checkpoint folder for `spec`: a path (relative to `base_dir` or the working folder),
     `package:MODULE` (a Python package that ships one .gguf file, or exposes `get_model_path()`),
-    a .gguf file (converted once, see `from_gguf`), or a hub id, downloaded unless HF_HUB_OFFLINE is set."""
+    a .gguf file (converted once into `gguf_root`, see `from_gguf`), or a hub id, downloaded unless
+    HF_HUB_OFFLINE is set."""
     if spec.startswith("package:"):
         module_name = spec.removeprefix("package:")
         gguf = _packaged_gguf(module_name)
         if gguf is not None:
-            return from_gguf(gguf)
+            return from_gguf(gguf, gguf_root)
         try:
             module = importlib.import_module(module_name)
         except ImportError:
@@ -71,7 +72,7 @@ def resolve(spec: str, base_dir: Path | None = None) -> Path:
         candidates.insert(0, base_dir / spec)
     for candidate in candidates:
         if candidate.is_file() and candidate.suffix == ".gguf":
-            return from_gguf(candidate)
+            return from_gguf(candidate, gguf_root)
         if candidate.exists():
             if not (candidate / "config.json").is_file():
                 raise UsageError(
@@ -108,15 +109,16 @@ def cache_root() -> Path:
     return Path(os.environ.get("OPTIMIZE_CACHE_DIR", Path.home() / ".cache" / "optimize"))
 
 
-def from_gguf(path: Path) -> Path:
+def from_gguf(path: Path, root: Path | None = None) -> Path:
     """A GGUF file (llama.cpp's format) as a safetensors checkpoint folder, converted once by
-    transformers (which dequantizes the weights to fp32) and cached by the file's hash. GGUF holds
-    no code, so no flag is needed to load it."""
+    transformers (which dequantizes the weights to fp32) into `root` (default: the cache's `gguf/`
+    folder, which `optimize cache clear` empties) under the file's hash. GGUF holds no code, so no
+    flag is needed to load it."""
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
-    folder = cache_root() / "gguf" / digest.hexdigest()[:24]
+    folder = (root or cache_root() / "gguf") / digest.hexdigest()[:24]
     if (folder / "config.json").is_file():
         return folder
     try:
@@ -127,7 +129,13 @@ def from_gguf(path: Path) -> Path:
 
     staging = folder.with_name(f".{folder.name}.partial-{os.getpid()}")
     try:
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
+        except (ValueError, OSError, KeyError, IndexError, EOFError) as exc:  # cut short, corrupt, unknown
+            raise UsageError(
+                f"model {path}: transformers cannot read this GGUF file ({type(exc).__name__}: "
+                f"{str(exc)[:200]}); re-download it, or convert it with llama.cpp's tools"
+            ) from None
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)  # type: ignore[no-untyped-call]
         tokenizer.save_pretrained(staging)
@@ -205,8 +213,19 @@ def peek_task(spec: str, base_dir: Path | None = None) -> str | None:
 
 
 def check_weights(checkpoint: Path, allow_pickle: bool) -> None:
-    """Refuse pickled weights (they can run code on load) unless the user allowed them, and
-    safetensors files that are truncated or not safetensors at all."""
+    """Refuse pickled weights (they can run code on load) unless the user allowed them, safetensors
+    files that are truncated or not safetensors at all, and a shard index naming a missing shard."""
+    for index in sorted(checkpoint.glob("*.safetensors.index.json")):
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise UsageError(f"{index}: not a readable shard index ({exc}); re-download or re-save it") from None
+        missing = sorted(str(name) for name in shards if not (checkpoint / str(name)).is_file())
+        if missing:
+            raise UsageError(
+                f"{index} names {len(missing)} shard(s) that are not in the folder ({', '.join(missing[:3])}); "
+                "the download is incomplete: fetch the missing files"
+            )
     found = sorted(checkpoint.glob("*.safetensors"))
     for path in found:
         check_safetensors(path)
@@ -223,9 +242,14 @@ def check_weights(checkpoint: Path, allow_pickle: bool) -> None:
 
 
 def open_checkpoint(
-    spec: str, base_dir: Path | None, task: str | None, allow_pickle: bool = False, trust_remote_code: bool = False
+    spec: str,
+    base_dir: Path | None,
+    task: str | None,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    gguf_root: Path | None = None,
 ) -> ModelHandle:
-    checkpoint = resolve(spec, base_dir)
+    checkpoint = resolve(spec, base_dir, gguf_root)
     check_weights(checkpoint, allow_pickle)
     if not trust_remote_code:
         check_no_remote_code(checkpoint, spec)
@@ -235,12 +259,18 @@ def open_checkpoint(
 
 def check_no_remote_code(checkpoint: Path, spec: str) -> None:
     """A checkpoint whose architecture exists only in code it ships (`auto_map` in config.json, a
-    model_type transformers does not know) runs that code only with --trust-remote-code."""
+    model_type transformers does not know) runs that code only with --trust-remote-code; without
+    such code, an architecture this transformers does not know is bad input too."""
     config = read_config(checkpoint)
-    if not config.get("auto_map"):
-        return
-    from transformers import CONFIG_MAPPING
+    from transformers import CONFIG_MAPPING, __version__
 
+    if not config.get("auto_map"):
+        if config.get("model_type") not in CONFIG_MAPPING:
+            raise UsageError(
+                f"model {spec!r}: {checkpoint / 'config.json'}: model_type {config.get('model_type')!r} is not an "
+                f"architecture transformers {__version__} knows; upgrade transformers, or check the file"
+            )
+        return
     if config.get("model_type") not in CONFIG_MAPPING:
         raise UsageError(
             f"model {spec!r} ships its own model code (config.json auto_map, model_type "
@@ -249,7 +279,11 @@ def check_no_remote_code(checkpoint: Path, spec: str) -> None:
 
 
 def open_any(
-    spec: str, allow_pickle: bool = False, trust_remote_code: bool = False, base_dir: Path | None = None
+    spec: str,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    base_dir: Path | None = None,
+    gguf_root: Path | None = None,
 ) -> ModelHandle:
     """A checkpoint, an .onnx file (tokenizer and config.json beside it) or an artifact folder.
 
@@ -270,7 +304,7 @@ def open_any(
         return ModelHandle(folder.resolve(), detect_task(folder), onnx_path=onnx_path.resolve(), engine=engine)
     if path.suffix == ".onnx":
         raise UsageError(f"model {spec!r}: no such file")
-    return open_checkpoint(spec, base_dir, None, allow_pickle, trust_remote_code)
+    return open_checkpoint(spec, base_dir, None, allow_pickle, trust_remote_code, gguf_root)
 
 
 def _artifact_engine(folder: Path) -> str:

@@ -32,7 +32,7 @@ from optimize.errors import INTERRUPTED, GateFailed, UsageError, stop_if_interru
 from optimize.evaluate import Evaluator, SpeedSettings
 from optimize.export import content_sha256, export
 from optimize.gate import GateCheck, GateSource, default_gate, judge_all
-from optimize.model import ModelHandle, open_any
+from optimize.model import ModelHandle, cache_root, open_any
 from optimize.paths import named, recipe_data
 from optimize.recipe import LoadedRecipe
 from optimize.records import RunSummary, StageRecord
@@ -80,17 +80,18 @@ def gate_source(gate: list[GateCheck] | None) -> GateSource:
     return "recipe" if gate else "ungated"
 
 
-def prepare(loaded: LoadedRecipe, options: RunOptions, console: Console) -> Prepared:
+def prepare(loaded: LoadedRecipe, options: RunOptions, console: Console, workroot: Path) -> Prepared:
     """Open the model and the data, and settle each stage's gate; any bad input fails here, before
-    minutes of work."""
+    minutes of work. A GGUF model is converted into the cache's `gguf/` folder, or, with
+    `--no-cache`, into the run's scratch folder `workroot`, removed with it."""
     recipe = loaded.recipe
     artifact.check_destination(options.out, options.overwrite)
     spec = options.model or recipe.model
     if spec is None:
         raise UsageError(f"{loaded.source}: model: no model given; set `model:` in the recipe or pass --model")
-    model = open_any(
-        spec, options.allow_pickle, options.trust_remote_code, loaded.base_dir if not options.model else None
-    )
+    gguf_root = workroot / "gguf" if options.no_cache else (options.cache_dir or cache_root()) / "gguf"
+    base_dir = loaded.base_dir if not options.model else None
+    model = open_any(spec, options.allow_pickle, options.trust_remote_code, base_dir, gguf_root)
     if recipe.task is not None and recipe.task != model.task:
         model = dataclasses.replace(model, task=recipe.task)
     weights = [
@@ -125,12 +126,10 @@ def prepare(loaded: LoadedRecipe, options: RunOptions, console: Console) -> Prep
                 "its output will not be checked against the input model",
                 highlight=False,
             )
-    evaluator = Evaluator(holdout, SpeedSettings(seq_len=cal.seq_len), suites)
+    evaluator = Evaluator(holdout, SpeedSettings(seq_len=cal.seq_len), suites, reference=model)
     data = [{"calibration": cal.data, "source": found.source, "rows": len(found.rows)}]
     data += [suite.provenance() for suite in suites]
-    return Prepared(
-        loaded.with_default_gates(default_gate(model.task)), spec, model, sources, calibration, holdout, evaluator, data
-    )
+    return Prepared(loaded.with_default_gates(model.task), spec, model, sources, calibration, holdout, evaluator, data)
 
 
 class _Run:
@@ -148,6 +147,7 @@ class _Run:
         # weights (distillation); from then on the newest trained model, so a later stage is judged on
         # what it changed, not on the distance the student already is from its teacher.
         self.anchor: ModelHandle | None = None
+        self.anchor_name = ""  # which stage made it, for the records
         # The stage cache and the key of the run so far (each step chains its own onto it).
         use_cache = not options.no_cache and training.world_size() == 1
         root = options.cache_dir / "stages" if options.cache_dir else stage_cache.default_root()
@@ -211,10 +211,22 @@ class _Run:
     def judge(
         self, checks: list[GateCheck], measured: dict[str, float], source: GateSource, handle: ModelHandle
     ) -> dict[str, Any]:
+        """The gate result, with the model its fidelity values were measured against (`against`)."""
         values = measured
         if source == "default" and self.anchor is not None:
             values = {**measured, **self.evaluator.agreement(handle, self.anchor)}
-        return judge_all(checks, values, self.reference, source)
+        return {**judge_all(checks, values, self.reference, source), "against": self.against(source)}
+
+    def against(self, source: GateSource) -> str:
+        """The model a gate's fidelity values are measured against: the input model, except for a
+        default gate after distillation (the newest trained model)."""
+        if source == "default" and self.anchor is not None:
+            return self.anchor_name
+        return f"input model ({self.prepared.spec})"
+
+    def adopt_anchor(self, handle: ModelHandle, index: int, name: str) -> None:
+        """New weights (a trained student): later default gates compare against them."""
+        self.anchor, self.anchor_name = handle, f"stage {index} ({name}) output"
 
     def probe(self, handle: ModelHandle) -> dict[str, float]:
         if self.anchor is None:
@@ -252,9 +264,7 @@ class _Run:
             return self.reuse(step_key, found, model)
         cal = self.prepared.loaded.recipe.calibration
         with self.console.status("exporting to ONNX"), contextlib.redirect_stdout(sys.stderr):
-            exported, info = export(
-                model, self.workdir("export"), self.prepared.holdout, cal.seq_len, self.options.cache_dir
-            )
+            exported, info = export(model, self.workdir("export"), self.prepared.holdout, cal.seq_len)
             measured, details = self.evaluator.measure(exported)
         gate = self.judge(default_gate(model.task), measured, "default", exported)
         record = self.record(StageRecord("export", "export", info, measured, gate, details))
@@ -278,7 +288,7 @@ class _Run:
             self.plan.update(found[1]["plan"])
             self.runtime.update(found[1]["runtime"])
             if reused.checkpoint != model.checkpoint:
-                self.anchor = reused
+                self.adopt_anchor(reused, index, name)
             return reused
 
         def judge(handle: ModelHandle) -> tuple[dict[str, float], dict[str, Any]]:
@@ -290,7 +300,10 @@ class _Run:
             # stdout is kept for --json: what a library prints during a stage goes to stderr.
             with self.console.status(f"stage {index} ({name}): running"), contextlib.redirect_stdout(sys.stderr):
                 result = stage.run(model, ctx)
-        except GateFailed as exc:
+        except GateFailed as exc:  # a search that found nothing: its record shows what it measured
+            gate = {"passed": False, "source": source, "checks": exc.checks, "against": self.against(source)}
+            fields = stage.model_dump(mode="json", exclude={"gate", "name"})
+            self.record(StageRecord(name, stage.kind, fields, exc.metrics, gate, exc.details))
             raise self.fail(f"stage {index} ({name}): {exc}") from None
         self.plan.update(result.precision_plan)
         self.runtime.update(result.runtime)
@@ -307,7 +320,7 @@ class _Run:
             )
         )
         if result.model.checkpoint != model.checkpoint:
-            self.anchor = result.model  # new weights: later default gates compare against them
+            self.adopt_anchor(result.model, index, name)
         if not record.passed:
             advice = f"; {result.advice}" if result.advice else ""
             raise self.fail(f"stage {index} ({name}): gate failed: {record.failed_checks()}{advice}")
@@ -377,12 +390,12 @@ class _Run:
 
 def run(loaded: LoadedRecipe, options: RunOptions, console: Console) -> RunResult:
     """Prepare, measure the reference, run every stage under its gate, write the artifact."""
-    prepared = prepare(loaded, options, console)
     if options.cache_dir is not None:
         options.cache_dir.mkdir(parents=True, exist_ok=True)
     workroot = Path(tempfile.mkdtemp(prefix="optimize-", dir=options.cache_dir))
     staging: Path | None = None
     try:
+        prepared = prepare(loaded, options, console, workroot)
         state = _Run(prepared, options, console, workroot)
         if not training.is_main():
             return _train_only(state)

@@ -21,7 +21,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from optimize import metrics, paths
 from optimize.data import Format
 from optimize.errors import UsageError
-from optimize.gate import GateCheck
 from optimize.stages import Stage
 from optimize.suites import read_suite
 
@@ -111,10 +110,16 @@ class LoadedRecipe:
         """The resolved recipe as YAML: what `--dry-run` prints and the manifest records."""
         return yaml.safe_dump(self.recipe.model_dump(mode="json", exclude_none=True), sort_keys=False)
 
-    def with_default_gates(self, gate: list[GateCheck]) -> LoadedRecipe:
-        """The recipe with `gate` written into every stage that gives none (`gate: []` stays empty),
-        so what `--dry-run` prints and the manifest records is the gate in force."""
-        stages = [s if s.gate is not None else s.model_copy(update={"gate": list(gate)}) for s in self.recipe.stages]
+    def with_default_gates(self, task: str) -> LoadedRecipe:
+        """The recipe with each stage's default gate for a model of `task` (`StageBase.default_gate`)
+        written into every stage that gives none (`gate: []` stays empty), so what `--dry-run`
+        prints and the manifest records is the gate in force."""
+        evals = [read_suite(paths.named(name, "evals", self.base_dir)) for name in self.recipe.evals]
+        suites = [metrics.suite_metric(suite.task) for suite in evals]
+        stages = [
+            s if s.gate is not None else s.model_copy(update={"gate": s.default_gate(task, suites)})
+            for s in self.recipe.stages
+        ]
         return dataclasses.replace(self, recipe=self.recipe.model_copy(update={"stages": stages}))
 
     @property

@@ -31,6 +31,8 @@ def stage_table(stage: StageRecord, reference: dict[str, float]) -> Table:
         table.add_row(label, f"{_fmt(check['value'])} {check['op']} {_fmt(check['threshold'])}", mark)
     if source == "ungated":
         table.add_row("gate", "[yellow]ungated[/] (gate: [])", "-")
+    elif stage.gate.get("against"):
+        table.add_row("gate fidelity against", str(stage.gate["against"]), "")
     return table
 
 
@@ -82,7 +84,8 @@ def markdown(run: RunSummary) -> str:
     lines = [
         f"# {run.name}: {run.status}",
         "",
-        "Measured in one run against the input model (reference); speed at "
+        "Measured in one run against the input model (reference); fidelity gates name the model "
+        "they compared with; speed at "
         f"batch {conditions.get('batch_size')}, sequence length {conditions.get('seq_len')}, "
         f"{conditions.get('threads')} threads, {conditions.get('runs')} runs.",
         "",
@@ -101,6 +104,7 @@ def markdown(run: RunSummary) -> str:
                 f"- {stage.name}: `{check['metric']}` = {_fmt(check['value'])} "
                 f"{check['op']} {_fmt(check['threshold'])}: **{verdict}**"
                 + (" (default gate)" if source == "default" else "")
+                + (f", against the {stage.gate['against']}" if stage.gate.get("against") else "")
             )
         if source == "ungated":
             lines.append(

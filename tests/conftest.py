@@ -4,19 +4,40 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-# Tests run every step: a stage cache shared between tests would make one test's outcome depend on
-# another's. The cache's own tests turn it on, in a folder of their own.
-os.environ["OPTIMIZE_NO_CACHE"] = "1"
-
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The cache folder of the session's shared fixtures (built before any test's own)."""
+    folder = tmp_path_factory.mktemp("session-cache")
+    saved = os.environ.get("OPTIMIZE_CACHE_DIR")
+    os.environ["OPTIMIZE_CACHE_DIR"] = str(folder)
+    os.environ.pop("OPTIMIZE_NO_CACHE", None)
+    yield folder
+    if saved is None:
+        os.environ.pop("OPTIMIZE_CACHE_DIR", None)
+    else:
+        os.environ["OPTIMIZE_CACHE_DIR"] = saved
+
+
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Tests run as users do, the stage cache on, each in a cache folder of its own: no test's
+    outcome depends on what another left behind."""
+    folder = tmp_path_factory.mktemp("cache")
+    monkeypatch.setenv("OPTIMIZE_CACHE_DIR", str(folder))
+    monkeypatch.delenv("OPTIMIZE_NO_CACHE", raising=False)
+    return folder
 
 
 def minilm_path() -> Path:

@@ -169,6 +169,28 @@ CASES: dict[str, tuple[Callable[[Path, Path, Path], list[str]], str]] = {
         "model.safetensors",
     ),
     "weights missing": (_model_case(_remove("model.safetensors")), "safetensors"),
+    "architecture unknown": (
+        _model_case(
+            lambda m: (m / "config.json").write_text(
+                json.dumps({**json.loads((m / "config.json").read_text()), "model_type": "frobnicator"})
+            )
+        ),
+        "frobnicator",
+    ),
+    "shard missing": (
+        _model_case(
+            lambda m: (m / "model.safetensors.index.json").write_text(
+                json.dumps({"weight_map": {"a.weight": "model.safetensors", "b.weight": "model-00002.safetensors"}})
+            )
+        ),
+        "model-00002.safetensors",
+    ),
+    "gguf cut short": (
+        lambda t, a, tmp: (
+            (tmp / "cut.gguf").write_bytes(b"GGUF\x03\x00\x00\x00" + b"\x00" * 20) and _run(tmp, str(tmp / "cut.gguf"))
+        ),
+        "cut.gguf",
+    ),
     "remote code": (
         _model_case(
             lambda m: (m / "config.json").write_text(

@@ -16,11 +16,10 @@ pytestmark = pytest.mark.slow
 
 
 def test_the_default_recipe_passes_on_minilm_gives_identical_files_and_a_warm_rerun_is_10x_faster(
-    tmp_path, monkeypatch
+    tmp_path,
 ):
     import time
 
-    monkeypatch.delenv("OPTIMIZE_NO_CACHE", raising=False)  # this test is about the cache
     cache = tmp_path / "cache"
     outs = [tmp_path / "first", tmp_path / "second", tmp_path / "warm"]
     reports, seconds = [], []

@@ -123,8 +123,7 @@ def test_when_openvino_cannot_compile_the_graph_onnxruntime_runs_it(artifact, mo
     ]
 
 
-def test_a_cached_rerun_keeps_the_engine(tiny_bert, tmp_path, monkeypatch):
-    monkeypatch.delenv("OPTIMIZE_NO_CACHE", raising=False)
+def test_a_cached_rerun_keeps_the_engine(tiny_bert, tmp_path):
     recipe = write_recipe(tmp_path, STAGES, model=str(tiny_bert))
     cache = str(tmp_path / "cache")
     for out in ("a", "b"):

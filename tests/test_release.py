@@ -31,8 +31,7 @@ def hashes(folder: Path, skip: tuple[str, ...] = ()) -> dict[str, str]:
 
 
 @pytest.fixture
-def cached(monkeypatch, tmp_path):
-    monkeypatch.delenv("OPTIMIZE_NO_CACHE", raising=False)
+def cached(tmp_path):
     return tmp_path / "cache"
 
 

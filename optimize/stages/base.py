@@ -7,7 +7,7 @@ A stage holds parameters, not state: `run(config, model, ctx)` takes a model han
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict, Field
 from rich.console import Console
 
-from optimize.gate import GateCheck
+from optimize.gate import GateCheck, default_gate
 from optimize.model import ModelHandle
 
 
@@ -38,6 +38,11 @@ class StageBase(BaseModel):
 
     def run(self, model: ModelHandle, ctx: StageContext) -> StageResult:
         raise NotImplementedError(f"stage kind {type(self).__name__} has no run()")
+
+    def default_gate(self, task: str, suite_metrics: Sequence[str]) -> list[GateCheck]:
+        """The gate this stage gets when its recipe names none, for a model of `task` in a recipe
+        whose eval suites yield `suite_metrics`: fidelity to the stage's input model."""
+        return default_gate(task)
 
     def check_input(self, model: ModelHandle, base_dir: Path) -> None:
         """Raise `UsageError` for what this stage cannot do with the recipe's model (read from its

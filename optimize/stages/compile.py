@@ -142,7 +142,7 @@ def run(config: CompileStage, model: ModelHandle, ctx: StageContext) -> StageRes
         raise GateFailed(
             "compile: no candidate graph agreed with the input model: "
             + "; ".join(f"{t['variant']}: {t.get('error') or t.get('agreement_cosine_min')}" for t in tried),
-            [],
+            details={"candidates": tried},
         )
     from optimize import cpu
 

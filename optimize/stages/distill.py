@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import math
 import random
 import time
 from collections.abc import Sequence
@@ -28,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from optimize import projection, training
 from optimize.data import Format, column_name, columns_of, load_rows
 from optimize.errors import UsageError
+from optimize.gate import GateCheck, student_gate
 from optimize.model import ModelHandle, load_torch
 from optimize.stages.base import StageBase, StageContext, StageResult
 
@@ -88,7 +90,11 @@ class DistillStage(StageBase):
     data: list[DataSource] = Field(default_factory=list, description="training text; default: calibration data")
     holdout: int = Field(64, ge=0, description="texts kept out of training for the held-out loss")
     losses: Losses = Losses()
-    steps: int = Field(300, gt=0)
+    steps: int | Literal["auto"] = Field(
+        "auto",
+        description="optimizer steps; auto: AUTO_EPOCHS passes over the training texts, within "
+        "AUTO_STEPS (steps scale with the data)",
+    )
     batch_size: int = Field(32, gt=0, description="texts per optimizer step, over processes and accumulation")
     accumulation: int = Field(1, gt=0)
     lr: float = Field(2e-4, gt=0)
@@ -112,6 +118,9 @@ class DistillStage(StageBase):
         if isinstance(self.layers, int) and self.layers < 1:
             raise ValueError("layers: a student needs at least 1 layer")
         return self
+
+    def default_gate(self, task: str, suite_metrics: Sequence[str]) -> list[GateCheck]:
+        return student_gate(task, suite_metrics)
 
     def check_input(self, model: ModelHandle, base_dir: Path) -> None:
         if not any(model.checkpoint.glob("*.safetensors")) and not model.allow_pickle:
@@ -445,8 +454,9 @@ def run(config: DistillStage, model: ModelHandle, ctx: StageContext) -> StageRes
         return batch
 
     bf16 = training.bf16_supported() if config.bf16 == "auto" else config.bf16
+    steps = auto_steps(len(data.train), config.batch_size) if config.steps == "auto" else config.steps
     settings = training.Settings(
-        config.steps,
+        steps,
         config.batch_size,
         config.accumulation,
         config.lr,
@@ -496,12 +506,24 @@ def run(config: DistillStage, model: ModelHandle, ctx: StageContext) -> StageRes
         "student_parameters": params,
         "teacher_parameters": sum(p.numel() for p in teacher.parameters()),
         "data": {"sources": data.sources, "train_texts": len(data.train), "heldout_texts": len(data.heldout)},
+        "steps": steps,
         "processes": training.world_size(),
         "bf16": bf16,
         "seconds": seconds,
         "loss_curve": history,
     }
     return StageResult(model.with_checkpoint(out), decisions)
+
+
+# `steps: auto`, measured on MiniLM (6 -> 3 layers, STS-B train sentences): AUTO_MEASURED_NOTE.
+AUTO_EPOCHS = 3
+AUTO_STEPS = (300, 3000)
+
+
+def auto_steps(texts: int, batch_size: int) -> int:
+    """Steps for AUTO_EPOCHS passes over `texts` at `batch_size`, within AUTO_STEPS."""
+    low, high = AUTO_STEPS
+    return max(low, min(high, math.ceil(AUTO_EPOCHS * texts / batch_size)))
 
 
 def save_student(student: Any, teacher_dir: Path, out: Path) -> None:

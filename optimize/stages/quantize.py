@@ -377,7 +377,9 @@ def run(config: QuantizeStage, model: ModelHandle, ctx: StageContext) -> StageRe
                 f"quantize: the {low} model ({candidate_ms} ms) is not {config.min_speedup:.0%} faster "
                 f"than the float model ({float_ms} ms) on this CPU ({here.model}), timed in turns; "
                 "try `precision: auto`, or `require_speedup: false` for a size-only goal",
-                [],
+                metrics=record["metrics"],
+                checks=record["checks"],
+                details=info,
             )
         return StageResult(handle, info, precision_plan=plan, advice=advice)
 
@@ -414,7 +416,9 @@ def run(config: QuantizeStage, model: ModelHandle, ctx: StageContext) -> StageRe
             f"{len(closest['kept_float'])} layers in {FLOAT}: "
             + ", ".join(f"{k} {v}" for k, v in closest["metrics"].items())
             + "; raise `max_evals`, or loosen the gate if the float model itself is close to it",
-            [],
+            metrics=closest["metrics"],
+            checks=closest["checks"],
+            details=info,
         )
     return StageResult(best[1], info, precision_plan=plan_keeping(best[0]))
 
