@@ -422,7 +422,7 @@ def run(loaded: LoadedRecipe, options: RunOptions, console: Console) -> RunResul
             report.markdown(summary),
             summary.to_json(),
             options.overwrite,
-            report_html=report_html.page(summary, state.plan, report.markdown(summary)),
+            report_html=report_html.page(summary, state.plan),
             with_weights=trained,
         )
         staging = None

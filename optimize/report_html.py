@@ -1,7 +1,9 @@
 """report.html: the run at a glance, one self-contained page (plots inline as SVG, no scripts, no
-links): quality against latency and size per stage and the reference (the Pareto view), per-layer
-sensitivity with the precision each layer got, and the distillation loss curve when there is one.
-Plots are drawn by matplotlib (its Agg backend, no display needed); the tables are report.md's.
+links) for a reviewer of a release: every gate check as a row (value against threshold, pass or
+fail, the model it compared with), the metrics per stage beside the reference, quality against
+latency and size (the Pareto view, points numbered so labels never overlap), what each search
+chose among, per-layer sensitivity with the precision each layer got, and the distillation loss
+curve. Plots are drawn by matplotlib (its Agg backend, no display needed).
 """
 
 from __future__ import annotations
@@ -10,11 +12,11 @@ import html
 import io
 from typing import Any
 
-from optimize.records import RunSummary
+from optimize.metrics import METRICS
+from optimize.records import RunSummary, StageRecord
 
 # Quality metrics in the order the Pareto view prefers them (the first one the run measured is used).
 QUALITY = ("spearman", "accuracy", "perplexity", "cosine_mean", "top1_agreement")
-LOWER_IS_BETTER = {"perplexity", "kl_div"}
 PRECISION_COLORS = {"fp32": "#4c72b0", "int8": "#55a868", "int4": "#c44e52"}
 
 
@@ -43,12 +45,16 @@ def pareto(run: RunSummary) -> str | None:
         return None
     figure, axes = plt.subplots(figsize=(6.4, 4.2))
     largest = max(float(p.get("size_mb", 1.0)) for _, p in points) or 1.0
-    for name, values in points:
+    # Stages that change no numerics sit on top of each other: each point carries its number, and
+    # the legend names it, so no two labels overlap.
+    for number, (name, values) in enumerate(points, 1):
         size = float(values.get("size_mb", largest))
-        axes.scatter(values["latency_p50_ms"], values[metric], s=60 + 540 * size / largest, alpha=0.6)
-        axes.annotate(f"{name}\n{size:.1f} MB", (values["latency_p50_ms"], values[metric]), fontsize=8)
+        x, y = values["latency_p50_ms"], values[metric]
+        axes.scatter(x, y, s=60 + 540 * size / largest, alpha=0.55, label=f"{number}. {name} ({size:.1f} MB)")
+        axes.annotate(str(number), (x, y), ha="center", va="center", fontsize=8, weight="bold")
+    axes.legend(fontsize=7, markerscale=0.4, loc="best")
     axes.set_xlabel("latency p50 (ms, batch 1)")
-    axes.set_ylabel(metric + (" (lower is better)" if metric in LOWER_IS_BETTER else ""))
+    axes.set_ylabel(metric + ("" if METRICS[metric].higher_better else " (lower is better)"))
     axes.set_title(f"{metric} vs latency; marker area: size")
     axes.grid(alpha=0.3)
     return _svg(figure)
@@ -96,13 +102,88 @@ def loss_curve(curve: list[dict[str, Any]]) -> str:
     return _svg(figure)
 
 
-def page(run: RunSummary, plan: dict[str, str], markdown_text: str) -> str:
-    """The whole report: plots first, then report.md's tables as preformatted text."""
-    sections = []
+def choices(stage: StageRecord) -> str | None:
+    """What a search chose among (formulations, graph variants, genai candidates, precision plans):
+    one bar per candidate, its latency where it was timed (else its fidelity), the chosen one marked,
+    failed and broken ones greyed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [
+        r for r in stage.details.get("formulations") or stage.details.get("candidates") or [] if isinstance(r, dict)
+    ]
+    if len(rows) < 2:
+        return None
+    chosen = str(stage.details.get("chosen") or stage.details.get("variant") or "")
+    bars = []
+    for row in rows:
+        label = str(row.get("formulation") or row.get("variant") or row.get("label") or "?")
+        metrics = row.get("metrics") or {}
+        timed = row.get("latency_ms", {}).get("b1") or row.get("latency_p50_ms") or metrics.get("latency_p50_ms")
+        passed = not row.get("error") and row.get("passed", row.get("gate_passed", row.get("agrees", True)))
+        bars.append((label, timed, metrics.get("cosine_mean", row.get("agreement_cosine_min")), bool(passed)))
+    by_latency = all(b[1] is not None for b in bars if b[3])
+    values = [float((b[1] if by_latency else b[2]) or 0.0) for b in bars]
+    figure, axes = plt.subplots(figsize=(6.4, 0.35 * len(bars) + 1.2))
+    colors = ["#55a868" if b[0] == chosen else ("#4c72b0" if b[3] else "#c8c8c8") for b in bars]
+    axes.barh(range(len(bars)), values, color=colors)
+    axes.set_yticks(range(len(bars)), [b[0][:40] + ("  (chosen)" if b[0] == chosen else "") for b in bars], fontsize=7)
+    axes.invert_yaxis()
+    axes.set_xlabel("latency p50 (ms, batch 1)" if by_latency else "fidelity (cosine)")
+    axes.set_title("candidates: green chosen, grey failed the gate or did not build")
+    return _svg(figure)
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return "-" if value is None else html.escape(str(value))
+
+
+def gates_table(run: RunSummary) -> str:
+    """Every gate check of every stage: value against threshold, verdict, where the check came from
+    and which model its value was measured against."""
+    rows = []
+    for stage in run.stages:
+        source, against = stage.gate.get("source", "recipe"), stage.gate.get("against", "")
+        if source == "ungated":
+            rows.append(f'<tr class="ungated"><td>{_cell(stage.name)}</td><td colspan="6">ungated (gate: [])</td></tr>')
+        for check in stage.gate["checks"]:
+            verdict = "pass" if check["passed"] else "FAIL"
+            rows.append(
+                f'<tr class="{verdict.lower()}"><td>{_cell(stage.name)}</td><td>{_cell(check["metric"])}</td>'
+                f"<td>{_cell(check['value'])}</td><td>{_cell(check['op'])} {_cell(check['threshold'])}</td>"
+                f"<td>{verdict}</td><td>{_cell(source)}</td><td>{_cell(against)}</td></tr>"
+            )
+    columns = ("stage", "metric", "value", "must be", "verdict", "gate", "against")
+    head = "<tr>" + "".join(f"<th>{c}</th>" for c in columns) + "</tr>"
+    return f"<table>{head}{''.join(rows)}</table>"
+
+
+def metrics_table(run: RunSummary) -> str:
+    """The metrics of the reference and of every stage, one column per metric."""
+    names = list(dict.fromkeys([*run.reference, *(n for s in run.stages for n in s.metrics)]))
+    head = "<tr><th>model</th>" + "".join(f"<th>{_cell(n)}</th>" for n in names) + "</tr>"
+    rows = [("reference (input model)", run.reference), *((s.name, s.metrics) for s in run.stages)]
+    body = "".join(
+        f"<tr><td>{_cell(name)}</td>" + "".join(f"<td>{_cell(values.get(n))}</td>" for n in names) + "</tr>"
+        for name, values in rows
+    )
+    return f"<table>{head}{body}</table>"
+
+
+def page(run: RunSummary, plan: dict[str, str]) -> str:
+    """The whole report: the gates and metrics as tables, then the plots."""
+    sections = [("Gates", gates_table(run)), ("Metrics (fidelity against the input model)", metrics_table(run))]
     view = pareto(run)
     if view:
         sections.append(("Quality, latency and size per stage", view))
     for stage in run.stages:
+        chart = choices(stage)
+        if chart:
+            sections.append((f"What {stage.name} chose among", chart))
         chart = sensitivity(stage.details, plan)
         if chart:
             sections.append((f"Sensitivity ({stage.name})", chart))
@@ -110,17 +191,23 @@ def page(run: RunSummary, plan: dict[str, str], markdown_text: str) -> str:
         if curve:
             sections.append((f"Distillation loss ({stage.name})", loss_curve(curve)))
     body = "\n".join(
-        f'<section><h2>{html.escape(title)}</h2>\n<div class="plot">{svg}</div></section>' for title, svg in sections
+        f'<section><h2>{html.escape(title)}</h2>\n<div class="plot">{content}</div></section>'
+        for title, content in sections
     )
     status = "passed" if run.status == "passed" else run.status
     css = "passed" if status == "passed" else "failed"
+    failure = f'<p class="why">{html.escape(run.failure)}</p>' if run.failure else ""
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(run.name)}: {html.escape(status)}</title>
-<style>body{{font-family:sans-serif;max-width:60rem;margin:2rem auto;color:#222}}
+<style>body{{font-family:sans-serif;max-width:64rem;margin:2rem auto;color:#222}}
 h1 .passed{{color:#2a7d2a}} h1 .failed{{color:#b22}} .plot svg{{max-width:100%;height:auto}}
-pre{{background:#f6f6f6;padding:1rem;overflow-x:auto;font-size:.8rem}}</style></head>
+table{{border-collapse:collapse;font-size:.85rem;margin:.5rem 0}}
+td,th{{border:1px solid #ccc;padding:.25rem .5rem;text-align:right}} td:first-child,th:first-child{{text-align:left}}
+tr.pass td:nth-child(5){{color:#2a7d2a;font-weight:bold}} tr.fail td{{background:#fde8e8}}
+tr.fail td:nth-child(5){{color:#b22;font-weight:bold}} tr.ungated td{{background:#fff6dd}}
+.why{{background:#fde8e8;padding:.5rem}}</style></head>
 <body><h1>{html.escape(run.name)}: <span class="{css}">{html.escape(status)}</span></h1>
+{failure}
 {body}
-<section><h2>Tables (report.md)</h2><pre>{html.escape(markdown_text)}</pre></section>
 </body></html>
 """

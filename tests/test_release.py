@@ -121,8 +121,12 @@ def test_report_html_has_its_plots_and_the_job_summary_gets_the_report(tiny_bert
     recipe = write_recipe(tmp_path, stages, model=str(tiny_bert))
     assert invoke("run", str(recipe), "-o", str(tmp_path / "out")).exit_code == 0
     page = (tmp_path / "out" / "report.html").read_text()
-    assert page.count("<svg") == 2  # the Pareto view and the per-layer sensitivity
+    tried = json.loads((tmp_path / "out" / "manifest.json").read_text())["stages"][-1]["details"]["candidates"]
+    # the Pareto view, per-layer sensitivity, and the plans the search tried when it tried several
+    assert page.count("<svg") == 2 + (len(tried) > 1)
     assert "latency p50" in page and "chosen precision" in page and "<script" not in page
+    assert page.count("<table>") == 2 and "<pre>" not in page  # gates and metrics as real tables
+    assert "<td>cosine_min</td>" in page and "input model (" in page  # each check, and what it compared with
     written = summary.read_text()
     assert written.startswith("earlier step\n") and "# test: passed" in written
 

@@ -22,7 +22,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -90,7 +90,7 @@ class DistillStage(StageBase):
     data: list[DataSource] = Field(default_factory=list, description="training text; default: calibration data")
     holdout: int = Field(64, ge=0, description="texts kept out of training for the held-out loss")
     losses: Losses = Losses()
-    steps: int | Literal["auto"] = Field(
+    steps: Annotated[int, Field(gt=0)] | Literal["auto"] = Field(
         "auto",
         description="optimizer steps; auto: AUTO_EPOCHS passes over the training texts, within "
         "AUTO_STEPS (steps scale with the data)",
