@@ -45,13 +45,22 @@ def pareto(run: RunSummary) -> str | None:
         return None
     figure, axes = plt.subplots(figsize=(6.4, 4.2))
     largest = max(float(p.get("size_mb", 1.0)) for _, p in points) or 1.0
-    # Stages that change no numerics sit on top of each other: each point carries its number, and
-    # the legend names it, so no two labels overlap.
-    for number, (name, values) in enumerate(points, 1):
+    # Stages that change no numerics sit on top of each other: each point carries its number, the
+    # legend names it, and points within 4% of the plot of each other share one label ("3,4").
+    xs = [float(p["latency_p50_ms"]) for _, p in points]
+    ys = [float(p[metric]) for _, p in points]
+    span_x, span_y = (max(xs) - min(xs)) or 1.0, (max(ys) - min(ys)) or 1.0
+    labels: list[tuple[float, float, list[str]]] = []
+    for number, ((name, values), x, y) in enumerate(zip(points, xs, ys, strict=True), 1):
         size = float(values.get("size_mb", largest))
-        x, y = values["latency_p50_ms"], values[metric]
         axes.scatter(x, y, s=60 + 540 * size / largest, alpha=0.55, label=f"{number}. {name} ({size:.1f} MB)")
-        axes.annotate(str(number), (x, y), ha="center", va="center", fontsize=8, weight="bold")
+        near = next((lb for lb in labels if abs(lb[0] - x) < 0.04 * span_x and abs(lb[1] - y) < 0.04 * span_y), None)
+        if near is None:
+            labels.append((x, y, [str(number)]))
+        else:
+            near[2].append(str(number))
+    for x, y, numbers in labels:
+        axes.annotate(",".join(numbers), (x, y), ha="center", va="center", fontsize=8, weight="bold")
     axes.legend(fontsize=7, markerscale=0.4, loc="best")
     axes.set_xlabel("latency p50 (ms, batch 1)")
     axes.set_ylabel(metric + ("" if METRICS[metric].higher_better else " (lower is better)"))
