@@ -6,7 +6,7 @@ OUT ?= artifacts/minilm-cpu
 # Tested pins for Python 3.11 (numpy and others there need 3.11); other Pythons resolve the ranges.
 CONSTRAINTS = $(shell $(PYTHON) -c 'import sys; print("-c constraints.txt" if sys.version_info[:2] == (3, 11) else "")')
 
-.PHONY: setup demo test test-fast lint bench clean
+.PHONY: setup demo test test-fast lint fmt bench clean
 
 setup: $(VENV)/.installed
 
@@ -34,6 +34,11 @@ lint: setup
 	$(VENV)/bin/ruff check optimize tests bench
 	$(VENV)/bin/ruff format --check optimize tests bench
 	$(VENV)/bin/mypy optimize
+
+# Rewrites what `make lint` checks: import order and fixable lint, then formatting.
+fmt: setup
+	$(VENV)/bin/ruff check --fix optimize tests bench
+	$(VENV)/bin/ruff format optimize tests bench
 
 bench: setup
 	$(PY) bench/compare.py $(wildcard artifacts/*)

@@ -123,8 +123,21 @@ def peer(checkpoint: Path, work: Path) -> Path:
     """onnxruntime-genai's model builder with its int4 defaults (block 32, accuracy level 4, RTN)."""
     out = work / "genai-int4-defaults"
     subprocess.run(
-        [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(checkpoint), "-o", str(out)]
-        + ["-p", "int4", "-e", "cpu", "-c", str(work / "cache")],
+        [
+            sys.executable,
+            "-m",
+            "onnxruntime_genai.models.builder",
+            "-i",
+            str(checkpoint),
+            "-o",
+            str(out),
+            "-p",
+            "int4",
+            "-e",
+            "cpu",
+            "-c",
+            str(work / "cache"),
+        ],
         check=True,
         capture_output=True,
     )

@@ -266,20 +266,23 @@ def package(folder: Path, archive: Path) -> None:
 
     partial = archive.with_name(archive.name + ".partial")
     paths = sorted(p for p in folder.rglob("*") if "__pycache__" not in p.parts)
-    with partial.open("wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as zipped:
-        with tarfile.open(fileobj=zipped, mode="w", format=tarfile.PAX_FORMAT) as tar:
-            for path in paths:
-                if path.is_symlink():
-                    raise UsageError(f"{path}: an artifact holds no links; refusing to package it")
-                info = tarfile.TarInfo(f"{folder.name}/{path.relative_to(folder).as_posix()}")
-                info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
-                if path.is_dir():
-                    info.type, info.mode = tarfile.DIRTYPE, 0o755
-                    tar.addfile(info)
-                    continue
-                data = path.read_bytes()
-                info.size, info.mode = len(data), 0o644
-                tar.addfile(info, io.BytesIO(data))
+    with (
+        partial.open("wb") as raw,
+        gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as zipped,
+        tarfile.open(fileobj=zipped, mode="w", format=tarfile.PAX_FORMAT) as tar,
+    ):
+        for path in paths:
+            if path.is_symlink():
+                raise UsageError(f"{path}: an artifact holds no links; refusing to package it")
+            info = tarfile.TarInfo(f"{folder.name}/{path.relative_to(folder).as_posix()}")
+            info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
+            if path.is_dir():
+                info.type, info.mode = tarfile.DIRTYPE, 0o755
+                tar.addfile(info)
+                continue
+            data = path.read_bytes()
+            info.size, info.mode = len(data), 0o644
+            tar.addfile(info, io.BytesIO(data))
     partial.replace(archive)
 
 
@@ -289,7 +292,7 @@ def extract(archive: Path, dest: Path) -> Path:
     import tarfile
 
     try:
-        tar = tarfile.open(archive, "r:*")
+        tar = tarfile.open(archive, "r:*")  # noqa: SIM115 (opened here to name a bad file; `with tar:` closes it)
     except (OSError, tarfile.TarError) as exc:
         raise UsageError(f"{archive}: not a readable .tar.gz archive ({exc})") from None
     with tar:

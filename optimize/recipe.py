@@ -223,9 +223,9 @@ def _dotted(loc: tuple[Any, ...], data: Any) -> str:
     parts: list[str] = []
     node = data
     for part in loc:
-        if isinstance(node, dict) and part in node:
-            node = node[part]
-        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+        if (isinstance(node, dict) and part in node) or (
+            isinstance(node, list) and isinstance(part, int) and part < len(node)
+        ):
             node = node[part]
         elif (
             isinstance(node, dict)

@@ -77,7 +77,7 @@ def test_a_gate_that_cannot_hold_exits_3_with_no_artifact(tiny_bert, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "problem, expected",
+    ("problem", "expected"),
     [
         ("missing_model", "no such folder"),
         ("empty_calibration", "no rows"),
@@ -184,7 +184,7 @@ def test_ctrl_c_during_a_run_leaves_no_out_and_no_temporary_folder(tiny_bert, tm
 
 
 @pytest.mark.parametrize(
-    "case, code, status",
+    ("case", "code", "status"),
     [
         ("passed", 0, "passed"),
         ("gate failed", 3, "gate_failed"),

@@ -17,7 +17,7 @@ def compile_json(*args: str):
 
 def test_cpu_compile_measures_each_variant_and_keeps_the_fastest_that_agrees(tiny_bert, tmp_path):
     out = tmp_path / "out"
-    result, report = compile_json(str(tiny_bert), "-o", str(out))
+    result, _report = compile_json(str(tiny_bert), "-o", str(out))
     assert result.exit_code == 0, result.output
     details = runtime.verify(out)["stages"][1]["details"]  # with its measurements merged back
     tried = {c["variant"]: c for c in details["candidates"]}

@@ -74,7 +74,7 @@ def test_a_tiny_llama_is_distilled_by_logit_kl_and_generates_through_the_runtime
         gate=[{"metric": "kl_div", "max": 1.0}],
     )
     out = tmp_path / "out"
-    result, report = run_json("run", str(recipe), "-o", str(out), "--json")
+    result, _report = run_json("run", str(recipe), "-o", str(out), "--json")
     assert result.exit_code == 0, result.output
     curve = json.loads((out / "manifest.json").read_text())["stages"][0]["details"]["loss_curve"]
     assert curve[-1]["heldout_loss"] < curve[0]["heldout_loss"]
@@ -110,7 +110,7 @@ def test_a_narrower_student_learns_a_projection_and_ships_it_so_embeddings_keep_
         gate=[{"metric": "cosine_mean", "min": 0.5}],  # measured against the 32-wide teacher: widths agree
     )
     out = tmp_path / "out"
-    result, report = run_json("run", str(recipe), "-o", str(out), "--json")
+    result, _report = run_json("run", str(recipe), "-o", str(out), "--json")
     assert result.exit_code == 0, result.output
     details = json.loads((out / "manifest.json").read_text())["stages"][0]["details"]
     assert details["hidden_size"] == 16 and details["teacher_hidden_size"] == 32 and details["projection"]
@@ -237,7 +237,7 @@ def test_an_interrupted_run_resumes_where_its_checkpoint_left_off(deep_bert, tmp
 
 
 @pytest.mark.parametrize(
-    "change, expected",
+    ("change", "expected"),
     [
         ({"layers": [0, 7]}, "out of range"),
         ({"layers": 5}, "more than the teacher's 3 layers"),

@@ -27,7 +27,7 @@ def test_without_vnni_only_weights_that_cannot_saturate_are_tried():
 
 
 @pytest.mark.parametrize(
-    "timed, expected",
+    ("timed", "expected"),
     [
         # AVX2 figures from the issue: int8 buys nothing at either batch size, so fp32 ships
         ([{1: 48.81, 32: 1517.0}, {1: 50.54, 32: 1520.2}, {1: 50.33, 32: 1507.6}], None),

@@ -19,7 +19,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("check, value, reference, passed, threshold", CASES)
+@pytest.mark.parametrize(("check", "value", "reference", "passed", "threshold"), CASES)
 def test_a_check_compares_the_value_to_its_threshold(check, value, reference, passed, threshold):
     row = judge(GateCheck(**check), value, reference)
     assert row["passed"] is passed

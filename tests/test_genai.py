@@ -93,7 +93,7 @@ def test_the_sampler_follows_temperature_top_k_and_top_p():
     assert {pick(logits, Sampling(temperature=1.0, top_p=0.5), rng) for _ in range(50)} <= {1, 3}
     drawn = {pick(logits, Sampling(temperature=100.0), rng) for _ in range(200)}
     assert drawn == {0, 1, 2, 3}
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="top_p"):
         Sampling(top_p=0)
 
 

@@ -73,7 +73,7 @@ def test_int8_keeps_the_sentence_embeddings_of_each_encoder_architecture(archite
 
 
 @pytest.mark.parametrize(
-    "flags, expected",
+    ("flags", "expected"),
     [
         ({"avx2", "fma"}, "s8-reduced"),  # AVX2 only: 16-bit pair sums would saturate
         ({"avx2", "avx512f", "avx512_vnni"}, "s8"),

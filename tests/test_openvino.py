@@ -134,7 +134,7 @@ def test_a_cached_rerun_keeps_the_engine(tiny_bert, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "target, available, message",
+    ("target", "available", "message"),
     [("cuda", True, "runs on CPUs"), ("cpu", False, "pip install openvino nncf")],
 )
 def test_openvino_is_refused_for_a_gpu_target_or_when_it_is_not_installed(

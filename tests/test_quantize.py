@@ -111,7 +111,7 @@ def test_int4_writes_matmulnbits_with_the_given_block_size(tiny_bert, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "stage, expected",
+    ("stage", "expected"),
     [
         ({"precision": "fp16"}, "fp16"),
         ({"plan": "/no/such/plan.json"}, "cannot read the plan"),

@@ -124,7 +124,7 @@ stages:
 
 
 @pytest.mark.parametrize(
-    "change, line, key, expected",
+    ("change", "line", "key", "expected"),
     [
         (
             {"PRECISION": "fp16", "rtn, block_size: BLOCK": "dynamic"},

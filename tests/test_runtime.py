@@ -21,7 +21,7 @@ ALL = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvid
 
 
 @pytest.mark.parametrize(
-    "available, target, expected",
+    ("available", "target", "expected"),
     [
         (ALL, "tensorrt", ALL),
         (ALL, "cuda", ["CUDAExecutionProvider", "CPUExecutionProvider"]),
@@ -183,7 +183,7 @@ def runtime_requirements() -> list:
     return [Requirement(line) for line in RUNTIME_REQUIREMENTS if not line.startswith("#")]
 
 
-@pytest.mark.parametrize("system, machine", list(PLATFORMS))
+@pytest.mark.parametrize(("system", "machine"), list(PLATFORMS))
 @pytest.mark.parametrize("python", ["3.10", "3.11", "3.12"])
 def test_the_runtime_requirements_pick_one_onnxruntime_per_platform_as_pyproject_does(system, machine, python):
     from packaging.requirements import Requirement

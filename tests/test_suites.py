@@ -39,7 +39,7 @@ GOOD_ROWS = [{"a": f"a cat number {i}", "b": f"a dog number {i % 3}", "score": i
 
 
 @pytest.mark.parametrize(
-    "fields, rows, expected",
+    ("fields", "rows", "expected"),
     [
         ({"task": "summarize"}, GOOD_ROWS, "task"),
         ({"columns": {"text": "a", "text_pair": "missing", "label": "score"}}, GOOD_ROWS, "no column 'missing'"),

@@ -78,6 +78,23 @@ def verify(artifact_dir: Path) -> dict[str, Any]:
     files = manifest.get("files") if isinstance(manifest, dict) else None
     if not isinstance(files, dict) or not files:
         raise ArtifactError(f"{manifest_path}: no `files` table; the manifest is damaged, refusing to load it")
+    _check_files(artifact_dir, manifest_path, files)
+    for key, kind in (("runtime", dict), ("stages", list), ("provenance", dict), ("name", str)):
+        if not isinstance(manifest.get(key), kind):
+            raise ArtifactError(
+                f"{manifest_path}: `{key}` is missing or not a {kind.__name__}; the manifest is damaged"
+            )
+    measurements = artifact_dir / "measurements.json"
+    if measurements.is_file():
+        try:
+            manifest = merge_volatile(manifest, json.loads(measurements.read_text()))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ArtifactError(f"{measurements}: not readable JSON ({exc})") from None
+    return dict(manifest)
+
+
+def _check_files(artifact_dir: Path, manifest_path: Path, files: dict[str, Any]) -> None:
+    """Every listed file inside the folder with its size and sha256, and every model file listed."""
     for name, entry in files.items():
         path = artifact_dir / name
         inside = path.resolve().is_relative_to(artifact_dir.resolve())
@@ -94,18 +111,6 @@ def verify(artifact_dir: Path) -> dict[str, Any]:
     if unlisted or "model.onnx" not in files:
         missing = ", ".join(unlisted) or "model.onnx"
         raise ArtifactError(f"{manifest_path}: {missing} not listed in the manifest; refusing an unchecked model file")
-    for key, kind in (("runtime", dict), ("stages", list), ("provenance", dict), ("name", str)):
-        if not isinstance(manifest.get(key), kind):
-            raise ArtifactError(
-                f"{manifest_path}: `{key}` is missing or not a {kind.__name__}; the manifest is damaged"
-            )
-    measurements = artifact_dir / "measurements.json"
-    if measurements.is_file():
-        try:
-            manifest = merge_volatile(manifest, json.loads(measurements.read_text()))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ArtifactError(f"{measurements}: not readable JSON ({exc})") from None
-    return dict(manifest)
 
 
 def select_providers(available: Sequence[str], target: str = "cpu") -> list[str]:

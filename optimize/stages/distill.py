@@ -379,7 +379,7 @@ def pooled(states: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
 
 def loss_function(config: DistillStage, task: str, layers: list[int], pooling: str = "mean") -> training.LossFn:
     import torch
-    import torch.nn.functional as F  # noqa: N812
+    import torch.nn.functional as F
 
     weights = config.losses
 

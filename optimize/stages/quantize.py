@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -318,34 +319,57 @@ def _advice(scores: dict[str, float], low: str) -> str:
 
 
 def run(config: QuantizeStage, model: ModelHandle, ctx: StageContext) -> StageResult:
-    from optimize.evaluate import time_in_turns
-
+    """Three modes: formulations (every int8 form, timed), a fixed plan (all-low or a plan file), or
+    the search for the smallest set of layers to keep in float."""
     assert model.onnx_path is not None
     if config.formulations is not None:
         return _formulations(config, model, ctx)
     model = _preprocess(model, ctx, config.quantizer)
     assert model.onnx_path is not None
-    low = config.low
-    costs = quantizable_layers(model.onnx_path, low)
-    layers = list(costs)
-    if not layers:
+    costs = quantizable_layers(model.onnx_path, config.low)
+    if not costs:
         raise UsageError(f"quantize: {model.onnx_path.name} has no MatMul with constant weights to quantize")
-    float_metrics, _ = ctx.judge(model)
-    candidates: list[dict[str, Any]] = []
-    here = cpu.current()
-    info: dict[str, Any] = {
-        "layers": len(layers),
-        "float_latency_p50_ms": float_metrics["latency_p50_ms"],
-        "cpu": here.summary(),
-        "candidates": candidates,
-    }
-    method = config.quantizer
-    info["method"] = method.model_dump(mode="json")
-    if isinstance(method, Dynamic | Static):
-        info["int8_weights"] = int8_weight_range(method.weights, here)
+    trials = _Trials(config, model, ctx, list(costs))
+    if config.plan or config.precision != "auto":
+        return _fixed(trials)
+    return _search(trials, costs)
 
-    def evaluate(plan: dict[str, str], label: str) -> tuple[ModelHandle, dict[str, Any]]:
-        handle = build(config, model, plan, ctx.workdir / f"candidate-{len(candidates)}.onnx", ctx)
+
+@dataclass
+class _Trials:
+    """Plans built and judged against the stage's gate (and timed in turns with the float model
+    when the stage requires a speed-up), recorded in `info` for the manifest."""
+
+    config: QuantizeStage
+    model: ModelHandle  # the preprocessed float model
+    ctx: StageContext
+    layers: list[str]
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        float_metrics, _ = self.ctx.judge(self.model)
+        here = cpu.current()
+        method = self.config.quantizer
+        self.info.update(
+            layers=len(self.layers),
+            float_latency_p50_ms=float_metrics["latency_p50_ms"],
+            cpu=here.summary(),
+            candidates=[],
+            method=method.model_dump(mode="json"),
+        )
+        if isinstance(method, Dynamic | Static):
+            self.info["int8_weights"] = int8_weight_range(method.weights, here)
+
+    @property
+    def candidates(self) -> list[dict[str, Any]]:
+        found: list[dict[str, Any]] = self.info["candidates"]
+        return found
+
+    def evaluate(self, plan: dict[str, str], label: str) -> tuple[ModelHandle, dict[str, Any]]:
+        from optimize.evaluate import time_in_turns
+
+        config, ctx = self.config, self.ctx
+        handle = build(config, self.model, plan, ctx.workdir / f"candidate-{len(self.candidates)}.onnx", ctx)
         metrics, gate = ctx.judge(handle)
         record: dict[str, Any] = {
             "label": label,
@@ -357,33 +381,44 @@ def run(config: QuantizeStage, model: ModelHandle, ctx: StageContext) -> StageRe
         if config.require_speedup:
             # One timing on a shared machine can be a slow spell: the candidate and the float model are
             # timed in turns, and the candidate must win by a real margin, not by noise.
-            record["timed_in_turns_ms"] = timed = time_in_turns([handle, model], ctx.calibration_texts, ctx.seq_len)
+            record["timed_in_turns_ms"] = timed = time_in_turns(
+                [handle, self.model], ctx.calibration_texts, ctx.seq_len
+            )
             faster = timed[0] <= timed[1] * (1 - config.min_speedup)
         record.update(faster_than_float=faster, passed=gate["passed"] and faster, checks=gate["checks"])
-        candidates.append(record)
+        self.candidates.append(record)
         return handle, record
 
-    if config.plan or config.precision != "auto":
-        plan = _read_plan(Path(config.plan), layers) if config.plan else {n: low for n in layers}
-        handle, record = evaluate(plan, "given plan" if config.plan else f"all {low}")
-        advice = None
-        if not record["gate_passed"] and not config.plan:
-            scores = sensitivity(config, model, layers, low, ctx)
-            info["sensitivity"] = dict(sorted(scores.items(), key=lambda kv: -kv[1]))
-            advice = _advice(scores, low)
-        elif not record["faster_than_float"]:
-            candidate_ms, float_ms = record["timed_in_turns_ms"]
-            raise GateFailed(
-                f"quantize: the {low} model ({candidate_ms} ms) is not {config.min_speedup:.0%} faster "
-                f"than the float model ({float_ms} ms) on this CPU ({here.model}), timed in turns; "
-                "try `precision: auto`, or `require_speedup: false` for a size-only goal",
-                metrics=record["metrics"],
-                checks=record["checks"],
-                details=info,
-            )
-        return StageResult(handle, info, precision_plan=plan, advice=advice)
 
-    scores = sensitivity(config, model, layers, low, ctx)
+def _fixed(trials: _Trials) -> StageResult:
+    """All layers in the low precision, or the plan a file gives; on a failed gate, the most
+    sensitive layers and what to try."""
+    config, layers, low, info = trials.config, trials.layers, trials.config.low, trials.info
+    plan = _read_plan(Path(config.plan), layers) if config.plan else {n: low for n in layers}
+    handle, record = trials.evaluate(plan, "given plan" if config.plan else f"all {low}")
+    advice = None
+    if not record["gate_passed"] and not config.plan:
+        scores = sensitivity(config, trials.model, layers, low, trials.ctx)
+        info["sensitivity"] = dict(sorted(scores.items(), key=lambda kv: -kv[1]))
+        advice = _advice(scores, low)
+    elif not record["faster_than_float"]:
+        candidate_ms, float_ms = record["timed_in_turns_ms"]
+        raise GateFailed(
+            f"quantize: the {low} model ({candidate_ms} ms) is not {config.min_speedup:.0%} faster "
+            f"than the float model ({float_ms} ms) on this CPU ({cpu.current().model}), timed in turns; "
+            "try `precision: auto`, or `require_speedup: false` for a size-only goal",
+            metrics=record["metrics"],
+            checks=record["checks"],
+            details=info,
+        )
+    return StageResult(handle, info, precision_plan=plan, advice=advice)
+
+
+def _search(trials: _Trials, costs: dict[str, int]) -> StageResult:
+    """The fewest layers kept in float (ranked by sensitivity per weight) for which the gate holds:
+    a guess from the first failure, then bisection, within `max_evals` evaluations."""
+    config, ctx, layers, low, info = trials.config, trials.ctx, trials.layers, trials.config.low, trials.info
+    scores = sensitivity(config, trials.model, layers, low, ctx)
     ranking = _rank(layers, scores, costs, config.rank_by)
     info["sensitivity"] = {n: scores[n] for n in ranking}
     info["weights"] = {n: costs[n] for n in ranking}
@@ -395,8 +430,8 @@ def run(config: QuantizeStage, model: ModelHandle, ctx: StageContext) -> StageRe
     best: tuple[int, ModelHandle] | None = None
     lo, hi = -1, len(layers)  # lo: largest count known to fail; hi: smallest known (or assumed) to pass
     kept = 0
-    while len(candidates) < config.max_evals:
-        handle, record = evaluate(plan_keeping(kept), f"{kept} most sensitive kept in {FLOAT}")
+    while len(trials.candidates) < config.max_evals:
+        handle, record = trials.evaluate(plan_keeping(kept), f"{kept} most sensitive kept in {FLOAT}")
         if record["passed"]:
             hi, best = kept, (kept, handle)
         else:
@@ -410,9 +445,10 @@ def run(config: QuantizeStage, model: ModelHandle, ctx: StageContext) -> StageRe
         else:
             kept = (lo + hi) // 2 if best is not None else min(hi - 1, max(lo + 1, math.ceil(lo * 2)))
     if best is None:
-        closest = max(candidates, key=lambda c: (c["faster_than_float"], c["metrics"].get("cosine_mean", 0)))
+        tried = trials.candidates
+        closest = max(tried, key=lambda c: (c["faster_than_float"], c["metrics"].get("cosine_mean", 0)))
         raise GateFailed(
-            f"quantize: no plan passed in {len(candidates)} evaluations; the best kept "
+            f"quantize: no plan passed in {len(tried)} evaluations; the best kept "
             f"{len(closest['kept_float'])} layers in {FLOAT}: "
             + ", ".join(f"{k} {v}" for k, v in closest["metrics"].items())
             + "; raise `max_evals`, or loosen the gate if the float model itself is close to it",
