@@ -18,7 +18,7 @@ from typing import Any
 
 from optimize import __version__
 from optimize.errors import UsageError
-from optimize.runtime import sha256_file
+from optimize.runtime import on_openvino, sha256_file
 
 SCHEMA_VERSION = 1
 TOKENIZER_FILES = (
@@ -193,7 +193,7 @@ def write_runtime(folder: Path, engine: str = "onnxruntime") -> None:
     for source in sorted(RUNTIME_SOURCE.glob("*.py")):
         shutil.copyfile(source, runtime / source.name)
     genai = GENAI_REQUIREMENTS if (folder / "genai_config.json").is_file() else ()  # a decoder engine folder
-    openvino = OPENVINO_REQUIREMENTS if engine.startswith("openvino") else ()
+    openvino = OPENVINO_REQUIREMENTS if on_openvino(engine) else ()
     (runtime / "requirements.txt").write_text("\n".join((*RUNTIME_REQUIREMENTS, *genai, *openvino)) + "\n")
 
 

@@ -22,7 +22,7 @@ import typer
 import yaml
 from rich.console import Console
 
-from optimize import paths
+from optimize import paths, tasks
 from optimize.errors import INTERRUPTED, GateFailed, UsageError
 
 if TYPE_CHECKING:
@@ -199,7 +199,7 @@ def _dry_run_text(loaded: LoadedRecipe, model: str | None) -> str:
             f"{c.metric} {'>=' if c.min is not None else '<='} {c.min if c.min is not None else c.max}"
             for c in default_gate(t)
         )
-        for t in ("feature-extraction", "text-generation")
+        for t in (tasks.EMBEDDING, tasks.GENERATION)
     }
     return (
         loaded.text + "# stages without `gate` get the default gate for the task found at run time: "

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from optimize import projection, runtime
+from optimize import projection, runtime, tasks
 from optimize.model import ModelHandle, load_torch
 from optimize.suites import LoadedSuite, run_suite
 
@@ -44,7 +44,7 @@ class TorchModel:
             if n in inspect.signature(self.model.forward).parameters
         ]
         self.provider = "torch-cpu"
-        self.projection = projection.read(handle.checkpoint) if handle.task == "feature-extraction" else None
+        self.projection = projection.read(handle.checkpoint) if tasks.embeds(handle.task) else None
         self.pooling = runtime.Pooling.of(handle.checkpoint)
 
     def run(self, inputs: Inputs) -> np.ndarray:
@@ -127,7 +127,7 @@ MAX_LOGIT_ROWS = 512  # a decoder's per-token logits are vocabulary-wide: compar
 def outputs(model: TorchModel | runtime.OnnxModel, task: str, texts: Sequence[str]) -> np.ndarray:
     """What fidelity compares, one row per item: sentence embeddings (feature extraction), class
     logits (classification), or next-token logits at each real token of the texts (causal LM)."""
-    if task == "feature-extraction":
+    if tasks.embeds(task):
         return model.embed(texts)
     rows: list[np.ndarray] = []
     count = 0
@@ -171,14 +171,14 @@ def time_in_turns(
     return [round(float(np.median(t)), 3) for t in times]
 
 
-def fidelity(candidate: np.ndarray, reference: np.ndarray, task: str = "feature-extraction") -> dict[str, float]:
+def fidelity(candidate: np.ndarray, reference: np.ndarray, task: str = tasks.EMBEDDING) -> dict[str, float]:
     """Cosine between each output row and the reference's for the same input; for logits also how
     often the top-1 class or token agrees and the mean KL divergence KL(reference || candidate)."""
     a = candidate / np.linalg.norm(candidate, axis=1, keepdims=True)
     b = reference / np.linalg.norm(reference, axis=1, keepdims=True)
     cos = np.clip((a * b).sum(axis=1), -1.0, 1.0)
     result = {"cosine_mean": round(float(cos.mean()), 6), "cosine_min": round(float(cos.min()), 6)}
-    if task != "feature-extraction":
+    if not tasks.embeds(task):
         from scipy.special import log_softmax
 
         log_p = log_softmax(reference.astype(np.float64), axis=1)

@@ -11,7 +11,7 @@ import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 
-from optimize import projection
+from optimize import projection, tasks
 from optimize.evaluate import max_abs_diff
 from optimize.model import ModelHandle, load_torch
 
@@ -51,8 +51,8 @@ def export(
 def _export(model: ModelHandle, workdir: Path) -> None:
     from optimum.exporters.onnx import onnx_export_from_model
 
-    task = "text-generation-with-past" if model.task == "text-generation" else model.task
+    task = tasks.TASKS[model.task].export_task
     onnx_export_from_model(load_torch(model), workdir, task=task, opset=OPSET, do_validation=False)
-    dense = projection.read(model.checkpoint) if model.task == "feature-extraction" else None
+    dense = projection.read(model.checkpoint) if tasks.embeds(model.task) else None
     if dense is not None:  # a distilled student of another width ships a projection to the teacher's
         projection.append_to_onnx(workdir / "model.onnx", dense)

@@ -18,6 +18,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
 from optimize.metrics import METRICS
+from optimize.tasks import embeds
 
 _BOUNDS = ("min", "max", "max_drop", "max_ratio")
 
@@ -70,7 +71,7 @@ LOGIT_GATE_KL = 0.1
 
 def default_gate(task: str) -> list[GateCheck]:
     """The gate a stage gets when its recipe names none: fidelity to the input model."""
-    if task == "feature-extraction":
+    if embeds(task):
         return [GateCheck(metric=metric, min=bound) for metric, bound in EMBEDDING_GATE]
     return [GateCheck(metric="top1_agreement", min=LOGIT_GATE_TOP1), GateCheck(metric="kl_div", max=LOGIT_GATE_KL)]
 
@@ -91,7 +92,7 @@ def student_gate(task: str, suite_metrics: Sequence[str]) -> list[GateCheck]:
     checks = [GateCheck(metric=m, max_drop=STUDENT_MAX_DROP[m]) for m in suite_metrics if m in STUDENT_MAX_DROP]
     if checks:
         return checks
-    if task == "feature-extraction":
+    if embeds(task):
         return [GateCheck(metric="cosine_mean", min=STUDENT_EMBEDDING_MIN)]
     return [
         GateCheck(metric="top1_agreement", min=STUDENT_LOGIT_TOP1),

@@ -8,6 +8,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
+from optimize.tasks import embeds
+
 # What produces a metric: fidelity to the reference on held-out texts (every model), fidelity of
 # logits (classifiers and causal LMs), the speed and size measurement of every run, `optimize bench`
 # only, or an eval suite of that task (`evals/*.yaml`).
@@ -52,6 +54,6 @@ def measured(task: str | None, suite_tasks: Iterable[str]) -> set[str]:
     """The metrics a run measures for a model of `task` with these eval suites; an unknown task
     (not yet detected) may be any, so logit metrics count as measured until the model says otherwise."""
     sources = {"fidelity", "speed", "size", *suite_tasks}
-    if task != "feature-extraction":
+    if not embeds(task):
         sources.add("logits")
     return {m.name for m in METRICS.values() if m.source in sources}

@@ -19,7 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from optimize import tasks
 from optimize.errors import UsageError
+from optimize.tasks import Task
 
 if TYPE_CHECKING:
     import torch
@@ -182,16 +184,16 @@ def check_safetensors(path: Path) -> None:
         )
 
 
-def detect_task(checkpoint: Path) -> str:
+def detect_task(checkpoint: Path) -> Task:
     config = read_config(checkpoint)
     architectures = config.get("architectures") or []
     if any(a.endswith("ForSequenceClassification") for a in architectures):
-        return "text-classification"
+        return tasks.CLASSIFICATION
     if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
-        return "text-generation"
+        return tasks.GENERATION
     if config.get("model_type") in _DECODER_TYPES:
-        return "text-generation"
-    return "feature-extraction"
+        return tasks.GENERATION
+    return tasks.EMBEDDING
 
 
 def peek_task(spec: str, base_dir: Path | None = None) -> str | None:
@@ -202,7 +204,7 @@ def peek_task(spec: str, base_dir: Path | None = None) -> str | None:
     if base_dir is not None and not path.is_absolute() and (base_dir / path).exists():
         path = base_dir / path
     if path.suffix == ".gguf" or (spec.startswith("package:") and _packaged_gguf(spec[8:]) is not None):
-        return "text-generation"
+        return tasks.GENERATION
     folder = path.parent if path.suffix == ".onnx" else path
     if spec.startswith("package:"):
         try:
@@ -317,13 +319,9 @@ def _artifact_engine(folder: Path) -> str:
 
 
 def load_torch(model: ModelHandle) -> torch.nn.Module:
-    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+    import transformers
 
-    auto = {
-        "feature-extraction": AutoModel,
-        "text-classification": AutoModelForSequenceClassification,
-        "text-generation": AutoModelForCausalLM,
-    }[model.task]
+    auto = getattr(transformers, tasks.TASKS[model.task].auto_class)
     loaded = auto.from_pretrained(
         model.checkpoint,
         use_safetensors=not model.allow_pickle,

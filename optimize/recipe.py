@@ -23,6 +23,7 @@ from optimize.data import Format
 from optimize.errors import UsageError
 from optimize.stages import Stage
 from optimize.suites import read_suite
+from optimize.tasks import Task
 
 
 class Calibration(BaseModel):
@@ -42,7 +43,7 @@ class Recipe(BaseModel):
     version: Literal[1] = 1
     name: str = Field(pattern=r"^[A-Za-z0-9][\w.-]*$")
     model: str | None = None
-    task: Literal["feature-extraction", "text-classification", "text-generation"] | None = None
+    task: Task | None = None
     seed: int = 0
     calibration: Calibration = Calibration()
     evals: list[str] = []

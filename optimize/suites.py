@@ -30,6 +30,7 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from optimize import tasks
 from optimize.data import Format, load_rows
 from optimize.errors import UsageError
 from optimize.metrics import suite_metric
@@ -165,7 +166,7 @@ def spearman(model: Any, suite: LoadedSuite) -> float:
 
 def accuracy(model: Any, task: str, suite: LoadedSuite) -> float:
     labels = suite.labels().astype(int)
-    if task == "text-classification":
+    if task == tasks.CLASSIFICATION:
         predicted = np.concatenate(
             [model.run(model.tokenizer(batch)).argmax(-1) for batch in _batches(suite.texts(), 32)]
         )
@@ -213,6 +214,6 @@ def run_suite(model: Any, task: str, suite: LoadedSuite) -> dict[str, float]:
         return {"spearman": round(spearman(model, suite), 6)}
     if suite.suite.task == "classification":
         return {"accuracy": round(accuracy(model, task, suite), 6)}
-    if task != "text-generation":
+    if task != tasks.GENERATION:
         raise UsageError(f"{suite.path}: perplexity needs a text-generation model, not {task}")
     return {"perplexity": round(perplexity(model, suite), 4)}

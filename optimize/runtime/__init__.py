@@ -147,10 +147,21 @@ class Port:
     type: str
 
 
-# What runs model.onnx (the manifest's `runtime.engine`): onnxruntime; OpenVINO with the ops left in
-# float computed in fp32; OpenVINO with them in bf16 (chosen on a CPU that computes bf16 natively);
-# onnxruntime-genai for a decoder folder its model builder made (genai_config.json).
-ENGINES = ("onnxruntime", "openvino", "openvino-bf16", "onnxruntime-genai")
+# What runs model.onnx (the manifest's `runtime.engine`) -> OpenVINO's precision for the ops left in
+# float, or None where onnxruntime runs it: onnxruntime; OpenVINO in fp32; OpenVINO in bf16 (chosen
+# on a CPU that computes bf16 natively); onnxruntime-genai for a decoder folder its model builder
+# made (genai_config.json). Every question about an engine is asked of this table.
+ENGINES: dict[str, str | None] = {
+    "onnxruntime": None,
+    "openvino": "f32",
+    "openvino-bf16": "bf16",
+    "onnxruntime-genai": None,
+}
+
+
+def on_openvino(engine: str) -> bool:
+    """Whether OpenVINO runs the graph for this engine (an unknown name: no)."""
+    return ENGINES.get(engine) is not None
 
 
 class OpenVINOSession:
@@ -261,8 +272,8 @@ def make_session(
     notes: list[str] = []
     threads = threads or os.cpu_count() or 1
     engine = str((settings or {}).get("engine", "onnxruntime"))
-    if engine.startswith("openvino"):
-        precision = "bf16" if engine == "openvino-bf16" else "f32"
+    precision = ENGINES.get(engine)
+    if precision is not None:
         try:
             return OpenVINOSession(model_path, threads, precision), notes
         except ImportError:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from optimize import projection, training
+from optimize import projection, tasks, training
 from optimize.data import Format, column_name, columns_of, load_rows
 from optimize.errors import UsageError
 from optimize.gate import GateCheck, student_gate
@@ -134,7 +134,7 @@ class DistillStage(StageBase):
             chosen_layers(self.layers, count)
         check_student(self, model.task, config)
         width = config.get("hidden_size")
-        if self.student.hidden_size not in (None, width) and model.task == "feature-extraction":
+        if self.student.hidden_size not in (None, width) and tasks.embeds(model.task):
             from optimize.runtime import Pooling
 
             mode = Pooling.of(model.checkpoint).mode
@@ -144,9 +144,9 @@ class DistillStage(StageBase):
                     "keep the teacher's hidden_size"
                 )
         if self.losses.hard_label > 0:
-            if model.task == "feature-extraction":
+            if tasks.embeds(model.task):
                 raise UsageError("distill: losses.hard_label: sentence embeddings have no labels; set it to 0")
-            if model.task == "text-classification" and not any(s.label for s in self.data):
+            if model.task == tasks.CLASSIFICATION and not any(s.label for s in self.data):
                 raise UsageError("distill: losses.hard_label needs a data source with `label:` (its label column)")
         for source in self.data:
             check_data(source, base_dir)
@@ -163,7 +163,7 @@ def check_student(config: DistillStage, task: str, teacher: dict[str, Any]) -> N
     heads = student.num_attention_heads or teacher.get("num_attention_heads")
     if isinstance(hidden, int) and isinstance(heads, int) and hidden % heads and "head_dim" not in teacher:
         raise UsageError(f"distill: student: hidden_size {hidden} is not a multiple of num_attention_heads {heads}")
-    needs = task == "feature-extraction" or config.losses.hidden_mse > 0
+    needs = tasks.embeds(task) or config.losses.hidden_mse > 0
     if hidden != width and needs and not student.projection:
         side = "wider" if isinstance(width, int) and isinstance(hidden, int) and hidden > width else "narrower"
         raise UsageError(
@@ -422,7 +422,7 @@ def loss_function(config: DistillStage, task: str, layers: list[int], pooling: s
         loss: torch.Tensor = weights.logit_kl * kl * temperature**2 + weights.hard_label * hard
         return loss
 
-    return embeddings if task == "feature-extraction" else logits
+    return embeddings if tasks.embeds(task) else logits
 
 
 def run(config: DistillStage, model: ModelHandle, ctx: StageContext) -> StageResult:
@@ -444,7 +444,7 @@ def run(config: DistillStage, model: ModelHandle, ctx: StageContext) -> StageRes
     tokenizer = Tokenizer(model.checkpoint / "tokenizer.json", config.seq_len)
     accepted = set(inspect.signature(student.forward).parameters)
     labels: dict[str, int] = {}
-    if model.task == "text-classification" and config.losses.hard_label > 0:
+    if model.task == tasks.CLASSIFICATION and config.losses.hard_label > 0:
         labels = label_ids(data.labels, dict(teacher_config.label2id), int(teacher_config.num_labels))
 
     def tokenize(texts: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -493,7 +493,7 @@ def run(config: DistillStage, model: ModelHandle, ctx: StageContext) -> StageRes
     out = ctx.workdir / "student"
     if training.is_main():
         save_student(student, model.checkpoint, out)
-        if projected and model.task == "feature-extraction":
+        if projected and tasks.embeds(model.task):
             last: Any = trainee.last  # the embedding's projection ships; the hidden-state ones were for training
             projection.write(out, last.weight.detach().numpy(), last.bias.detach().numpy())
     params = sum(p.numel() for p in student.parameters())

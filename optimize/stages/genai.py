@@ -21,6 +21,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from optimize import tasks
 from optimize.errors import UsageError
 from optimize.model import ModelHandle
 from optimize.stages.base import StageBase, StageContext, StageResult
@@ -92,7 +93,7 @@ class GenAIStage(StageBase):
     pick: Literal["first", "fastest"] = Field("first", description="the first passing candidate, or the fastest")
 
     def check_input(self, model: ModelHandle, base_dir: Path) -> None:
-        if model.task != "text-generation":
+        if model.task != tasks.GENERATION:
             raise UsageError(f"genai: builds decoder LMs (text-generation), not {model.task} models")
         if model.is_onnx or not any(model.checkpoint.glob("*.safetensors")):
             raise UsageError(

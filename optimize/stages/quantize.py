@@ -38,6 +38,7 @@ from pydantic import Field, model_validator
 from optimize import cpu
 from optimize.errors import GateFailed, UsageError
 from optimize.model import ModelHandle
+from optimize.runtime import on_openvino
 from optimize.stages.base import StageBase, StageContext, StageResult
 from optimize.stages.methods import (
     WEIGHT_INPUT,
@@ -89,7 +90,7 @@ class QuantizeStage(StageBase):
                 raise ValueError("formulations are whole-model int8 methods: use precision int8, no method or plan")
             if isinstance(self.formulations, list) and any(m.precision != "int8" for m in self.formulations):
                 raise ValueError("formulations: int8 methods only (dynamic, static, nbits8, openvino)")
-        if any(m.engine.startswith("openvino") for m in self._listed()) and not openvino_available():
+        if any(on_openvino(m.engine) for m in self._listed()) and not openvino_available():
             raise ValueError("method openvino needs OpenVINO and NNCF: pip install openvino nncf")
         return self
 
@@ -108,7 +109,7 @@ class QuantizeStage(StageBase):
         return self.method or default_method(self.low)
 
     def problems(self, target: str) -> list[tuple[tuple[str | int, ...], str]]:
-        if target != "cpu" and any(m.engine.startswith("openvino") for m in self._listed()):
+        if target != "cpu" and any(on_openvino(m.engine) for m in self._listed()):
             return [(("method",), f"method openvino runs on CPUs (OpenVINO's), and this recipe compiles for {target}")]
         if self.precision != "fp16":
             return []
