@@ -146,14 +146,14 @@ def _execute(
         from optimize.pipeline import RunOptions, run
 
         options = RunOptions(
-            out or Path("artifacts") / loaded.recipe.name,
-            model,
-            allow_pickle,
-            trust_remote_code,
-            cache_dir,
-            no_cache,
-            overwrite,
-            resume,
+            out=out or Path("artifacts") / loaded.recipe.name,
+            model=model,
+            allow_pickle=allow_pickle,
+            trust_remote_code=trust_remote_code,
+            cache_dir=cache_dir,
+            no_cache=no_cache,
+            overwrite=overwrite,
+            resume=resume,
         )
         result = run(loaded, options, run_console)
     except UsageError as exc:

@@ -77,12 +77,17 @@ def default_gate(task: str) -> list[GateCheck]:
 
 
 # Distillation's default: a student is not its teacher, so the fidelity gate above (cosine 0.99)
-# refuses every real student. Measured on MiniLM (6 -> 3 layers, STS-B test Spearman, teacher
-# 0.8203; cosine_mean against the teacher on held-out calibration texts): DISTILL_MEASURED_NOTE.
-# Where the recipe has an eval suite, the task metric may fall by at most this much from the
-# teacher's; without one, the student's embeddings (or logits) must still point the teacher's way.
+# refuses every real student. Measured on MiniLM, students of layers [0, 2, 4] trained on the STS-B
+# train sentences (cosine_mean against the teacher on held-out calibration texts / STS-B test
+# Spearman; the teacher 0.8203): 4 steps 0.49132 / 0.6628, 300 steps at lr 2e-4 0.692212 / 0.7638,
+# 1000 steps at 2e-4 0.758286 / 0.7973, 1000 steps at 5e-4 0.795032 / 0.8084; the shipped recipe's
+# student (layers [0, 2, 5], 1500 steps on 19k sentences) 0.8677 / 0.8168. Where the recipe has an
+# eval suite, its task metric may fall at most this much below the teacher's (0.02: the students at
+# 0.8084 and 0.8168 pass, those at 0.7973 and below fail); without one, the embeddings must keep
+# cosine_mean 0.75 with the teacher's (the 300- and 4-step students fail). The logit floor is not
+# measured on a real decoder: top-1 agreement with the teacher on half the tokens, KL at most 1 nat.
 STUDENT_MAX_DROP = {"spearman": 0.02, "accuracy": 0.02}
-STUDENT_EMBEDDING_MIN = 0.8
+STUDENT_EMBEDDING_MIN = 0.75
 STUDENT_LOGIT_TOP1, STUDENT_LOGIT_KL = 0.5, 1.0
 
 

@@ -40,7 +40,7 @@ from optimize.stages.base import StageBase, StageContext
 from optimize.suites import load_suite
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)  # five flags: a swapped pair must not type-check
 class RunOptions:
     out: Path
     model: str | None = None

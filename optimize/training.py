@@ -54,7 +54,7 @@ def bf16_supported() -> bool:
     return cpu.current().bf16_math
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)  # twelve fields: built by name only
 class Settings:
     steps: int
     batch_size: int  # texts per optimizer step, across processes and accumulation
