@@ -28,7 +28,8 @@ def test_cpu_compile_measures_each_variant_and_keeps_the_fastest_that_agrees(tin
     assert chosen.get("agrees")
     # nothing that agrees is more than min_speedup (5%) faster than what was kept
     assert all(c["latency_p50_ms"] >= chosen["latency_p50_ms"] * 0.95 for c in agreeing)
-    assert tried["fused"].get("fused", {}).get("SkipLayerNormalization", 0) > 0 or "error" in tried["fused"]
+    assert "error" not in tried["fused"], tried["fused"]  # onnxruntime's BERT fusions apply to this graph
+    assert tried["fused"]["fused"]["SkipLayerNormalization"] > 0
 
 
 def test_gpu_targets_keep_a_portable_graph_and_ship_their_provider_settings(tiny_bert, tmp_path):

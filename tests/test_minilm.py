@@ -15,25 +15,20 @@ ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 
 
-def test_the_default_recipe_passes_on_minilm_gives_identical_files_and_a_warm_rerun_is_10x_faster(
-    tmp_path,
-):
-    import time
-
+def test_the_default_recipe_passes_on_minilm_gives_identical_files_and_a_warm_rerun_reuses_every_step(tmp_path):
     cache = tmp_path / "cache"
     outs = [tmp_path / "first", tmp_path / "second", tmp_path / "warm"]
-    reports, seconds = [], []
+    reports, logs = [], []
     for index, out in enumerate(outs):
         # The two cold runs pin the graph variant (which one is fastest is a measurement, and a close
         # call may go either way); the warm run replays the first run's steps from the cache.
         pinned = ["--set", "stages.0.variants=[basic]", "--cache-dir", str(cache)] + (
             ["--no-cache"] if index == 1 else []
         )
-        began = time.perf_counter()
         result = CliRunner().invoke(
             app, ["run", str(ROOT / "recipes" / "minilm-cpu.yaml"), "-o", str(out), "--json", *pinned]
         )
-        seconds.append(time.perf_counter() - began)
+        logs.append(result.stderr)
         assert result.exit_code == 0, result.output
         reports.append(json.loads(result.stdout))
     compiled = reports[0]["stages"][-1]
@@ -42,13 +37,13 @@ def test_the_default_recipe_passes_on_minilm_gives_identical_files_and_a_warm_re
     manifest = runtime.verify(outs[0])
     assert manifest["stages"][0]["config"]["max_abs_diff"] < 1e-3  # export checked against torch
     # The same recipe, inputs and seed give the same bytes: every hashed file and the manifest on a
-    # cold rerun; every file, reports included, on a warm one, which is at least 10x faster.
+    # cold rerun; every file, reports included, on a warm one, which reuses every step.
     hashed = [*manifest["files"], "manifest.json"]
     for name in hashed:
         assert runtime.sha256_file(outs[0] / name) == runtime.sha256_file(outs[1] / name), name
     for path in sorted(p for p in outs[0].rglob("*") if p.is_file()):
         assert runtime.sha256_file(path) == runtime.sha256_file(outs[2] / path.relative_to(outs[0])), path.name
-    assert seconds[2] * 10 <= seconds[0], seconds
+    assert logs[2].count("reused from the cache") == 2 and "reused" not in logs[1]  # export and compile
     # What the runtime bundled in the artifact computes is what the gate measured.
     model = runtime.load(outs[0], available=["CPUExecutionProvider"])
     assert model.provider == "CPUExecutionProvider"

@@ -39,14 +39,12 @@ def test_a_warm_rerun_reuses_every_step_and_gives_byte_identical_files(tiny_bert
     recipe = write_recipe(tmp_path, COMPILE, model=str(tiny_bert))
     first = invoke("run", str(recipe), "-o", str(tmp_path / "a"), "--cache-dir", str(cached))
     assert first.exit_code == 0, first.output
-    began = time.perf_counter()
     second = invoke("run", str(recipe), "-o", str(tmp_path / "b"), "--cache-dir", str(cached))
     assert second.exit_code == 0, second.output
     assert second.stderr.count("reused from the cache") == 2  # the export and the compile stage
     assert hashes(tmp_path / "a") == hashes(tmp_path / "b")  # every file, reports included
     listed = json.loads(invoke("cache", "list", "--cache-dir", str(cached), "--json").stdout)
     assert {e["step"] for e in listed["entries"]} == {"reference", "export", "stage 0 (compile)"}
-    assert time.perf_counter() - began < 30
     cleared = json.loads(invoke("cache", "clear", "--cache-dir", str(cached), "--json").stdout)
     assert cleared["freed_mb"] > 0
     assert json.loads(invoke("cache", "list", "--cache-dir", str(cached), "--json").stdout)["entries"] == []

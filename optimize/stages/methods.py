@@ -1,7 +1,7 @@
 """Quantization methods: how one set of layers is put in low precision, each with its own settings.
 
-`METHODS` is the table: a method is one class here (its recipe fields and a `build` function) and
-one entry in that union. In a recipe it is the quantize stage's `method:`, e.g.
+`Method` (the union at the bottom) is the table: a method is one class here (its recipe fields
+and a `build` function) and one entry in that union. In a recipe it is the quantize stage's `method:`, e.g.
 `method: {name: static, calibrate: entropy}` or `method: {name: rtn, block_size: 128}`; without
 one, int8 uses `dynamic` and int4 `rtn`.
 
