@@ -115,7 +115,7 @@ def test_when_openvino_cannot_compile_the_graph_onnxruntime_runs_it(artifact, mo
     def refuse(*args, **kwargs):
         raise RuntimeError("Exception from src/inference: unsupported CPU\nmore detail")
 
-    monkeypatch.setattr(runtime, "OpenVINOSession", refuse)
+    monkeypatch.setattr(runtime.session, "OpenVINOSession", refuse)  # where make_session finds it
     model = runtime.load(artifact)
     assert model.provider == "CPUExecutionProvider"
     assert model.fallbacks == [

@@ -10,410 +10,61 @@ kernels) runs with OpenVINO when it is installed, else with onnxruntime, which r
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from .generation import GenAIEngine, Sampling, chat_prompt, kv_loop, stream
-
-if TYPE_CHECKING:
-    import onnxruntime as ort
-
-PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
-GPU_HINT = " (with a GPU, `pip install 'onnxruntime-gpu[cuda,cudnn]'` brings the CUDA and cuDNN libraries it needs)"
-# Which providers may run a model compiled for each target, best first.
-TARGET_PROVIDERS = {
-    "tensorrt": PREFERENCE,
-    "cuda": ("CUDAExecutionProvider", "CPUExecutionProvider"),
-    "cpu": ("CPUExecutionProvider",),
-}
-
-
-class ArtifactError(Exception):
-    """The artifact cannot be used as it is (a tampered or missing file)."""
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def merge_volatile(stable: Any, moved: Any) -> Any:
-    """The inverse of `split_volatile`: the manifest with its measurements put back."""
-    if isinstance(stable, dict) and isinstance(moved, dict):
-        merged = dict(stable)
-        for k, v in moved.items():
-            merged[k] = merge_volatile(stable[k], v) if k in stable else v
-        return merged
-    if isinstance(stable, list) and isinstance(moved, list):
-        return [merge_volatile(s, m) if m else s for s, m in zip(stable, moved, strict=False)]
-    return stable
-
-
-# Model files the runtime may load: each must be listed (and hashed) in the manifest.
-MODEL_FILES = ("model.onnx", "model.onnx.data", "tokenizer.json", "genai_config.json")
-
-
-def verify(artifact_dir: Path) -> dict[str, Any]:
-    """Check every file the manifest lists, and that every model file present is listed; returns
-    the manifest with its measurements (measurements.json: timings, not hashed) merged back."""
-    artifact_dir = Path(artifact_dir)
-    manifest_path = artifact_dir / "manifest.json"
-    if not manifest_path.is_file():
-        raise ArtifactError(f"{artifact_dir}: no manifest.json; is this an optimize artifact?")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ArtifactError(f"{manifest_path}: not readable JSON ({exc})") from None
-    files = manifest.get("files") if isinstance(manifest, dict) else None
-    if not isinstance(files, dict) or not files:
-        raise ArtifactError(f"{manifest_path}: no `files` table; the manifest is damaged, refusing to load it")
-    _check_files(artifact_dir, manifest_path, files)
-    for key, kind in (("runtime", dict), ("stages", list), ("provenance", dict), ("name", str)):
-        if not isinstance(manifest.get(key), kind):
-            raise ArtifactError(
-                f"{manifest_path}: `{key}` is missing or not a {kind.__name__}; the manifest is damaged"
-            )
-    measurements = artifact_dir / "measurements.json"
-    if measurements.is_file():
-        try:
-            manifest = merge_volatile(manifest, json.loads(measurements.read_text()))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ArtifactError(f"{measurements}: not readable JSON ({exc})") from None
-    return dict(manifest)
-
-
-def _check_files(artifact_dir: Path, manifest_path: Path, files: dict[str, Any]) -> None:
-    """Every listed file inside the folder with its size and sha256, and every model file listed."""
-    for name, entry in files.items():
-        path = artifact_dir / name
-        inside = path.resolve().is_relative_to(artifact_dir.resolve())
-        if not inside or not isinstance(entry, dict) or not {"sha256", "bytes"} <= set(entry):
-            raise ArtifactError(f"{manifest_path}: files: {name!r} is not a file of this folder with sha256 and bytes")
-        if not path.is_file():
-            raise ArtifactError(f"{path}: listed in the manifest but missing")
-        if path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
-            raise ArtifactError(
-                f"{path}: sha256 does not match the manifest; the file was changed "
-                "after the artifact was made, refusing to load it"
-            )
-    unlisted = [name for name in MODEL_FILES if (artifact_dir / name).exists() and name not in files]
-    if unlisted or "model.onnx" not in files:
-        missing = ", ".join(unlisted) or "model.onnx"
-        raise ArtifactError(f"{manifest_path}: {missing} not listed in the manifest; refusing an unchecked model file")
-
-
-def select_providers(available: Sequence[str], target: str = "cpu") -> list[str]:
-    """Providers to try, best first: those the target allows that this onnxruntime offers."""
-    allowed = TARGET_PROVIDERS.get(target, TARGET_PROVIDERS["cpu"])
-    chosen = [p for p in allowed if p in available]
-    return chosen or ["CPUExecutionProvider"]
-
-
-def provider_options(provider: str, settings: dict[str, Any], cache_dir: Path) -> dict[str, Any]:
-    """Options per provider, from the manifest's `runtime` section (what compile chose for the target).
-    TensorRT builds its engine at the first load on the target GPU and caches it; the cache files
-    are keyed by GPU architecture and TensorRT version, so one folder serves several machines."""
-    if provider == "TensorrtExecutionProvider":
-        return {
-            "trt_fp16_enable": bool(settings.get("fp16", True)),
-            "trt_int8_enable": bool(settings.get("int8", False)),
-            "trt_engine_cache_enable": True,
-            "trt_engine_cache_path": str(cache_dir / "trt-engines"),
-            "trt_timing_cache_enable": True,
-            "trt_timing_cache_path": str(cache_dir / "trt-timing"),
-        }
-    if provider == "CUDAExecutionProvider":
-        return {"cudnn_conv_algo_search": "HEURISTIC"}
-    return {}
-
-
-@dataclass(frozen=True)
-class Port:
-    """An input or output as onnxruntime describes it (the fields this runtime reads)."""
-
-    name: str
-    shape: list[int | str]
-    type: str
-
-
-# What runs model.onnx (the manifest's `runtime.engine`) -> OpenVINO's precision for the ops left in
-# float, or None where onnxruntime runs it: onnxruntime; OpenVINO in fp32; OpenVINO in bf16 (chosen
-# on a CPU that computes bf16 natively); onnxruntime-genai for a decoder folder its model builder
-# made (genai_config.json). Every question about an engine is asked of this table.
-ENGINES: dict[str, str | None] = {
-    "onnxruntime": None,
-    "openvino": "f32",
-    "openvino-bf16": "bf16",
-    "onnxruntime-genai": None,
-}
-
-
-def on_openvino(engine: str) -> bool:
-    """Whether OpenVINO runs the graph for this engine (an unknown name: no)."""
-    return ENGINES.get(engine) is not None
-
-
-class OpenVINOSession:
-    """OpenVINO's CPU plugin behind the part of onnxruntime's InferenceSession this runtime uses. It
-    compiles the ONNX file itself (its own fusions and int8 kernels for the QDQ pairs NNCF wrote).
-    The float ops' precision is set (`INFERENCE_PRECISION_HINT`), never left to OpenVINO, whose
-    default changes with the CPU: bf16 where it was measured so, fp32 otherwise.
-
-    Input shapes that recur (fixed-length padding, steady batch sizes) get a model compiled for that
-    shape after `SPECIALIZE_AFTER` calls, at most `MAX_SPECIALIZED` of them (~0.5 s and one more copy
-    of the weights each). When all are taken, a shape whose recent calls weigh more than twice the
-    coldest compiled shape's takes its place; a call's weight decays by `DECAY` with every later
-    call. So a steady new shape gets a slot within a few calls, while shapes called in turn at equal
-    rates never evict each other. Every other shape runs on the dynamic-shape model. MiniLM int8,
-    L=128, our 2-core AVX-512 CPU, one run of the runtime: 6.97 vs 7.78 ms at batch 1, 187.44 vs
-    196.38 ms at batch 32 (the peer: 9.55, 312.20)."""
-
-    SPECIALIZE_AFTER = 3
-    MAX_SPECIALIZED = 8
-    DECAY = 0.9
-
-    def __init__(self, model_path: Path, threads: int, precision: str = "f32"):
-        import openvino
-
-        self.core = openvino.Core()
-        self.config = {
-            "INFERENCE_NUM_THREADS": threads,
-            "PERFORMANCE_HINT": "LATENCY",
-            "INFERENCE_PRECISION_HINT": precision,
-        }
-        self.model = self.core.read_model(str(model_path))
-        self.compiled = self.core.compile_model(self.model, "CPU", self.config)
-        self.request = self.compiled.create_infer_request()
-        self.output_names = [port.any_name for port in self.compiled.outputs]
-        self.seen: dict[tuple[tuple[int, ...], ...], int] = {}
-        self.weights: dict[tuple[tuple[int, ...], ...], tuple[float, int]] = {}  # shape: (weight, at call)
-        self.calls = 0
-        self.specialized: dict[tuple[tuple[int, ...], ...], Any] = {}
-        self.lock = threading.Lock()  # infer requests run one call at a time; onnxruntime's run is thread-safe
-
-    def _request(self, feed: dict[str, np.ndarray]) -> Any:
-        """The infer request for these inputs' shapes: a static-shape one for a recurring shape."""
-        shape = tuple(tuple(feed[name].shape) for name in sorted(feed))
-        self.seen[shape] = calls = self.seen.get(shape, 0) + 1
-        self.calls += 1
-        self.weights[shape] = (self._weight(shape) + 1, self.calls)
-        if shape in self.specialized:
-            return self.specialized[shape]
-        if calls < self.SPECIALIZE_AFTER:
-            return self.request
-        if len(self.specialized) >= self.MAX_SPECIALIZED:
-            coldest = min(self.specialized, key=self._weight)
-            if self._weight(shape) <= 2 * self._weight(coldest):
-                return self.request
-            del self.specialized[coldest]
-        model = self.model.clone()
-        model.reshape({port.any_name: list(feed[port.any_name].shape) for port in model.inputs})
-        self.specialized[shape] = self.core.compile_model(model, "CPU", self.config).create_infer_request()
-        return self.specialized[shape]
-
-    def _weight(self, shape: tuple[tuple[int, ...], ...]) -> float:
-        """The shape's calls so far, each weighted DECAY ** (calls of any shape made since)."""
-        weight, at = self.weights.get(shape, (0.0, self.calls))
-        return weight * self.DECAY ** (self.calls - at)
-
-    @staticmethod
-    def _port(port: Any) -> Port:
-        shape = [d.get_length() if d.is_static else "?" for d in port.get_partial_shape()]
-        return Port(port.any_name, shape, f"tensor({port.get_element_type().to_string()})")
-
-    def get_inputs(self) -> list[Port]:
-        return [self._port(p) for p in self.compiled.inputs]
-
-    def get_outputs(self) -> list[Port]:
-        return [self._port(p) for p in self.compiled.outputs]
-
-    def get_providers(self) -> list[str]:
-        return ["OpenVINO (CPU)"]
-
-    def run(self, names: Sequence[str] | None, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-        indices = range(len(self.output_names)) if names is None else [self.output_names.index(n) for n in names]
-        with self.lock:
-            request = self._request(feed)
-            # The request reads the caller's arrays in place (no copy in); outputs are copied out, as
-            # the request reuses its buffers on the next call.
-            request.infer(feed, share_inputs=True, share_outputs=True)
-            return [request.get_output_tensor(i).data.copy() for i in indices]
-
-
-OPENVINO_MISSING = (
-    "openvino: not installed; onnxruntime runs this OpenVINO-tuned int8 graph instead (the same graph; "
-    "slower on it): `pip install openvino` for the speed it was chosen for"
+from .session import (
+    ENGINES,
+    GPU_HINT,
+    OPENVINO_MISSING,
+    PREFERENCE,
+    TARGET_PROVIDERS,
+    OpenVINOSession,
+    Port,
+    make_session,
+    on_openvino,
+    provider_options,
+    select_providers,
 )
+from .text import Pooling, Tokenizer, embed, mean_pool, model_seq_len
+from .verify import ArtifactError, merge_volatile, sha256_file, verify
 
-
-def make_session(
-    model_path: Path,
-    target: str = "cpu",
-    threads: int | None = None,
-    available: Sequence[str] | None = None,
-    settings: dict[str, Any] | None = None,
-) -> tuple[ort.InferenceSession | OpenVINOSession, list[str]]:
-    """An InferenceSession on the best provider that actually starts; falls back down the list.
-    Returns the session and a note per provider that was tried and could not be used. The
-    `openvino` engines (settings) run on OpenVINO when it imports, else on onnxruntime's CPU."""
-    import onnxruntime as ort
-
-    notes: list[str] = []
-    threads = threads or os.cpu_count() or 1
-    engine = str((settings or {}).get("engine", "onnxruntime"))
-    precision = ENGINES.get(engine)
-    if precision is not None:
-        try:
-            return OpenVINOSession(model_path, threads, precision), notes
-        except ImportError:
-            notes.append(OPENVINO_MISSING)
-        except Exception as exc:  # OpenVINO present but unable to compile the graph on this machine
-            notes.append(f"openvino: {str(exc).splitlines()[0][:200]}; onnxruntime runs the graph instead")
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 4
-    providers = select_providers(available if available is not None else ort.get_available_providers(), target)
-    cache_dir = Path(os.environ.get("OPTIMIZE_RUNTIME_CACHE", Path.home() / ".cache" / "optimize-runtime"))
-    for i, provider in enumerate(providers):
-        chain = [(p, provider_options(p, settings or {}, cache_dir)) for p in providers[i:]]
-        try:
-            session = ort.InferenceSession(str(model_path), options, providers=chain)
-        except Exception as exc:  # a provider whose device or libraries are missing fails here
-            notes.append(
-                f"{provider}: {str(exc).splitlines()[0][:200]}{GPU_HINT if provider != PREFERENCE[-1] else ''}"
-            )
-            continue
-        if session.get_providers()[0] == provider:
-            return session, notes
-        # onnxruntime fell back silently (e.g. the GPU build on a machine without a GPU)
-        notes.append(f"{provider}: not usable on this machine")
-    raise RuntimeError("no execution provider could load the model: " + "; ".join(notes))
-
-
-class Tokenizer:
-    """tokenizer.json with truncation to `seq_len` and padding to the longest text (or `pad_to`)."""
-
-    def __init__(self, path: Path, seq_len: int = 128):
-        from tokenizers import Tokenizer as HFTokenizer
-
-        self._tok = HFTokenizer.from_file(str(path))
-        self.seq_len = seq_len
-        padding = self._tok.padding or {}
-        self.pad_id = int(padding.get("pad_id", 0))
-        self.pad_token = str(padding.get("pad_token", "[PAD]"))
-
-    def ids(self, text: str, special: bool = False) -> list[int]:
-        """Token ids of one long text, neither truncated nor padded (for perplexity and prompts)."""
-        self._tok.no_truncation()
-        self._tok.no_padding()
-        return list(self._tok.encode(text, add_special_tokens=special).ids)
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return str(self._tok.decode(list(ids), skip_special_tokens=True))
-
-    def __call__(self, texts: Sequence[str], pad_to: int | None = None) -> dict[str, np.ndarray]:
-        self._tok.enable_truncation(max_length=self.seq_len)
-        self._tok.enable_padding(pad_id=self.pad_id, pad_token=self.pad_token, length=pad_to)
-        encodings = self._tok.encode_batch(list(texts))
-        return {
-            "input_ids": np.array([e.ids for e in encodings], dtype=np.int64),
-            "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64),
-            "token_type_ids": np.array([e.type_ids for e in encodings], dtype=np.int64),
-        }
-
-
-def mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    weights = mask[..., None].astype(np.float32)
-    pooled: np.ndarray = (hidden * weights).sum(axis=1) / np.clip(weights.sum(axis=1), 1e-9, None)
-    return pooled
-
-
-# sentence-transformers' Pooling config flags -> our names for them
-POOLING_MODES = {
-    "pooling_mode_mean_tokens": "mean",
-    "pooling_mode_cls_token": "cls",
-    "pooling_mode_max_tokens": "max",
-    "pooling_mode_lasttoken": "lasttoken",
-    "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len",
-}
-
-
-@dataclass(frozen=True)
-class Pooling:
-    """How a sentence-embedding model turns token states into one vector, as its authors shipped it
-    (sentence-transformers' `modules.json`: a Pooling module, maybe a Normalize); mean pooling
-    without normalization when the folder has no such files."""
-
-    mode: str = "mean"
-    normalize: bool = False
-
-    @classmethod
-    def of(cls, folder: Path) -> Pooling:
-        path = Path(folder) / "modules.json"
-        if not path.is_file():
-            return cls()
-        mode, normalize = "mean", False
-        for module in json.loads(path.read_text()):
-            kind = str(module.get("type", ""))
-            if kind.endswith("Pooling"):
-                config = json.loads((Path(folder) / module["path"] / "config.json").read_text())
-                modes = [name for key, name in POOLING_MODES.items() if config.get(key, key.endswith("mean_tokens"))]
-                if len(modes) != 1:
-                    raise ValueError(f"{folder}: pooling modes {modes} combined; one mode is supported")
-                mode = modes[0]
-            elif kind.endswith("Normalize"):
-                normalize = True
-        return cls(mode, normalize)
-
-    def __call__(self, hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        real = mask[..., None].astype(bool)
-        if self.mode == "cls":
-            pooled = hidden[:, 0]
-        elif self.mode == "lasttoken":  # right padding: the last real token
-            pooled = hidden[np.arange(len(hidden)), np.maximum(mask.sum(axis=1) - 1, 0)]
-        elif self.mode == "max":
-            pooled = np.where(real, hidden, -1e9).max(axis=1)
-        elif self.mode == "mean_sqrt_len":
-            pooled = (hidden * real).sum(axis=1) / np.sqrt(np.clip(real.sum(axis=1), 1, None))
-        else:
-            pooled = mean_pool(hidden, mask)
-        if self.normalize:
-            pooled = pooled / np.clip(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12, None)
-        return np.asarray(pooled, dtype=np.float32)
-
-
-def model_seq_len(folder: Path, seq_len: int) -> int:
-    """`seq_len`, or the shorter `max_seq_length` a sentence-transformers model was trained with."""
-    path = Path(folder) / "sentence_bert_config.json"
-    longest = json.loads(path.read_text()).get("max_seq_length") if path.is_file() else None
-    return min(seq_len, int(longest)) if longest else seq_len
-
-
-def embed(
-    run: Callable[[dict[str, np.ndarray]], np.ndarray],
-    tokenizer: Tokenizer,
-    texts: Sequence[str],
-    batch_size: int = 32,
-    pooling: Pooling = Pooling(),
-) -> np.ndarray:
-    """Sentence embeddings: the last hidden states over real (unpadded) tokens, pooled."""
-    out = []
-    for start in range(0, len(texts), batch_size):
-        inputs = tokenizer(texts[start : start + batch_size])
-        out.append(pooling(run(inputs), inputs["attention_mask"]))
-    return np.concatenate(out).astype(np.float32)
+__all__ = [
+    "ENGINES",
+    "GPU_HINT",
+    "OPENVINO_MISSING",
+    "PREFERENCE",
+    "TARGET_PROVIDERS",
+    "ArtifactError",
+    "GenAIEngine",
+    "OnnxModel",
+    "OpenVINOSession",
+    "Pooling",
+    "Port",
+    "Sampling",
+    "Tokenizer",
+    "chat_prompt",
+    "cpu_info",
+    "embed",
+    "kv_loop",
+    "load",
+    "make_session",
+    "mean_pool",
+    "merge_volatile",
+    "model_seq_len",
+    "on_openvino",
+    "provider_options",
+    "select_providers",
+    "sha256_file",
+    "stream",
+    "tuning_warning",
+    "verify",
+]
 
 
 class OnnxModel:
