@@ -137,7 +137,7 @@ def test_a_narrower_feed_forward_keeps_the_strongest_neurons_of_a_reordering_tha
     import torch
     from transformers import AutoModel
 
-    from optimize.stages.distill import StudentConfig, build_student, ranked_by_strength
+    from optimize.students import StudentConfig, build_student, ranked_by_strength
 
     teacher = AutoModel.from_pretrained(deep_bert).eval()
     state = teacher.state_dict()
