@@ -26,17 +26,15 @@ slower there).
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 from pydantic import Field, model_validator
 
 from optimize import cpu
-from optimize.errors import GateFailed, UsageError
+from optimize.errors import UsageError
 from optimize.model import ModelHandle
 from optimize.runtime import on_openvino
 from optimize.stages.base import StageBase, StageContext, StageResult
@@ -45,13 +43,10 @@ from optimize.stages.methods import (
     Dynamic,
     Method,
     MethodBase,
-    Static,
     default_method,
-    int8_weight_range,
     openvino_available,
 )
-
-FLOAT = "fp32"
+from optimize.stages.plans import FLOAT, Trials, fixed, search
 
 
 class QuantizeStage(StageBase):
@@ -208,24 +203,6 @@ def build(
     return source.with_onnx(out, engine=method.engine)
 
 
-def sensitivity(
-    config: QuantizeStage, source: ModelHandle, layers: list[str], low: str, ctx: StageContext
-) -> dict[str, float]:
-    """1 - cosine_mean of the model with only `layer` in `low` precision, for each layer."""
-    from rich.progress import Progress
-
-    scores = {}
-    with Progress(transient=True, console=ctx.console) as progress:
-        task = progress.add_task("sensitivity", total=len(layers))
-        for i, layer in enumerate(layers):
-            plan = {n: (low if n == layer else FLOAT) for n in layers}
-            candidate = build(config, source, plan, ctx.workdir / "sensitivity" / f"{i}.onnx", ctx)
-            scores[layer] = round(1.0 - ctx.probe(candidate)["cosine_mean"], 8)
-            candidate.onnx_path.unlink()  # type: ignore[union-attr]
-            progress.advance(task)
-    return scores
-
-
 def _preprocessed_name(method: MethodBase) -> str:
     """The file `_preprocess` writes for `method`: one per kind of preprocessing, not per method."""
     return "fused.onnx" if isinstance(method, Dynamic) and method.fuse else "preprocessed.onnx"
@@ -255,70 +232,6 @@ def _preprocess(model: ModelHandle, ctx: StageContext, method: MethodBase) -> Mo
     return model.with_onnx(out)
 
 
-def _print_sensitivity(
-    ctx: StageContext,
-    ranking: list[str],
-    scores: dict[str, float],
-    costs: dict[str, int],
-    low: str,
-    rank_by: str,
-    shown: int = 12,
-) -> None:
-    from rich.table import Table
-
-    table = Table(
-        title=f"sensitivity: 1 - cosine_mean with only that layer in {low}; the first "
-        f"{shown} of {len(ranking)} to keep in float (ranked by {rank_by})",
-        title_justify="left",
-    )
-    table.add_column("rank", justify="right")
-    table.add_column("layer")
-    table.add_column("score", justify="right")
-    table.add_column("weights", justify="right")
-    for rank, name in enumerate(ranking[:shown], start=1):
-        table.add_row(str(rank), name, f"{scores[name]:.3g}", f"{costs[name]:,}")
-    ctx.console.print(table)
-
-
-def _first_guess(checks: list[dict[str, Any]], ranking: list[str], scores: dict[str, float]) -> int:
-    """How many of the most sensitive layers to keep in float so the failing checks would hold, if
-    each layer's loss added up in proportion to its sensitivity."""
-    fraction = 0.0
-    for check in checks:
-        if check["passed"] or check.get("reference") is None or check["threshold"] is None:
-            continue
-        loss = abs(check["reference"] - check["value"])
-        allowed = abs(check["reference"] - check["threshold"])
-        if loss > 0:
-            fraction = max(fraction, 1 - allowed / loss)
-    total = sum(scores.values()) or 1.0
-    kept, removed = 0, 0.0
-    while kept < len(ranking) and removed / total < min(1.0, fraction * 1.25):
-        removed += scores[ranking[kept]]
-        kept += 1
-    return max(kept, 1)
-
-
-def _rank(layers: list[str], scores: dict[str, float], costs: dict[str, int], rank_by: str) -> list[str]:
-    """The order in which layers are kept in float. By cost (the default), a layer kept in float buys
-    the most quality per weight it keeps large and slow: attention projections before the 4x wider
-    feed-forward layers, small tables before the word embeddings. By sensitivity alone, the most
-    sensitive layers go first whatever they cost."""
-    if rank_by == "cost":
-        return sorted(layers, key=lambda n: -scores[n] / max(costs[n], 1))
-    return sorted(layers, key=lambda n: -scores[n])
-
-
-def _advice(scores: dict[str, float], low: str) -> str:
-    worst = sorted(scores, key=lambda n: -scores[n])[:5]
-    named = ", ".join(f"{n} ({scores[n]:.3g})" for n in worst)
-    return (
-        f"all {low} did not hold the gate; the most sensitive layers (1 - cosine_mean with only that layer "
-        f"in {low}) are {named}. Try `precision: auto` in the recipe (`--precision auto`), which keeps the "
-        "most sensitive layers in fp32 until the gate holds."
-    )
-
-
 def run(config: QuantizeStage, model: ModelHandle, ctx: StageContext) -> StageResult:
     """Three modes: formulations (every int8 form, timed), a fixed plan (all-low or a plan file), or
     the search for the smallest set of layers to keep in float."""
@@ -330,134 +243,14 @@ def run(config: QuantizeStage, model: ModelHandle, ctx: StageContext) -> StageRe
     costs = quantizable_layers(model.onnx_path, config.low)
     if not costs:
         raise UsageError(f"quantize: {model.onnx_path.name} has no MatMul with constant weights to quantize")
-    trials = _Trials(config, model, ctx, list(costs))
+
+    def make(source: ModelHandle, plan: dict[str, str], out: Path) -> ModelHandle:
+        return build(config, source, plan, out, ctx)
+
+    trials = Trials(config, make, model, ctx, list(costs))
     if config.plan or config.precision != "auto":
-        return _fixed(trials)
-    return _search(trials, costs)
-
-
-@dataclass
-class _Trials:
-    """Plans built and judged against the stage's gate (and timed in turns with the float model
-    when the stage requires a speed-up), recorded in `info` for the manifest."""
-
-    config: QuantizeStage
-    model: ModelHandle  # the preprocessed float model
-    ctx: StageContext
-    layers: list[str]
-    info: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        float_metrics, _ = self.ctx.judge(self.model)
-        here = cpu.current()
-        method = self.config.quantizer
-        self.info.update(
-            layers=len(self.layers),
-            float_latency_p50_ms=float_metrics["latency_p50_ms"],
-            cpu=here.summary(),
-            candidates=[],
-            method=method.model_dump(mode="json"),
-        )
-        if isinstance(method, Dynamic | Static):
-            self.info["int8_weights"] = int8_weight_range(method.weights, here)
-
-    @property
-    def candidates(self) -> list[dict[str, Any]]:
-        found: list[dict[str, Any]] = self.info["candidates"]
-        return found
-
-    def evaluate(self, plan: dict[str, str], label: str) -> tuple[ModelHandle, dict[str, Any]]:
-        from optimize.evaluate import time_in_turns
-
-        config, ctx = self.config, self.ctx
-        handle = build(config, self.model, plan, ctx.workdir / f"candidate-{len(self.candidates)}.onnx", ctx)
-        metrics, gate = ctx.judge(handle)
-        record: dict[str, Any] = {
-            "label": label,
-            "kept_float": sorted(n for n, p in plan.items() if p == FLOAT),
-            "metrics": metrics,
-            "gate_passed": gate["passed"],
-        }
-        faster = True
-        if config.require_speedup:
-            # One timing on a shared machine can be a slow spell: the candidate and the float model are
-            # timed in turns, and the candidate must win by a real margin, not by noise.
-            record["timed_in_turns_ms"] = timed = time_in_turns(
-                [handle, self.model], ctx.calibration_texts, ctx.seq_len
-            )
-            faster = timed[0] <= timed[1] * (1 - config.min_speedup)
-        record.update(faster_than_float=faster, passed=gate["passed"] and faster, checks=gate["checks"])
-        self.candidates.append(record)
-        return handle, record
-
-
-def _fixed(trials: _Trials) -> StageResult:
-    """All layers in the low precision, or the plan a file gives; on a failed gate, the most
-    sensitive layers and what to try."""
-    config, layers, low, info = trials.config, trials.layers, trials.config.low, trials.info
-    plan = _read_plan(Path(config.plan), layers) if config.plan else {n: low for n in layers}
-    handle, record = trials.evaluate(plan, "given plan" if config.plan else f"all {low}")
-    advice = None
-    if not record["gate_passed"] and not config.plan:
-        scores = sensitivity(config, trials.model, layers, low, trials.ctx)
-        info["sensitivity"] = dict(sorted(scores.items(), key=lambda kv: -kv[1]))
-        advice = _advice(scores, low)
-    elif not record["faster_than_float"]:
-        candidate_ms, float_ms = record["timed_in_turns_ms"]
-        raise GateFailed(
-            f"quantize: the {low} model ({candidate_ms} ms) is not {config.min_speedup:.0%} faster "
-            f"than the float model ({float_ms} ms) on this CPU ({cpu.current().model}), timed in turns; "
-            "try `precision: auto`, or `require_speedup: false` for a size-only goal",
-            metrics=record["metrics"],
-            checks=record["checks"],
-            details=info,
-        )
-    return StageResult(handle, info, precision_plan=plan, advice=advice)
-
-
-def _search(trials: _Trials, costs: dict[str, int]) -> StageResult:
-    """The fewest layers kept in float (ranked by sensitivity per weight) for which the gate holds:
-    a guess from the first failure, then bisection, within `max_evals` evaluations."""
-    config, ctx, layers, low, info = trials.config, trials.ctx, trials.layers, trials.config.low, trials.info
-    scores = sensitivity(config, trials.model, layers, low, ctx)
-    ranking = _rank(layers, scores, costs, config.rank_by)
-    info["sensitivity"] = {n: scores[n] for n in ranking}
-    info["weights"] = {n: costs[n] for n in ranking}
-    _print_sensitivity(ctx, ranking, scores, costs, low, config.rank_by)
-
-    def plan_keeping(kept: int) -> dict[str, str]:
-        return {n: (FLOAT if n in ranking[:kept] else low) for n in layers}
-
-    best: tuple[int, ModelHandle] | None = None
-    lo, hi = -1, len(layers)  # lo: largest count known to fail; hi: smallest known (or assumed) to pass
-    kept = 0
-    while len(trials.candidates) < config.max_evals:
-        handle, record = trials.evaluate(plan_keeping(kept), f"{kept} most sensitive kept in {FLOAT}")
-        if record["passed"]:
-            hi, best = kept, (kept, handle)
-        else:
-            lo = kept
-            if not record["faster_than_float"]:
-                break  # keeping more layers in float only gets slower
-        if hi - lo <= 1:
-            break
-        if best is None and lo == 0:
-            kept = min(_first_guess(record["checks"], ranking, scores), hi - 1)
-        else:
-            kept = (lo + hi) // 2 if best is not None else min(hi - 1, max(lo + 1, math.ceil(lo * 2)))
-    if best is None:
-        tried = trials.candidates
-        closest = max(tried, key=lambda c: (c["faster_than_float"], c["metrics"].get("cosine_mean", 0)))
-        raise GateFailed(
-            f"quantize: no plan passed in {len(tried)} evaluations; the best kept "
-            f"{len(closest['kept_float'])} layers in {FLOAT}: "
-            + ", ".join(f"{k} {v}" for k, v in closest["metrics"].items())
-            + "; raise `max_evals`, or loosen the gate if the float model itself is close to it",
-            metrics=closest["metrics"],
-            checks=closest["checks"],
-            details=info,
-        )
-    return StageResult(best[1], info, precision_plan=plan_keeping(best[0]))
+        return fixed(trials)
+    return search(trials, costs)
 
 
 def _formulations(config: QuantizeStage, model: ModelHandle, ctx: StageContext) -> StageResult:
@@ -478,17 +271,3 @@ def _formulations(config: QuantizeStage, model: ModelHandle, ctx: StageContext) 
     result = search(methods, model, ctx, make, config.min_speedup, config.min_gain)
     plan = plans.get(result.model.onnx_path, {}) if result.model.onnx_path else {}
     return StageResult(result.model, result.decisions, precision_plan=plan, runtime=result.runtime)
-
-
-def _read_plan(path: Path, layers: list[str]) -> dict[str, str]:
-    try:
-        plan = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UsageError(f"{path}: cannot read the plan ({exc})") from None
-    plan = plan.get("precision_plan", plan) if isinstance(plan, dict) else plan
-    if not isinstance(plan, dict) or not set(plan.values()) <= {"int8", "int4", FLOAT}:
-        raise UsageError(f"{path}: a plan maps layer names to int8, int4 or {FLOAT}")
-    unknown = sorted(set(plan) - set(layers))
-    if unknown:
-        raise UsageError(f"{path}: layers not in this model: {', '.join(unknown[:5])}")
-    return {n: plan.get(n, FLOAT) for n in layers}
