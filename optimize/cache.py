@@ -16,6 +16,7 @@ neither (a GGUF is converted into the run's scratch folder), and `optimize cache
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import optimize
+from optimize.model import ModelHandle
 
 ENTRY = "entry.json"
 
@@ -175,3 +177,46 @@ def store_model(folder: Path, onnx_path: Path | None, checkpoint: Path, own_chec
                 shutil.copyfile(external, folder / "onnx" / external.name)
             stored["onnx"] = f"onnx/{onnx_path.name}"
     return stored
+
+
+@dataclass
+class RunCache:
+    """One run's chain of steps in the stage cache: a step's key hashes the run's key so far with the
+    step's own parts, and a step kept (or reused) moves the run's key on. Without a store
+    (`--no-cache`, or a torchrun worker) nothing is read or kept, and the keys still chain."""
+
+    store: StageCache | None
+    key: str
+    recipe: str  # named in each entry, for `optimize cache list`
+
+    def lookup(self, step: str, *parts: Any) -> tuple[str, tuple[Path, dict[str, Any]] | None]:
+        """The key of the next step and its cache entry, if any."""
+        step_key = key(self.key, step, *parts)
+        return step_key, self.store.get(step_key) if self.store else None
+
+    def keep(self, step_key: str, step: str, entry: dict[str, Any], model: ModelHandle, source: ModelHandle) -> None:
+        """Store a finished step's model (its ONNX file, and its checkpoint when the step made one)
+        and `entry` under its key, and move the run's key on."""
+        if self.store is not None:
+            own = model.checkpoint != source.checkpoint
+
+            def fill(folder: Path) -> dict[str, Any]:
+                stored = store_model(folder, model.onnx_path, model.checkpoint, own)
+                return {"step": step, "recipe": self.recipe, "engine": model.engine, **entry, **stored}
+
+            self.store.put(step_key, fill)
+        self.key = step_key
+
+    def reuse(self, step_key: str, found: tuple[Path, dict[str, Any]], source: ModelHandle) -> ModelHandle:
+        """A cached step's model, as if the step had just made it from `source`; moves the key on."""
+        folder, entry = found
+        checkpoint = folder / entry["checkpoint"] if entry.get("checkpoint") else source.checkpoint
+        onnx = folder / entry["onnx"] if entry.get("onnx") else None
+        self.key = step_key
+        engine = entry.get("engine", "onnxruntime")
+        return dataclasses.replace(source, checkpoint=checkpoint, onnx_path=onnx, engine=engine)
+
+    def put(self, step_key: str, entry: dict[str, Any]) -> None:
+        """Keep a step that makes no model (the reference measurement)."""
+        if self.store is not None:
+            self.store.put(step_key, lambda _: {"recipe": self.recipe, **entry})

@@ -151,10 +151,10 @@ class _Run:
         # The stage cache and the key of the run so far (each step chains its own onto it).
         use_cache = not options.no_cache and training.world_size() == 1
         root = options.cache_dir / "stages" if options.cache_dir else stage_cache.default_root()
-        self.cache = stage_cache.StageCache(root) if use_cache else None
+        store = stage_cache.StageCache(root) if use_cache else None
         recipe, cal = prepared.loaded.recipe, prepared.loaded.recipe.calibration
         self.source_sha256 = content_sha256(prepared.model.checkpoint)  # hashed once: the key and the manifest
-        self.key = stage_cache.key(
+        base = stage_cache.key(
             "run",
             self.source_sha256,
             prepared.model.task,
@@ -164,49 +164,20 @@ class _Run:
             recipe.seed,
             prepared.data,
             artifact.versions(),
-            stage_cache.source_sha256() if self.cache else "",
+            stage_cache.source_sha256() if store else "",
         )
+        self.cache = stage_cache.RunCache(store, base, recipe.name)
 
-    def cached(self, step: str, parts: tuple[Any, ...]) -> tuple[str, tuple[Path, dict[str, Any]] | None]:
-        """The key of the next step (chained on the run so far) and its cache entry, if any."""
-        step_key = stage_cache.key(self.key, step, *parts)
-        found = self.cache.get(step_key) if self.cache else None
+    def cached(self, step: str, *parts: Any) -> tuple[str, tuple[Path, dict[str, Any]] | None]:
+        step_key, found = self.cache.lookup(step, *parts)
         if found is not None:
             self.console.print(f"{step}: reused from the cache ({found[0]})", highlight=False)
         return step_key, found
 
-    def keep(
-        self,
-        step_key: str,
-        step: str,
-        record: StageRecord,
-        model: ModelHandle,
-        source: ModelHandle,
-        extra: dict[str, Any],
-    ) -> None:
-        """Store a finished step's model and record under its key, and move the run's key on."""
-        if self.cache is not None:
-            own = model.checkpoint != source.checkpoint
-
-            def fill(folder: Path) -> dict[str, Any]:
-                stored = stage_cache.store_model(folder, model.onnx_path, model.checkpoint, own)
-                name = self.prepared.loaded.recipe.name
-                entry = {"step": step, "recipe": name, "record": record.to_json(), "engine": model.engine}
-                return {**entry, **extra, **stored}
-
-            self.cache.put(step_key, fill)
-        self.key = step_key
-
     def reuse(self, step_key: str, found: tuple[Path, dict[str, Any]], source: ModelHandle) -> ModelHandle:
         """A cached step's model and record, as if it had just run."""
-        folder, entry = found
-        checkpoint = folder / entry["checkpoint"] if entry.get("checkpoint") else source.checkpoint
-        onnx = folder / entry["onnx"] if entry.get("onnx") else None
-        engine = entry.get("engine", "onnxruntime")
-        handle = dataclasses.replace(source, checkpoint=checkpoint, onnx_path=onnx, engine=engine)
-        self.record(StageRecord(**entry["record"]))
-        self.key = step_key
-        return handle
+        self.record(StageRecord(**found[1]["record"]))
+        return self.cache.reuse(step_key, found, source)
 
     def judge(
         self, checks: list[GateCheck], measured: dict[str, float], source: GateSource, handle: ModelHandle
@@ -259,7 +230,7 @@ class _Run:
 
     def export(self, model: ModelHandle) -> ModelHandle:
         stop_if_interrupted()
-        step_key, found = self.cached("export", ())
+        step_key, found = self.cached("export")
         if found is not None:
             return self.reuse(step_key, found, model)
         cal = self.prepared.loaded.recipe.calibration
@@ -270,7 +241,7 @@ class _Run:
         record = self.record(StageRecord("export", "export", info, measured, gate, details))
         if not record.passed:
             raise self.fail(f"export: the ONNX model does not agree with the checkpoint: {record.failed_checks()}")
-        self.keep(step_key, "export", record, exported, model, {})
+        self.cache.keep(step_key, "export", {"record": record.to_json()}, exported, model)
         return exported
 
     def stage(self, index: int, stage: StageBase, model: ModelHandle) -> ModelHandle:
@@ -281,8 +252,8 @@ class _Run:
         name, checks, source = stage.name or stage.kind, list(stage.gate or []), self.prepared.sources[index]
         step = f"stage {index} ({name})"
         config = stage.model_dump(mode="json")
-        files = stage_cache.referenced_files(config, self.prepared.loaded.base_dir) if self.cache else {}
-        step_key, found = self.cached(step, (config, source, files))
+        files = stage_cache.referenced_files(config, self.prepared.loaded.base_dir) if self.cache.store else {}
+        step_key, found = self.cached(step, config, source, files)
         if found is not None:
             reused = self.reuse(step_key, found, model)
             self.plan.update(found[1]["plan"])
@@ -324,9 +295,8 @@ class _Run:
         if not record.passed:
             advice = f"; {result.advice}" if result.advice else ""
             raise self.fail(f"stage {index} ({name}): gate failed: {record.failed_checks()}{advice}")
-        self.keep(
-            step_key, step, record, result.model, model, {"plan": result.precision_plan, "runtime": result.runtime}
-        )
+        entry = {"record": record.to_json(), "plan": result.precision_plan, "runtime": result.runtime}
+        self.cache.keep(step_key, step, entry, result.model, model)
         return result.model
 
     def context(
@@ -440,17 +410,15 @@ def run(loaded: LoadedRecipe, options: RunOptions, console: Console) -> RunResul
 
 def _reference(state: _Run) -> tuple[dict[str, float], dict[str, Any]]:
     """The input model measured (metrics and speed details), from the cache when it was before."""
-    step_key = stage_cache.key(state.key, "reference")
-    found = state.cache.get(step_key) if state.cache else None
+    step_key, found = state.cache.lookup("reference")
     evaluator = state.prepared.evaluator
     if found is not None:
         evaluator.conditions = found[1]["conditions"]  # what the speed figures were measured under
         return found[1]["metrics"], found[1]["details"]
     with state.console.status("measuring the reference (input model)"):
         measured, details = evaluator.measure(state.prepared.model)
-    if state.cache is not None:
-        entry = {"step": "reference", "recipe": state.prepared.loaded.recipe.name, "metrics": measured}
-        state.cache.put(step_key, lambda _: {**entry, "details": details, "conditions": evaluator.conditions})
+    entry = {"step": "reference", "metrics": measured, "details": details, "conditions": evaluator.conditions}
+    state.cache.put(step_key, entry)
     return measured, details
 
 
