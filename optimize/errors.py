@@ -11,6 +11,7 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from optimize.gate import CheckResult
     from optimize.records import StageRecord
 
 
@@ -31,7 +32,7 @@ class GateFailed(Exception):
         stages: list[StageRecord] | None = None,
         *,
         metrics: dict[str, float] | None = None,
-        checks: list[dict[str, Any]] | None = None,
+        checks: list[CheckResult] | None = None,
         details: dict[str, Any] | None = None,
     ):
         super().__init__(message)

@@ -13,7 +13,7 @@ the stage ungated, and every report says so.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Literal, TypedDict
 
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
@@ -105,7 +105,37 @@ def student_gate(task: str, suite_metrics: Sequence[str]) -> list[GateCheck]:
     ]
 
 
-def judge(check: GateCheck, value: float | None, reference: float | None) -> dict[str, object]:
+class _Check(TypedDict):
+    metric: str
+    value: float | None
+    op: str
+    threshold: float | None
+    passed: bool
+
+
+class CheckResult(_Check, total=False):
+    """One check's row (DESIGN.md); `reference` only where the bound is relative to it."""
+
+    reference: float | None
+
+
+GateSource = Literal["recipe", "default", "ungated"]
+
+
+class _Gate(TypedDict):
+    passed: bool
+    source: GateSource
+    checks: list[CheckResult]
+
+
+class GateResult(_Gate, total=False):
+    """A stage's gate (DESIGN.md's object), where its checks came from, and the model its fidelity
+    values were measured against (`against`, added by the pipeline)."""
+
+    against: str
+
+
+def judge(check: GateCheck, value: float | None, reference: float | None) -> CheckResult:
     """Evaluate one check; returns the JSON row of DESIGN.md (metric, value, op, threshold, passed)."""
     higher_better = METRICS[check.metric].higher_better
     threshold: float | None
@@ -124,7 +154,7 @@ def judge(check: GateCheck, value: float | None, reference: float | None) -> dic
         else:
             op, threshold = "<=", reference + check.max_drop
     passed = value is not None and threshold is not None and (value >= threshold if op == ">=" else value <= threshold)
-    row: dict[str, object] = {
+    row: CheckResult = {
         "metric": check.metric,
         "value": value,
         "op": op,
@@ -136,12 +166,9 @@ def judge(check: GateCheck, value: float | None, reference: float | None) -> dic
     return row
 
 
-GateSource = Literal["recipe", "default", "ungated"]
-
-
 def judge_all(
     checks: list[GateCheck], metrics: dict[str, float], reference: dict[str, float], source: GateSource = "recipe"
-) -> dict[str, object]:
+) -> GateResult:
     """The gate result of DESIGN.md, plus where the checks came from: the recipe, the default gate,
     or none at all (`gate: []`, "ungated": it passes, and the reports say it was never checked)."""
     rows = [judge(c, metrics.get(c.metric), reference.get(c.metric)) for c in checks]

@@ -31,7 +31,7 @@ from optimize.data import columns_of, load_rows, split_calibration, texts_sha256
 from optimize.errors import INTERRUPTED, GateFailed, UsageError, stop_if_interrupted
 from optimize.evaluate import Evaluator, SpeedSettings
 from optimize.export import content_sha256, export
-from optimize.gate import GateCheck, GateSource, default_gate, judge_all
+from optimize.gate import GateCheck, GateResult, GateSource, default_gate, judge_all
 from optimize.model import ModelHandle, cache_root, open_any
 from optimize.paths import named, recipe_data
 from optimize.recipe import LoadedRecipe
@@ -181,7 +181,7 @@ class _Run:
 
     def judge(
         self, checks: list[GateCheck], measured: dict[str, float], source: GateSource, handle: ModelHandle
-    ) -> dict[str, Any]:
+    ) -> GateResult:
         """The gate result, with the model its fidelity values were measured against (`against`)."""
         values = measured
         if source == "default" and self.anchor is not None:
@@ -262,7 +262,7 @@ class _Run:
                 self.adopt_anchor(reused, index, name)
             return reused
 
-        def judge(handle: ModelHandle) -> tuple[dict[str, float], dict[str, Any]]:
+        def judge(handle: ModelHandle) -> tuple[dict[str, float], GateResult]:
             measured, _ = self.evaluator.measure(handle)
             return measured, self.judge(checks, measured, source, handle)
 
@@ -272,7 +272,12 @@ class _Run:
             with self.console.status(f"stage {index} ({name}): running"), contextlib.redirect_stdout(sys.stderr):
                 result = stage.run(model, ctx)
         except GateFailed as exc:  # a search that found nothing: its record shows what it measured
-            gate = {"passed": False, "source": source, "checks": exc.checks, "against": self.against(source)}
+            gate: GateResult = {
+                "passed": False,
+                "source": source,
+                "checks": exc.checks,
+                "against": self.against(source),
+            }
             fields = stage.model_dump(mode="json", exclude={"gate", "name"})
             self.record(StageRecord(name, stage.kind, fields, exc.metrics, gate, exc.details))
             raise self.fail(f"stage {index} ({name}): {exc}") from None
@@ -300,7 +305,7 @@ class _Run:
         return result.model
 
     def context(
-        self, index: int, stage: StageBase, judge: Callable[[ModelHandle], tuple[dict[str, float], dict[str, Any]]]
+        self, index: int, stage: StageBase, judge: Callable[[ModelHandle], tuple[dict[str, float], GateResult]]
     ) -> StageContext:
         loaded = self.prepared.loaded
         return StageContext(
@@ -432,5 +437,6 @@ def _train_only(state: _Run) -> RunResult:
     trains (distill); rank 0 alone measures, gates and writes."""
     first = state.prepared.loaded.recipe.stages[0]
     if first.kind == "distill":
-        first.run(state.prepared.model, state.context(0, first, lambda handle: ({}, {"passed": True})))
+        unjudged: GateResult = {"passed": True, "source": "ungated", "checks": []}  # rank 0 judges
+        first.run(state.prepared.model, state.context(0, first, lambda handle: ({}, unjudged)))
     return RunResult("worker", None)

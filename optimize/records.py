@@ -8,6 +8,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from optimize.gate import GateResult
+
 
 @dataclass
 class StageRecord:
@@ -15,7 +17,7 @@ class StageRecord:
     kind: str
     config: dict[str, Any]  # the stage's recipe fields (the gate is in `gate`)
     metrics: dict[str, float]
-    gate: dict[str, Any]  # DESIGN.md's gate object: passed, source, checks
+    gate: GateResult  # DESIGN.md's gate object: passed, source, checks, against
     details: dict[str, Any] = field(default_factory=dict)  # what the stage decided; speed spread
 
     @property

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict, Field
 from rich.console import Console
 
-from optimize.gate import GateCheck, default_gate
+from optimize.gate import GateCheck, GateResult, default_gate
 from optimize.model import ModelHandle
 
 
@@ -63,7 +63,7 @@ class StageContext:
     seq_len: int
     seed: int
     # Full evaluation of a candidate against this stage's gate: (metrics, gate result).
-    judge: Callable[[ModelHandle], tuple[dict[str, float], dict[str, Any]]]
+    judge: Callable[[ModelHandle], tuple[dict[str, float], GateResult]]
     # Cheap fidelity probe on the held-out texts (cosine_mean, cosine_min vs the reference).
     probe: Callable[[ModelHandle], dict[str, float]]
     console: Console  # progress and tables (stderr: stdout is kept for --json)
