@@ -479,7 +479,7 @@ def eval_cmd(
 
         loaded = [load_suite(paths.named(path, "evals")) for path in suites]
         handle = open_any(model, allow_pickle, trust_remote_code)
-        texts = loaded[0].texts()[:512] if reference and loaded[0].suite.task != "perplexity" else []
+        texts = loaded[0].texts()[:512] if reference and not loaded[0].task.stream else []
         against = open_any(reference, allow_pickle, trust_remote_code) if reference else None
         evaluator = Evaluator(texts, None, loaded, seq_len=seq_len, reference=against)
         result: dict[str, Any] = {"model": model, "reference": None, "suites": [s.suite.name for s in loaded]}

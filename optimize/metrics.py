@@ -12,8 +12,8 @@ from optimize.tasks import embeds
 
 # What produces a metric: fidelity to the reference on held-out texts (every model), fidelity of
 # logits (classifiers and causal LMs), the speed and size measurement of every run, `optimize bench`
-# only, or an eval suite of that task (`evals/*.yaml`).
-Source = Literal["fidelity", "logits", "speed", "size", "bench", "sts", "classification", "perplexity"]
+# only, or an eval suite whose task yields it (`suites.SUITE_TASKS`, `evals/*.yaml`).
+Source = Literal["fidelity", "logits", "speed", "size", "bench", "suite"]
 
 
 @dataclass(frozen=True)
@@ -32,9 +32,9 @@ METRICS: dict[str, Metric] = {
         Metric("cosine_min", True, "", "fidelity", "lowest cosine of outputs vs the reference on held-out texts"),
         Metric("top1_agreement", True, "", "logits", "share of rows whose top class or next token agrees"),
         Metric("kl_div", False, "nats", "logits", "mean KL(reference || candidate) of the output distributions"),
-        Metric("spearman", True, "", "sts", "Spearman of embedding cosine vs gold similarity (STS)"),
-        Metric("accuracy", True, "", "classification", "share of labels predicted right"),
-        Metric("perplexity", False, "", "perplexity", "exp(mean negative log-likelihood) of a causal LM"),
+        Metric("spearman", True, "", "suite", "Spearman of embedding similarity vs gold similarity (STS)"),
+        Metric("accuracy", True, "", "suite", "share of labels predicted right"),
+        Metric("perplexity", False, "", "suite", "exp(mean negative log-likelihood) of a causal LM"),
         Metric("latency_p50_ms", False, "ms", "speed", "median wall time of one call"),
         Metric("latency_p90_ms", False, "ms", "speed", "90th percentile wall time of one call"),
         Metric("latency_p99_ms", False, "ms", "speed", "99th percentile wall time of one call"),
@@ -45,15 +45,11 @@ METRICS: dict[str, Metric] = {
 }
 
 
-def suite_metric(task: str) -> str:
-    """The metric an eval suite of this task yields (`sts` -> `spearman`)."""
-    return next(m.name for m in METRICS.values() if m.source == task)
-
-
-def measured(task: str | None, suite_tasks: Iterable[str]) -> set[str]:
-    """The metrics a run measures for a model of `task` with these eval suites; an unknown task
-    (not yet detected) may be any, so logit metrics count as measured until the model says otherwise."""
-    sources = {"fidelity", "speed", "size", *suite_tasks}
+def measured(task: str | None, suite_metrics: Iterable[str]) -> set[str]:
+    """The metrics a run measures for a model of `task` with eval suites yielding `suite_metrics`;
+    an unknown task (not yet detected) may be any, so logit metrics count as measured until the
+    model says otherwise."""
+    sources = {"fidelity", "speed", "size"}
     if not embeds(task):
         sources.add("logits")
-    return {m.name for m in METRICS.values() if m.source in sources}
+    return {m.name for m in METRICS.values() if m.source in sources} | set(suite_metrics)

@@ -108,7 +108,7 @@ def prepare(loaded: LoadedRecipe, options: RunOptions, console: Console, workroo
     calibration, holdout = split_calibration(texts, cal.samples, cal.holdout, recipe.seed, Path(found.source))
     suites = [load_suite(named(name, "evals", loaded.base_dir)) for name in recipe.evals]
     # Validation allowed logit metrics while the task was unknown; now the model says.
-    measured = metrics.measured(model.task, [s.suite.task for s in suites])
+    measured = metrics.measured(model.task, [s.metric for s in suites])
     for index, stage in enumerate(recipe.stages):
         for check in stage.gate or []:
             if check.metric not in measured:

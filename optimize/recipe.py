@@ -22,7 +22,7 @@ from optimize import metrics, paths
 from optimize.data import Format
 from optimize.errors import UsageError
 from optimize.stages import Stage
-from optimize.suites import read_suite
+from optimize.suites import SUITE_TASKS, read_suite
 from optimize.tasks import Task
 
 
@@ -74,20 +74,22 @@ def problems(recipe: Recipe, base_dir: Path) -> list[Problem]:
             )
     for i, stage in enumerate(stages):
         found += [(("stages", i, *loc), message) for loc, message in stage.problems(recipe.target)]
-    suite_tasks = []
+    suite_metrics = []
     for j, name in enumerate(recipe.evals):
         try:
-            suite_tasks.append(read_suite(paths.named(name, "evals", base_dir)).task)
+            suite_metrics.append(SUITE_TASKS[read_suite(paths.named(name, "evals", base_dir)).task].metric)
         except UsageError as exc:
             found.append((("evals", j), str(exc)))
-    measured = metrics.measured(recipe.task, suite_tasks)
+    measured = metrics.measured(recipe.task, suite_metrics)
     for i, stage in enumerate(stages):
         for j, check in enumerate(stage.gate or []):
             if check.metric not in measured:
                 source = metrics.METRICS[check.metric].source
                 fix = (
-                    f"add an eval suite of task {source} under `evals:`"
-                    if source in ("sts", "classification", "perplexity")
+                    "add an eval suite of task "
+                    + " or ".join(t.name for t in SUITE_TASKS.values() if t.metric == check.metric)
+                    + " under `evals:`"
+                    if source == "suite"
                     else "it is not measured for this task"
                 )
                 found.append(
@@ -116,7 +118,7 @@ class LoadedRecipe:
         written into every stage that gives none (`gate: []` stays empty), so what `--dry-run`
         prints and the manifest records is the gate in force."""
         evals = [read_suite(paths.named(name, "evals", self.base_dir)) for name in self.recipe.evals]
-        suites = [metrics.suite_metric(suite.task) for suite in evals]
+        suites = [SUITE_TASKS[suite.task].metric for suite in evals]
         stages = [
             s if s.gate is not None else s.model_copy(update={"gate": s.default_gate(task, suites)})
             for s in self.recipe.stages

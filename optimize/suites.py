@@ -1,7 +1,7 @@
 """Eval suites: labeled data and the task metric it yields (`evals/*.yaml`).
 
     name: stsb-test
-    task: sts                    # sts | classification | perplexity
+    task: sts                    # a name in SUITE_TASKS: sts | classification | perplexity
     data: sentence-transformers/stsb::test   # SPEC: a hub dataset name[:config][:split], or a file
     columns: {text: sentence1, text_pair: sentence2, label: score}
     local:                       # the same rows in a local copy, used when it is found (offline, CI)
@@ -10,10 +10,12 @@
       columns: {text: "5", text_pair: "6", label: "4"}
     limit: null                  # at most this many rows (seeded sample)
 
-Tasks: `sts` gives `spearman` between the cosine of the pair's mean-pooled embeddings and the gold
-score; `classification` gives `accuracy` (argmax of a classifier's logits, or for an embedding
-model a logistic-regression probe fitted on `train_data`); `perplexity` gives `perplexity` of a
-causal LM, sliding windows of `window` tokens moved by `stride`.
+Tasks (`SUITE_TASKS`, one line each, a function each): `sts` gives `spearman` between the cosine of
+the pair's pooled embeddings and the gold score; `classification` gives `accuracy` (argmax of a
+classifier's logits, or for an embedding model a logistic-regression probe fitted on `train_data`);
+`perplexity` gives `perplexity` of a causal LM, sliding windows of `window` tokens moved by `stride`.
+A new task is a scoring function and one `SuiteTask` line (and its metric in `metrics.METRICS`
+if it yields a new one).
 """
 
 from __future__ import annotations
@@ -21,19 +23,18 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from optimize import tasks
 from optimize.data import Format, load_rows
 from optimize.errors import UsageError
-from optimize.metrics import suite_metric
 from optimize.paths import suite_data
 
 Column = Literal["text", "text_pair", "label"]
@@ -54,7 +55,7 @@ class Suite(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: str
-    task: Literal["sts", "classification", "perplexity"]
+    task: str = Field(description="a task of SUITE_TASKS")
     data: str
     format: Format = "auto"
     columns: dict[Column, str] = {"text": "text"}
@@ -66,6 +67,13 @@ class Suite(BaseModel):
     stride: int = Field(256, gt=0)
     max_tokens: int | None = Field(None, gt=1)
     local: LocalCopy | None = None
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, task: str) -> str:
+        if task not in SUITE_TASKS:
+            raise ValueError(f"unknown task {task!r}; one of {', '.join(SUITE_TASKS)}")
+        return task
 
 
 @dataclass(frozen=True)
@@ -88,8 +96,12 @@ class LoadedSuite:
         }
 
     @property
+    def task(self) -> SuiteTask:
+        return SUITE_TASKS[self.suite.task]
+
+    @property
     def metric(self) -> str:
-        return suite_metric(self.suite.task)
+        return self.task.metric
 
     def texts(self, key: Column = "text", rows: Sequence[dict[str, Any]] | None = None) -> list[str]:
         return [str(r[self.suite.columns[key]]) for r in (self.rows if rows is None else rows)]
@@ -132,10 +144,8 @@ def load_suite(path: Path) -> LoadedSuite:
         train = random.Random(suite.seed).sample(train, suite.train_limit)
     if not rows:
         raise UsageError(f"{path}: data {suite.data} has no rows")
-    needed = {"sts": ("text", "text_pair", "label"), "classification": ("text", "label"), "perplexity": ("text",)}[
-        suite.task
-    ]
-    for key in needed:
+    task = SUITE_TASKS[suite.task]
+    for key in task.columns:
         if key not in suite.columns:
             raise UsageError(f"{path}: columns: task {suite.task} needs a `{key}` column")
         if suite.columns[key] not in rows[0]:
@@ -143,12 +153,10 @@ def load_suite(path: Path) -> LoadedSuite:
                 f"{path}: columns.{key}: no column {suite.columns[key]!r} in {suite.data} "
                 f"(columns: {', '.join(map(str, rows[0]))})"
             )
-    if suite.task == "perplexity":
-        pass  # the text keeps its order: a sample would cut documents apart
-    elif suite.limit is not None and len(rows) > suite.limit:
+    if not task.stream and suite.limit is not None and len(rows) > suite.limit:  # a stream keeps its order
         rows = random.Random(suite.seed).sample(rows, suite.limit)
     loaded = LoadedSuite(suite, path, rows, train, found.source)
-    if suite.task in ("sts", "classification"):
+    if "label" in task.columns:
         try:
             loaded.labels()
         except ValueError as exc:
@@ -209,11 +217,33 @@ def _batches(items: list[str], size: int) -> list[list[str]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
+Score = Callable[[Any, str, LoadedSuite], float]  # (model, the model's task, suite) -> the metric
+
+
+@dataclass(frozen=True)
+class SuiteTask:
+    name: str
+    metric: str  # what it yields: a name in metrics.METRICS
+    columns: tuple[Column, ...]  # the columns its rows need
+    score: Score
+    digits: int = 6  # the metric is rounded to this many decimals
+    stream: bool = False  # the rows are one text in order (never sampled, no pairs to compare)
+    model_task: str | None = None  # the model task it needs (None: any)
+
+
+SUITE_TASKS: dict[str, SuiteTask] = {
+    t.name: t
+    for t in (
+        SuiteTask("sts", "spearman", ("text", "text_pair", "label"), lambda m, _, s: spearman(m, s)),
+        SuiteTask("classification", "accuracy", ("text", "label"), accuracy),
+        SuiteTask("perplexity", "perplexity", ("text",), lambda m, _, s: perplexity(m, s), 4, True, tasks.GENERATION),
+    )
+}
+
+
 def run_suite(model: Any, task: str, suite: LoadedSuite) -> dict[str, float]:
-    if suite.suite.task == "sts":
-        return {"spearman": round(spearman(model, suite), 6)}
-    if suite.suite.task == "classification":
-        return {"accuracy": round(accuracy(model, task, suite), 6)}
-    if task != tasks.GENERATION:
-        raise UsageError(f"{suite.path}: perplexity needs a text-generation model, not {task}")
-    return {"perplexity": round(perplexity(model, suite), 4)}
+    """The suite's metric for `model` (a model of `task`)."""
+    kind = suite.task
+    if kind.model_task is not None and task != kind.model_task:
+        raise UsageError(f"{suite.path}: {kind.name} needs a {kind.model_task} model, not {task}")
+    return {kind.metric: round(kind.score(model, task, suite), kind.digits)}

@@ -118,3 +118,30 @@ def test_the_shipped_suites_load_from_the_shared_data(suite):
     assert len(loaded.rows) > 100
     texts = loaded.texts()
     assert len(texts) == len(loaded.rows) and all(t.strip() for t in texts[:100])  # the text column is read
+
+
+def test_a_new_suite_task_is_one_function_and_one_table_line(tmp_path, tiny_bert, monkeypatch):
+    """Retrieval-style agreement: Spearman of the pair's dot product (not cosine) vs the gold score,
+    registered the way a contributor would, then named by a suite and gated on in a recipe."""
+    from scipy.stats import spearmanr
+
+    from optimize import suites
+    from tests.conftest import write_recipe
+
+    def dot_spearman(model, task: str, suite: suites.LoadedSuite) -> float:
+        a, b = model.embed(suite.texts("text")), model.embed(suite.texts("text_pair"))
+        return float(spearmanr((a * b).sum(1), suite.labels()).statistic)
+
+    line = suites.SuiteTask("sts-dot", "spearman", ("text", "text_pair", "label"), dot_spearman)
+    monkeypatch.setitem(suites.SUITE_TASKS, "sts-dot", line)
+    pairs(tmp_path, GOOD_ROWS)
+    suite = suite_file(tmp_path, task="sts-dot")
+    value = run_suite(open_model(open_any(str(tiny_bert)), 64), "feature-extraction", load_suite(suite))["spearman"]
+    assert -1.0 <= value <= 1.0
+    stage = {"kind": "compile", "variants": ["basic"], "gate": [{"metric": "spearman", "max_drop": 0.01}]}
+    recipe = write_recipe(tmp_path, [stage], model=str(tiny_bert), evals=[str(suite)])
+    result = CliRunner().invoke(app, ["run", str(recipe), "-o", str(tmp_path / "out"), "--json"])
+    assert result.exit_code == 0, result.output
+    compiled = json.loads(result.stdout)["stages"][-1]
+    assert compiled["gate"]["checks"][0]["metric"] == "spearman"
+    assert compiled["metrics"]["spearman"] == pytest.approx(value, abs=1e-3)
