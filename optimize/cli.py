@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import signal
 import sys
 import threading
@@ -22,12 +21,26 @@ import typer
 import yaml
 from rich.console import Console
 
-from optimize import paths, tasks
+from optimize import cli_tools, paths, tasks
+from optimize.cli_common import (
+    CacheOpt,
+    DryRunOpt,
+    GateOpt,
+    JsonOpt,
+    NoCacheOpt,
+    OutOpt,
+    OverwriteOpt,
+    PickleOpt,
+    RemoteOpt,
+    ResumeOpt,
+    SuiteOpt,
+    console,
+    emit,
+)
 from optimize.errors import INTERRUPTED, GateFailed, UsageError
 
 if TYPE_CHECKING:
     from optimize.recipe import LoadedRecipe
-    from optimize.records import StageRecord
 
 app = typer.Typer(
     name="optimize",
@@ -36,72 +49,9 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-recipe_app = typer.Typer(help="Work with recipe files.", no_args_is_help=True)
-app.add_typer(recipe_app, name="recipe")
-cache_app = typer.Typer(help="See and free the stage cache (what reruns reuse).", no_args_is_help=True)
-app.add_typer(cache_app, name="cache")
-
-console = Console(stderr=True, soft_wrap=True)  # messages stay on one line, for grep and CI logs
-
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print exactly one JSON object on stdout; logs go to stderr.")]
-OutOpt = Annotated[Path | None, typer.Option("-o", "--out", help="Artifact folder (default: artifacts/NAME).")]
-CacheOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--cache-dir",
-        help="The cache folder: steps in stages/, GGUF conversions in gguf/ "
-        "(default: $OPTIMIZE_CACHE_DIR, else ~/.cache/optimize).",
-    ),
-]
-NoCacheOpt = Annotated[
-    bool,
-    typer.Option(
-        "--no-cache",
-        envvar="OPTIMIZE_NO_CACHE",
-        help="Run every step: read nothing from the cache folder and store nothing in it.",
-    ),
-]
-PickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Load pickled (.bin) weights; they can run code.")]
-RemoteOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Run model code shipped with the checkpoint.")]
-OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists (only once the run passed).")]
-SuiteOpt = Annotated[
-    list[str], typer.Option("--suite", help="Eval suite the gate may use (repeatable), e.g. evals/stsb-test.yaml.")
-]
-GateOpt = Annotated[
-    list[str],
-    typer.Option(
-        "--gate",
-        help="A gate check (repeatable), e.g. 'spearman max_drop 0.001'; replaces the default fidelity gate.",
-    ),
-]
-ResumeOpt = Annotated[
-    bool, typer.Option("--resume", help="Continue training from the checkpoints an unfinished run left beside OUT.")
-]
-DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the resolved recipe and exit.")]
-
-
-def _emit(
-    as_json: bool,
-    status: str,
-    artifact: Path | None = None,
-    stages: list[StageRecord] | None = None,
-    error: str | None = None,
-    **extra: Any,
-) -> None:
-    """`--json`: the one object every command prints on stdout, in every outcome (README, "JSON")."""
-    if as_json:
-        print(
-            json.dumps(
-                {
-                    "status": status,
-                    "artifact": str(artifact) if artifact else None,
-                    "stages": [s.public() for s in stages or []],
-                    "error": error,
-                    **extra,
-                },
-                indent=2,
-            )
-        )
+app.add_typer(cli_tools.tools)  # eval, bench, inspect, package
+app.add_typer(cli_tools.recipe_app, name="recipe")
+app.add_typer(cli_tools.cache_app, name="cache")
 
 
 def _execute(
@@ -139,7 +89,7 @@ def _execute(
         if dry_run:
             text = _dry_run_text(loaded, model)
             if as_json:
-                _emit(True, "dry_run", recipe=yaml.safe_load(text))
+                emit(True, "dry_run", recipe=yaml.safe_load(text))
             else:
                 print(text, end="")
             raise typer.Exit(0)
@@ -158,16 +108,16 @@ def _execute(
         result = run(loaded, options, run_console)
     except UsageError as exc:
         console.print(f"[red]error:[/] {exc}", highlight=False)
-        _emit(as_json, "error", error=str(exc))
+        emit(as_json, "error", error=str(exc))
         raise typer.Exit(exc.exit_code) from None
     except GateFailed as exc:
         console.print(f"[red]gate failed:[/] {exc}", highlight=False)
-        _emit(as_json, "gate_failed", None, exc.stages, str(exc))
+        emit(as_json, "gate_failed", None, exc.stages, str(exc))
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the message short
         console.print("[yellow]interrupted[/]: no artifact written")
-        _emit(as_json, "error", error="interrupted")
+        emit(as_json, "error", error="interrupted")
         # The pipeline's cleanup has run. Exit now rather than through the interpreter's shutdown:
         # when the interrupt passed through a C extension's PyRun_* call, CPython remembers it as
         # unhandled and, at shutdown, kills the process with SIGINT instead of exiting 130 (seen
@@ -178,7 +128,7 @@ def _execute(
     if result.status == "worker":
         return
     console.print(f"[green]passed[/]: artifact at {result.artifact}")
-    _emit(as_json, result.status, result.artifact, result.stages, None)
+    emit(as_json, result.status, result.artifact, result.stages, None)
 
 
 def _dry_run_text(loaded: LoadedRecipe, model: str | None) -> str:
@@ -433,242 +383,6 @@ def compile_cmd(
     )
 
 
-def _measure_command(as_json: bool, work: Callable[[], dict[str, Any]]) -> None:
-    """Shared by `eval` and `bench`: bad input is exit 2 with one message; the JSON has status and error."""
-    try:
-        result = work()
-    except UsageError as exc:
-        console.print(f"[red]error:[/] {exc}", highlight=False)
-        _emit(as_json, "error", error=str(exc))
-        raise typer.Exit(exc.exit_code) from None
-    _emit(as_json, "passed", **result)
-
-
-def _metrics_table(title: str, columns: dict[str, dict[str, Any]]) -> None:
-    from rich.table import Table
-
-    table = Table(title=title, title_justify="left")
-    table.add_column("metric")
-    for name in columns:
-        table.add_column(name, justify="right")
-    for metric in dict.fromkeys(m for values in columns.values() for m in values):
-        table.add_row(metric, *[f"{v[metric]:.6g}" if metric in v else "-" for v in columns.values()])
-    console.print(table)
-
-
-@app.command("eval")
-def eval_cmd(
-    model: Annotated[str, typer.Argument(help="Checkpoint folder, .onnx file or artifact folder.")],
-    suites: Annotated[
-        list[Path], typer.Option("--suite", help="Eval suite YAML (repeatable), e.g. evals/stsb-test.yaml.")
-    ],
-    reference: Annotated[str | None, typer.Option("--reference", help="Also measure this model and compare.")] = None,
-    as_json: JsonOpt = False,
-    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per text; longer texts are truncated.")] = 128,
-    allow_pickle: PickleOpt = False,
-    trust_remote_code: RemoteOpt = False,
-) -> None:
-    """Measure task quality (spearman, accuracy, perplexity) of MODEL on eval suites, in the runtime
-    it would ship with (onnxruntime for ONNX, torch for checkpoints). With --reference, fidelity
-    (cosine_mean, cosine_min) against the reference on the suites' texts is measured too."""
-
-    def work() -> dict[str, Any]:
-        from optimize.evaluate import Evaluator
-        from optimize.model import open_any
-        from optimize.suites import load_suite
-
-        loaded = [load_suite(paths.named(path, "evals")) for path in suites]
-        handle = open_any(model, allow_pickle, trust_remote_code)
-        texts = loaded[0].texts()[:512] if reference and not loaded[0].task.stream else []
-        against = open_any(reference, allow_pickle, trust_remote_code) if reference else None
-        evaluator = Evaluator(texts, None, loaded, seq_len=seq_len, reference=against)
-        result: dict[str, Any] = {"model": model, "reference": None, "suites": [s.suite.name for s in loaded]}
-        columns = {}
-        if against is not None:
-            ref_metrics, _ = evaluator.measure(against)
-            result["reference"] = {"model": reference, "metrics": ref_metrics}
-            columns["reference"] = ref_metrics
-        result["metrics"], details = evaluator.measure(handle)
-        result["provider"] = details["provider"]
-        columns[Path(model).name or model] = result["metrics"]
-        _metrics_table("eval: " + ", ".join(result["suites"]), columns)
-        return result
-
-    _measure_command(as_json, work)
-
-
-@app.command("bench")
-def bench_cmd(
-    model: Annotated[str, typer.Argument(help="Checkpoint folder, .onnx file or artifact folder.")],
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Texts per call.")] = 1,
-    seq_len: Annotated[
-        int, typer.Option("--seq-len", min=1, help="Every text padded or cut to this many tokens.")
-    ] = 128,
-    runs: Annotated[int, typer.Option("--runs", min=1, help="Timed calls after the warm-up.")] = 50,
-    warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed calls first.")] = 10,
-    as_json: JsonOpt = False,
-    allow_pickle: PickleOpt = False,
-    trust_remote_code: RemoteOpt = False,
-) -> None:
-    """Time MODEL on real sentences (shipped calibration texts) at a fixed batch size and sequence
-    length: latency percentiles, throughput, size and peak memory, with the thread count and spread."""
-
-    def work() -> dict[str, Any]:
-        from optimize.evaluate import bench
-        from optimize.model import open_any
-
-        result = bench(open_any(model, allow_pickle, trust_remote_code), batch_size, seq_len, warmup, runs)
-        threads = result["conditions"]["threads"]
-        _metrics_table(f"bench: batch {batch_size}, seq_len {seq_len}, {threads} threads", {"value": result["metrics"]})
-        return {"model": model, **result}
-
-    _measure_command(as_json, work)
-
-
-@app.command("inspect")
-def inspect_cmd(
-    artifact: Annotated[Path, typer.Argument(help="An artifact folder written by optimize, or its .tar.gz.")],
-    as_json: JsonOpt = False,
-) -> None:
-    """Verify an artifact's files against its manifest and summarize it (an archive is checked
-    member by member and unpacked into a temporary folder first)."""
-    import tempfile
-
-    unpacked = Path(tempfile.mkdtemp(prefix="optimize-inspect-"))
-    try:
-        _inspect(artifact, unpacked, as_json)
-    finally:
-        shutil.rmtree(unpacked, ignore_errors=True)
-
-
-def _inspect(artifact: Path, unpacked: Path, as_json: bool) -> None:
-    from optimize import artifact as artifacts
-    from optimize import runtime
-    from optimize.records import StageRecord
-    from optimize.report import decisions_table, print_stage
-
-    try:
-        if artifact.is_file() and artifact.name.endswith((".tar.gz", ".tgz", ".tar")):
-            artifact = artifacts.extract(artifact, unpacked)
-        manifest = runtime.verify(artifact)
-        try:
-            stages = [StageRecord(**stage) for stage in manifest["stages"]]
-            provenance, reference = manifest["provenance"], manifest["reference"]["metrics"]
-            source, digest, versions = provenance["source"], provenance["source_sha256"], dict(provenance["versions"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise UsageError(
-                f"{artifact / 'manifest.json'}: a field inspect reads is missing or malformed ({exc})"
-            ) from None
-    except (runtime.ArtifactError, UsageError) as exc:
-        console.print(f"[red]error:[/] {exc}", highlight=False)
-        _emit(as_json, "error", error=str(exc))
-        raise typer.Exit(2) from None
-    if as_json:
-        _emit(True, "passed", artifact, stages, manifest=manifest)
-        return
-    console.print(f"[bold]{manifest['name']}[/] ({manifest.get('task')}), {len(manifest['files'])} files verified")
-    console.print(f"source: {source} (sha256 {str(digest)[:12]})")
-    console.print("versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
-    for stage in stages:
-        print_stage(console, stage, reference)
-        choices = decisions_table(stage)
-        if choices is not None:
-            console.print(choices)
-
-
-@app.command("package")
-def package_cmd(
-    artifact: Annotated[Path, typer.Argument(help="An artifact folder written by optimize.")],
-    out: Annotated[Path | None, typer.Option("-o", "--out", help="The archive (default: ARTIFACT.tar.gz).")] = None,
-    as_json: JsonOpt = False,
-) -> None:
-    """Verify an artifact and pack it as a deterministic .tar.gz (sorted, fixed times and owners):
-    the same artifact gives the same archive bytes, for release checksums."""
-    from optimize import artifact as artifacts
-    from optimize import runtime
-
-    archive = out or artifact.with_name(artifact.name + ".tar.gz")
-    try:
-        runtime.verify(artifact)
-        if not archive.parent.is_dir():
-            raise UsageError(f"{archive.parent}: no such folder for the archive")
-        artifacts.package(artifact, archive)
-    except (runtime.ArtifactError, UsageError) as exc:
-        console.print(f"[red]error:[/] {exc}", highlight=False)
-        _emit(as_json, "error", error=str(exc))
-        raise typer.Exit(2) from None
-    console.print(f"packaged {artifact} as {archive} (sha256 {runtime.sha256_file(archive)})", highlight=False)
-    _emit(as_json, "passed", artifact, archive=str(archive), sha256=runtime.sha256_file(archive))
-
-
-def _stage_cache(cache_dir: Path | None) -> Any:
-    from optimize import cache
-
-    return cache.StageCache(cache_dir / "stages" if cache_dir else cache.default_root())
-
-
-@cache_app.command("list")
-def cache_list_cmd(cache_dir: CacheOpt = None, as_json: JsonOpt = False) -> None:
-    """The cached steps (reference, export, stages), newest first, with their size."""
-    import time
-
-    store = _stage_cache(cache_dir)
-    entries = store.entries()
-    if not as_json:
-        for entry in entries:
-            age = time.strftime("%Y-%m-%d %H:%M", time.localtime(float(entry["created"])))
-            console.print(f"{entry['key']}  {age}  {entry['size_mb']:>9.3f} MB  {entry['recipe']}: {entry['step']}")
-        total = sum(float(e["size_mb"]) for e in entries)
-        console.print(f"{len(entries)} entries, {total:.1f} MB in {store.root}", highlight=False)
-    _emit(as_json, "passed", entries=entries, root=str(store.root))
-
-
-@cache_app.command("clear")
-def cache_clear_cmd(cache_dir: CacheOpt = None, as_json: JsonOpt = False) -> None:
-    """Remove every cached step and GGUF conversion (a later run recomputes what it needs)."""
-    from optimize import cache
-    from optimize.model import cache_root
-
-    root = cache_dir or cache_root()
-    freed = cache.clear_all(root)
-    console.print(f"cleared {root}: {freed / 1e6:.1f} MB freed", highlight=False)
-    _emit(as_json, "passed", root=str(root), freed_mb=round(freed / 1e6, 3))
-
-
-@recipe_app.command("list")
-def list_cmd(as_json: JsonOpt = False) -> None:
-    """The recipes and eval suites that ship with optimize, by the names `run` and `--suite` take."""
-    found: dict[str, list[dict[str, str]]] = {"recipes": [], "evals": []}
-    for folder, items in found.items():
-        for path in paths.shipped(folder):
-            lines = [line[2:] for line in path.read_text().splitlines() if line.startswith("# ")]
-            about = " ".join(lines[:2]) if lines else str(yaml.safe_load(path.read_text()).get("name", ""))
-            items.append({"name": path.stem, "path": str(path), "about": about})
-            if not as_json:
-                console.print(f"[bold]{folder[:-1]:7}[/] {path.stem:24} {about}", highlight=False)
-    _emit(as_json, "passed", recipes=found["recipes"], evals=found["evals"])
-
-
-@recipe_app.command("validate")
-def validate_cmd(
-    files: Annotated[list[Path], typer.Argument(help="Recipe files to check.")], as_json: JsonOpt = False
-) -> None:
-    """Check recipes without loading any model; exit 2 naming file, line and key on the first problem."""
-    from optimize import recipe as recipes
-
-    errors = []
-    for path in files:
-        try:
-            recipes.load(paths.named(path, "recipes"))
-            console.print(f"[green]ok[/] {path}")
-        except UsageError as exc:
-            console.print(f"[red]error:[/] {exc}", highlight=False)
-            errors.append(str(exc))
-    _emit(as_json, "error" if errors else "passed", error="; ".join(errors) or None, files=[str(f) for f in files])
-    if errors:
-        raise typer.Exit(2)
-
-
 def main() -> None:
     """The console script. Usage errors (a bad flag or value, a missing argument) are exit 2 with
     the usual message on stderr and, under `--json`, the one JSON object on stdout as well."""
@@ -681,7 +395,7 @@ def main() -> None:
         from typer import rich_utils
 
         rich_utils.rich_format_error(exc)
-        _emit("--json" in sys.argv[1:], "error", error=exc.format_message())
+        emit("--json" in sys.argv[1:], "error", error=exc.format_message())
         sys.exit(2)
     except click_exception as exc:
         exc.show()

@@ -1,0 +1,102 @@
+"""What every `optimize` command shares: the stderr console, the option types, and the one JSON
+object `--json` prints (DESIGN.md), in every outcome."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from rich.console import Console
+
+from optimize.errors import UsageError
+
+if TYPE_CHECKING:
+    from optimize.records import StageRecord
+
+console = Console(stderr=True, soft_wrap=True)  # messages stay on one line, for grep and CI logs
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print exactly one JSON object on stdout; logs go to stderr.")]
+OutOpt = Annotated[Path | None, typer.Option("-o", "--out", help="Artifact folder (default: artifacts/NAME).")]
+CacheOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--cache-dir",
+        help="The cache folder: steps in stages/, GGUF conversions in gguf/ "
+        "(default: $OPTIMIZE_CACHE_DIR, else ~/.cache/optimize).",
+    ),
+]
+NoCacheOpt = Annotated[
+    bool,
+    typer.Option(
+        "--no-cache",
+        envvar="OPTIMIZE_NO_CACHE",
+        help="Run every step: read nothing from the cache folder and store nothing in it.",
+    ),
+]
+PickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Load pickled (.bin) weights; they can run code.")]
+RemoteOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Run model code shipped with the checkpoint.")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists (only once the run passed).")]
+SuiteOpt = Annotated[
+    list[str], typer.Option("--suite", help="Eval suite the gate may use (repeatable), e.g. evals/stsb-test.yaml.")
+]
+GateOpt = Annotated[
+    list[str],
+    typer.Option(
+        "--gate",
+        help="A gate check (repeatable), e.g. 'spearman max_drop 0.001'; replaces the default fidelity gate.",
+    ),
+]
+ResumeOpt = Annotated[
+    bool, typer.Option("--resume", help="Continue training from the checkpoints an unfinished run left beside OUT.")
+]
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the resolved recipe and exit.")]
+
+
+def emit(
+    as_json: bool,
+    status: str,
+    artifact: Path | None = None,
+    stages: list[StageRecord] | None = None,
+    error: str | None = None,
+    **extra: Any,
+) -> None:
+    """`--json`: the one object every command prints on stdout, in every outcome (README, "JSON")."""
+    if as_json:
+        print(
+            json.dumps(
+                {
+                    "status": status,
+                    "artifact": str(artifact) if artifact else None,
+                    "stages": [s.public() for s in stages or []],
+                    "error": error,
+                    **extra,
+                },
+                indent=2,
+            )
+        )
+
+
+def measure_command(as_json: bool, work: Callable[[], dict[str, Any]]) -> None:
+    """Shared by `eval` and `bench`: bad input is exit 2 with one message; the JSON has status and error."""
+    try:
+        result = work()
+    except UsageError as exc:
+        console.print(f"[red]error:[/] {exc}", highlight=False)
+        emit(as_json, "error", error=str(exc))
+        raise typer.Exit(exc.exit_code) from None
+    emit(as_json, "passed", **result)
+
+
+def metrics_table(title: str, columns: dict[str, dict[str, Any]]) -> None:
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    table.add_column("metric")
+    for name in columns:
+        table.add_column(name, justify="right")
+    for metric in dict.fromkeys(m for values in columns.values() for m in values):
+        table.add_row(metric, *[f"{v[metric]:.6g}" if metric in v else "-" for v in columns.values()])
+    console.print(table)
