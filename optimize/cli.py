@@ -15,7 +15,7 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 import yaml
@@ -73,15 +73,7 @@ def _execute(
 
     # Libraries (onnxruntime.quantization, optimum) log advice for every call; the run has its own report.
     logging.basicConfig(level=logging.ERROR, format="%(name)s: %(message)s")
-
-    def on_interrupt(signum: int, frame: object) -> None:
-        INTERRUPTED.set()
-        raise KeyboardInterrupt
-
-    INTERRUPTED.clear()
-    if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
-        signal.signal(signal.SIGINT, on_interrupt)
-        signal.signal(signal.SIGTERM, on_interrupt)  # a CI job cancelled: the same clean stop as Ctrl-C
+    _stop_on_signals()
     # Under torchrun, rank 0 speaks for the run; the other ranks only train beside it.
     run_console = console if is_main() else Console(stderr=True, quiet=True)
     try:
@@ -115,20 +107,38 @@ def _execute(
         emit(as_json, "gate_failed", None, exc.stages, str(exc))
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the message short
-        console.print("[yellow]interrupted[/]: no artifact written")
-        emit(as_json, "error", error="interrupted")
-        # The pipeline's cleanup has run. Exit now rather than through the interpreter's shutdown:
-        # when the interrupt passed through a C extension's PyRun_* call, CPython remembers it as
-        # unhandled and, at shutdown, kills the process with SIGINT instead of exiting 130 (seen
-        # here in about 3 of 8 interrupted runs).
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(130)
+        _interrupted(as_json)
     if result.status == "worker":
         return
     console.print(f"[green]passed[/]: artifact at {result.artifact}")
     emit(as_json, result.status, result.artifact, result.stages, None)
+
+
+def _stop_on_signals() -> None:
+    """Ctrl-C and SIGTERM (a CI job cancelled) set INTERRUPTED and raise KeyboardInterrupt: the
+    pipeline cleans up and writes no artifact."""
+
+    def on_interrupt(signum: int, frame: object) -> None:
+        INTERRUPTED.set()
+        raise KeyboardInterrupt
+
+    INTERRUPTED.clear()
+    if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
+        signal.signal(signal.SIGINT, on_interrupt)
+        signal.signal(signal.SIGTERM, on_interrupt)
+
+
+def _interrupted(as_json: bool) -> NoReturn:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the message short
+    console.print("[yellow]interrupted[/]: no artifact written")
+    emit(as_json, "error", error="interrupted")
+    # The pipeline's cleanup has run. Exit now rather than through the interpreter's shutdown: when
+    # the interrupt passed through a C extension's PyRun_* call, CPython remembers it as unhandled
+    # and, at shutdown, kills the process with SIGINT instead of exiting 130 (seen here in about 3 of
+    # 8 interrupted runs).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(130)
 
 
 def _dry_run_text(loaded: LoadedRecipe, model: str | None) -> str:

@@ -20,6 +20,8 @@ BLOCK = 32
 def requantize(model_path: Path, accuracy_level: int, int8_head: bool) -> dict[str, float]:
     """Rewrite every MatMul with a constant weight in place; returns the largest reconstruction error
     of the 4-bit and of the 8-bit weights (0 for weights dequantized from Q4_1 / Q8_0)."""
+    # ~80 lines on purpose: one graph rewrite read top to bottom (find each weight MatMul, encode its
+    # blocks, add the minimum's correction); split, its steps would pass the half-built graph around.
     import onnx
     from onnx import helper, numpy_helper
 

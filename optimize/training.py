@@ -196,29 +196,12 @@ def train(
             f"{settings.accumulation} accumulation steps; make it a multiple of {world * settings.accumulation}"
         )
     torch.manual_seed(settings.seed)
-    gpu = torch.cuda.is_available()
-    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if gpu else "cpu")
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if gpu else "gloo")
-    student.to(device).eval()  # dropout off; gradients still flow
-    teacher.to(device).eval()
-    model: torch.nn.Module = student
-    if world > 1:
-        # Parts of a checkpoint the loss never reaches (BERT's pooler under an embedding loss) get no
-        # gradient; DDP must be told, or it waits for them.
-        model = torch.nn.parallel.DistributedDataParallel(
-            student, device_ids=[device.index] if gpu else None, find_unused_parameters=True
-        )
+    device, model = _placed(student, teacher)
 
     def batch(texts: Sequence[str]) -> dict[str, torch.Tensor]:
         return {k: v.to(device) for k, v in tokenize(texts).items()}
 
-    decay = [p for n, p in student.named_parameters() if p.ndim > 1]
-    no_decay = [p for n, p in student.named_parameters() if p.ndim <= 1]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=settings.lr,
-    )
+    optimizer = _optimizer(student, settings)
     start, history = checkpoints.load(student, optimizer) if resume and checkpoints else (0, [])
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.bf16)
     columns = (
@@ -269,6 +252,39 @@ def train(
         torch.distributed.destroy_process_group()
     student.to("cpu")
     return history
+
+
+def _placed(student: torch.nn.Module, teacher: torch.nn.Module) -> tuple[torch.device, torch.nn.Module]:
+    """Both models on this process's device, in eval mode (dropout off; gradients still flow), and
+    the student wrapped in DistributedDataParallel under torchrun (gloo on CPU, nccl on GPU)."""
+    import torch
+
+    gpu = torch.cuda.is_available()
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if gpu else "cpu")
+    if world_size() > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if gpu else "gloo")
+    student.to(device).eval()
+    teacher.to(device).eval()
+    if world_size() == 1:
+        return device, student
+    # Parts of a checkpoint the loss never reaches (BERT's pooler under an embedding loss) get no
+    # gradient; DDP must be told, or it waits for them.
+    ddp = torch.nn.parallel.DistributedDataParallel(
+        student, device_ids=[device.index] if gpu else None, find_unused_parameters=True
+    )
+    return device, ddp
+
+
+def _optimizer(student: torch.nn.Module, settings: Settings) -> torch.optim.Optimizer:
+    """AdamW with weight decay on matrices only (not on biases and norms)."""
+    import torch
+
+    decay = [p for n, p in student.named_parameters() if p.ndim > 1]
+    no_decay = [p for n, p in student.named_parameters() if p.ndim <= 1]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=settings.lr,
+    )
 
 
 def _mean_across_ranks(value: float) -> float:

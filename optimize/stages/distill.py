@@ -313,22 +313,7 @@ def run(config: DistillStage, model: ModelHandle, ctx: StageContext) -> StageRes
             batch["labels"] = torch.tensor([labels.get(t, -100) for t in texts])
         return batch
 
-    bf16 = training.bf16_supported() if config.bf16 == "auto" else config.bf16
-    steps = auto_steps(len(data.train), config.batch_size) if config.steps == "auto" else config.steps
-    settings = training.Settings(
-        steps=steps,
-        batch_size=config.batch_size,
-        accumulation=config.accumulation,
-        lr=config.lr,
-        weight_decay=config.weight_decay,
-        warmup=config.warmup,
-        schedule=config.schedule,
-        max_grad_norm=config.max_grad_norm,
-        bf16=bf16,
-        eval_every=config.eval_every,
-        checkpoint_every=config.checkpoint_every,
-        seed=ctx.seed,
-    )
+    settings = training_settings(config, len(data.train), ctx.seed)
     key = hashlib.sha256(
         json.dumps(
             [config.model_dump(mode="json", exclude={"gate", "name"}), str(model.checkpoint), data.sources, ctx.seed],
@@ -366,13 +351,31 @@ def run(config: DistillStage, model: ModelHandle, ctx: StageContext) -> StageRes
         "student_parameters": params,
         "teacher_parameters": sum(p.numel() for p in teacher.parameters()),
         "data": {"sources": data.sources, "train_texts": len(data.train), "heldout_texts": len(data.heldout)},
-        "steps": steps,
+        "steps": settings.steps,
         "processes": training.world_size(),
-        "bf16": bf16,
+        "bf16": settings.bf16,
         "seconds": seconds,
         "loss_curve": history,
     }
     return StageResult(model.with_checkpoint(out), decisions)
+
+
+def training_settings(config: DistillStage, texts: int, seed: int) -> training.Settings:
+    """The loop's settings from the stage's fields: `steps: auto` and `bf16: auto` resolved here."""
+    return training.Settings(
+        steps=auto_steps(texts, config.batch_size) if config.steps == "auto" else config.steps,
+        batch_size=config.batch_size,
+        accumulation=config.accumulation,
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        warmup=config.warmup,
+        schedule=config.schedule,
+        max_grad_norm=config.max_grad_norm,
+        bf16=training.bf16_supported() if config.bf16 == "auto" else config.bf16,
+        eval_every=config.eval_every,
+        checkpoint_every=config.checkpoint_every,
+        seed=seed,
+    )
 
 
 # `steps: auto`, measured on MiniLM (layers [0, 2, 4], the 10,472 STS-B train sentences left after

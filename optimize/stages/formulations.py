@@ -68,6 +68,21 @@ def choose(
     return best, scores
 
 
+def _summary(records: list[dict[str, Any]], float_ms: dict[int, float], label: str) -> str:
+    """One line: each formulation's latency as a ratio to fp32 per batch size (or why it has none)."""
+    shown = "; ".join(
+        f"{r['formulation']} "
+        + (
+            "/".join(f"{v / float_ms[int(k[1:])]:.2f}" for k, v in r["latency_ms"].items())
+            if "latency_ms" in r
+            else r.get("error") or "gate failed"
+        )
+        for r in records
+    )
+    batches = "/".join(map(str, BATCHES))
+    return f"quantize: formulations on this CPU (latency vs fp32, batch {batches}): {shown}; kept: {label}"
+
+
 def search(
     methods: Sequence[MethodBase],
     model: ModelHandle,
@@ -106,21 +121,7 @@ def search(
     for (record, _), ms, score in zip(passing, timed, scores, strict=True):
         record.update(latency_ms={f"b{b}": v for b, v in ms.items()}, worst_ratio_to_fp32=score)
     label = FLOAT_LABEL if chosen is None else passing[chosen][0]["formulation"]
-    ctx.console.print(
-        "quantize: formulations on this CPU (latency vs fp32, batch "
-        + "/".join(map(str, BATCHES))
-        + "): "
-        + "; ".join(
-            f"{r['formulation']} "
-            + (
-                "/".join(f"{v / float_ms[int(k[1:])]:.2f}" for k, v in r["latency_ms"].items())
-                if "latency_ms" in r
-                else r.get("error") or "gate failed"
-            )
-            for r in records
-        )
-        + f"; kept: {label}"
-    )
+    ctx.console.print(_summary(records, float_ms, label))
     decisions = {
         "formulations": records,
         "fp32_latency_ms": {f"b{b}": v for b, v in float_ms.items()},
