@@ -221,15 +221,8 @@ def train(
                 group["lr"] = learning_rate(settings, step)
             texts = batch_texts(train_texts, step, settings.batch_size, settings.seed)
             mine = texts[rank() * micro * settings.accumulation : (rank() + 1) * micro * settings.accumulation]
-            total = 0.0
-            for i in range(settings.accumulation):
-                with autocast:
-                    loss = loss_fn(model, teacher, batch(mine[i * micro : (i + 1) * micro])) / settings.accumulation
-                loss.backward()  # type: ignore[no-untyped-call]
-                total += float(loss.detach())
-            torch.nn.utils.clip_grad_norm_(student.parameters(), settings.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            chunks = [batch(mine[i * micro : (i + 1) * micro]) for i in range(settings.accumulation)]
+            total = _step(model, teacher, loss_fn, chunks, autocast, optimizer, student, settings.max_grad_norm)
             running.append(_mean_across_ranks(total))
             progress.update(bar, advance=1, loss=f"{running[-1]:.5f}")
             done = step + 1
@@ -252,6 +245,32 @@ def train(
         torch.distributed.destroy_process_group()
     student.to("cpu")
     return history
+
+
+def _step(
+    model: torch.nn.Module,
+    teacher: torch.nn.Module,
+    loss_fn: LossFn,
+    chunks: list[dict[str, torch.Tensor]],
+    autocast: torch.autocast,
+    optimizer: torch.optim.Optimizer,
+    student: torch.nn.Module,
+    max_grad_norm: float,
+) -> float:
+    """One optimizer step over `chunks` (gradient accumulation; forward passes under `autocast`,
+    backward outside it), clipped; returns this rank's loss."""
+    import torch
+
+    total = 0.0
+    for chunk in chunks:
+        with autocast:
+            loss = loss_fn(model, teacher, chunk) / len(chunks)
+        loss.backward()  # type: ignore[no-untyped-call]
+        total += float(loss.detach())
+    torch.nn.utils.clip_grad_norm_(student.parameters(), max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total
 
 
 def _placed(student: torch.nn.Module, teacher: torch.nn.Module) -> tuple[torch.device, torch.nn.Module]:
