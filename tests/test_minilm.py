@@ -81,7 +81,7 @@ def test_quantize_with_defaults_only_passes_is_faster_and_keeps_spearman(tmp_pat
     assert scores["reference"]["metrics"]["spearman"] - scores["metrics"]["spearman"] <= 0.003
 
 
-def test_minilm_distilled_to_three_layers_keeps_most_of_its_spearman_and_is_faster(tmp_path):
+def test_minilm_distilled_to_three_layers_keeps_most_of_its_spearman_and_is_smaller(tmp_path):
     # The short CI version of recipes/minilm-distill-int8.yaml's first stage (1500 steps there):
     # 100 steps on 3,000 STS-B train sentences (without their scores), gated on STS-B test Spearman.
     import yaml
@@ -102,8 +102,9 @@ def test_minilm_distilled_to_three_layers_keeps_most_of_its_spearman_and_is_fast
     result = CliRunner().invoke(app, ["run", str(path), "-o", str(out), "--json"])
     assert result.exit_code == 0, result.output
     manifest = runtime.verify(out)
-    reference, student = manifest["reference"]["metrics"], manifest["stages"][0]["metrics"]
+    student = manifest["stages"][0]["metrics"]
     assert student["spearman"] >= 0.78  # teacher 0.8203; 0.805 after 150 steps of the full recipe's data
-    assert student["latency_p50_ms"] * 1.3 <= reference["latency_p50_ms"]  # 3 of 6 layers, same run
+    details = manifest["stages"][0]["details"]  # smaller, not timed here: speed goals live in bench/
+    assert details["layers"] == [0, 2, 5] and details["student_parameters"] < 0.8 * details["teacher_parameters"]
     curve = manifest["stages"][0]["details"]["loss_curve"]
     assert curve[-1]["heldout_loss"] < curve[0]["heldout_loss"]
