@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
 
 from optimize.records import RunSummary, StageRecord
+
+if TYPE_CHECKING:
+    from optimize.stages.base import Choice
 
 
 def _fmt(value: object) -> str:
@@ -44,26 +48,14 @@ def decisions_table(stage: StageRecord, shown: int = 12) -> Table | None:
     """What a stage chose among (formulations, graph variants, genai candidates) or, for a precision
     search, its most sensitive layers: what report.html plots, as a table for `optimize inspect`."""
     details = stage.details
-    rows = details.get("formulations") or details.get("candidates") or []
-    if rows and isinstance(rows[0], dict):
-        table = Table(
-            title=f"stage {stage.name}: candidates (chosen: {details.get('chosen') or details.get('variant')})"
-        )
+    choices = stage_choices(stage)
+    if choices:
+        chosen = next((c.label for c in choices if c.chosen), "none")
+        table = Table(title=f"stage {stage.name}: candidates (chosen: {chosen})")
         table.add_column("candidate")
         table.add_column("outcome")
-        for row in rows:
-            label = row.get("formulation") or row.get("variant") or row.get("label") or "?"
-            if row.get("error"):
-                outcome = f"error: {str(row['error'])[:60]}"
-            elif "latency_ms" in row:
-                outcome = "latency " + ", ".join(f"{k} {v} ms" for k, v in row["latency_ms"].items())
-            elif "latency_p50_ms" in row:
-                outcome = f"latency {row['latency_p50_ms']} ms, agrees {row.get('agrees')}"
-            elif "agrees" in row:
-                outcome = f"disagrees with its input (cosine_min {row.get('agreement_cosine_min')})"
-            else:
-                outcome = f"gate {'passed' if row.get('gate_passed', row.get('passed')) else 'failed'}"
-            table.add_row(str(label), outcome)
+        for choice in choices:
+            table.add_row(choice.label, choice.outcome)
         return table
     scores = details.get("sensitivity")
     if scores:
@@ -74,6 +66,14 @@ def decisions_table(stage: StageRecord, shown: int = 12) -> Table | None:
             table.add_row(name, _fmt(score))
         return table
     return None
+
+
+def stage_choices(stage: StageRecord) -> list[Choice]:
+    """What the stage chose among, as its kind reads its own decisions (`StageBase.choices`)."""
+    from optimize.stages import KINDS
+
+    kind = KINDS.get(stage.kind)
+    return kind.choices(stage.details) if kind is not None else []
 
 
 def markdown(run: RunSummary) -> str:

@@ -120,25 +120,17 @@ def choices(stage: StageRecord) -> str | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [
-        r for r in stage.details.get("formulations") or stage.details.get("candidates") or [] if isinstance(r, dict)
-    ]
-    if len(rows) < 2:
+    from optimize.report import stage_choices
+
+    bars = stage_choices(stage)
+    if len(bars) < 2:
         return None
-    chosen = str(stage.details.get("chosen") or stage.details.get("variant") or "")
-    bars = []
-    for row in rows:
-        label = str(row.get("formulation") or row.get("variant") or row.get("label") or "?")
-        metrics = row.get("metrics") or {}
-        timed = row.get("latency_ms", {}).get("b1") or row.get("latency_p50_ms") or metrics.get("latency_p50_ms")
-        passed = not row.get("error") and row.get("passed", row.get("gate_passed", row.get("agrees", True)))
-        bars.append((label, timed, metrics.get("cosine_mean", row.get("agreement_cosine_min")), bool(passed)))
-    by_latency = all(b[1] is not None for b in bars if b[3])
-    values = [float((b[1] if by_latency else b[2]) or 0.0) for b in bars]
+    by_latency = all(b.latency_ms is not None for b in bars if b.passed)
+    values = [float((b.latency_ms if by_latency else b.fidelity) or 0.0) for b in bars]
     figure, axes = plt.subplots(figsize=(6.4, 0.35 * len(bars) + 1.2))
-    colors = ["#55a868" if b[0] == chosen else ("#4c72b0" if b[3] else "#c8c8c8") for b in bars]
+    colors = ["#55a868" if b.chosen else ("#4c72b0" if b.passed else "#c8c8c8") for b in bars]
     axes.barh(range(len(bars)), values, color=colors)
-    axes.set_yticks(range(len(bars)), [b[0][:40] + ("  (chosen)" if b[0] == chosen else "") for b in bars], fontsize=7)
+    axes.set_yticks(range(len(bars)), [b.label[:40] + ("  (chosen)" if b.chosen else "") for b in bars], fontsize=7)
     axes.invert_yaxis()
     axes.set_xlabel("latency p50 (ms, batch 1)" if by_latency else "fidelity (cosine)")
     axes.set_title("candidates: green chosen, grey failed the gate or did not build")

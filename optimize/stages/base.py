@@ -44,6 +44,12 @@ class StageBase(BaseModel):
         whose eval suites yield `suite_metrics`: fidelity to the stage's input model."""
         return default_gate(task)
 
+    @classmethod
+    def choices(cls, details: dict[str, Any]) -> list[Choice]:
+        """What a run of this kind chose among, read from the decisions its `run` recorded: what
+        `optimize inspect` lists and report.html plots (none for a kind that searches nothing)."""
+        return []
+
     def check_input(self, model: ModelHandle, base_dir: Path) -> None:
         """Raise `UsageError` for what this stage cannot do with the recipe's model (read from its
         config, no weights loaded): called before the reference is measured."""
@@ -52,6 +58,18 @@ class StageBase(BaseModel):
         """Recipe-level problems only this kind knows of (key path within the stage, message), given
         the recipe's compile target; found by validation, before any model loads."""
         return []
+
+
+@dataclass(frozen=True, kw_only=True)
+class Choice:
+    """One candidate a stage chose among, as the reports show it."""
+
+    label: str
+    outcome: str  # what it measured, in words
+    passed: bool  # held the gate (or agreed with its input), and built
+    chosen: bool
+    latency_ms: float | None = None  # batch 1, where it was timed
+    fidelity: float | None = None  # cosine against the reference (or the input model), where measured
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from pydantic import Field
 
 from optimize.errors import GateFailed
 from optimize.model import ModelHandle
-from optimize.stages.base import StageBase, StageContext, StageResult
+from optimize.stages.base import Choice, StageBase, StageContext, StageResult
 
 Variant = Literal["as-is", "basic", "extended", "fused"]
 
@@ -46,6 +46,27 @@ class CompileStage(StageBase):
     agreement: float = Field(0.999, gt=0, le=1, description="min sentence cosine vs the input model")
     fp16: bool = Field(True, description="cuda/tensorrt: let the provider run float layers in fp16")
     min_speedup: float = Field(0.05, ge=0, description="a later variant must be this much faster to be kept")
+
+    @classmethod
+    def choices(cls, details: dict[str, Any]) -> list[Choice]:
+        def outcome(row: dict[str, Any]) -> str:
+            if row.get("error"):
+                return f"error: {str(row['error'])[:60]}"
+            if "latency_p50_ms" in row:
+                return f"latency {row['latency_p50_ms']} ms, agrees (cosine_min {row['agreement_cosine_min']})"
+            return f"disagrees with its input (cosine_min {row.get('agreement_cosine_min')})"
+
+        return [
+            Choice(
+                label=str(row["variant"]),
+                outcome=outcome(row),
+                passed=bool(row.get("agrees")),
+                chosen=row["variant"] == details.get("variant"),
+                latency_ms=row.get("latency_p50_ms"),
+                fidelity=row.get("agreement_cosine_min"),
+            )
+            for row in details.get("candidates", [])
+        ]
 
     def run(self, model: ModelHandle, ctx: StageContext) -> StageResult:
         return run(self, model, ctx)

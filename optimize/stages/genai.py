@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from optimize import tasks
 from optimize.errors import UsageError
 from optimize.model import ModelHandle
-from optimize.stages.base import StageBase, StageContext, StageResult
+from optimize.stages.base import Choice, StageBase, StageContext, StageResult
 
 # The checkpoint's own tokenizer and config replace what the builder re-saves, so the reference and
 # every candidate tokenize alike (a re-saved tokenizer may add a BOS token).
@@ -110,6 +110,21 @@ class GenAIStage(StageBase):
             if c.algorithm == "minmax" and (c.precision != "int4" or c.block_size != 32 or "mixed_layers" in c.int8):
                 found.append((("candidates", i), "minmax is int4 with blocks of 32 (int8: only last_matmul)"))
         return found
+
+    @classmethod
+    def choices(cls, details: dict[str, Any]) -> list[Choice]:
+        return [
+            Choice(
+                label=str(row["label"]),
+                outcome=", ".join(f"{c['metric']} {c['value']}" for c in row.get("checks", []))
+                + (": gate passed" if row["passed"] else ": gate failed"),
+                passed=bool(row["passed"]),
+                chosen=row["label"] == details.get("chosen"),
+                latency_ms=row.get("metrics", {}).get("latency_p50_ms"),
+                fidelity=row.get("metrics", {}).get("cosine_mean"),
+            )
+            for row in details.get("candidates", [])
+        ]
 
     def run(self, model: ModelHandle, ctx: StageContext) -> StageResult:
         return run(self, model, ctx)

@@ -122,6 +122,7 @@ def fixed(trials: Trials) -> StageResult:
             checks=record["checks"],
             details=info,
         )
+    info["chosen"] = record["label"]
     return StageResult(handle, info, precision_plan=plan, advice=advice)
 
 
@@ -167,6 +168,7 @@ def search(trials: Trials, costs: dict[str, int]) -> StageResult:
             checks=closest["checks"],
             details=info,
         )
+    info["chosen"] = f"{best[0]} most sensitive kept in {FLOAT}"
     return StageResult(best[1], info, precision_plan=plan_keeping(best[0]))
 
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 from pydantic import Field, model_validator
@@ -37,7 +37,8 @@ from optimize import cpu
 from optimize.errors import UsageError
 from optimize.model import ModelHandle
 from optimize.runtime import on_openvino
-from optimize.stages.base import StageBase, StageContext, StageResult
+from optimize.stages.base import Choice, StageBase, StageContext, StageResult
+from optimize.stages.formulations import FLOAT_LABEL
 from optimize.stages.methods import (
     WEIGHT_INPUT,
     Dynamic,
@@ -121,6 +122,51 @@ class QuantizeStage(StageBase):
                 f"fp16 on {target} is the compile stage's `fp16: true` (the provider runs float "
                 "layers in fp16); use int8, int4 or auto here",
             )
+        ]
+
+    @classmethod
+    def choices(cls, details: dict[str, Any]) -> list[Choice]:
+        """The formulations it timed, or the precision plans it judged."""
+        chosen = details.get("chosen")
+        if "formulations" in details:
+            fp32 = details.get("fp32_latency_ms", {})
+            baseline = Choice(
+                label=FLOAT_LABEL,
+                outcome="latency " + ", ".join(f"{k} {v} ms" for k, v in fp32.items()),
+                passed=True,
+                chosen=chosen == FLOAT_LABEL,
+                latency_ms=fp32.get("b1"),
+                fidelity=1.0,
+            )
+            return [
+                baseline,
+                *(
+                    Choice(
+                        label=str(row["formulation"]),
+                        outcome=f"error: {str(row['error'])[:60]}"
+                        if row.get("error")
+                        else "latency " + ", ".join(f"{k} {v} ms" for k, v in row["latency_ms"].items())
+                        if "latency_ms" in row
+                        else "gate failed",
+                        passed=bool(row.get("gate_passed")),
+                        chosen=row["formulation"] == chosen,
+                        latency_ms=row.get("latency_ms", {}).get("b1"),
+                        fidelity=row.get("metrics", {}).get("cosine_mean"),
+                    )
+                    for row in details["formulations"]
+                ),
+            ]
+        return [
+            Choice(
+                label=str(row["label"]),
+                outcome=f"{len(row['kept_float'])} kept in {FLOAT}, cosine_mean {row['metrics'].get('cosine_mean')}, "
+                + ("passed" if row["passed"] else "gate failed" if not row["gate_passed"] else "not faster than float"),
+                passed=bool(row["passed"]),
+                chosen=row["label"] == chosen,
+                latency_ms=(row.get("timed_in_turns_ms") or [None])[0],
+                fidelity=row["metrics"].get("cosine_mean"),
+            )
+            for row in details.get("candidates", [])
         ]
 
     def run(self, model: ModelHandle, ctx: StageContext) -> StageResult:
