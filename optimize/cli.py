@@ -151,7 +151,7 @@ def _dry_run_text(loaded: LoadedRecipe, model: str | None) -> str:
     spec = model or recipe.model
     task = recipe.task or (peek_task(spec, loaded.base_dir) if spec else None)
     if task is not None:
-        return loaded.with_default_gates(task).text
+        return loaded.with_default_gates(task, loaded.suite_metrics).text
     if all(stage.gate is not None for stage in recipe.stages):
         return loaded.text
     shown = {

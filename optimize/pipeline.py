@@ -108,7 +108,8 @@ def prepare(loaded: LoadedRecipe, options: RunOptions, console: Console, workroo
     calibration, holdout = split_calibration(texts, cal.samples, cal.holdout, recipe.seed, Path(found.source))
     suites = [load_suite(named(name, "evals", loaded.base_dir)) for name in recipe.evals]
     # Validation allowed logit metrics while the task was unknown; now the model says.
-    measured = metrics.measured(model.task, [s.metric for s in suites])
+    suite_metrics = [s.metric for s in suites]
+    measured = metrics.measured(model.task, suite_metrics)
     for index, stage in enumerate(recipe.stages):
         for check in stage.gate or []:
             if check.metric not in measured:
@@ -129,7 +130,8 @@ def prepare(loaded: LoadedRecipe, options: RunOptions, console: Console, workroo
     evaluator = Evaluator(holdout, SpeedSettings(seq_len=cal.seq_len), suites, reference=model)
     data = [{"calibration": cal.data, "source": found.source, "rows": len(found.rows)}]
     data += [suite.provenance() for suite in suites]
-    return Prepared(loaded.with_default_gates(model.task), spec, model, sources, calibration, holdout, evaluator, data)
+    in_force = loaded.with_default_gates(model.task, suite_metrics)
+    return Prepared(in_force, spec, model, sources, calibration, holdout, evaluator, data)
 
 
 class _Run:

@@ -113,14 +113,17 @@ class LoadedRecipe:
         """The resolved recipe as YAML: what `--dry-run` prints and the manifest records."""
         return yaml.safe_dump(self.recipe.model_dump(mode="json", exclude_none=True), sort_keys=False)
 
-    def with_default_gates(self, task: str) -> LoadedRecipe:
-        """The recipe with each stage's default gate for a model of `task` (`StageBase.default_gate`)
-        written into every stage that gives none (`gate: []` stays empty), so what `--dry-run`
-        prints and the manifest records is the gate in force."""
-        evals = [read_suite(paths.named(name, "evals", self.base_dir)) for name in self.recipe.evals]
-        suites = [SUITE_TASKS[suite.task].metric for suite in evals]
+    @property
+    def suite_metrics(self) -> list[str]:
+        """The metric each of the recipe's eval suites yields, read from their settings (no data)."""
+        return [SUITE_TASKS[read_suite(paths.named(n, "evals", self.base_dir)).task].metric for n in self.recipe.evals]
+
+    def with_default_gates(self, task: str, suite_metrics: list[str]) -> LoadedRecipe:
+        """The recipe with each stage's default gate for a model of `task` in a recipe whose suites
+        yield `suite_metrics` (`StageBase.default_gate`) written into every stage that gives none
+        (`gate: []` stays empty), so what `--dry-run` prints and the manifest records is the gate in force."""
         stages = [
-            s if s.gate is not None else s.model_copy(update={"gate": s.default_gate(task, suites)})
+            s if s.gate is not None else s.model_copy(update={"gate": s.default_gate(task, suite_metrics)})
             for s in self.recipe.stages
         ]
         return dataclasses.replace(self, recipe=self.recipe.model_copy(update={"stages": stages}))
