@@ -14,11 +14,12 @@ import shutil
 from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import cast
 
 from optimize import __version__
 from optimize.errors import UsageError
 from optimize.runtime import on_openvino, sha256_file
+from optimize.runtime.manifest import Manifest
 
 SCHEMA_VERSION = 1
 TOKENIZER_FILES = (
@@ -162,12 +163,14 @@ def _volatile(key: str) -> bool:
     return key.endswith("_ms") or key in VOLATILE
 
 
-def split_volatile(value: Any) -> tuple[Any, Any]:
+def split_volatile(value: object) -> tuple[object, object]:
     """(value without timings, the timings at the same paths): keys ending in `_ms`, throughput,
     seconds, speed details, and the value, threshold and reference of a gate check on a timing."""
     if isinstance(value, dict):
-        stable, moved = {}, {}
-        timing_check = isinstance(value.get("metric"), str) and _volatile(value["metric"])
+        stable: dict[object, object] = {}
+        moved: dict[object, object] = {}
+        metric = value.get("metric")
+        timing_check = isinstance(metric, str) and _volatile(metric)
         for k, v in value.items():
             if _volatile(str(k)) or (timing_check and k in ("value", "threshold", "reference")):
                 moved[k] = v
@@ -202,9 +205,9 @@ def write(
     staging: Path,
     onnx_path: Path,
     checkpoint: Path,
-    manifest: dict[str, Any],
+    manifest: Manifest,
     report_md: str,
-    report: dict[str, Any],
+    report: dict[str, object],
     overwrite: bool,
     report_html: str | None = None,
     with_weights: bool = False,
@@ -224,7 +227,8 @@ def write(
     if report_html is not None:
         (staging / "report.html").write_text(report_html)
     (staging / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
-    manifest, measurements = split_volatile(manifest)
+    stable, measurements = split_volatile(manifest)
+    manifest = cast(Manifest, stable)  # the same keys, without the timings
     (staging / "measurements.json").write_text(json.dumps(measurements or {}, indent=2, sort_keys=True) + "\n")
     files = sorted(p for p in staging.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
     manifest["files"] = {

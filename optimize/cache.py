@@ -25,12 +25,38 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TypedDict, cast
 
 import optimize
 from optimize.model import ModelHandle
+from optimize.runtime.manifest import JsonObject, RuntimeSettings, StageJson
 
 ENTRY = "entry.json"
+
+
+class Entry(TypedDict, total=False):
+    """`entry.json`: the step, where its model files are in the folder, and what the run reuses."""
+
+    step: str
+    recipe: str  # the recipe's name, for `optimize cache list`
+    created: float
+    engine: str  # what runs the step's ONNX file
+    onnx: str | None  # relative to the entry's folder
+    checkpoint: str | None  # a checkpoint the step made (a trained student, an engine folder)
+    record: StageJson  # an export or a stage: its record, its plan and runtime settings
+    plan: dict[str, str]
+    runtime: RuntimeSettings
+    metrics: dict[str, float]  # the reference: what it measured, and under which conditions
+    details: JsonObject
+    conditions: JsonObject
+
+
+class Listed(TypedDict):
+    key: str
+    step: str
+    recipe: str
+    size_mb: float
+    created: float
 
 
 # What lives under the cache's root: the stage cache, GGUF conversions, and `export/`, where
@@ -49,7 +75,7 @@ def clear_all(root: Path) -> int:
     return sum(StageCache(root / part).clear() for part in PARTS)
 
 
-def key(*parts: Any) -> str:
+def key(*parts: object) -> str:
     """A stable hash of JSON-able parts (sorted keys; paths and other objects as strings)."""
     text = json.dumps(parts, sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:32]
@@ -65,7 +91,7 @@ def source_sha256() -> str:
     return digest.hexdigest()
 
 
-def referenced_files(config: Any, base_dir: Path) -> dict[str, str]:
+def referenced_files(config: object, base_dir: Path) -> dict[str, str]:
     """The sha256 of every local file a stage's config names (distillation data, a plan file), found
     as the stage would find it: a changed file under the same name is a different step."""
     from optimize.paths import recipe_data
@@ -73,7 +99,7 @@ def referenced_files(config: Any, base_dir: Path) -> dict[str, str]:
 
     found: dict[str, str] = {}
 
-    def walk(value: Any) -> None:
+    def walk(value: object) -> None:
         if isinstance(value, dict):
             for item in value.values():
                 walk(item)
@@ -93,14 +119,14 @@ def referenced_files(config: Any, base_dir: Path) -> dict[str, str]:
 class StageCache:
     root: Path
 
-    def get(self, entry_key: str) -> tuple[Path, dict[str, Any]] | None:
+    def get(self, entry_key: str) -> tuple[Path, Entry] | None:
         folder = self.root / entry_key
         try:
-            return folder, json.loads((folder / ENTRY).read_text())
+            return folder, cast(Entry, json.loads((folder / ENTRY).read_text()))
         except (OSError, json.JSONDecodeError):
             return None
 
-    def put(self, entry_key: str, fill: Callable[[Path], dict[str, Any]]) -> tuple[Path, dict[str, Any]]:
+    def put(self, entry_key: str, fill: Callable[[Path], Entry]) -> tuple[Path, Entry]:
         """Make the entry with `fill(folder) -> entry` unless another run already has; atomic."""
         from filelock import FileLock
 
@@ -111,7 +137,8 @@ class StageCache:
                 return found
             staging = Path(tempfile.mkdtemp(prefix=f".{entry_key}.", dir=self.root))
             try:
-                entry = {**fill(staging), "created": time.time()}
+                entry = fill(staging)
+                entry["created"] = time.time()
                 (staging / ENTRY).write_text(json.dumps(entry, indent=1, default=str))  # metrics keep their order
                 staging.rename(self.root / entry_key)
             finally:
@@ -120,9 +147,9 @@ class StageCache:
         assert found is not None
         return found
 
-    def entries(self) -> list[dict[str, Any]]:
+    def entries(self) -> list[Listed]:
         """What is cached: key, step, size in MB, age, newest first."""
-        rows = []
+        rows: list[Listed] = []
         for folder in sorted(self.root.glob("*")) if self.root.is_dir() else []:
             found = self.get(folder.name) if folder.is_dir() and not folder.name.startswith(".") else None
             if found is None:
@@ -138,7 +165,7 @@ class StageCache:
                     "created": entry.get("created", 0),
                 }
             )
-        return sorted(rows, key=lambda r: -float(r["created"]))
+        return sorted(rows, key=lambda r: -r["created"])
 
     def clear(self) -> int:
         """Remove every entry, lock and leftover temporary folder; returns the bytes freed."""
@@ -159,10 +186,10 @@ def _bytes(path: Path) -> int:
     return path.stat().st_size
 
 
-def store_model(folder: Path, onnx_path: Path | None, checkpoint: Path, own_checkpoint: bool) -> dict[str, Any]:
+def store_model(folder: Path, onnx_path: Path | None, checkpoint: Path, own_checkpoint: bool) -> Entry:
     """Copy a step's output model into an entry folder: its ONNX file (with external data) and, when
     the step made a new checkpoint (a trained student, a decoder engine folder), that folder."""
-    stored: dict[str, Any] = {"onnx": None, "checkpoint": None}
+    stored: Entry = {"onnx": None, "checkpoint": None}
     if own_checkpoint:
         shutil.copytree(checkpoint, folder / "checkpoint")
         stored["checkpoint"] = "checkpoint"
@@ -189,34 +216,35 @@ class RunCache:
     key: str
     recipe: str  # named in each entry, for `optimize cache list`
 
-    def lookup(self, step: str, *parts: Any) -> tuple[str, tuple[Path, dict[str, Any]] | None]:
+    def lookup(self, step: str, *parts: object) -> tuple[str, tuple[Path, Entry] | None]:
         """The key of the next step and its cache entry, if any."""
         step_key = key(self.key, step, *parts)
         return step_key, self.store.get(step_key) if self.store else None
 
-    def keep(self, step_key: str, step: str, entry: dict[str, Any], model: ModelHandle, source: ModelHandle) -> None:
+    def keep(self, step_key: str, step: str, entry: Entry, model: ModelHandle, source: ModelHandle) -> None:
         """Store a finished step's model (its ONNX file, and its checkpoint when the step made one)
         and `entry` under its key, and move the run's key on."""
         if self.store is not None:
             own = model.checkpoint != source.checkpoint
 
-            def fill(folder: Path) -> dict[str, Any]:
+            def fill(folder: Path) -> Entry:
                 stored = store_model(folder, model.onnx_path, model.checkpoint, own)
-                return {"step": step, "recipe": self.recipe, "engine": model.engine, **entry, **stored}
+                return {**entry, "step": step, "recipe": self.recipe, "engine": model.engine, **stored}
 
             self.store.put(step_key, fill)
         self.key = step_key
 
-    def reuse(self, step_key: str, found: tuple[Path, dict[str, Any]], source: ModelHandle) -> ModelHandle:
+    def reuse(self, step_key: str, found: tuple[Path, Entry], source: ModelHandle) -> ModelHandle:
         """A cached step's model, as if the step had just made it from `source`; moves the key on."""
         folder, entry = found
-        checkpoint = folder / entry["checkpoint"] if entry.get("checkpoint") else source.checkpoint
-        onnx = folder / entry["onnx"] if entry.get("onnx") else None
+        stored_checkpoint, stored_onnx = entry.get("checkpoint"), entry.get("onnx")
+        checkpoint = folder / stored_checkpoint if stored_checkpoint else source.checkpoint
+        onnx = folder / stored_onnx if stored_onnx else None
         self.key = step_key
         engine = entry.get("engine", "onnxruntime")
         return dataclasses.replace(source, checkpoint=checkpoint, onnx_path=onnx, engine=engine)
 
-    def put(self, step_key: str, entry: dict[str, Any]) -> None:
+    def put(self, step_key: str, entry: Entry) -> None:
         """Keep a step that makes no model (the reference measurement)."""
         if self.store is not None:
-            self.store.put(step_key, lambda _: {"recipe": self.recipe, **entry})
+            self.store.put(step_key, lambda _: {**entry, "recipe": self.recipe})

@@ -13,7 +13,7 @@ import re
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
@@ -204,19 +204,23 @@ def run_cmd(
 
 
 def single_stage(
-    kind: str, model: str, recipe: Path | None, settings: dict[str, Any], extra: dict[str, Any] | None = None
+    kind: str,
+    model: str,
+    recipe: Path | None,
+    settings: Mapping[str, object],
+    extra: Mapping[str, object] | None = None,
 ) -> LoadedRecipe:
     """The one-stage recipe a single-stage command runs: the stage of that kind from -r RECIPE
     (or a default one) with the command's options on top, and the recipe's calibration and evals."""
     from optimize import recipe as recipes
 
-    data: dict[str, Any] = {}
+    data: recipes.RecipeData = {}
     if recipe is not None:
         recipe = paths.named(recipe, "recipes")
         data, _ = recipes.load_data(recipe)
-    stage = next(
-        (dict(s) for s in data.get("stages", []) if isinstance(s, dict) and s.get("kind") == kind), {"kind": kind}
-    )
+    stages = data.get("stages")
+    found = [s for s in stages if isinstance(s, dict) and s.get("kind") == kind] if isinstance(stages, list) else []
+    stage: dict[str, object] = dict(found[0]) if found else {"kind": kind}
     stage.update({k: v for k, v in settings.items() if v is not None})
     name = data.get("name") or re.sub(r"[^\w.-]+", "-", f"{Path(model).name or 'model'}-{kind}").strip("-.")
     data = {**data, "name": name, "model": model, "stages": [stage]}
@@ -346,7 +350,7 @@ def _parse_layers(text: str) -> int | list[int]:
     return values[0] if len(values) == 1 and "," not in text else values
 
 
-def _parse_check(text: str) -> dict[str, Any]:
+def _parse_check(text: str) -> dict[str, str | float]:
     parts = text.replace("=", " ").split()
     if len(parts) != 3:
         raise typer.BadParameter(f"{text!r}: write METRIC BOUND VALUE, e.g. 'spearman max_drop 0.001'")

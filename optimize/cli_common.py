@@ -61,7 +61,7 @@ def emit(
     artifact: Path | None = None,
     stages: list[StageRecord] | None = None,
     error: str | None = None,
-    **extra: Any,
+    **extra: object,
 ) -> None:
     """`--json`: the one object every command prints on stdout, in every outcome (README, "JSON")."""
     if as_json:
@@ -90,7 +90,7 @@ def measure_command(as_json: bool, work: Callable[[], dict[str, Any]]) -> None:
     emit(as_json, "passed", **result)
 
 
-def metrics_table(title: str, columns: dict[str, dict[str, Any]]) -> None:
+def metrics_table(title: str, columns: dict[str, dict[str, float]]) -> None:
     from rich.table import Table
 
     table = Table(title=title, title_justify="left")

@@ -117,7 +117,7 @@ def _inspect(artifact: Path, unpacked: Path, as_json: bool) -> None:
             artifact = artifacts.extract(artifact, unpacked)
         manifest = runtime.verify(artifact)
         try:
-            stages = [StageRecord(**stage) for stage in manifest["stages"]]
+            stages = [StageRecord.of(stage) for stage in manifest["stages"]]
             provenance, reference = manifest["provenance"], manifest["reference"]["metrics"]
             source, digest, versions = provenance["source"], provenance["source_sha256"], dict(provenance["versions"])
         except (KeyError, TypeError, ValueError) as exc:

@@ -13,6 +13,10 @@ from __future__ import annotations
 import platform
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from optimize.runtime.manifest import CpuSummary
 
 # Flags that give int8 dot products with 32-bit accumulation (no 16-bit saturation).
 INT8_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8", "asimddp")
@@ -34,7 +38,7 @@ class CpuInfo:
         """True when int8 x int8 products accumulate without 16-bit saturation."""
         return any(flag in self.flags for flag in INT8_DOT_FLAGS)
 
-    def summary(self) -> dict[str, object]:
+    def summary(self) -> CpuSummary:
         return {
             "model": self.model,
             "machine": platform.machine(),

@@ -17,14 +17,18 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeAlias
 
 from optimize.errors import UsageError
+
+# A data row as read: the file's own JSON values (strings, numbers, lists from a datasets folder);
+# its consumers take the columns they name and convert them (`column`, `LoadedSuite.labels`).
+Row: TypeAlias = dict[str, Any]
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".txt", ".parquet")
 
 
-def read_rows(path: Path, delimiter: str | None = None) -> list[dict[str, Any]]:
+def read_rows(path: Path, delimiter: str | None = None) -> list[Row]:
     """All rows of a local data file; `.txt` gives one `{"text": line}` per non-empty line.
 
     `.csv`/`.tsv` files with no header are read with numbered columns ("0", "1", ...) when
@@ -56,7 +60,7 @@ def read_rows(path: Path, delimiter: str | None = None) -> list[dict[str, Any]]:
 Format = Literal["auto", "tsv-noheader", "label-text"]
 
 
-def read_format(path: Path, fmt: Format, named_in: Path | str) -> list[dict[str, Any]]:
+def read_format(path: Path, fmt: Format, named_in: Path | str) -> list[Row]:
     """Rows of a data file in a named layout: `auto` (by suffix, see `read_rows`), `tsv-noheader`
     (numbered columns "0", "1", ...), or `label-text` (`<label> <text>` per line, as SST-2)."""
     if fmt == "tsv-noheader":
@@ -76,7 +80,7 @@ def read_format(path: Path, fmt: Format, named_in: Path | str) -> list[dict[str,
     return read_rows(path)
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+def _read_jsonl(path: Path) -> list[Row]:
     rows = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
@@ -89,7 +93,7 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _read_delimited(path: Path, delimiter: str | None) -> list[dict[str, Any]]:
+def _read_delimited(path: Path, delimiter: str | None) -> list[Row]:
     with path.open(encoding="utf-8", newline="") as handle:
         if delimiter is None:  # a header row; the delimiter as the file's first lines show it
             sample = handle.read(1 << 16)
@@ -104,7 +108,7 @@ def _read_delimited(path: Path, delimiter: str | None) -> list[dict[str, Any]]:
         return [{str(i): value for i, value in enumerate(row)} for row in reader if row]
 
 
-def _read_datasets_folder(path: Path) -> list[dict[str, Any]]:
+def _read_datasets_folder(path: Path) -> list[Row]:
     from datasets import Dataset, DatasetDict, load_from_disk
 
     try:
@@ -117,7 +121,7 @@ def _read_datasets_folder(path: Path) -> list[dict[str, Any]]:
     return list(loaded.to_list())
 
 
-def column_name(rows: list[dict[str, Any]], name: str | None, path: Path) -> str:
+def column_name(rows: list[Row], name: str | None, path: Path) -> str:
     """`name` checked to be a column of the rows, or (None) the `text` column, else the first text one."""
     if not rows:
         raise UsageError(f"{path}: no rows")
@@ -130,7 +134,7 @@ def column_name(rows: list[dict[str, Any]], name: str | None, path: Path) -> str
     return name
 
 
-def column(rows: list[dict[str, Any]], name: str | None, path: Path) -> list[str]:
+def column(rows: list[Row], name: str | None, path: Path) -> list[str]:
     """The non-empty texts of column `name` (or of the one `column_name` picks when None)."""
     name = column_name(rows, name, path)
     texts = [str(row.get(name) or "").strip() for row in rows]
@@ -164,7 +168,7 @@ HUB_SPEC = re.compile(r"^(?P<name>[A-Za-z0-9][\w.-]*(?:/[\w.-]+)?)(?::(?P<config
 
 @dataclass(frozen=True)
 class Rows:
-    rows: list[dict[str, Any]]
+    rows: list[Row]
     source: str  # the file or folder read, or the hub id (and where `datasets` found it)
 
 
@@ -192,7 +196,7 @@ def load_rows(spec: str, local: Sequence[Path], fmt: Format = "auto", where: str
     return Rows(read_hub(str(copy) if copy else name, config, split, spec, where), f"{spec} ({copy or 'hub'})")
 
 
-def read_hub(path: str, config: str | None, split: str, spec: str, where: str) -> list[dict[str, Any]]:
+def read_hub(path: str, config: str | None, split: str, spec: str, where: str) -> list[Row]:
     """One split of a hub dataset (or of a local folder laid out like its repository) via `datasets`."""
     import datasets
 
@@ -208,6 +212,6 @@ def read_hub(path: str, config: str | None, split: str, spec: str, where: str) -
     return list(loaded.to_list())
 
 
-def columns_of(rows: list[dict[str, Any]], names: Sequence[str | None], source: str) -> list[str]:
+def columns_of(rows: list[Row], names: Sequence[str | None], source: str) -> list[str]:
     """The texts of each named column (None: the text one), in order; a wrong name is exit 2."""
     return [text for name in names for text in column(rows, name, Path(source))]

@@ -8,11 +8,12 @@ did not hold; everything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from optimize.gate import CheckResult
     from optimize.records import StageRecord
+    from optimize.runtime.manifest import CheckResult
 
 
 class UsageError(Exception):
@@ -33,7 +34,7 @@ class GateFailed(Exception):
         *,
         metrics: dict[str, float] | None = None,
         checks: list[CheckResult] | None = None,
-        details: dict[str, Any] | None = None,
+        details: Mapping[str, object] | None = None,
     ):
         super().__init__(message)
         self.stages = stages or []

@@ -13,11 +13,11 @@ the stage ungated, and every report says so.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal, TypedDict
 
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
 from optimize.metrics import METRICS
+from optimize.runtime.manifest import CheckResult, GateResult, GateSource
 from optimize.tasks import embeds
 
 _BOUNDS = ("min", "max", "max_drop", "max_ratio")
@@ -103,36 +103,6 @@ def student_gate(task: str, suite_metrics: Sequence[str]) -> list[GateCheck]:
         GateCheck(metric="top1_agreement", min=STUDENT_LOGIT_TOP1),
         GateCheck(metric="kl_div", max=STUDENT_LOGIT_KL),
     ]
-
-
-class _Check(TypedDict):
-    metric: str
-    value: float | None
-    op: str
-    threshold: float | None
-    passed: bool
-
-
-class CheckResult(_Check, total=False):
-    """One check's row (DESIGN.md); `reference` only where the bound is relative to it."""
-
-    reference: float | None
-
-
-GateSource = Literal["recipe", "default", "ungated"]
-
-
-class _Gate(TypedDict):
-    passed: bool
-    source: GateSource
-    checks: list[CheckResult]
-
-
-class GateResult(_Gate, total=False):
-    """A stage's gate (DESIGN.md's object), where its checks came from, and the model its fidelity
-    values were measured against (`against`, added by the pipeline)."""
-
-    against: str
 
 
 def judge(check: GateCheck, value: float | None, reference: float | None) -> CheckResult:

@@ -21,7 +21,6 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from rich.console import Console
 
@@ -31,11 +30,12 @@ from optimize.data import columns_of, load_rows, split_calibration, texts_sha256
 from optimize.errors import INTERRUPTED, GateFailed, UsageError, stop_if_interrupted
 from optimize.evaluate import Evaluator, SpeedSettings
 from optimize.export import content_sha256, export
-from optimize.gate import GateCheck, GateResult, GateSource, default_gate, judge_all
+from optimize.gate import GateCheck, default_gate, judge_all
 from optimize.model import ModelHandle, cache_root, open_any
 from optimize.paths import named, recipe_data
 from optimize.recipe import LoadedRecipe
 from optimize.records import RunSummary, StageRecord
+from optimize.runtime.manifest import GateResult, GateSource, JsonObject, Manifest, RuntimeSettings
 from optimize.stages.base import StageBase, StageContext
 from optimize.suites import load_suite
 
@@ -70,7 +70,7 @@ class Prepared:
     calibration: list[str]
     holdout: list[str]
     evaluator: Evaluator
-    data: list[dict[str, Any]]  # what each data set read was (source, rows, sha256), for the manifest
+    data: list[JsonObject]  # what each data set read was (source, rows, sha256), for the manifest
 
 
 def gate_source(gate: list[GateCheck] | None) -> GateSource:
@@ -142,9 +142,9 @@ class _Run:
         self.evaluator = prepared.evaluator
         self.stages: list[StageRecord] = []
         self.reference: dict[str, float] = {}
-        self.reference_details: dict[str, Any] = {}
+        self.reference_details: JsonObject = {}
         self.plan: dict[str, str] = {}
-        self.runtime: dict[str, Any] = {}
+        self.runtime: RuntimeSettings = {}
         # What default gates measure fidelity against: the reference (None) until a stage changes the
         # weights (distillation); from then on the newest trained model, so a later stage is judged on
         # what it changed, not on the distance the student already is from its teacher.
@@ -170,15 +170,15 @@ class _Run:
         )
         self.cache = stage_cache.RunCache(store, base, recipe.name)
 
-    def cached(self, step: str, *parts: Any) -> tuple[str, tuple[Path, dict[str, Any]] | None]:
+    def cached(self, step: str, *parts: object) -> tuple[str, tuple[Path, stage_cache.Entry] | None]:
         step_key, found = self.cache.lookup(step, *parts)
         if found is not None:
             self.console.print(f"{step}: reused from the cache ({found[0]})", highlight=False)
         return step_key, found
 
-    def reuse(self, step_key: str, found: tuple[Path, dict[str, Any]], source: ModelHandle) -> ModelHandle:
+    def reuse(self, step_key: str, found: tuple[Path, stage_cache.Entry], source: ModelHandle) -> ModelHandle:
         """A cached step's model and record, as if it had just run."""
-        self.record(StageRecord(**found[1]["record"]))
+        self.record(StageRecord.of(found[1]["record"]))
         return self.cache.reuse(step_key, found, source)
 
     def judge(
@@ -281,7 +281,7 @@ class _Run:
                 "against": self.against(source),
             }
             fields = stage.model_dump(mode="json", exclude={"gate", "name"})
-            self.record(StageRecord(name, stage.kind, fields, exc.metrics, gate, exc.details))
+            self.record(StageRecord(name, stage.kind, fields, exc.metrics, gate, dict(exc.details)))
             raise self.fail(f"stage {index} ({name}): {exc}") from None
         self.plan.update(result.precision_plan)
         self.runtime.update(result.runtime)
@@ -302,7 +302,11 @@ class _Run:
         if not record.passed:
             advice = f"; {result.advice}" if result.advice else ""
             raise self.fail(f"stage {index} ({name}): gate failed: {record.failed_checks()}{advice}")
-        entry = {"record": record.to_json(), "plan": result.precision_plan, "runtime": result.runtime}
+        entry: stage_cache.Entry = {
+            "record": record.to_json(),
+            "plan": result.precision_plan,
+            "runtime": result.runtime,
+        }
         self.cache.keep(step_key, step, entry, result.model, model)
         return result.model
 
@@ -323,7 +327,7 @@ class _Run:
             resume=self.options.resume,
         )
 
-    def manifest(self, model: ModelHandle) -> dict[str, Any]:
+    def manifest(self, model: ModelHandle) -> Manifest:
         prepared, loaded = self.prepared, self.prepared.loaded
         recipe, cal = loaded.recipe, loaded.recipe.calibration
         return {
@@ -415,7 +419,7 @@ def run(loaded: LoadedRecipe, options: RunOptions, console: Console) -> RunResul
             shutil.rmtree(staging, ignore_errors=True)
 
 
-def _reference(state: _Run) -> tuple[dict[str, float], dict[str, Any]]:
+def _reference(state: _Run) -> tuple[dict[str, float], JsonObject]:
     """The input model measured (metrics and speed details), from the cache when it was before."""
     step_key, found = state.cache.lookup("reference")
     evaluator = state.prepared.evaluator
@@ -424,7 +428,12 @@ def _reference(state: _Run) -> tuple[dict[str, float], dict[str, Any]]:
         return found[1]["metrics"], found[1]["details"]
     with state.console.status("measuring the reference (input model)"):
         measured, details = evaluator.measure(state.prepared.model)
-    entry = {"step": "reference", "metrics": measured, "details": details, "conditions": evaluator.conditions}
+    entry: stage_cache.Entry = {
+        "step": "reference",
+        "metrics": measured,
+        "details": details,
+        "conditions": evaluator.conditions,
+    }
     state.cache.put(step_key, entry)
     return measured, details
 

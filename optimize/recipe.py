@@ -13,7 +13,7 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal, TypeAlias, cast
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -133,7 +133,14 @@ class LoadedRecipe:
         return hashlib.sha256(self.text.encode()).hexdigest()
 
 
-def _read_yaml(path: Path) -> tuple[dict[str, Any], yaml.Node | None]:
+# A recipe as YAML gives it, before validation; each file with its node tree (for line numbers);
+# a key path as pydantic reports it (union tags included).
+RecipeData: TypeAlias = dict[str, object]
+Tree: TypeAlias = tuple[Path, "yaml.Node | None"]
+Loc: TypeAlias = tuple[str | int, ...]
+
+
+def _read_yaml(path: Path) -> tuple[RecipeData, yaml.Node | None]:
     try:
         text = path.read_text()
     except FileNotFoundError:
@@ -154,7 +161,7 @@ def _read_yaml(path: Path) -> tuple[dict[str, Any], yaml.Node | None]:
     return data, node
 
 
-def _merge(base: Any, override: Any) -> Any:
+def _merge(base: object, override: object) -> object:
     """Mappings merge key by key; anything else (lists included) is replaced by the override."""
     if isinstance(base, dict) and isinstance(override, dict):
         merged = dict(base)
@@ -164,13 +171,13 @@ def _merge(base: Any, override: Any) -> Any:
     return copy.deepcopy(override)
 
 
-def load_data(path: Path, seen: tuple[Path, ...] = ()) -> tuple[dict[str, Any], list[tuple[Path, Any]]]:
+def load_data(path: Path, seen: tuple[Path, ...] = ()) -> tuple[RecipeData, list[Tree]]:
     """Returns the merged data and, child first, each file with its YAML node tree for line lookup."""
     path = path.resolve()
     if path in seen:
         raise UsageError(f"{path}: `extends` forms a cycle ({' -> '.join(p.name for p in (*seen, path))})")
     data, node = _read_yaml(path)
-    trees: list[tuple[Path, Any]] = [(path, node)]
+    trees: list[Tree] = [(path, node)]
     base_name = data.pop("extends", None)
     if base_name is None:
         return data, trees
@@ -178,10 +185,10 @@ def load_data(path: Path, seen: tuple[Path, ...] = ()) -> tuple[dict[str, Any], 
         raise UsageError(f"{path}:{_line(node, ('extends',))}: extends: give the path of a base recipe")
     base_path = path.parent / base_name
     base, base_trees = load_data(base_path, (*seen, path))
-    return _merge(base, data), trees + base_trees
+    return cast(RecipeData, _merge(base, data)), trees + base_trees  # two mappings merge into one
 
 
-def _line(node: Any, loc: tuple[Any, ...]) -> int | None:
+def _line(node: yaml.Node | None, loc: Loc) -> int | None:
     """Line of the deepest YAML node along `loc`; parts that are not in the YAML (union tags) are skipped."""
     line = None
     for part in loc:
@@ -197,7 +204,7 @@ def _line(node: Any, loc: tuple[Any, ...]) -> int | None:
     return line
 
 
-def apply_override(data: dict[str, Any], assignment: str) -> None:
+def apply_override(data: RecipeData, assignment: str) -> None:
     """Apply one `--set stages.1.precision=int8` in place; the value is parsed as YAML."""
     key, sep, raw = assignment.partition("=")
     if not sep or not key:
@@ -206,33 +213,44 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
         value = yaml.safe_load(raw)
     except yaml.YAMLError:
         value = raw
-    parts: list[Any] = [int(p) if p.isdigit() else p for p in key.split(".")]
-    target: Any = data
+    parts: list[str | int] = [int(p) if p.isdigit() else p for p in key.split(".")]
+    target: object = data
     for i, part in enumerate(parts[:-1]):
-        try:
-            target = target[part]
-        except (KeyError, IndexError, TypeError):
-            if isinstance(target, dict) and isinstance(part, str):
-                target = target.setdefault(part, {})
-                continue
-            raise UsageError(f"--set {key}: {'.'.join(map(str, parts[: i + 1]))} does not exist") from None
+        found, child = _child(target, part)
+        if found:
+            target = child
+        elif isinstance(target, dict) and isinstance(part, str):
+            target = target.setdefault(part, {})
+        else:
+            raise UsageError(f"--set {key}: {'.'.join(map(str, parts[: i + 1]))} does not exist")
     last = parts[-1]
-    if isinstance(target, list) and (not isinstance(last, int) or last >= len(target)):
-        raise UsageError(f"--set {key}: {last} is not an index of this list")
-    if not isinstance(target, (dict, list)):
+    if isinstance(target, list):
+        if not isinstance(last, int) or last >= len(target):
+            raise UsageError(f"--set {key}: {last} is not an index of this list")
+        target[last] = value
+    elif isinstance(target, dict):
+        target[last] = value
+    else:
         raise UsageError(f"--set {key}: {'.'.join(map(str, parts[:-1]))} is not a mapping")
-    target[last] = value
 
 
-def _dotted(loc: tuple[Any, ...], data: Any) -> str:
+def _child(node: object, part: str | int) -> tuple[bool, object]:
+    """Whether a mapping has the key `part` (a list, the index), and the value there."""
+    if isinstance(node, dict):
+        return part in node, node.get(part)
+    if isinstance(node, list) and isinstance(part, int) and part < len(node):
+        return True, node[part]
+    return False, None
+
+
+def _dotted(loc: Loc, data: object) -> str:
     """`('stages', 0, 'compile', 'targt')` -> `stages.0.targt`: drop the union tags pydantic adds."""
     parts: list[str] = []
     node = data
     for part in loc:
-        if (isinstance(node, dict) and part in node) or (
-            isinstance(node, list) and isinstance(part, int) and part < len(node)
-        ):
-            node = node[part]
+        found, child = _child(node, part)
+        if found:
+            node = child
         elif (
             isinstance(node, dict)
             and not isinstance(part, int)
@@ -247,9 +265,9 @@ def _dotted(loc: tuple[Any, ...], data: Any) -> str:
 
 
 def validate(
-    data: dict[str, Any],
+    data: RecipeData,
     source: str,
-    trees: list[tuple[Path, Any]] | None = None,
+    trees: list[Tree] | None = None,
     base_dir: Path | None = None,
     overrides: Sequence[str] = (),
 ) -> LoadedRecipe:

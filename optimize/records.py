@@ -4,21 +4,43 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TypedDict, cast
 
-from optimize.gate import GateResult
+from optimize.runtime.manifest import GateResult, JsonObject, StageJson
+
+
+class LossPoint(TypedDict):
+    """One point of a training stage's `loss_curve` (written by `optimize.training`)."""
+
+    step: int
+    train_loss: float
+    heldout_loss: float
+    lr: float
+    seconds: float  # since training began
 
 
 @dataclass
 class StageRecord:
     name: str
     kind: str
-    config: dict[str, Any]  # the stage's recipe fields (the gate is in `gate`)
+    config: JsonObject  # the stage's recipe fields (the gate is in `gate`)
     metrics: dict[str, float]
     gate: GateResult  # DESIGN.md's gate object: passed, source, checks, against
-    details: dict[str, Any] = field(default_factory=dict)  # what the stage decided; speed spread
+    details: JsonObject = field(default_factory=dict)  # what the stage decided (its kind's `choices`); speed
+
+    @classmethod
+    def of(cls, data: StageJson) -> StageRecord:
+        """A record read back from a manifest or a cache entry."""
+        return cls(data["name"], data["kind"], data["config"], data["metrics"], data["gate"], data["details"])
+
+    def loss_curve(self) -> list[LossPoint]:
+        """A training stage's loss per step (none for other kinds)."""
+        return cast(list[LossPoint], self.details.get("loss_curve") or [])
+
+    def sensitivity(self) -> dict[str, float]:
+        """A plan search's per-layer sensitivity, most sensitive first (none for other searches)."""
+        return cast(dict[str, float], self.details.get("sensitivity") or {})
 
     @property
     def passed(self) -> bool:
@@ -31,13 +53,20 @@ class StageRecord:
             if not c["passed"]
         )
 
-    def public(self) -> dict[str, Any]:
+    def public(self) -> dict[str, object]:
         """The stage as `--json` shows it (DESIGN.md)."""
         return {"name": self.name, "kind": self.kind, "metrics": self.metrics, "gate": self.gate}
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> StageJson:
         """The stage as the manifest records it."""
-        return dataclasses.asdict(self)
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "config": self.config,
+            "metrics": self.metrics,
+            "gate": self.gate,
+            "details": self.details,
+        }
 
 
 @dataclass
@@ -46,10 +75,10 @@ class RunSummary:
     status: str  # passed | gate failed
     reference: dict[str, float]
     stages: list[StageRecord]
-    conditions: dict[str, Any]  # threads, batch size, sequence length, runs
+    conditions: JsonObject  # threads, batch size, sequence length, runs
     failure: str | None = None
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> dict[str, object]:
         return {
             "name": self.name,
             "status": self.status,

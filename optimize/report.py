@@ -47,7 +47,6 @@ def print_stage(console: Console, stage: StageRecord, reference: dict[str, float
 def decisions_table(stage: StageRecord, shown: int = 12) -> Table | None:
     """What a stage chose among (formulations, graph variants, genai candidates) or, for a precision
     search, its most sensitive layers: what report.html plots, as a table for `optimize inspect`."""
-    details = stage.details
     choices = stage_choices(stage)
     if choices:
         chosen = next((c.label for c in choices if c.chosen), "none")
@@ -57,7 +56,7 @@ def decisions_table(stage: StageRecord, shown: int = 12) -> Table | None:
         for choice in choices:
             table.add_row(choice.label, choice.outcome)
         return table
-    scores = details.get("sensitivity")
+    scores = stage.sensitivity()
     if scores:
         table = Table(title=f"stage {stage.name}: most sensitive layers (1 - cosine_mean, that layer alone quantized)")
         table.add_column("layer")
@@ -112,7 +111,7 @@ def markdown(run: RunSummary) -> str:
                 "against the input model"
             )
     for stage in run.stages:
-        curve = stage.details.get("loss_curve")
+        curve = stage.loss_curve()
         if curve:
             lines += [
                 "",

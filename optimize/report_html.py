@@ -10,17 +10,20 @@ from __future__ import annotations
 
 import html
 import io
-from typing import Any
+from typing import TYPE_CHECKING
 
 from optimize.metrics import METRICS
-from optimize.records import RunSummary, StageRecord
+from optimize.records import LossPoint, RunSummary, StageRecord
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 # Quality metrics in the order the Pareto view prefers them (the first one the run measured is used).
 QUALITY = ("spearman", "accuracy", "perplexity", "cosine_mean", "top1_agreement")
 PRECISION_COLORS = {"fp32": "#4c72b0", "int8": "#55a868", "int4": "#c44e52"}
 
 
-def _svg(figure: Any) -> str:
+def _svg(figure: Figure) -> str:
     import matplotlib
     import matplotlib.pyplot as plt
 
@@ -69,14 +72,13 @@ def pareto(run: RunSummary) -> str | None:
     return _svg(figure)
 
 
-def sensitivity(details: dict[str, Any], plan: dict[str, str]) -> str | None:
+def sensitivity(scores: dict[str, float], plan: dict[str, str]) -> str | None:
     """Per-layer sensitivity (1 - cosine_mean with only that layer quantized), colored by precision."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    scores = details.get("sensitivity")
     if not scores:
         return None
     names = list(scores)[:40]
@@ -94,7 +96,7 @@ def sensitivity(details: dict[str, Any], plan: dict[str, str]) -> str | None:
     return _svg(figure)
 
 
-def loss_curve(curve: list[dict[str, Any]]) -> str:
+def loss_curve(curve: list[LossPoint]) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -185,10 +187,10 @@ def page(run: RunSummary, plan: dict[str, str]) -> str:
         chart = choices(stage)
         if chart:
             sections.append((f"What {stage.name} chose among", chart))
-        chart = sensitivity(stage.details, plan)
+        chart = sensitivity(stage.sensitivity(), plan)
         if chart:
             sections.append((f"Sensitivity ({stage.name})", chart))
-        curve = stage.details.get("loss_curve")
+        curve = stage.loss_curve()
         if curve:
             sections.append((f"Distillation loss ({stage.name})", loss_curve(curve)))
     body = "\n".join(

@@ -26,16 +26,33 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from optimize import tasks
-from optimize.data import Format, load_rows
+from optimize.data import Format, Row, load_rows
 from optimize.errors import UsageError
 from optimize.paths import suite_data
+from optimize.runtime.manifest import JsonObject
+
+if TYPE_CHECKING:
+    from optimize.runtime import Tokenizer
+
+
+class Model(Protocol):
+    """What a suite scores: a checkpoint in torch (`evaluate.TorchModel`) or an ONNX model
+    (`runtime.OnnxModel`), both with the runtime's tokenizer."""
+
+    @property
+    def tokenizer(self) -> Tokenizer: ...
+
+    def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray: ...
+
+    def embed(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray: ...
+
 
 Column = Literal["text", "text_pair", "label"]
 
@@ -80,11 +97,11 @@ class Suite(BaseModel):
 class LoadedSuite:
     suite: Suite
     path: Path
-    rows: list[dict[str, Any]]
-    train_rows: list[dict[str, Any]]
+    rows: list[Row]
+    train_rows: list[Row]
     source: str = ""  # what was read: a file, or a hub id and where datasets found it
 
-    def provenance(self) -> dict[str, Any]:
+    def provenance(self) -> JsonObject:
         """What the manifest records of the data this suite read."""
         digest = hashlib.sha256(json.dumps(self.rows, sort_keys=True, default=str).encode()).hexdigest()
         return {
@@ -103,10 +120,10 @@ class LoadedSuite:
     def metric(self) -> str:
         return self.task.metric
 
-    def texts(self, key: Column = "text", rows: Sequence[dict[str, Any]] | None = None) -> list[str]:
+    def texts(self, key: Column = "text", rows: Sequence[Row] | None = None) -> list[str]:
         return [str(r[self.suite.columns[key]]) for r in (self.rows if rows is None else rows)]
 
-    def labels(self, rows: Sequence[dict[str, Any]] | None = None) -> np.ndarray:
+    def labels(self, rows: Sequence[Row] | None = None) -> np.ndarray:
         return np.array([float(r[self.suite.columns["label"]]) for r in (self.rows if rows is None else rows)])
 
 
@@ -164,7 +181,7 @@ def load_suite(path: Path) -> LoadedSuite:
     return loaded
 
 
-def spearman(model: Any, suite: LoadedSuite) -> float:
+def spearman(model: Model, suite: LoadedSuite) -> float:
     from scipy.stats import spearmanr
 
     a, b = model.embed(suite.texts("text")), model.embed(suite.texts("text_pair"))
@@ -172,7 +189,7 @@ def spearman(model: Any, suite: LoadedSuite) -> float:
     return float(spearmanr(cos, suite.labels()).statistic)
 
 
-def accuracy(model: Any, task: str, suite: LoadedSuite) -> float:
+def accuracy(model: Model, task: str, suite: LoadedSuite) -> float:
     labels = suite.labels().astype(int)
     if task == tasks.CLASSIFICATION:
         predicted = np.concatenate(
@@ -188,7 +205,7 @@ def accuracy(model: Any, task: str, suite: LoadedSuite) -> float:
     return float((probe.predict(model.embed(suite.texts())) == labels).mean())
 
 
-def perplexity(model: Any, suite: LoadedSuite) -> float:
+def perplexity(model: Model, suite: LoadedSuite) -> float:
     """exp(mean NLL) over the text as one token stream, in windows of `window` moved by `stride`;
     each window scores only the tokens the previous one did not (HF's sliding-window recipe)."""
     text = "\n".join(suite.texts())
@@ -217,7 +234,7 @@ def _batches(items: list[str], size: int) -> list[list[str]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-Score = Callable[[Any, str, LoadedSuite], float]  # (model, the model's task, suite) -> the metric
+Score = Callable[[Model, str, LoadedSuite], float]  # (model, the model's task, suite) -> the metric
 
 
 @dataclass(frozen=True)
@@ -241,7 +258,7 @@ SUITE_TASKS: dict[str, SuiteTask] = {
 }
 
 
-def run_suite(model: Any, task: str, suite: LoadedSuite) -> dict[str, float]:
+def run_suite(model: Model, task: str, suite: LoadedSuite) -> dict[str, float]:
     """The suite's metric for `model` (a model of `task`)."""
     kind = suite.task
     if kind.model_task is not None and task != kind.model_task:

@@ -13,11 +13,11 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from .generation import GenAIEngine, Sampling, chat_prompt, kv_loop, stream
+from .manifest import CpuSummary, Manifest, RuntimeSettings
 from .session import (
     ENGINES,
     GPU_HINT,
@@ -42,6 +42,7 @@ __all__ = [
     "TARGET_PROVIDERS",
     "ArtifactError",
     "GenAIEngine",
+    "Manifest",
     "OnnxModel",
     "OpenVINOSession",
     "Pooling",
@@ -79,7 +80,7 @@ class OnnxModel:
         target: str = "cpu",
         threads: int | None = None,
         available: Sequence[str] | None = None,
-        settings: dict[str, Any] | None = None,
+        settings: RuntimeSettings | None = None,
     ):
         self.session, self.fallbacks = make_session(model_path, target, threads, available, settings)
         self.tokenizer = Tokenizer(tokenizer_path, model_seq_len(Path(tokenizer_path).parent, seq_len))
@@ -90,7 +91,7 @@ class OnnxModel:
         self.config = json.loads(config_path.read_text()) if config_path.is_file() else {}
         self.pooling = Pooling.of(Path(tokenizer_path).parent)
         self.folder = Path(model_path).parent
-        self._genai: Any = None  # the onnxruntime-genai engine, opened on the first generate
+        self._genai: GenAIEngine | None = None  # the onnxruntime-genai engine, opened on the first generate
 
     @property
     def provider(self) -> str:
@@ -211,7 +212,7 @@ def cpu_info() -> tuple[str, frozenset[str]]:
 TUNING_FLAGS = {"avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "asimddp"}
 
 
-def tuning_warning(tuned_on: dict[str, Any], flags: frozenset[str]) -> str | None:
+def tuning_warning(tuned_on: CpuSummary, flags: frozenset[str]) -> str | None:
     """What to tell a user whose CPU lacks instruction sets the artifact was tuned with (its int8
     formulation and graph were chosen by timing there), or None."""
     missing = sorted((set(tuned_on.get("flags", [])) & TUNING_FLAGS) - flags)

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .manifest import RuntimeSettings
+
 if TYPE_CHECKING:
     import onnxruntime as ort
 
@@ -35,7 +37,7 @@ def select_providers(available: Sequence[str], target: str = "cpu") -> list[str]
     return chosen or ["CPUExecutionProvider"]
 
 
-def provider_options(provider: str, settings: dict[str, Any], cache_dir: Path) -> dict[str, Any]:
+def provider_options(provider: str, settings: RuntimeSettings, cache_dir: Path) -> dict[str, str | bool]:
     """Options per provider, from the manifest's `runtime` section (what compile chose for the target).
     TensorRT builds its engine at the first load on the target GPU and caches it; the cache files
     are keyed by GPU architecture and TensorRT version, so one folder serves several machines."""
@@ -177,7 +179,7 @@ def make_session(
     target: str = "cpu",
     threads: int | None = None,
     available: Sequence[str] | None = None,
-    settings: dict[str, Any] | None = None,
+    settings: RuntimeSettings | None = None,
 ) -> tuple[ort.InferenceSession | OpenVINOSession, list[str]]:
     """An InferenceSession on the best provider that actually starts; falls back down the list.
     Returns the session and a note per provider that was tried and could not be used. The

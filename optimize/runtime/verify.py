@@ -7,7 +7,9 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, cast
+
+from .manifest import Manifest
 
 if TYPE_CHECKING:
     pass
@@ -25,7 +27,7 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def merge_volatile(stable: Any, moved: Any) -> Any:
+def merge_volatile(stable: object, moved: object) -> object:
     """The inverse of `split_volatile`: the manifest with its measurements put back."""
     if isinstance(stable, dict) and isinstance(moved, dict):
         merged = dict(stable)
@@ -41,7 +43,7 @@ def merge_volatile(stable: Any, moved: Any) -> Any:
 MODEL_FILES = ("model.onnx", "model.onnx.data", "tokenizer.json", "genai_config.json")
 
 
-def verify(artifact_dir: Path) -> dict[str, Any]:
+def verify(artifact_dir: Path) -> Manifest:
     """Check every file the manifest lists, and that every model file present is listed; returns
     the manifest with its measurements (measurements.json: timings, not hashed) merged back."""
     artifact_dir = Path(artifact_dir)
@@ -67,10 +69,10 @@ def verify(artifact_dir: Path) -> dict[str, Any]:
             manifest = merge_volatile(manifest, json.loads(measurements.read_text()))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ArtifactError(f"{measurements}: not readable JSON ({exc})") from None
-    return dict(manifest)
+    return cast(Manifest, manifest)  # the fields read are checked above
 
 
-def _check_files(artifact_dir: Path, manifest_path: Path, files: dict[str, Any]) -> None:
+def _check_files(artifact_dir: Path, manifest_path: Path, files: dict[str, object]) -> None:
     """Every listed file inside the folder with its size and sha256, and every model file listed."""
     for name, entry in files.items():
         path = artifact_dir / name

@@ -7,16 +7,17 @@ A stage holds parameters, not state: `run(config, model, ctx)` takes a model han
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 from rich.console import Console
 
-from optimize.gate import GateCheck, GateResult, default_gate
+from optimize.gate import GateCheck, default_gate
 from optimize.model import ModelHandle
+from optimize.runtime.manifest import GateResult, JsonObject, RuntimeSettings
 
 
 class StageBase(BaseModel):
@@ -45,9 +46,10 @@ class StageBase(BaseModel):
         return default_gate(task)
 
     @classmethod
-    def choices(cls, details: dict[str, Any]) -> list[Choice]:
+    def choices(cls, details: JsonObject) -> list[Choice]:
         """What a run of this kind chose among, read from the decisions its `run` recorded: what
-        `optimize inspect` lists and report.html plots (none for a kind that searches nothing)."""
+        `optimize inspect` lists and report.html plots (none for a kind that searches nothing).
+        Each kind reads `details` as the decisions TypedDict its `run` writes."""
         return []
 
     def check_input(self, model: ModelHandle, base_dir: Path) -> None:
@@ -95,7 +97,7 @@ class StageResult:
     """What a stage returns: the new model, and what it decided, for the manifest and the report."""
 
     model: ModelHandle
-    decisions: dict[str, Any] = field(default_factory=dict)  # candidates tried, variant chosen, ...
+    decisions: Mapping[str, object] = field(default_factory=dict)  # the kind's decisions TypedDict
     precision_plan: dict[str, str] = field(default_factory=dict)  # layer -> int8 | int4 | fp32
-    runtime: dict[str, Any] = field(default_factory=dict)  # settings the shipped runtime needs
+    runtime: RuntimeSettings = field(default_factory=lambda: RuntimeSettings())  # what the shipped runtime needs
     advice: str | None = None  # what to change in the recipe if this stage's gate fails

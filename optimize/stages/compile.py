@@ -22,16 +22,34 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal, TypedDict, cast
 
 import numpy as np
 from pydantic import Field
 
 from optimize.errors import GateFailed
 from optimize.model import ModelHandle
+from optimize.runtime.manifest import JsonObject
 from optimize.stages.base import Choice, StageBase, StageContext, StageResult
 
 Variant = Literal["as-is", "basic", "extended", "fused"]
+
+
+class Tried(TypedDict, total=False):
+    """One candidate graph as the decisions record it."""
+
+    variant: str
+    fused: dict[str, int]  # operator -> fusions made ("fused")
+    error: str  # the variant could not be built for this graph
+    agreement_cosine_min: float  # against the stage's input model
+    agrees: bool
+    latency_p50_ms: float  # timed in turns with the others that agree
+
+
+class Decisions(TypedDict, total=False):
+    variant: str  # the one chosen
+    candidates: list[Tried]
+    why: str
 
 
 class CompileStage(StageBase):
@@ -48,8 +66,10 @@ class CompileStage(StageBase):
     min_speedup: float = Field(0.05, ge=0, description="a later variant must be this much faster to be kept")
 
     @classmethod
-    def choices(cls, details: dict[str, Any]) -> list[Choice]:
-        def outcome(row: dict[str, Any]) -> str:
+    def choices(cls, details: JsonObject) -> list[Choice]:
+        decided = cast(Decisions, details)
+
+        def outcome(row: Tried) -> str:
             if row.get("error"):
                 return f"error: {str(row['error'])[:60]}"
             if "latency_p50_ms" in row:
@@ -61,11 +81,11 @@ class CompileStage(StageBase):
                 label=str(row["variant"]),
                 outcome=outcome(row),
                 passed=bool(row.get("agrees")),
-                chosen=row["variant"] == details.get("variant"),
+                chosen=row["variant"] == decided.get("variant"),
                 latency_ms=row.get("latency_p50_ms"),
                 fidelity=row.get("agreement_cosine_min"),
             )
-            for row in details.get("candidates", [])
+            for row in decided.get("candidates", [])
         ]
 
     def run(self, model: ModelHandle, ctx: StageContext) -> StageResult:
@@ -107,13 +127,14 @@ def fuse(source: Path, out: Path, checkpoint: Path) -> dict[str, int]:
     return {k: v for k, v in fused.get_fused_operator_statistics().items() if v}
 
 
-def build(variant: str, model: ModelHandle, out: Path) -> dict[str, Any]:
+def build(variant: str, model: ModelHandle, out: Path) -> dict[str, int]:
+    """Write `variant` of the model to `out`; returns the fusions it made (the "fused" variant)."""
     assert model.onnx_path is not None
     if variant == "as-is":
         shutil.copyfile(model.onnx_path, out)
         return {}
     if variant == "fused":
-        return {"fused": fuse(model.onnx_path, out, model.checkpoint)}
+        return fuse(model.onnx_path, out, model.checkpoint)
     _optimize(model.onnx_path, out, variant)
     return {}
 
@@ -133,22 +154,24 @@ def run(config: CompileStage, model: ModelHandle, ctx: StageContext) -> StageRes
 
     texts = ctx.calibration_texts[:32]
     reference = _outputs(model, texts, ctx.seq_len)
-    tried: list[dict[str, Any]] = []
-    agreeing: list[tuple[dict[str, Any], ModelHandle]] = []
+    tried: list[Tried] = []
+    agreeing: list[tuple[Tried, ModelHandle]] = []
     variants = config.variants if model.engine == "onnxruntime" else ["as-is"]
     for variant in dict.fromkeys(variants):
         out = ctx.workdir / f"{variant}.onnx"
-        record: dict[str, Any] = {"variant": variant}
+        record: Tried = {"variant": variant}
         tried.append(record)
         try:
-            record.update(build(variant, model, out))
+            fused = build(variant, model, out)
         except Exception as exc:  # a fusion that does not apply to this graph is a candidate that failed
-            record.update(error=f"{type(exc).__name__}: {str(exc)[:200]}")
+            record["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
             continue
+        if fused:
+            record["fused"] = fused
         candidate = model.with_onnx(out)
-        record["agreement_cosine_min"] = fidelity(_outputs(candidate, texts, ctx.seq_len), reference)["cosine_min"]
-        record["agrees"] = record["agreement_cosine_min"] >= config.agreement
-        if record["agrees"]:
+        agreement = fidelity(_outputs(candidate, texts, ctx.seq_len), reference)["cosine_min"]
+        record["agreement_cosine_min"], record["agrees"] = agreement, agreement >= config.agreement
+        if agreement >= config.agreement:
             agreeing.append((record, candidate))
     # The candidates are timed in turns (one after another, for several rounds), so a slow spell of
     # the machine does not pick the winner. Earlier (simpler) variants win ties: a later one must beat
@@ -168,7 +191,7 @@ def run(config: CompileStage, model: ModelHandle, ctx: StageContext) -> StageRes
     from optimize import cpu
 
     tuned_on = cpu.current().summary()  # the variant was chosen by timing on this CPU
-    decisions: dict[str, Any] = {"variant": best[2], "candidates": tried}
+    decisions: Decisions = {"variant": best[2], "candidates": tried}
     if model.engine != "onnxruntime":
         decisions["why"] = f"the {model.engine} engine compiles the graph when it loads it: kept as it is"
     return StageResult(best[1], decisions, runtime={"tuned_on": tuned_on})

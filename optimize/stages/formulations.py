@@ -17,15 +17,43 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TypedDict
 
 from optimize import cpu
 from optimize.model import ModelHandle
-from optimize.stages.base import StageContext, StageResult
+from optimize.runtime.manifest import CheckResult, CpuSummary, JsonObject, RuntimeSettings
+from optimize.stages.base import Choice, StageContext, StageResult
 from optimize.stages.methods import Dynamic, MethodBase, OpenVINOStatic, Static, WeightOnly8, openvino_available
 
 BATCHES = (1, 32)
 FLOAT_LABEL = "fp32 (no int8)"
+
+
+class _Named(TypedDict):
+    formulation: str  # its label
+    method: JsonObject  # its fields
+
+
+class Tried(_Named, total=False):
+    """One formulation built (or not: `error`), judged, and timed when it held the gate."""
+
+    error: str
+    metrics: dict[str, float]
+    gate_passed: bool
+    checks: list[CheckResult]
+    latency_ms: dict[str, float]  # b1, b32
+    worst_ratio_to_fp32: float
+
+
+class _Timed(TypedDict):
+    formulations: list[Tried]
+    fp32_latency_ms: dict[str, float]
+    chosen: str  # a formulation's label, or FLOAT_LABEL
+    cpu: CpuSummary
+
+
+class Decisions(_Timed, total=False):
+    why: str  # when the float model ships
 
 
 def for_cpu(info: cpu.CpuInfo, openvino: bool | None = None) -> list[MethodBase]:
@@ -68,7 +96,42 @@ def choose(
     return best, scores
 
 
-def _summary(records: list[dict[str, Any]], float_ms: dict[int, float], label: str) -> str:
+def choices(decided: Decisions) -> list[Choice]:
+    """The float baseline and each formulation, as the reports show them."""
+    fp32 = decided["fp32_latency_ms"]
+    baseline = Choice(
+        label=FLOAT_LABEL,
+        outcome="latency " + ", ".join(f"{k} {v} ms" for k, v in fp32.items()),
+        passed=True,
+        chosen=decided["chosen"] == FLOAT_LABEL,
+        latency_ms=fp32.get("b1"),
+        fidelity=1.0,
+    )
+
+    def outcome(row: Tried) -> str:
+        if row.get("error"):
+            return f"error: {row.get('error', '')[:60]}"
+        if "latency_ms" in row:
+            return "latency " + ", ".join(f"{k} {v} ms" for k, v in row["latency_ms"].items())
+        return "gate failed"
+
+    return [
+        baseline,
+        *(
+            Choice(
+                label=row["formulation"],
+                outcome=outcome(row),
+                passed=bool(row.get("gate_passed")),
+                chosen=row["formulation"] == decided["chosen"],
+                latency_ms=row.get("latency_ms", {}).get("b1"),
+                fidelity=row.get("metrics", {}).get("cosine_mean"),
+            )
+            for row in decided["formulations"]
+        ),
+    ]
+
+
+def _summary(records: list[Tried], float_ms: dict[int, float], label: str) -> str:
     """One line: each formulation's latency as a ratio to fp32 per batch size (or why it has none)."""
     shown = "; ".join(
         f"{r['formulation']} "
@@ -94,10 +157,10 @@ def search(
     """Build, gate and time every formulation of `model` (all layers low), and keep the fastest."""
     from optimize.evaluate import time_in_turns
 
-    records: list[dict[str, Any]] = []
-    passing: list[tuple[dict[str, Any], ModelHandle]] = []
+    records: list[Tried] = []
+    passing: list[tuple[Tried, ModelHandle]] = []
     for index, method in enumerate(methods):
-        record: dict[str, Any] = {"formulation": method.label(), "method": method.model_dump(mode="json")}
+        record: Tried = {"formulation": method.label(), "method": method.model_dump(mode="json")}
         records.append(record)
         with ctx.console.status(f"quantize: building {method.label()}"):
             try:
@@ -106,7 +169,7 @@ def search(
                 record["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
                 continue
             metrics, gate = ctx.judge(handle)
-        record.update(metrics=metrics, gate_passed=gate["passed"], checks=gate["checks"])
+        record["metrics"], record["gate_passed"], record["checks"] = metrics, gate["passed"], gate["checks"]
         if gate["passed"]:
             passing.append((record, handle))
     timings: dict[int, list[float]] = {}
@@ -119,16 +182,16 @@ def search(
     timed = [{b: timings[b][i + 1] for b in BATCHES} for i in range(len(passing))]
     chosen, scores = choose(float_ms, timed, min_speedup, min_gain)
     for (record, _), ms, score in zip(passing, timed, scores, strict=True):
-        record.update(latency_ms={f"b{b}": v for b, v in ms.items()}, worst_ratio_to_fp32=score)
+        record["latency_ms"], record["worst_ratio_to_fp32"] = {f"b{b}": v for b, v in ms.items()}, score
     label = FLOAT_LABEL if chosen is None else passing[chosen][0]["formulation"]
     ctx.console.print(_summary(records, float_ms, label))
-    decisions = {
+    decisions: Decisions = {
         "formulations": records,
         "fp32_latency_ms": {f"b{b}": v for b, v in float_ms.items()},
         "chosen": label,
         "cpu": cpu.current().summary(),
     }
-    runtime = {"tuned_on": cpu.current().summary()}
+    runtime: RuntimeSettings = {"tuned_on": cpu.current().summary()}
     if chosen is None:
         decisions["why"] = (
             f"no int8 formulation passed the gate and was {min_speedup:.0%} faster than fp32 at batch "

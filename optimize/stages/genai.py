@@ -17,13 +17,14 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal, TypedDict, cast
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from optimize import tasks
 from optimize.errors import UsageError
 from optimize.model import ModelHandle
+from optimize.runtime.manifest import GateResult, JsonObject, RuntimeSettings
 from optimize.stages.base import Choice, StageBase, StageContext, StageResult
 
 # The checkpoint's own tokenizer and config replace what the builder re-saves, so the reference and
@@ -80,6 +81,21 @@ class Candidate(BaseModel):
         return options
 
 
+class Tried(GateResult):
+    """One candidate the builder made, with its gate (passed, source, checks)."""
+
+    candidate: JsonObject  # the candidate's fields
+    label: str
+    metrics: dict[str, float]
+    reconstruction: dict[str, float]  # minmax: the requantized weights' errors (else empty)
+
+
+class Decisions(TypedDict):
+    candidates: list[Tried]
+    chosen: str
+    builder: str  # onnxruntime-genai's version
+
+
 class GenAIStage(StageBase):
     order: ClassVar[int] = 2
     repeatable: ClassVar[bool] = False
@@ -112,18 +128,19 @@ class GenAIStage(StageBase):
         return found
 
     @classmethod
-    def choices(cls, details: dict[str, Any]) -> list[Choice]:
+    def choices(cls, details: JsonObject) -> list[Choice]:
+        decided = cast(Decisions, details)
         return [
             Choice(
                 label=str(row["label"]),
                 outcome=", ".join(f"{c['metric']} {c['value']}" for c in row.get("checks", []))
                 + (": gate passed" if row["passed"] else ": gate failed"),
                 passed=bool(row["passed"]),
-                chosen=row["label"] == details.get("chosen"),
+                chosen=row["label"] == decided.get("chosen"),
                 latency_ms=row.get("metrics", {}).get("latency_p50_ms"),
                 fidelity=row.get("metrics", {}).get("cosine_mean"),
             )
-            for row in details.get("candidates", [])
+            for row in decided.get("candidates", [])
         ]
 
     def run(self, model: ModelHandle, ctx: StageContext) -> StageResult:
@@ -154,7 +171,7 @@ def build(checkpoint: Path, out: Path, candidate: Candidate, target: str, cache:
 
 
 def run(config: GenAIStage, model: ModelHandle, ctx: StageContext) -> StageResult:
-    tried: list[dict[str, Any]] = []
+    tried: list[Tried] = []
     passing: list[tuple[float, int, ModelHandle]] = []
     for index, candidate in enumerate(config.candidates):
         out = ctx.workdir / f"candidate-{index}"
@@ -162,8 +179,10 @@ def run(config: GenAIStage, model: ModelHandle, ctx: StageContext) -> StageResul
             errors = build(model.checkpoint, out, candidate, config.target, ctx.workdir / "builder-cache")
         handle = ModelHandle(out, model.task, onnx_path=out / "model.onnx")
         metrics, gate = ctx.judge(handle)
-        record = {"candidate": candidate.model_dump(), "label": candidate.label(), "metrics": metrics, **gate}
-        tried.append({**record, **({"reconstruction": errors} if errors else {})})
+        label = candidate.label()
+        tried.append(
+            Tried(candidate=candidate.model_dump(), label=label, metrics=metrics, reconstruction=errors, **gate)
+        )
         shown = ", ".join(f"{c['metric']} {c['value']}" for c in gate.get("checks", []))
         ctx.console.print(f"genai: {candidate.label()}: {shown}: gate {'passed' if gate['passed'] else 'failed'}")
         if gate["passed"]:
@@ -175,8 +194,9 @@ def run(config: GenAIStage, model: ModelHandle, ctx: StageContext) -> StageResul
     else:  # none held: hand on the last (`handle`), whose gate the pipeline then reports as failed
         chosen = len(config.candidates) - 1
     genai_config = json.loads((handle.checkpoint / "genai_config.json").read_text())
-    decisions = {"candidates": tried, "chosen": config.candidates[chosen].label(), "builder": builder_version()}
-    runtime = {
+    chosen_label = config.candidates[chosen].label()
+    decisions: Decisions = {"candidates": tried, "chosen": chosen_label, "builder": builder_version()}
+    runtime: RuntimeSettings = {
         "engine": "onnxruntime-genai",
         "target": config.target,
         "context_length": genai_config["model"].get("context_length"),

@@ -11,12 +11,13 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol, TypedDict
 
 from optimize import cpu
 from optimize.errors import GateFailed, UsageError
 from optimize.model import ModelHandle
-from optimize.stages.base import StageContext, StageResult
+from optimize.runtime.manifest import CheckResult, CpuSummary, JsonObject
+from optimize.stages.base import Choice, StageContext, StageResult
 from optimize.stages.methods import Dynamic, MethodBase, Static, int8_weight_range
 
 FLOAT = "fp32"  # what a layer kept out of the low precision is
@@ -45,6 +46,39 @@ class Settings(Protocol):
 Build = Callable[[ModelHandle, dict[str, str], Path], ModelHandle]
 
 
+class _Judged(TypedDict):
+    label: str
+    kept_float: list[str]  # the layers this plan keeps in float
+    metrics: dict[str, float]
+    gate_passed: bool
+    checks: list[CheckResult]
+
+
+class PlanTried(_Judged, total=False):
+    """One plan judged against the stage's gate (and timed, when a speed-up is required)."""
+
+    timed_in_turns_ms: list[float]  # [the candidate, the float model]
+    faster_than_float: bool
+    passed: bool  # held the gate and was faster
+
+
+class _Searched(TypedDict):
+    layers: int
+    float_latency_p50_ms: float
+    cpu: CpuSummary
+    candidates: list[PlanTried]
+    method: JsonObject  # the quantizer's fields
+
+
+class PlanDecisions(_Searched, total=False):
+    """What a plan search (or a fixed plan) decided, as the manifest records it."""
+
+    int8_weights: str  # s8 | s8-reduced | u8, for this CPU
+    sensitivity: dict[str, float]  # layer -> 1 - cosine_mean with only it quantized, ranked
+    weights: dict[str, int]  # layer -> its weight count
+    chosen: str  # the chosen plan's label
+
+
 @dataclass
 class Trials:
     """Plans built and judged against the stage's gate (and timed in turns with the float model
@@ -55,38 +89,36 @@ class Trials:
     model: ModelHandle  # the preprocessed float model
     ctx: StageContext
     layers: list[str]
-    info: dict[str, Any] = field(default_factory=dict)
+    info: PlanDecisions = field(init=False)
+    candidates: list[PlanTried] = field(init=False)
 
     def __post_init__(self) -> None:
         float_metrics, _ = self.ctx.judge(self.model)
         here = cpu.current()
         method = self.config.quantizer
-        self.info.update(
-            layers=len(self.layers),
-            float_latency_p50_ms=float_metrics["latency_p50_ms"],
-            cpu=here.summary(),
-            candidates=[],
-            method=method.model_dump(mode="json"),
-        )
+        self.candidates = []
+        self.info = {
+            "layers": len(self.layers),
+            "float_latency_p50_ms": float_metrics["latency_p50_ms"],
+            "cpu": here.summary(),
+            "candidates": self.candidates,
+            "method": method.model_dump(mode="json"),
+        }
         if isinstance(method, Dynamic | Static):
             self.info["int8_weights"] = int8_weight_range(method.weights, here)
 
-    @property
-    def candidates(self) -> list[dict[str, Any]]:
-        found: list[dict[str, Any]] = self.info["candidates"]
-        return found
-
-    def evaluate(self, plan: dict[str, str], label: str) -> tuple[ModelHandle, dict[str, Any]]:
+    def evaluate(self, plan: dict[str, str], label: str) -> tuple[ModelHandle, PlanTried]:
         from optimize.evaluate import time_in_turns
 
         config, ctx = self.config, self.ctx
         handle = self.build(self.model, plan, ctx.workdir / f"candidate-{len(self.candidates)}.onnx")
         metrics, gate = ctx.judge(handle)
-        record: dict[str, Any] = {
+        record: PlanTried = {
             "label": label,
             "kept_float": sorted(n for n, p in plan.items() if p == FLOAT),
             "metrics": metrics,
             "gate_passed": gate["passed"],
+            "checks": gate["checks"],
         }
         faster = True
         if config.require_speedup:
@@ -96,9 +128,29 @@ class Trials:
                 [handle, self.model], ctx.calibration_texts, ctx.seq_len
             )
             faster = timed[0] <= timed[1] * (1 - config.min_speedup)
-        record.update(faster_than_float=faster, passed=gate["passed"] and faster, checks=gate["checks"])
+        record["faster_than_float"], record["passed"] = faster, gate["passed"] and faster
         self.candidates.append(record)
         return handle, record
+
+
+def choices(decided: PlanDecisions) -> list[Choice]:
+    """Each plan judged, as the reports show them."""
+
+    def outcome(row: PlanTried) -> str:
+        verdict = "passed" if row.get("passed") else "not faster than float" if row["gate_passed"] else "gate failed"
+        return f"{len(row['kept_float'])} kept in {FLOAT}, cosine_mean {row['metrics'].get('cosine_mean')}, {verdict}"
+
+    return [
+        Choice(
+            label=row["label"],
+            outcome=outcome(row),
+            passed=bool(row.get("passed")),
+            chosen=row["label"] == decided.get("chosen"),
+            latency_ms=row["timed_in_turns_ms"][0] if row.get("timed_in_turns_ms") else None,
+            fidelity=row["metrics"].get("cosine_mean"),
+        )
+        for row in decided["candidates"]
+    ]
 
 
 def fixed(trials: Trials) -> StageResult:
@@ -214,15 +266,16 @@ def _print_sensitivity(
     ctx.console.print(table)
 
 
-def _first_guess(checks: list[dict[str, Any]], ranking: list[str], scores: dict[str, float]) -> int:
+def _first_guess(checks: list[CheckResult], ranking: list[str], scores: dict[str, float]) -> int:
     """How many of the most sensitive layers to keep in float so the failing checks would hold, if
     each layer's loss added up in proportion to its sensitivity."""
     fraction = 0.0
     for check in checks:
-        if check["passed"] or check.get("reference") is None or check["threshold"] is None:
+        reference, value, threshold = check.get("reference"), check["value"], check["threshold"]
+        if check["passed"] or reference is None or value is None or threshold is None:
             continue
-        loss = abs(check["reference"] - check["value"])
-        allowed = abs(check["reference"] - check["threshold"])
+        loss = abs(reference - value)
+        allowed = abs(reference - threshold)
         if loss > 0:
             fraction = max(fraction, 1 - allowed / loss)
     total = sum(scores.values()) or 1.0

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal, cast
 
 import numpy as np
 from pydantic import Field, model_validator
@@ -37,8 +37,10 @@ from optimize import cpu
 from optimize.errors import UsageError
 from optimize.model import ModelHandle
 from optimize.runtime import on_openvino
+from optimize.runtime.manifest import JsonObject
 from optimize.stages.base import Choice, StageBase, StageContext, StageResult
-from optimize.stages.formulations import FLOAT_LABEL
+from optimize.stages.formulations import Decisions as FormulationDecisions
+from optimize.stages.formulations import choices as formulation_choices
 from optimize.stages.methods import (
     WEIGHT_INPUT,
     Dynamic,
@@ -47,7 +49,8 @@ from optimize.stages.methods import (
     default_method,
     openvino_available,
 )
-from optimize.stages.plans import FLOAT, Trials, fixed, search
+from optimize.stages.plans import FLOAT, PlanDecisions, Trials, fixed, search
+from optimize.stages.plans import choices as plan_choices
 
 
 class QuantizeStage(StageBase):
@@ -125,49 +128,11 @@ class QuantizeStage(StageBase):
         ]
 
     @classmethod
-    def choices(cls, details: dict[str, Any]) -> list[Choice]:
+    def choices(cls, details: JsonObject) -> list[Choice]:
         """The formulations it timed, or the precision plans it judged."""
-        chosen = details.get("chosen")
         if "formulations" in details:
-            fp32 = details.get("fp32_latency_ms", {})
-            baseline = Choice(
-                label=FLOAT_LABEL,
-                outcome="latency " + ", ".join(f"{k} {v} ms" for k, v in fp32.items()),
-                passed=True,
-                chosen=chosen == FLOAT_LABEL,
-                latency_ms=fp32.get("b1"),
-                fidelity=1.0,
-            )
-            return [
-                baseline,
-                *(
-                    Choice(
-                        label=str(row["formulation"]),
-                        outcome=f"error: {str(row['error'])[:60]}"
-                        if row.get("error")
-                        else "latency " + ", ".join(f"{k} {v} ms" for k, v in row["latency_ms"].items())
-                        if "latency_ms" in row
-                        else "gate failed",
-                        passed=bool(row.get("gate_passed")),
-                        chosen=row["formulation"] == chosen,
-                        latency_ms=row.get("latency_ms", {}).get("b1"),
-                        fidelity=row.get("metrics", {}).get("cosine_mean"),
-                    )
-                    for row in details["formulations"]
-                ),
-            ]
-        return [
-            Choice(
-                label=str(row["label"]),
-                outcome=f"{len(row['kept_float'])} kept in {FLOAT}, cosine_mean {row['metrics'].get('cosine_mean')}, "
-                + ("passed" if row["passed"] else "gate failed" if not row["gate_passed"] else "not faster than float"),
-                passed=bool(row["passed"]),
-                chosen=row["label"] == chosen,
-                latency_ms=(row.get("timed_in_turns_ms") or [None])[0],
-                fidelity=row["metrics"].get("cosine_mean"),
-            )
-            for row in details.get("candidates", [])
-        ]
+            return formulation_choices(cast(FormulationDecisions, details))
+        return plan_choices(cast(PlanDecisions, details))
 
     def run(self, model: ModelHandle, ctx: StageContext) -> StageResult:
         return run(self, model, ctx)
