@@ -22,21 +22,7 @@ import yaml
 from rich.console import Console
 
 from optimize import cli_tools, paths, tasks
-from optimize.cli_common import (
-    CacheOpt,
-    DryRunOpt,
-    GateOpt,
-    JsonOpt,
-    NoCacheOpt,
-    OutOpt,
-    OverwriteOpt,
-    PickleOpt,
-    RemoteOpt,
-    ResumeOpt,
-    SuiteOpt,
-    console,
-    emit,
-)
+from optimize.cli_common import GateOpt, ResumeOpt, RunFlags, SuiteOpt, console, emit, with_run_flags
 from optimize.errors import INTERRUPTED, GateFailed, UsageError
 
 if TYPE_CHECKING:
@@ -55,18 +41,7 @@ app.add_typer(cli_tools.cache_app, name="cache")
 
 
 def _execute(
-    build: Callable[[], LoadedRecipe],
-    out: Path | None,
-    as_json: bool,
-    dry_run: bool = False,
-    *,
-    model: str | None = None,
-    cache_dir: Path | None = None,
-    no_cache: bool = False,
-    allow_pickle: bool = False,
-    trust_remote_code: bool = False,
-    overwrite: bool = False,
-    resume: bool = False,
+    build: Callable[[], LoadedRecipe], flags: RunFlags, *, model: str | None = None, resume: bool = False
 ) -> None:
     """Validate the recipe, run the pipeline, print the outcome and exit with DESIGN.md's code."""
     from optimize.training import is_main
@@ -78,9 +53,9 @@ def _execute(
     run_console = console if is_main() else Console(stderr=True, quiet=True)
     try:
         loaded = build()
-        if dry_run:
+        if flags.dry_run:
             text = _dry_run_text(loaded, model)
-            if as_json:
+            if flags.as_json:
                 emit(True, "dry_run", recipe=yaml.safe_load(text))
             else:
                 print(text, end="")
@@ -88,30 +63,30 @@ def _execute(
         from optimize.pipeline import RunOptions, run
 
         options = RunOptions(
-            out=out or Path("artifacts") / loaded.recipe.name,
+            out=flags.out or Path("artifacts") / loaded.recipe.name,
             model=model,
-            allow_pickle=allow_pickle,
-            trust_remote_code=trust_remote_code,
-            cache_dir=cache_dir,
-            no_cache=no_cache,
-            overwrite=overwrite,
+            allow_pickle=flags.allow_pickle,
+            trust_remote_code=flags.trust_remote_code,
+            cache_dir=flags.cache_dir,
+            no_cache=flags.no_cache,
+            overwrite=flags.overwrite,
             resume=resume,
         )
         result = run(loaded, options, run_console)
     except UsageError as exc:
         console.print(f"[red]error:[/] {exc}", highlight=False)
-        emit(as_json, "error", error=str(exc))
+        emit(flags.as_json, "error", error=str(exc))
         raise typer.Exit(exc.exit_code) from None
     except GateFailed as exc:
         console.print(f"[red]gate failed:[/] {exc}", highlight=False)
-        emit(as_json, "gate_failed", None, exc.stages, str(exc))
+        emit(flags.as_json, "gate_failed", None, exc.stages, str(exc))
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
-        _interrupted(as_json)
+        _interrupted(flags.as_json)
     if result.status == "worker":
         return
     console.print(f"[green]passed[/]: artifact at {result.artifact}")
-    emit(as_json, result.status, result.artifact, result.stages, None)
+    emit(flags.as_json, result.status, result.artifact, result.stages, None)
 
 
 def _stop_on_signals() -> None:
@@ -168,19 +143,14 @@ def _dry_run_text(loaded: LoadedRecipe, model: str | None) -> str:
 
 
 @app.command("run")
+@with_run_flags
 def run_cmd(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML, e.g. recipes/minilm-cpu.yaml.")],
-    out: OutOpt = None,
-    as_json: JsonOpt = False,
-    cache_dir: CacheOpt = None,
-    no_cache: NoCacheOpt = False,
     overrides: Annotated[list[str], typer.Option("--set", help="Override one key: --set stages.0.target=cpu.")] = [],  # noqa: B006
     model: Annotated[str | None, typer.Option("--model", help="Use this model instead of the recipe's.")] = None,
-    dry_run: DryRunOpt = False,
-    allow_pickle: PickleOpt = False,
-    trust_remote_code: RemoteOpt = False,
-    overwrite: OverwriteOpt = False,
     resume: ResumeOpt = False,
+    *,
+    flags: RunFlags,
 ) -> None:
     """Run a whole recipe: reference, then each stage with its gate, then the artifact.
 
@@ -188,19 +158,7 @@ def run_cmd(
     """
     from optimize import recipe as recipes
 
-    _execute(
-        lambda: recipes.load(paths.named(recipe, "recipes"), overrides),
-        out,
-        as_json,
-        dry_run,
-        model=model,
-        cache_dir=cache_dir,
-        no_cache=no_cache,
-        allow_pickle=allow_pickle,
-        trust_remote_code=trust_remote_code,
-        overwrite=overwrite,
-        resume=resume,
-    )
+    _execute(lambda: recipes.load(paths.named(recipe, "recipes"), overrides), flags, model=model, resume=resume)
 
 
 def single_stage(
@@ -232,6 +190,7 @@ def single_stage(
 
 
 @app.command("quantize")
+@with_run_flags
 def quantize_cmd(
     model: Annotated[str, typer.Argument(help="Checkpoint folder, `package:NAME` or hub id.")],
     recipe: Annotated[
@@ -254,34 +213,19 @@ def quantize_cmd(
     ] = None,
     suites: SuiteOpt = [],  # noqa: B006
     gate: GateOpt = [],  # noqa: B006
-    out: OutOpt = None,
-    as_json: JsonOpt = False,
-    cache_dir: CacheOpt = None,
-    no_cache: NoCacheOpt = False,
-    dry_run: DryRunOpt = False,
-    allow_pickle: PickleOpt = False,
-    trust_remote_code: RemoteOpt = False,
-    overwrite: OverwriteOpt = False,
+    *,
+    flags: RunFlags,
 ) -> None:
     """Quantize MODEL: measure each layer's sensitivity on calibration data, then choose the smallest,
     fastest precision plan whose gate holds (export to ONNX is inserted first)."""
     checks = [_parse_check(text) for text in gate]
     settings = {"precision": precision, "plan": str(plan.resolve()) if plan else None, "gate": checks or None}
     extra = {"calibration.data": calibration, "evals": suites or None}
-    _execute(
-        lambda: single_stage("quantize", model, recipe, settings, extra),
-        out,
-        as_json,
-        dry_run,
-        cache_dir=cache_dir,
-        no_cache=no_cache,
-        allow_pickle=allow_pickle,
-        trust_remote_code=trust_remote_code,
-        overwrite=overwrite,
-    )
+    _execute(lambda: single_stage("quantize", model, recipe, settings, extra), flags)
 
 
 @app.command("distill")
+@with_run_flags
 def distill_cmd(
     teacher: Annotated[str, typer.Argument(help="Checkpoint folder, `package:NAME` or hub id: the model to shrink.")],
     recipe: Annotated[
@@ -305,14 +249,8 @@ def distill_cmd(
     resume: ResumeOpt = False,
     suites: SuiteOpt = [],  # noqa: B006
     gate: GateOpt = [],  # noqa: B006
-    out: OutOpt = None,
-    as_json: JsonOpt = False,
-    cache_dir: CacheOpt = None,
-    no_cache: NoCacheOpt = False,
-    dry_run: DryRunOpt = False,
-    allow_pickle: PickleOpt = False,
-    trust_remote_code: RemoteOpt = False,
-    overwrite: OverwriteOpt = False,
+    *,
+    flags: RunFlags,
 ) -> None:
     """Distill TEACHER into a student with fewer layers, trained to mimic it on unlabeled text, and gate
     the student against the teacher. Runs under `torchrun --nproc_per_node=N` as it is (DDP).
@@ -327,16 +265,7 @@ def distill_cmd(
         "gate": checks or None,
     }
     _execute(
-        lambda: single_stage("distill", teacher, recipe, settings, {"evals": suites or None}),
-        out,
-        as_json,
-        dry_run,
-        cache_dir=cache_dir,
-        no_cache=no_cache,
-        allow_pickle=allow_pickle,
-        trust_remote_code=trust_remote_code,
-        overwrite=overwrite,
-        resume=resume,
+        lambda: single_stage("distill", teacher, recipe, settings, {"evals": suites or None}), flags, resume=resume
     )
 
 
@@ -361,6 +290,7 @@ def _parse_check(text: str) -> dict[str, str | float]:
 
 
 @app.command("compile")
+@with_run_flags
 def compile_cmd(
     model: Annotated[str, typer.Argument(help="Checkpoint folder, `package:NAME`, hub id, .onnx file or artifact.")],
     recipe: Annotated[Path | None, typer.Option("-r", "--recipe", help="Take calibration and gates from here.")] = None,
@@ -373,28 +303,12 @@ def compile_cmd(
             "Default: all; pin one for byte-identical releases.",
         ),
     ] = [],  # noqa: B006
-    out: OutOpt = None,
-    as_json: JsonOpt = False,
-    cache_dir: CacheOpt = None,
-    no_cache: NoCacheOpt = False,
-    dry_run: DryRunOpt = False,
-    allow_pickle: PickleOpt = False,
-    trust_remote_code: RemoteOpt = False,
-    overwrite: OverwriteOpt = False,
+    *,
+    flags: RunFlags,
 ) -> None:
     """Export MODEL to ONNX and optimize the graph for a target, gated like any stage."""
     settings = {"target": target, "variants": variants or None}
-    _execute(
-        lambda: single_stage("compile", model, recipe, settings),
-        out,
-        as_json,
-        dry_run,
-        cache_dir=cache_dir,
-        no_cache=no_cache,
-        allow_pickle=allow_pickle,
-        trust_remote_code=trust_remote_code,
-        overwrite=overwrite,
-    )
+    _execute(lambda: single_stage("compile", model, recipe, settings), flags)
 
 
 def main() -> None:

@@ -3,8 +3,13 @@ object `--json` prints (DESIGN.md), in every outcome."""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
 import json
+import typing
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -53,6 +58,40 @@ ResumeOpt = Annotated[
     bool, typer.Option("--resume", help="Continue training from the checkpoints an unfinished run left beside OUT.")
 ]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the resolved recipe and exit.")]
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunFlags:
+    """The options every command that runs a recipe (run, quantize, distill, compile) takes."""
+
+    out: OutOpt = None
+    as_json: JsonOpt = False
+    cache_dir: CacheOpt = None
+    no_cache: NoCacheOpt = False
+    dry_run: DryRunOpt = False
+    allow_pickle: PickleOpt = False
+    trust_remote_code: RemoteOpt = False
+    overwrite: OverwriteOpt = False
+
+
+def with_run_flags(command: Callable[..., None]) -> Callable[..., None]:
+    """Give a command the `RunFlags` options: typer sees them as options after the command's own,
+    and the command receives them as one keyword argument, `flags`."""
+    own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.name != "flags"]
+    options = typing.get_type_hints(RunFlags, include_extras=True)  # each field's typer option
+    shared = [
+        inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=options[f.name])
+        for f in dataclasses.fields(RunFlags)
+    ]
+
+    @functools.wraps(command)
+    def with_flags(**options: Any) -> None:
+        flags = RunFlags(**{f.name: options.pop(f.name) for f in dataclasses.fields(RunFlags)})
+        command(**options, flags=flags)
+
+    with_flags.__signature__ = inspect.Signature([*own, *shared])  # type: ignore[attr-defined]
+    with_flags.__annotations__ = {p.name: p.annotation for p in (*own, *shared)}
+    return with_flags
 
 
 def emit(
