@@ -60,7 +60,8 @@ def _execute(
             else:
                 print(text, end="")
             raise typer.Exit(0)
-        from optimize.pipeline import RunOptions, run
+        from optimize.pipeline import run
+        from optimize.prepare import RunOptions
 
         options = RunOptions(
             out=flags.out or Path("artifacts") / loaded.recipe.name,

@@ -25,9 +25,11 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 
 from optimize.errors import UsageError
+from optimize.records import LossPoint
 
 if TYPE_CHECKING:
     import torch
+    from rich.progress import Progress
 
 
 def rank() -> int:
@@ -124,7 +126,7 @@ class Checkpoints:
         found = sorted(self.folder.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
         return found[-1] if found else None
 
-    def save(self, step: int, student: torch.nn.Module, optimizer: Any, history: list[dict[str, float]]) -> None:
+    def save(self, step: int, student: torch.nn.Module, optimizer: Any, history: list[LossPoint]) -> None:
         import torch
         from safetensors.torch import save_file
 
@@ -142,7 +144,7 @@ class Checkpoints:
             if old != final:
                 shutil.rmtree(old, ignore_errors=True)
 
-    def load(self, student: torch.nn.Module, optimizer: Any) -> tuple[int, list[dict[str, float]]]:
+    def load(self, student: torch.nn.Module, optimizer: Any) -> tuple[int, list[LossPoint]]:
         import torch
         from safetensors.torch import load_file
 
@@ -172,6 +174,32 @@ def _untied(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def _micro_batch(settings: Settings, world: int) -> int:
+    """Texts per forward pass: the batch split over the processes and the accumulation steps."""
+    micro = settings.batch_size // (world * settings.accumulation)
+    if micro * world * settings.accumulation != settings.batch_size:
+        raise UsageError(
+            f"distill: batch_size {settings.batch_size} does not split into {world} processes x "
+            f"{settings.accumulation} accumulation steps; make it a multiple of {world * settings.accumulation}"
+        )
+    return micro
+
+
+def _progress(console: Console) -> Progress:
+    """The training bar: steps, loss, time spent and left (rank 0 only)."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    columns = (
+        TextColumn("distill"),
+        BarColumn(),
+        TextColumn("step {task.completed}/{task.total}"),
+        TextColumn("loss {task.fields[loss]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    return Progress(*columns, console=console, disable=not is_main())
+
+
 def train(
     student: torch.nn.Module,
     teacher: torch.nn.Module,
@@ -183,18 +211,12 @@ def train(
     checkpoints: Checkpoints | None,
     resume: bool,
     console: Console,
-) -> list[dict[str, float]]:
+) -> list[LossPoint]:
     """Train `student` to mimic `teacher`; returns the loss curve (step, train, held-out, lr)."""
     import torch
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     world = world_size()
-    micro = settings.batch_size // (world * settings.accumulation)
-    if micro * world * settings.accumulation != settings.batch_size:
-        raise UsageError(
-            f"distill: batch_size {settings.batch_size} does not split into {world} processes x "
-            f"{settings.accumulation} accumulation steps; make it a multiple of {world * settings.accumulation}"
-        )
+    micro = _micro_batch(settings, world)
     torch.manual_seed(settings.seed)
     device, model = _placed(student, teacher)
 
@@ -204,17 +226,9 @@ def train(
     optimizer = _optimizer(student, settings)
     start, history = checkpoints.load(student, optimizer) if resume and checkpoints else (0, [])
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.bf16)
-    columns = (
-        TextColumn("distill"),
-        BarColumn(),
-        TextColumn("step {task.completed}/{task.total}"),
-        TextColumn("loss {task.fields[loss]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    )
     running: list[float] = []
     began = time.perf_counter()
-    with Progress(*columns, console=console, disable=not is_main()) as progress:
+    with _progress(console) as progress:
         bar = progress.add_task("distill", total=settings.steps, completed=start, loss="-")
         for step in range(start, settings.steps):
             for group in optimizer.param_groups:
@@ -228,14 +242,15 @@ def train(
             done = step + 1
             if done % settings.eval_every == 0 or done == settings.steps:
                 held = heldout_loss(student, teacher, batch, loss_fn, heldout_texts, micro)
+                train_loss, seconds = sum(running) / len(running), time.perf_counter() - began
                 history.append(
-                    {
-                        "step": done,
-                        "train_loss": round(sum(running) / len(running), 6),
-                        "heldout_loss": round(held, 6),
-                        "lr": learning_rate(settings, step),
-                        "seconds": round(time.perf_counter() - began, 1),
-                    }
+                    LossPoint(
+                        step=done,
+                        train_loss=round(train_loss, 6),
+                        heldout_loss=round(held, 6),
+                        lr=learning_rate(settings, step),
+                        seconds=round(seconds, 1),
+                    )
                 )
                 running = []
             if checkpoints and is_main() and (done % settings.checkpoint_every == 0 and done < settings.steps):

@@ -288,7 +288,7 @@ def loss_function(config: DistillStage, task: str, layers: list[int], pooling: s
 def run(config: DistillStage, model: ModelHandle, ctx: StageContext) -> StageResult:
     import torch
 
-    from optimize.runtime import Pooling, Tokenizer
+    from optimize.runtime import Pooling
 
     teacher = load_torch(model)  # check_input ran when the pipeline prepared the recipe
     teacher_config: Any = teacher.config
@@ -301,31 +301,22 @@ def run(config: DistillStage, model: ModelHandle, ctx: StageContext) -> StageRes
     projected = width != teacher_width and config.student.projection
     trainee = with_projection(student, width, teacher_width, len(layers)) if projected else student
     data = load_texts(config, ctx)
-    tokenizer = Tokenizer(model.checkpoint / "tokenizer.json", config.seq_len)
-    accepted = set(inspect.signature(student.forward).parameters)
     labels: dict[str, int] = {}
     if model.task == tasks.CLASSIFICATION and config.losses.hard_label > 0:
         labels = label_ids(data.labels, dict(teacher_config.label2id), int(teacher_config.num_labels))
-
-    def tokenize(texts: Sequence[str]) -> dict[str, torch.Tensor]:
-        batch = {k: torch.from_numpy(v) for k, v in tokenizer(list(texts)).items() if k in accepted}
-        if labels:
-            batch["labels"] = torch.tensor([labels.get(t, -100) for t in texts])
-        return batch
-
     settings = training_settings(config, len(data.train), ctx.seed)
     key = hashlib.sha256(
         json.dumps(
             [config.model_dump(mode="json", exclude={"gate", "name"}), str(model.checkpoint), data.sources, ctx.seed],
             sort_keys=True,
         ).encode()
-    ).hexdigest()
+    ).hexdigest()  # a resumed run continues only the training it would have done
     checkpoints = training.Checkpoints(ctx.checkpoints, key) if ctx.checkpoints else None
     began = time.perf_counter()
     history = training.train(
         trainee,
         teacher,
-        tokenize,
+        _tokenize(model.checkpoint, config.seq_len, student, labels),
         loss_function(config, model.task, layers, Pooling.of(model.checkpoint).mode),
         data.train,
         data.heldout,
@@ -338,11 +329,11 @@ def run(config: DistillStage, model: ModelHandle, ctx: StageContext) -> StageRes
     out = ctx.workdir / "student"
     if training.is_main():
         save_student(student, model.checkpoint, out)
-        if projected and tasks.embeds(model.task):
-            last: Any = trainee.last  # the embedding's projection ships; the hidden-state ones were for training
+        if projected and tasks.embeds(model.task):  # the embedding's projection ships, not the hidden states'
+            last: Any = trainee.last
             projection.write(out, last.weight.detach().numpy(), last.bias.detach().numpy())
     params = sum(p.numel() for p in student.parameters())
-    decisions: dict[str, Any] = {
+    decisions: dict[str, object] = {
         "layers": layers,
         "teacher_layers": count,
         "hidden_size": width,
@@ -358,6 +349,25 @@ def run(config: DistillStage, model: ModelHandle, ctx: StageContext) -> StageRes
         "loss_curve": history,
     }
     return StageResult(model.with_checkpoint(out), decisions)
+
+
+def _tokenize(checkpoint: Path, seq_len: int, student: torch.nn.Module, labels: dict[str, int]) -> training.Tokenize:
+    """Texts to the student's inputs (those its forward takes), with their label ids when it learns
+    hard labels too."""
+    import torch
+
+    from optimize.runtime import Tokenizer
+
+    tokenizer = Tokenizer(checkpoint / "tokenizer.json", seq_len)
+    accepted = set(inspect.signature(student.forward).parameters)
+
+    def tokenize(texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        batch = {k: torch.from_numpy(v) for k, v in tokenizer(list(texts)).items() if k in accepted}
+        if labels:
+            batch["labels"] = torch.tensor([labels.get(t, -100) for t in texts])
+        return batch
+
+    return tokenize
 
 
 def training_settings(config: DistillStage, texts: int, seed: int) -> training.Settings:
