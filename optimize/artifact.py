@@ -11,7 +11,7 @@ import json
 import os
 import platform
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import cast
@@ -190,20 +190,41 @@ def split_volatile(value: object) -> tuple[object, object]:
 OPENVINO_REQUIREMENTS = ("openvino>=2024.4",)
 
 
-def write_runtime(folder: Path, engine: str = "onnxruntime") -> None:
+def write_runtime(folder: Path, *engines: str) -> None:
     runtime = folder / "runtime"
     runtime.mkdir()
     for source in sorted(RUNTIME_SOURCE.glob("*.py")):
         shutil.copyfile(source, runtime / source.name)
     genai = GENAI_REQUIREMENTS if (folder / "genai_config.json").is_file() else ()  # a decoder engine folder
-    openvino = OPENVINO_REQUIREMENTS if on_openvino(engine) else ()
+    openvino = OPENVINO_REQUIREMENTS if any(on_openvino(e) for e in engines) else ()
     (runtime / "requirements.txt").write_text("\n".join((*RUNTIME_REQUIREMENTS, *genai, *openvino)) + "\n")
+
+
+# Each engine family's file, in sentence-transformers' layout (`SentenceTransformer(OUT, backend=...)`
+# finds them by these names); anything else runs model.onnx.
+ENGINE_FILES = {"onnxruntime": "model.onnx", "openvino": "openvino/openvino_model.xml"}
+
+
+def write_model_file(source: Path, staging: Path, name: str) -> None:
+    """`name` in `staging` from the ONNX file `source`: a copy (with its external data), or for an
+    OpenVINO IR (`.xml`) the graph as OpenVINO reads it, saved with its weights unchanged (`.bin`)."""
+    target = staging / name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.suffix == ".xml":
+        import openvino
+
+        openvino.save_model(openvino.Core().read_model(str(source)), str(target), compress_to_fp16=False)
+        return
+    shutil.copyfile(source, target)
+    external = source.parent / (source.name + ".data")
+    if external.exists():
+        shutil.copyfile(external, target.parent / external.name)
 
 
 def write(
     out: Path,
     staging: Path,
-    onnx_path: Path,
+    model_files: Mapping[str, Path],
     checkpoint: Path,
     manifest: Manifest,
     report_md: str,
@@ -212,17 +233,18 @@ def write(
     report_html: str | None = None,
     with_weights: bool = False,
 ) -> None:
-    """Fill `staging`, write the manifest last, then rename it to OUT. `with_weights` also copies the
-    checkpoint's safetensors and sentence-transformers files (a model this run trained)."""
-    shutil.copyfile(onnx_path, staging / "model.onnx")
-    external = onnx_path.parent / (onnx_path.name + ".data")
-    if external.exists():
-        shutil.copyfile(external, staging / external.name)
+    """Fill `staging`, write the manifest last, then rename it to OUT. `model_files`: each model file
+    (model.onnx and the other engines' `ENGINE_FILES`) and the ONNX file it is made from.
+    `with_weights` also copies the checkpoint's safetensors and sentence-transformers files (a model
+    this run trained)."""
+    for name, source in model_files.items():
+        write_model_file(source, staging, name)
     # The tokenizer, config and sentence-transformers files (the model's pooling, read by the runtime
     # and by sentence-transformers loading the artifact), and the weights of a model this run trained.
     weights = [p.name for p in sorted(checkpoint.glob("*.safetensors"))] if with_weights else []
     copy_checkpoint_files(checkpoint, staging, weights)
-    write_runtime(staging, str(manifest.get("runtime", {}).get("engine", "onnxruntime")))
+    engines = [str(manifest.get("runtime", {}).get("engine", "onnxruntime"))]
+    write_runtime(staging, *engines, *(e["engine"] for e in manifest.get("engines", [])))
     (staging / "report.md").write_text(report_md)
     if report_html is not None:
         (staging / "report.html").write_text(report_html)

@@ -22,14 +22,14 @@ import json
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypedDict, cast
 
 import optimize
 from optimize.model import ModelHandle
-from optimize.runtime.manifest import JsonObject, RuntimeSettings, StageJson
+from optimize.runtime.manifest import GateResult, JsonObject, RuntimeSettings, StageJson
 
 ENTRY = "entry.json"
 
@@ -49,6 +49,13 @@ class Entry(TypedDict, total=False):
     metrics: dict[str, float]  # the reference: what it measured, and under which conditions
     details: JsonObject
     conditions: JsonObject
+    gate: GateResult  # an engine's file: its gate
+    alternates: dict[str, Alternate]  # a stage's other engines' files
+
+
+class Alternate(TypedDict):
+    onnx: str  # relative to the entry's folder
+    engine: str
 
 
 class Listed(TypedDict):
@@ -198,12 +205,17 @@ def store_model(folder: Path, onnx_path: Path | None, checkpoint: Path, own_chec
             stored["onnx"] = f"checkpoint/{onnx_path.name}"
         else:
             (folder / "onnx").mkdir()
-            shutil.copyfile(onnx_path, folder / "onnx" / onnx_path.name)
-            external = onnx_path.with_name(onnx_path.name + ".data")
-            if external.is_file():
-                shutil.copyfile(external, folder / "onnx" / external.name)
+            _copy_onnx(onnx_path, folder / "onnx")
             stored["onnx"] = f"onnx/{onnx_path.name}"
     return stored
+
+
+def _copy_onnx(onnx_path: Path, folder: Path) -> None:
+    """An ONNX file and its external data, if any, into `folder`."""
+    shutil.copyfile(onnx_path, folder / onnx_path.name)
+    external = onnx_path.with_name(onnx_path.name + ".data")
+    if external.is_file():
+        shutil.copyfile(external, folder / external.name)
 
 
 @dataclass
@@ -221,14 +233,30 @@ class RunCache:
         step_key = key(self.key, step, *parts)
         return step_key, self.store.get(step_key) if self.store else None
 
-    def keep(self, step_key: str, step: str, entry: Entry, model: ModelHandle, source: ModelHandle) -> None:
-        """Store a finished step's model (its ONNX file, and its checkpoint when the step made one)
-        and `entry` under its key, and move the run's key on."""
+    def keep(
+        self,
+        step_key: str,
+        step: str,
+        entry: Entry,
+        model: ModelHandle,
+        source: ModelHandle,
+        alternates: Mapping[str, ModelHandle] | None = None,
+    ) -> None:
+        """Store a finished step's model (its ONNX file, and its checkpoint when the step made one),
+        its other engines' files, and `entry` under its key, and move the run's key on."""
         if self.store is not None:
             own = model.checkpoint != source.checkpoint
 
             def fill(folder: Path) -> Entry:
                 stored = store_model(folder, model.onnx_path, model.checkpoint, own)
+                kept: dict[str, Alternate] = {}
+                for engine, handle in sorted((alternates or {}).items()):
+                    assert handle.onnx_path is not None
+                    where = folder / "alternates" / engine
+                    where.mkdir(parents=True)
+                    _copy_onnx(handle.onnx_path, where)
+                    kept[engine] = {"onnx": f"alternates/{engine}/{handle.onnx_path.name}", "engine": handle.engine}
+                stored["alternates"] = kept
                 return {**entry, "step": step, "recipe": self.recipe, "engine": model.engine, **stored}
 
             self.store.put(step_key, fill)
@@ -243,6 +271,14 @@ class RunCache:
         self.key = step_key
         engine = entry.get("engine", "onnxruntime")
         return dataclasses.replace(source, checkpoint=checkpoint, onnx_path=onnx, engine=engine)
+
+    def alternates(self, found: tuple[Path, Entry], source: ModelHandle) -> dict[str, ModelHandle]:
+        """A cached stage's other engines' files, as `keep` stored them."""
+        folder, entry = found
+        return {
+            engine: dataclasses.replace(source, onnx_path=folder / kept["onnx"], engine=kept["engine"])
+            for engine, kept in entry.get("alternates", {}).items()
+        }
 
     def put(self, step_key: str, entry: Entry) -> None:
         """Keep a step that makes no model (the reference measurement)."""

@@ -310,11 +310,13 @@ def open_any(
 
 
 def _artifact_engine(folder: Path) -> str:
-    """What an artifact's manifest says runs its model.onnx (onnxruntime when it says nothing)."""
+    """What runs an artifact's model.onnx: the engine its manifest lists for that file (an artifact
+    with one file per engine), else the one its `runtime` names (onnxruntime when it says nothing)."""
     try:
-        runtime = json.loads((folder / "manifest.json").read_text()).get("runtime", {})
-        return str(runtime.get("engine", "onnxruntime"))
-    except (OSError, ValueError, AttributeError):
+        manifest = json.loads((folder / "manifest.json").read_text())
+        listed = {e["file"]: e["engine"] for e in manifest.get("engines", [])}
+        return str(listed.get("model.onnx") or manifest.get("runtime", {}).get("engine", "onnxruntime"))
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
         return "onnxruntime"
 
 

@@ -17,13 +17,13 @@ import contextlib
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
 
-from optimize import artifact, report, report_html, training
+from optimize import artifact, report, report_html, runtime, training
 from optimize import cache as stage_cache
 from optimize.data import texts_sha256
 from optimize.errors import INTERRUPTED, GateFailed, stop_if_interrupted
@@ -33,7 +33,7 @@ from optimize.model import ModelHandle
 from optimize.prepare import Prepared, RunOptions, prepare
 from optimize.recipe import LoadedRecipe
 from optimize.records import RunSummary, StageRecord
-from optimize.runtime.manifest import GateResult, GateSource, JsonObject, Manifest, RuntimeSettings
+from optimize.runtime.manifest import EngineFile, GateResult, GateSource, JsonObject, Manifest, RuntimeSettings
 from optimize.stages.base import StageBase, StageContext
 
 
@@ -55,6 +55,7 @@ class _Run:
         self.reference_details: JsonObject = {}
         self.plan: dict[str, str] = {}
         self.runtime: RuntimeSettings = {}
+        self.alternates: dict[str, ModelHandle] = {}  # engine family -> its file's model, beside the run's
         # What default gates measure fidelity against: the reference (None) until a stage changes the
         # weights (distillation); from then on the newest trained model, so a later stage is judged on
         # what it changed, not on the distance the student already is from its teacher.
@@ -167,7 +168,7 @@ class _Run:
         files = stage_cache.referenced_files(config, self.prepared.loaded.base_dir) if self.cache.store else {}
         step_key, found = self.cached(step, config, source, files)
         if found is not None:
-            return self.reuse_stage(step_key, found, model, index, name)
+            return self.reuse_stage(stage, step_key, found, model, index, name)
 
         def judge(handle: ModelHandle) -> tuple[dict[str, float], GateResult]:
             measured, _ = self.evaluator.measure(handle)
@@ -190,6 +191,7 @@ class _Run:
             raise self.fail(f"stage {index} ({name}): {exc}") from None
         self.plan.update(result.precision_plan)
         self.runtime.update(result.runtime)
+        self.adopt_alternates(stage, result.model, result.alternates)
         with self.console.status(f"stage {index} ({name}): measuring"):
             measured, speed = self.evaluator.measure(result.model)
         record = self.record(
@@ -212,16 +214,65 @@ class _Run:
             "plan": result.precision_plan,
             "runtime": result.runtime,
         }
-        self.cache.keep(step_key, step, entry, result.model, model)
+        self.cache.keep(step_key, step, entry, result.model, model, result.alternates)
         return result.model
 
+    def adopt_alternates(self, stage: StageBase, model: ModelHandle, alternates: Mapping[str, ModelHandle]) -> None:
+        """The other engines' files after `stage` made `model`: its own, and an earlier stage's where
+        this kind keeps them (compile); never one for the family `model` itself runs on."""
+        if not stage.keeps_alternates:
+            self.alternates = {}
+        self.alternates.update(alternates)
+        self.alternates.pop(runtime.family(model.engine), None)
+
+    def engine_files(self, model: ModelHandle) -> tuple[list[EngineFile], dict[str, Path]]:
+        """Each engine's file, fastest first (the run's model, then the other engines' alternates),
+        each held to the last stage's gate through its engine: one that fails is reported, not
+        shipped. Returns the manifest's `engines` and, per artifact file, the ONNX file it is made from."""
+        last = self.stages[-1]
+        found = [(model, last.metrics, last.gate)]
+        index = len(self.prepared.loaded.recipe.stages) - 1
+        stage = self.prepared.loaded.recipe.stages[index]
+        checks, source = list(stage.gate or []), self.prepared.sources[index]
+        for engine, handle in sorted(self.alternates.items()):
+            step_key, cached = self.cached(f"{engine} file")
+            if cached is None:
+                with self.console.status(f"measuring the {engine} file"):
+                    measured, _ = self.evaluator.measure(handle)
+                gate = self.judge(checks, measured, source, handle)
+                self.cache.put(step_key, {"step": f"{engine} file", "metrics": measured, "gate": gate})
+            else:
+                measured, gate = cached[1]["metrics"], cached[1]["gate"]
+            if gate["passed"]:
+                found.append((handle, measured, gate))
+            else:
+                failed = StageRecord(engine, "engine", {}, measured, gate).failed_checks()
+                self.console.print(f"[yellow]warning:[/] the {engine} file is not shipped: {failed}", highlight=False)
+        engines: list[EngineFile] = []
+        shipped: dict[str, Path] = {}
+        for handle, measured, gate in found:
+            assert handle.onnx_path is not None
+            name = artifact.ENGINE_FILES.get(runtime.family(handle.engine), "model.onnx")
+            engines.append({"engine": handle.engine, "file": name, "metrics": measured, "gate": gate})
+            shipped[name] = handle.onnx_path
+        assert model.onnx_path is not None
+        shipped.setdefault("model.onnx", model.onnx_path)  # where no onnxruntime file holds: the run's graph
+        return engines, shipped
+
     def reuse_stage(
-        self, step_key: str, found: tuple[Path, stage_cache.Entry], model: ModelHandle, index: int, name: str
+        self,
+        stage: StageBase,
+        step_key: str,
+        found: tuple[Path, stage_cache.Entry],
+        model: ModelHandle,
+        index: int,
+        name: str,
     ) -> ModelHandle:
         """A cached stage: its model, record, plan and runtime settings, as if it had just run."""
         reused = self.reuse(step_key, found, model)
         self.plan.update(found[1]["plan"])
         self.runtime.update(found[1]["runtime"])
+        self.adopt_alternates(stage, reused, self.cache.alternates(found, model))
         if reused.checkpoint != model.checkpoint:
             self.adopt_anchor(reused, index, name)
         return reused
@@ -304,18 +355,21 @@ def run(loaded: LoadedRecipe, options: RunOptions, console: Console) -> RunResul
         if not model.is_onnx:
             model = state.export(model)
         assert model.onnx_path is not None
+        engines, shipped = state.engine_files(model)
         stop_if_interrupted()
         staging = artifact.staging_dir(options.out)
         summary = state.summary("passed")
         # A trained student ships its weights too, so the artifact is also a checkpoint folder that
         # transformers, sentence-transformers and a later `optimize quantize` take as it is.
         trained = model.checkpoint != prepared.model.checkpoint
+        manifest = state.manifest(model)
+        manifest["engines"] = engines
         artifact.write(
             options.out,
             staging,
-            model.onnx_path,
+            shipped,
             model.checkpoint,
-            state.manifest(model),
+            manifest,
             report.markdown(summary),
             summary.to_json(),
             options.overwrite,

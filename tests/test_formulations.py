@@ -96,3 +96,58 @@ def test_formulations_are_refused_with_a_method_or_int4(tiny_bert, tmp_path):
     recipe = write_recipe(tmp_path, [stage], model=str(tiny_bert))
     result = CliRunner().invoke(app, ["recipe", "validate", str(recipe)])
     assert result.exit_code == 2 and "formulations" in result.output
+
+
+FLOAT = {1: 10.0, 32: 300.0}
+
+
+@pytest.mark.parametrize(
+    ("engines", "floats", "timed", "expected"),
+    [
+        # onnxruntime's int8 pays; OpenVINO's int8 beats OpenVINO's own float: each engine its int8
+        (
+            ["onnxruntime", "openvino", "openvino"],
+            [False, True, False],
+            [{1: 6.0, 32: 200.0}, {1: 7.0, 32: 210.0}, {1: 4.0, 32: 120.0}],
+            {"onnxruntime": 0, "openvino": 2},
+        ),
+        # onnxruntime's int8 is not 10% faster than its float: model.onnx stays float; OpenVINO's
+        # int8 is not 10% faster than OpenVINO's float either: its float ships there
+        (
+            ["onnxruntime", "openvino", "openvino"],
+            [False, True, False],
+            [{1: 9.5, 32: 290.0}, {1: 7.0, 32: 210.0}, {1: 6.8, 32: 205.0}],
+            {"onnxruntime": None, "openvino": 1},
+        ),
+        # an engine without its own float model keeps its fastest formulation, even a slow one
+        (["openvino"], [False], [{1: 12.0, 32: 310.0}], {"onnxruntime": None, "openvino": 0}),
+        ([], [], [], {"onnxruntime": None}),
+    ],
+)
+def test_each_engine_ships_its_own_fastest_formulation(engines, floats, timed, expected):
+    assert formulations.per_engine(engines, floats, timed, FLOAT, min_speedup=0.1, min_gain=0.03) == expected
+
+
+def test_the_float_model_on_openvino_is_measured_and_each_engine_gets_its_file(tiny_bert, tmp_path, monkeypatch):
+    """`formulations: auto` with OpenVINO installed: onnxruntime's formulations and OpenVINO's float
+    model, each engine's fastest passing one in its sentence-transformers place, each gated."""
+    pytest.importorskip("openvino")
+    monkeypatch.setattr(cpu, "current", lambda: AVX2)  # the AVX2 list: no NNCF build, a fast test
+    manifest, details, _ = _run(tmp_path, tiny_bert, formulations="auto", min_speedup=0.0)
+    labels = [r["formulation"] for r in details["formulations"]]
+    assert labels[-1] == "fp32 on openvino" and details["formulations"][-1]["gate_passed"]
+    assert set(details["engines"]) == {"onnxruntime", "openvino"}
+    out = tmp_path / "out"
+    files = {e["engine"]: e["file"] for e in manifest["engines"]}
+    assert files == {"onnxruntime": "model.onnx", "openvino": "openvino/openvino_model.xml"}
+    assert manifest["engines"][0]["engine"] == manifest["runtime"]["engine"]  # the fastest first
+    assert all(e["gate"]["passed"] and e["metrics"]["cosine_min"] >= 0.5 for e in manifest["engines"])
+    assert (out / "openvino" / "openvino_model.bin").is_file() and "openvino" in manifest["files"].__repr__()
+    model = runtime.load(out)
+    expected = "OpenVINO (CPU)" if manifest["runtime"]["engine"] == "openvino" else "CPUExecutionProvider"
+    assert model.provider == expected
+    texts = ["a short sentence", "another, somewhat longer sentence than the first"]
+    monkeypatch.setitem(__import__("sys").modules, "openvino", None)  # without OpenVINO: model.onnx
+    fallback = runtime.load(out)
+    assert fallback.provider == "CPUExecutionProvider" and fallback.file == out / "model.onnx"
+    assert fallback.embed(texts).shape == model.embed(texts).shape

@@ -26,6 +26,7 @@ from .session import (
     TARGET_PROVIDERS,
     OpenVINOSession,
     Port,
+    family,
     make_session,
     on_openvino,
     provider_options,
@@ -47,11 +48,13 @@ __all__ = [
     "OpenVINOSession",
     "Pooling",
     "Port",
+    "RuntimeSettings",
     "Sampling",
     "Tokenizer",
     "chat_prompt",
     "cpu_info",
     "embed",
+    "family",
     "kv_loop",
     "load",
     "make_session",
@@ -81,8 +84,10 @@ class OnnxModel:
         threads: int | None = None,
         available: Sequence[str] | None = None,
         settings: RuntimeSettings | None = None,
+        openvino_path: Path | None = None,
     ):
-        self.session, self.fallbacks = make_session(model_path, target, threads, available, settings)
+        self.model_path = Path(model_path)
+        self.session, self.fallbacks = make_session(model_path, target, threads, available, settings, openvino_path)
         self.tokenizer = Tokenizer(tokenizer_path, model_seq_len(Path(tokenizer_path).parent, seq_len))
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
@@ -96,6 +101,11 @@ class OnnxModel:
     @property
     def provider(self) -> str:
         return str(self.session.get_providers()[0])
+
+    @property
+    def file(self) -> Path:
+        """The model file the session runs (model.onnx, or the artifact's OpenVINO file)."""
+        return Path(getattr(self.session, "path", self.model_path))
 
     def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         """The first output (last hidden states, or logits) for tokenized inputs. A decoder exported
@@ -235,6 +245,9 @@ def load(artifact_dir: str | Path, available: Sequence[str] | None = None) -> On
     warning = tuning_warning(runtime["tuned_on"], cpu_info()[1]) if isinstance(runtime.get("tuned_on"), dict) else None
     if warning:
         warnings.warn(warning, stacklevel=2)
+    # Each engine's file, fastest first: the runtime's engine (`runtime.engine`) is the fastest measured;
+    # model.onnx is onnxruntime's, and where OpenVINO is not installed it runs that instead.
+    openvino_file = next((e["file"] for e in manifest.get("engines", []) if on_openvino(e["engine"])), None)
     return OnnxModel(
         artifact_dir / "model.onnx",
         artifact_dir / "tokenizer.json",
@@ -242,4 +255,5 @@ def load(artifact_dir: str | Path, available: Sequence[str] | None = None) -> On
         target=str(runtime.get("target", "cpu")),
         available=available,
         settings=runtime,
+        openvino_path=artifact_dir / openvino_file if openvino_file else None,
     )

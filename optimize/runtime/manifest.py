@@ -64,6 +64,16 @@ class RuntimeSettings(TypedDict, total=False):
     context_length: int | None
 
 
+class EngineFile(TypedDict):
+    """One file of the artifact for one engine (`engines`, fastest first): sentence-transformers'
+    layout, `model.onnx` for onnxruntime and `openvino/openvino_model.xml` for OpenVINO."""
+
+    engine: str  # runtime.ENGINES
+    file: str
+    metrics: dict[str, float]  # measured through this engine, as the stages' metrics are
+    gate: GateResult  # the last stage's gate
+
+
 class FileEntry(TypedDict):
     sha256: str
     bytes: int
@@ -106,5 +116,6 @@ class Manifest(TypedDict, total=False):
     stages: list[StageJson]
     precision_plan: dict[str, str]  # layer -> int8 | int4 | fp32
     runtime: RuntimeSettings
+    engines: list[EngineFile]  # the runtime opens the first whose library is installed
     files: dict[str, FileEntry]  # every file but the measurements, hashed
     measurement_files: list[str]

@@ -81,6 +81,12 @@ def on_openvino(engine: str) -> bool:
     return ENGINES.get(engine) is not None
 
 
+def family(engine: str) -> str:
+    """The library an engine's file is for, one file each in an artifact: `openvino` for both
+    OpenVINO precisions (the same IR; the precision is a runtime setting), else the engine."""
+    return "openvino" if on_openvino(engine) else engine
+
+
 class OpenVINOSession:
     """OpenVINO's CPU plugin behind the part of onnxruntime's InferenceSession this runtime uses. It
     compiles the ONNX file itself (its own fusions and int8 kernels for the QDQ pairs NNCF wrote).
@@ -109,6 +115,7 @@ class OpenVINOSession:
             "PERFORMANCE_HINT": "LATENCY",
             "INFERENCE_PRECISION_HINT": precision,
         }
+        self.path = Path(model_path)
         self.model = self.core.read_model(str(model_path))
         self.compiled = self.core.compile_model(self.model, "CPU", self.config)
         self.request = self.compiled.create_infer_request()
@@ -172,6 +179,10 @@ OPENVINO_MISSING = (
     "openvino: not installed; onnxruntime runs this OpenVINO-tuned int8 graph instead (the same graph; "
     "slower on it): `pip install openvino` for the speed it was chosen for"
 )
+OPENVINO_MISSING_OWN_FILE = (
+    "openvino: not installed; onnxruntime runs model.onnx, the fastest graph measured for it: "
+    "`pip install openvino` for the faster OpenVINO one"
+)
 
 
 def make_session(
@@ -180,10 +191,12 @@ def make_session(
     threads: int | None = None,
     available: Sequence[str] | None = None,
     settings: RuntimeSettings | None = None,
+    openvino_path: Path | None = None,
 ) -> tuple[ort.InferenceSession | OpenVINOSession, list[str]]:
     """An InferenceSession on the best provider that actually starts; falls back down the list.
     Returns the session and a note per provider that was tried and could not be used. The
-    `openvino` engines (settings) run on OpenVINO when it imports, else on onnxruntime's CPU."""
+    `openvino` engines (settings) run on OpenVINO when it imports (`openvino_path`, the artifact's
+    OpenVINO file, else `model_path`), else `model_path` on onnxruntime."""
     import onnxruntime as ort
 
     notes: list[str] = []
@@ -192,9 +205,9 @@ def make_session(
     precision = ENGINES.get(engine)
     if precision is not None:
         try:
-            return OpenVINOSession(model_path, threads, precision), notes
+            return OpenVINOSession(openvino_path or model_path, threads, precision), notes
         except ImportError:
-            notes.append(OPENVINO_MISSING)
+            notes.append(OPENVINO_MISSING if openvino_path is None else OPENVINO_MISSING_OWN_FILE)
         except Exception as exc:  # OpenVINO present but unable to compile the graph on this machine
             notes.append(f"openvino: {str(exc).splitlines()[0][:200]}; onnxruntime runs the graph instead")
     options = ort.SessionOptions()

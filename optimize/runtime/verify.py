@@ -40,7 +40,14 @@ def merge_volatile(stable: object, moved: object) -> object:
 
 
 # Model files the runtime may load: each must be listed (and hashed) in the manifest.
-MODEL_FILES = ("model.onnx", "model.onnx.data", "tokenizer.json", "genai_config.json")
+MODEL_FILES = (
+    "model.onnx",
+    "model.onnx.data",
+    "tokenizer.json",
+    "genai_config.json",
+    "openvino/openvino_model.xml",
+    "openvino/openvino_model.bin",
+)
 
 
 def verify(artifact_dir: Path) -> Manifest:

@@ -28,6 +28,9 @@ class StageBase(BaseModel):
     order: ClassVar[int]  # stages run in this order: distill 0, quantize 1, compile 2
     repeatable: ClassVar[bool] = True  # may the same kind follow itself (quantize twice: yes)
     needs_onnx: ClassVar[bool] = True  # the pipeline inserts an export before a stage that needs ONNX
+    # A stage that rewrites one engine's graph and leaves the weights alone (compile) keeps the
+    # other engines' files an earlier stage chose; any other stage's model replaces them.
+    keeps_alternates: ClassVar[bool] = False
 
     kind: str  # the registry's discriminator: a Literal in each kind
     name: str | None = None
@@ -101,3 +104,6 @@ class StageResult:
     precision_plan: dict[str, str] = field(default_factory=dict)  # layer -> int8 | int4 | fp32
     runtime: RuntimeSettings = field(default_factory=lambda: RuntimeSettings())  # what the shipped runtime needs
     advice: str | None = None  # what to change in the recipe if this stage's gate fails
+    # The fastest model for each other engine family (`runtime.family`): files the artifact ships beside
+    # the stage's model, e.g. {"openvino": ...} when onnxruntime's int8 graph was the fastest.
+    alternates: Mapping[str, ModelHandle] = field(default_factory=dict)

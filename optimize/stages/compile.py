@@ -55,6 +55,7 @@ class Decisions(TypedDict, total=False):
 class CompileStage(StageBase):
     order: ClassVar[int] = 2
     repeatable: ClassVar[bool] = False
+    keeps_alternates: ClassVar[bool] = True
 
     kind: Literal["compile"] = "compile"
     target: Literal["cpu", "cuda", "tensorrt"] = "cpu"

@@ -15,18 +15,22 @@ picks the same formulation unless the timings really moved (both are recorded).
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypedDict
 
 from optimize import cpu
 from optimize.model import ModelHandle
+from optimize.runtime import family
 from optimize.runtime.manifest import CheckResult, CpuSummary, JsonObject, RuntimeSettings
 from optimize.stages.base import Choice, StageContext, StageResult
 from optimize.stages.methods import Dynamic, MethodBase, OpenVINOStatic, Static, WeightOnly8, openvino_available
 
 BATCHES = (1, 32)
 FLOAT_LABEL = "fp32 (no int8)"
+FLOAT_ON = "fp32 on"  # the float model run by another engine: "fp32 on openvino"
 
 
 class _Named(TypedDict):
@@ -53,6 +57,7 @@ class _Timed(TypedDict):
 
 
 class Decisions(_Timed, total=False):
+    engines: dict[str, str]  # engine family -> the formulation its file ships
     why: str  # when the float model ships
 
 
@@ -78,6 +83,32 @@ def for_cpu(info: cpu.CpuInfo, openvino: bool | None = None) -> list[MethodBase]
         Static(name="static", weights="s8-reduced"),
         WeightOnly8(name="nbits8"),
     ]
+
+
+def per_engine(
+    engines: Sequence[str],
+    floats: Sequence[bool],
+    timed: Sequence[dict[int, float]],
+    float_ms: dict[int, float],
+    min_speedup: float,
+    min_gain: float,
+) -> dict[str, int | None]:
+    """For each engine family (`engines[i]`: formulation i's), the index of the formulation its file
+    ships, by `choose` against the family's own float model (`floats[i]`: formulation i is it): None
+    for onnxruntime's, the stage's input. A family without a float model of its own keeps its
+    fastest formulation."""
+    found: dict[str, int | None] = {"onnxruntime": None}
+    for engine in dict.fromkeys(engines):
+        members = [i for i, e in enumerate(engines) if e == engine and not floats[i]]
+        base = next((i for i, e in enumerate(engines) if e == engine and floats[i]), None)
+        baseline = float_ms if base is None else timed[base]
+        speedup = min_speedup if engine == "onnxruntime" or base is not None else -math.inf
+        chosen, _ = choose(baseline, [timed[i] for i in members], speedup, min_gain)
+        if chosen is not None:
+            found[engine] = members[chosen]
+        elif base is not None:
+            found[engine] = base
+    return found
 
 
 def choose(
@@ -153,18 +184,37 @@ def search(
     build: Callable[[MethodBase, Path], ModelHandle],
     min_speedup: float,
     min_gain: float,
+    float_on: Sequence[str] = (),
 ) -> StageResult:
-    """Build, gate and time every formulation of `model` (all layers low), and keep the fastest."""
+    """Build, gate and time every formulation of `model` (all layers low) and, on each engine of
+    `float_on`, the float model; keep the fastest for each engine family (`per_engine`): the fastest
+    of them is the stage's model, the others its `alternates`."""
     from optimize.evaluate import time_in_turns
 
+    assert model.onnx_path is not None
     records: list[Tried] = []
     passing: list[tuple[Tried, ModelHandle]] = []
-    for index, method in enumerate(methods):
-        record: Tried = {"formulation": method.label(), "method": method.model_dump(mode="json")}
+    made: list[tuple[Tried, Callable[[], ModelHandle]]] = [
+        (
+            {"formulation": method.label(), "method": method.model_dump(mode="json")},
+            functools.partial(build, method, ctx.workdir / f"formulation-{index}.onnx"),
+        )
+        for index, method in enumerate(methods)
+    ]
+    # The float model on another engine (OpenVINO's own kernels): that engine's baseline, and its file
+    # where no low-precision formulation beats it.
+    made += [
+        (
+            {"formulation": f"{FLOAT_ON} {engine}", "method": {"engine": engine}},
+            functools.partial(model.with_onnx, model.onnx_path, engine),
+        )
+        for engine in float_on
+    ]
+    for record, make in made:
         records.append(record)
-        with ctx.console.status(f"quantize: building {method.label()}"):
+        with ctx.console.status(f"quantize: building {record['formulation']}"):
             try:
-                handle = build(method, ctx.workdir / f"formulation-{index}.onnx")
+                handle = make()
             except Exception as exc:  # a formulation onnxruntime cannot make of this graph is recorded
                 record["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
                 continue
@@ -180,25 +230,33 @@ def search(
             )
     float_ms = {b: timings[b][0] for b in BATCHES}
     timed = [{b: timings[b][i + 1] for b in BATCHES} for i in range(len(passing))]
-    chosen, scores = choose(float_ms, timed, min_speedup, min_gain)
+    scores = [round(max(ms[b] / float_ms[b] for b in BATCHES), 4) for ms in timed]
     for (record, _), ms, score in zip(passing, timed, scores, strict=True):
         record["latency_ms"], record["worst_ratio_to_fp32"] = {f"b{b}": v for b, v in ms.items()}, score
-    label = FLOAT_LABEL if chosen is None else passing[chosen][0]["formulation"]
-    ctx.console.print(_summary(records, float_ms, label))
+    engines = [family(handle.engine) for _, handle in passing]
+    floats = [record["formulation"].startswith(FLOAT_ON) for record, _ in passing]
+    winners = per_engine(engines, floats, timed, float_ms, min_speedup, min_gain)
+    # The runtime's model is the fastest of the engines' winners (onnxruntime's float model scores 1.0).
+    shipped = {e: 1.0 if i is None else scores[i] for e, i in winners.items()}
+    main = min(shipped, key=shipped.__getitem__)  # onnxruntime first: it wins a tie
+    labels = {e: FLOAT_LABEL if i is None else passing[i][0]["formulation"] for e, i in winners.items()}
+    ctx.console.print(_summary(records, float_ms, labels[main]))
     decisions: Decisions = {
         "formulations": records,
         "fp32_latency_ms": {f"b{b}": v for b, v in float_ms.items()},
-        "chosen": label,
+        "chosen": labels[main],
+        "engines": labels,
         "cpu": cpu.current().summary(),
     }
     runtime: RuntimeSettings = {"tuned_on": cpu.current().summary()}
-    if chosen is None:
+    handles = {e: model if i is None else passing[i][1] for e, i in winners.items()}
+    alternates = {e: h for e, h in handles.items() if e != main}
+    if winners[main] is None:
         decisions["why"] = (
             f"no int8 formulation passed the gate and was {min_speedup:.0%} faster than fp32 at batch "
             + " and ".join(map(str, BATCHES))
             + " on this CPU: the float model ships"
         )
         ctx.console.print(f"quantize: {decisions['why']}")
-        return StageResult(model, decisions, precision_plan={}, runtime=runtime)
-    record, handle = passing[chosen]
-    return StageResult(handle, decisions, runtime=runtime)
+        return StageResult(model, decisions, precision_plan={}, runtime=runtime, alternates=alternates)
+    return StageResult(handles[main], decisions, runtime=runtime, alternates=alternates)

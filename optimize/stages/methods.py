@@ -243,8 +243,9 @@ class OpenVINOStatic(MethodBase):
 
     @property
     def engine(self) -> str:
-        bf16 = self.float_ops == "bf16" or (self.float_ops == "auto" and cpu.current().bf16_math)
-        return "openvino-bf16" if bf16 else "openvino"
+        if self.float_ops == "auto":
+            return float_engine()
+        return "openvino-bf16" if self.float_ops == "bf16" else "openvino"
 
     def label(self) -> str:
         floats = "bf16" if self.engine.endswith("bf16") else "f32"
@@ -315,6 +316,11 @@ def _quantize_attention_output(graph: Any, path: Path, reader: CalibrationReader
         calibrate_method=q.CalibrationMethod.MinMax,
         extra_options={"ActivationSymmetric": True, "OpTypesToExcludeOutputQuantization": ["MatMul"]},
     )
+
+
+def float_engine() -> str:
+    """OpenVINO running a float graph: in bf16 where this CPU computes bf16 natively, else fp32."""
+    return "openvino-bf16" if cpu.current().bf16_math else "openvino"
 
 
 def openvino_available() -> bool:

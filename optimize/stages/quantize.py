@@ -26,6 +26,7 @@ slower there).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 from typing import ClassVar, Literal, cast
@@ -47,6 +48,7 @@ from optimize.stages.methods import (
     Method,
     MethodBase,
     default_method,
+    float_engine,
     openvino_available,
 )
 from optimize.stages.plans import FLOAT, PlanDecisions, Trials, fixed, search
@@ -279,6 +281,8 @@ def _formulations(config: QuantizeStage, model: ModelHandle, ctx: StageContext) 
         plans[out] = {n: "int8" for n in quantizable_layers(source.onnx_path, "int8")}
         return build(config, source, plans[out], out, ctx, method)
 
-    result = search(methods, model, ctx, make, config.min_speedup, config.min_gain)
+    # `auto` also measures the float model on OpenVINO: OpenVINO users' file where no int8 one beats it.
+    float_on = [float_engine()] if config.formulations == "auto" and openvino_available() else []
+    result = search(methods, model, ctx, make, config.min_speedup, config.min_gain, float_on)
     plan = plans.get(result.model.onnx_path, {}) if result.model.onnx_path else {}
-    return StageResult(result.model, result.decisions, precision_plan=plan, runtime=result.runtime)
+    return dataclasses.replace(result, precision_plan=plan)

@@ -1,0 +1,90 @@
+"""One artifact, one file per engine, loaded as users load them: sentence-transformers with
+`backend="onnx"` (model.onnx) and `backend="openvino"` (openvino/openvino_model.xml) gives the
+runtime's embeddings."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from optimize import cpu, runtime
+from optimize.cli import app
+from tests.conftest import write_recipe
+from tests.test_formulations import AVX2
+
+TEXTS = ["a short sentence", "another, somewhat longer sentence than the first", "third one"]
+
+
+@pytest.fixture(scope="module")
+def tiny_sentence_model(tiny_bert: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny BERT as a sentence-transformers model: mean pooling, then normalized."""
+    from sentence_transformers import SentenceTransformer, models
+
+    folder = tmp_path_factory.mktemp("tiny-st")
+    word = models.Transformer(str(tiny_bert), max_seq_length=32)
+    modules = [word, models.Pooling(word.get_word_embedding_dimension(), "mean"), models.Normalize()]
+    SentenceTransformer(modules=modules, device="cpu").save(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def artifact(tiny_sentence_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    pytest.importorskip("openvino")
+    folder = tmp_path_factory.mktemp("engine-files")
+    stage = {"kind": "quantize", "precision": "int8", "formulations": "auto", "min_speedup": 0.0}
+    stage["gate"] = [{"metric": "cosine_min", "min": 0.5}]
+    recipe = write_recipe(folder, [stage], model=str(tiny_sentence_model))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cpu, "current", lambda: AVX2)  # the AVX2 list: no NNCF build, a fast test
+        result = CliRunner().invoke(app, ["run", str(recipe), "-o", str(folder / "out"), "--json"])
+    assert result.exit_code == 0, result.output
+    return folder / "out"
+
+
+def _runtime_embeddings(artifact: Path, openvino: bool) -> np.ndarray:
+    saved = sys.modules.get("openvino")
+    if not openvino:
+        sys.modules["openvino"] = None  # type: ignore[assignment]  # `import openvino` raises ImportError
+    try:
+        model = runtime.load(artifact)
+        assert (model.provider == "OpenVINO (CPU)") == (openvino and model.file.suffix == ".xml")
+        return model.embed(TEXTS)
+    finally:
+        if saved is not None:
+            sys.modules["openvino"] = saved
+        else:
+            sys.modules.pop("openvino", None)
+
+
+def test_sentence_transformers_onnx_backend_loads_model_onnx_as_the_runtime_runs_it(artifact: Path) -> None:
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(artifact), backend="onnx", device="cpu", model_kwargs={"file_name": "model.onnx"})
+    theirs = model.encode(TEXTS)
+    ours = _runtime_embeddings(artifact, openvino=False)  # the runtime on onnxruntime runs model.onnx
+    ours = ours / np.linalg.norm(ours, axis=1, keepdims=True)  # the artifact's Normalize module
+    assert np.abs(theirs - ours).max() < 1e-4
+
+
+def test_sentence_transformers_openvino_backend_loads_the_openvino_file_as_the_runtime_runs_it(artifact: Path) -> None:
+    pytest.importorskip("optimum.intel")
+    from sentence_transformers import SentenceTransformer
+
+    kwargs = {"file_name": "openvino/openvino_model.xml", "ov_config": {"INFERENCE_PRECISION_HINT": "f32"}}
+    model = SentenceTransformer(str(artifact), backend="openvino", device="cpu", model_kwargs=kwargs)
+    theirs = model.encode(TEXTS)
+    import openvino
+
+    from optimize.runtime.session import OpenVINOSession
+
+    session = OpenVINOSession(artifact / "openvino" / "openvino_model.xml", 2)
+    tokenizer = runtime.Tokenizer(artifact / "tokenizer.json", 32)
+    ours = runtime.embed(
+        lambda feed: np.asarray(session.run(None, feed)[0]), tokenizer, TEXTS, 32, runtime.Pooling.of(artifact)
+    )
+    ours = ours / np.linalg.norm(ours, axis=1, keepdims=True)
+    assert openvino is not None and np.abs(theirs - ours).max() < 1e-4
