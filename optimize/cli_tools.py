@@ -144,14 +144,32 @@ def _inspect(artifact: Path, unpacked: Path, as_json: bool) -> None:
 @tools.command("package")
 def package_cmd(
     artifact: Annotated[Path, typer.Argument(help="An artifact folder written by optimize.")],
-    out: Annotated[Path | None, typer.Option("-o", "--out", help="The archive (default: ARTIFACT.tar.gz).")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("-o", "--out", help="The archive or repository (default: ARTIFACT.tar.gz, ARTIFACT-triton)."),
+    ] = None,
+    fmt: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="tar: a deterministic .tar.gz; triton: a Triton Inference Server model repository (encoders).",
+        ),
+    ] = "tar",
     as_json: JsonOpt = False,
 ) -> None:
     """Verify an artifact and pack it as a deterministic .tar.gz (sorted, fixed times and owners):
-    the same artifact gives the same archive bytes, for release checksums."""
+    the same artifact gives the same archive bytes, for release checksums. `--format triton` writes
+    a Triton model repository instead (config.pbtxt checked against Triton's schema and the graph)."""
     from optimize import artifact as artifacts
     from optimize import runtime
 
+    if fmt == "triton":
+        _triton(artifact, out or artifact.with_name(artifact.name + "-triton"), as_json)
+        return
+    if fmt != "tar":
+        console.print(f"[red]error:[/] --format {fmt}: one of tar, triton", highlight=False)
+        emit(as_json, "error", error=f"--format {fmt}: one of tar, triton")
+        raise typer.Exit(2)
     archive = out or artifact.with_name(artifact.name + ".tar.gz")
     try:
         runtime.verify(artifact)
@@ -164,6 +182,19 @@ def package_cmd(
         raise typer.Exit(2) from None
     console.print(f"packaged {artifact} as {archive} (sha256 {runtime.sha256_file(archive)})", highlight=False)
     emit(as_json, "passed", artifact, archive=str(archive), sha256=runtime.sha256_file(archive))
+
+
+def _triton(artifact: Path, out: Path, as_json: bool) -> None:
+    from optimize import runtime, triton
+
+    try:
+        model_dir = triton.write(artifact, out)
+    except (runtime.ArtifactError, UsageError) as exc:
+        console.print(f"[red]error:[/] {exc}", highlight=False)
+        emit(as_json, "error", error=str(exc))
+        raise typer.Exit(2) from None
+    console.print(f"Triton model repository at {out} (model {model_dir.name})", highlight=False)
+    emit(as_json, "passed", artifact, repository=str(out), model=model_dir.name)
 
 
 def _stage_cache(cache_dir: Path | None) -> Any:

@@ -247,7 +247,9 @@ def load(artifact_dir: str | Path, available: Sequence[str] | None = None) -> On
         warnings.warn(warning, stacklevel=2)
     # Each engine's file, fastest first: the runtime's engine (`runtime.engine`) is the fastest measured;
     # model.onnx is onnxruntime's, and where OpenVINO is not installed it runs that instead.
-    openvino_file = next((e["file"] for e in manifest.get("engines", []) if on_openvino(e["engine"])), None)
+    # Where model.onnx is not onnxruntime's own file it is OpenVINO's graph itself, which OpenVINO reads.
+    listed = {e["file"]: e["engine"] for e in manifest.get("engines", [])}
+    openvino_file = next((f for f, e in listed.items() if on_openvino(e)), None) if "model.onnx" in listed else None
     return OnnxModel(
         artifact_dir / "model.onnx",
         artifact_dir / "tokenizer.json",
