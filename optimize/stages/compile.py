@@ -10,9 +10,10 @@ assumed to help: on a 2-core CPU the fused fp32 MiniLM was not faster, so they m
 The choice depends on measured time; a recipe that pins `variants: [basic]` is byte-reproducible.
 
 Targets `cuda` and `tensorrt`: offline optimizations beyond `basic` are tied to the provider that
-made them (onnxruntime's documentation), so the graph gets the basic level only, and the artifact's
-runtime settings carry the provider options (fp16 / int8 flags, TensorRT engine and timing caches).
-They are measured here on the CPU fallback; speed on the GPU is not claimed.
+made them (onnxruntime's documentation), so the graph gets the basic level only, then becomes a
+strongly typed fp16 graph where the gate allows it (`stages/fp16.py`: TensorRT 10/11 take precision
+from the graph, not from builder flags); the runtime's provider options carry the TensorRT engine and
+timing caches. Measured here on the CPU; speed on the GPU is not claimed (`bench/gpu_check.py`).
 
 A model for the `openvino` engine (quantize's `openvino` method) is kept as it is: OpenVINO
 compiles the graph itself when it loads it, and onnxruntime's offline graphs hold ops it cannot read.
@@ -63,7 +64,7 @@ class CompileStage(StageBase):
         ["as-is", "basic", "extended", "fused"], min_length=1, description="candidate graphs to measure on cpu"
     )
     agreement: float = Field(0.999, gt=0, le=1, description="min sentence cosine vs the input model")
-    fp16: bool = Field(True, description="cuda/tensorrt: let the provider run float layers in fp16")
+    fp16: bool = Field(True, description="cuda/tensorrt: an fp16 graph (norms kept fp32) where the gate holds")
     min_speedup: float = Field(0.05, ge=0, description="a later variant must be this much faster to be kept")
 
     @classmethod
@@ -148,9 +149,11 @@ def _outputs(model: ModelHandle, texts: tuple[str, ...], seq_len: int) -> np.nda
 
 def run(config: CompileStage, model: ModelHandle, ctx: StageContext) -> StageResult:
     if config.target != "cpu":
+        from optimize.stages.fp16 import gpu_graph
+
         out = ctx.workdir / "model.onnx"
         build("basic", model, out)
-        return StageResult(model.with_onnx(out), {"variant": "basic"}, runtime={"fp16": config.fp16})
+        return gpu_graph(model, ctx, config.fp16, model.with_onnx(out))
     from optimize.evaluate import fidelity, time_in_turns
 
     texts = ctx.calibration_texts[:32]

@@ -68,8 +68,9 @@ class QuantizeStage(StageBase):
     plan: str | None = Field(None, description="a plan JSON {layer: precision} to use instead of searching")
     formulations: Literal["auto"] | list[Method] | None = Field(
         None,
-        description="int8: measure these formulations (auto: the list for this CPU) and fp32 in turns, and keep "
-        "the fastest that passes the gate; fp32 ships when int8 does not pay (optimize/stages/formulations.py)",
+        description="measure these int8 formulations (auto: the list for this CPU) and fp32 in turns, and keep "
+        "the fastest that passes the gate; fp32 ships when int8 does not pay (optimize/stages/formulations.py). "
+        "With precision auto, a model no formulation holds the gate for gets the mixed-plan search",
     )
     min_gain: float = Field(0.05, ge=0, lt=1, description="formulations: how much faster a later one must be")
     require_speedup: bool = Field(True, description="fail a plan that is not faster than the float model")
@@ -87,8 +88,10 @@ class QuantizeStage(StageBase):
                 f"method {self.method.name} makes {self.method.precision}, but precision is {self.precision}"
             )
         if self.formulations is not None:
-            if self.precision != "int8" or self.method is not None or self.plan is not None:
-                raise ValueError("formulations are whole-model int8 methods: use precision int8, no method or plan")
+            if self.precision not in ("int8", "auto") or self.method is not None or self.plan is not None:
+                raise ValueError(
+                    "formulations are whole-model int8 methods: use precision int8 (or auto), no method or plan"
+                )
             if isinstance(self.formulations, list) and any(m.precision != "int8" for m in self.formulations):
                 raise ValueError("formulations: int8 methods only (dynamic, static, nbits8, openvino)")
         if any(on_openvino(m.engine) for m in self._listed()) and not openvino_available():
@@ -250,7 +253,19 @@ def run(config: QuantizeStage, model: ModelHandle, ctx: StageContext) -> StageRe
     the search for the smallest set of layers to keep in float."""
     assert model.onnx_path is not None
     if config.formulations is not None:
-        return _formulations(config, model, ctx)
+        found = _formulations(config, model, ctx)
+        tried = cast(FormulationDecisions, found.decisions)["formulations"]
+        if config.precision == "int8" or any(r.get("gate_passed") for r in tried):
+            return found
+        # No whole-model int8 formulation holds the gate: keep the sensitive layers in float instead.
+        ctx.console.print("quantize: no int8 formulation held the gate; searching mixed plans")
+        planned = _plans(config, model, ctx)
+        return dataclasses.replace(planned, decisions={**planned.decisions, "tried_formulations": tried})
+    return _plans(config, model, ctx)
+
+
+def _plans(config: QuantizeStage, model: ModelHandle, ctx: StageContext) -> StageResult:
+    """A fixed plan (all-low or a plan file), or the search for the fewest layers kept in float."""
     model = _preprocess(model, ctx, config.quantizer)
     assert model.onnx_path is not None
     costs = quantizable_layers(model.onnx_path, config.low)
