@@ -134,6 +134,9 @@ def _inspect(artifact: Path, unpacked: Path, as_json: bool) -> None:
     console.print(f"[bold]{manifest['name']}[/] ({manifest.get('task')}), {len(manifest['files'])} files verified")
     console.print(f"source: {source} (sha256 {str(digest)[:12]})")
     console.print("versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
+    engines = manifest.get("engines", [])
+    if engines:  # fastest first: the runtime opens the first whose library is installed
+        console.print("files per engine: " + ", ".join(f"{e['engine']} {e['file']}" for e in engines))
     for stage in stages:
         print_stage(console, stage, reference)
         choices = decisions_table(stage)
