@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import shutil
 from collections.abc import Mapping, Sequence
 from importlib import metadata
@@ -213,7 +214,13 @@ def write_model_file(source: Path, staging: Path, name: str) -> None:
     if target.suffix == ".xml":
         import openvino
 
-        openvino.save_model(openvino.Core().read_model(str(source)), str(target), compress_to_fp16=False)
+        model = openvino.Core().read_model(str(source))
+        # Ops OpenVINO names itself take a process-wide counter (`Convert_355855`): renamed by their
+        # place in the graph, so the same ONNX file gives the same bytes in any process.
+        for index, op in enumerate(model.get_ordered_ops()):
+            if re.fullmatch(rf"{op.get_type_name()}_\d+", op.get_friendly_name()):
+                op.set_friendly_name(f"{op.get_type_name()}_{index}")
+        openvino.save_model(model, str(target), compress_to_fp16=False)
         return
     shutil.copyfile(source, target)
     external = source.parent / (source.name + ".data")
