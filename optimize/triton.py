@@ -21,6 +21,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from optimize import tasks
 from optimize.errors import UsageError
 from optimize.runtime import on_openvino, verify
 
@@ -100,7 +101,7 @@ def write(artifact: Path, out: Path) -> Path:
     """The repository for `artifact` at `out` (written beside it, renamed into place); returns the
     model's folder."""
     manifest = verify(artifact)
-    if manifest.get("task") != "feature-extraction" or (artifact / "genai_config.json").is_file():
+    if not tasks.embeds(manifest.get("task")) or (artifact / "genai_config.json").is_file():
         raise UsageError(f"{artifact}: --format triton packages encoders (a decoder folder is served by its engine)")
     runtime = manifest.get("runtime", {})
     listed = {e["engine"]: e["file"] for e in manifest.get("engines", [])}
