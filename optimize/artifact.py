@@ -203,7 +203,12 @@ def write_runtime(folder: Path, *engines: str) -> None:
 
 # Each engine family's file, in sentence-transformers' layout (`SentenceTransformer(OUT, backend=...)`
 # finds them by these names); anything else runs model.onnx.
-ENGINE_FILES = {"onnxruntime": "model.onnx", "openvino": "openvino/openvino_model.xml"}
+# A folder format (a checkpoint for vLLM) is a folder of that name.
+ENGINE_FILES = {
+    "onnxruntime": "model.onnx",
+    "openvino": "openvino/openvino_model.xml",
+    "compressed-tensors": "compressed-tensors",
+}
 
 
 def write_model_file(source: Path, staging: Path, name: str) -> None:
@@ -211,6 +216,9 @@ def write_model_file(source: Path, staging: Path, name: str) -> None:
     OpenVINO IR (`.xml`) the graph as OpenVINO reads it, saved with its weights unchanged (`.bin`)."""
     target = staging / name
     target.parent.mkdir(parents=True, exist_ok=True)
+    if source.is_dir():
+        shutil.copytree(source, target)
+        return
     if target.suffix == ".xml":
         import openvino
 

@@ -54,7 +54,8 @@ class Entry(TypedDict, total=False):
 
 
 class Alternate(TypedDict):
-    onnx: str  # relative to the entry's folder
+    onnx: str | None  # relative to the entry's folder: an ONNX file, or
+    checkpoint: str | None  # a folder (another format's checkpoint)
     engine: str
 
 
@@ -251,11 +252,15 @@ class RunCache:
                 stored = store_model(folder, model.onnx_path, model.checkpoint, own)
                 kept: dict[str, Alternate] = {}
                 for engine, handle in sorted((alternates or {}).items()):
-                    assert handle.onnx_path is not None
                     where = folder / "alternates" / engine
+                    if handle.onnx_path is None:  # a folder format
+                        shutil.copytree(handle.checkpoint, where)
+                        kept[engine] = {"onnx": None, "checkpoint": f"alternates/{engine}", "engine": handle.engine}
+                        continue
                     where.mkdir(parents=True)
                     _copy_onnx(handle.onnx_path, where)
-                    kept[engine] = {"onnx": f"alternates/{engine}/{handle.onnx_path.name}", "engine": handle.engine}
+                    onnx = f"alternates/{engine}/{handle.onnx_path.name}"
+                    kept[engine] = {"onnx": onnx, "checkpoint": None, "engine": handle.engine}
                 stored["alternates"] = kept
                 return {**entry, "step": step, "recipe": self.recipe, "engine": model.engine, **stored}
 
@@ -275,10 +280,16 @@ class RunCache:
     def alternates(self, found: tuple[Path, Entry], source: ModelHandle) -> dict[str, ModelHandle]:
         """A cached stage's other engines' files, as `keep` stored them."""
         folder, entry = found
-        return {
-            engine: dataclasses.replace(source, onnx_path=folder / kept["onnx"], engine=kept["engine"])
-            for engine, kept in entry.get("alternates", {}).items()
-        }
+        handles = {}
+        for engine, kept in entry.get("alternates", {}).items():
+            onnx, checkpoint = kept.get("onnx"), kept.get("checkpoint")
+            handles[engine] = dataclasses.replace(
+                source,
+                checkpoint=folder / checkpoint if checkpoint else source.checkpoint,
+                onnx_path=folder / onnx if onnx else None,
+                engine=kept["engine"],
+            )
+        return handles
 
     def put(self, step_key: str, entry: Entry) -> None:
         """Keep a step that makes no model (the reference measurement)."""

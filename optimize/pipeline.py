@@ -251,10 +251,9 @@ class _Run:
         engines: list[EngineFile] = []
         shipped: dict[str, Path] = {}
         for handle, measured, gate in found:
-            assert handle.onnx_path is not None
             name = artifact.ENGINE_FILES.get(runtime.family(handle.engine), "model.onnx")
             engines.append({"engine": handle.engine, "file": name, "metrics": measured, "gate": gate})
-            shipped[name] = handle.onnx_path
+            shipped[name] = handle.onnx_path or handle.checkpoint  # a file, or a folder format
         assert model.onnx_path is not None
         shipped.setdefault("model.onnx", model.onnx_path)  # where no onnxruntime file holds: the run's graph
         return engines, shipped

@@ -73,6 +73,7 @@ ENGINES: dict[str, str | None] = {
     "openvino": "f32",
     "openvino-bf16": "bf16",
     "onnxruntime-genai": None,
+    "compressed-tensors": None,  # a checkpoint for vLLM, SGLang or transformers: shipped, not run here
 }
 
 

@@ -90,10 +90,23 @@ class Tried(GateResult):
     reconstruction: dict[str, float]  # minmax: the requantized weights' errors (else empty)
 
 
-class Decisions(TypedDict):
+class FormatTried(GateResult):
+    """One precision of another format, measured through that format's own loader."""
+
+    format: str
+    bits: int
+    metrics: dict[str, float]
+    limits: list[str]  # what its target engines refuse or run slowly
+
+
+class _Decided(TypedDict):
     candidates: list[Tried]
     chosen: str
     builder: str  # onnxruntime-genai's version
+
+
+class Decisions(_Decided, total=False):
+    formats: list[FormatTried]  # every precision tried of each other format, smallest first
 
 
 class GenAIStage(StageBase):
@@ -107,6 +120,11 @@ class GenAIStage(StageBase):
         default_factory=lambda: [Candidate(precision="int4")], min_length=1, description="tried in order"
     )
     pick: Literal["first", "fastest"] = Field("first", description="the first passing candidate, or the fastest")
+    formats: list[Literal["compressed-tensors"]] = Field(
+        [],
+        description="other formats to ship beside the onnxruntime-genai folder, each at the smallest precision "
+        "whose gate holds through its own loader: compressed-tensors (vLLM, SGLang)",
+    )
 
     def check_input(self, model: ModelHandle, base_dir: Path) -> None:
         if model.task != tasks.GENERATION:
@@ -177,7 +195,7 @@ def run(config: GenAIStage, model: ModelHandle, ctx: StageContext) -> StageResul
         out = ctx.workdir / f"candidate-{index}"
         with ctx.console.status(f"genai: building {candidate.label()}"):
             errors = build(model.checkpoint, out, candidate, config.target, ctx.workdir / "builder-cache")
-        handle = ModelHandle(out, model.task, onnx_path=out / "model.onnx")
+        handle = ModelHandle(out, model.task, onnx_path=out / "model.onnx", engine="onnxruntime-genai")
         metrics, gate = ctx.judge(handle)
         label = candidate.label()
         tried.append(
@@ -206,7 +224,37 @@ def run(config: GenAIStage, model: ModelHandle, ctx: StageContext) -> StageResul
         if passing
         else "add candidates that keep more at int8 (int8: [last_matmul, mixed_layers]) or precision int8"
     )
-    return StageResult(handle, decisions, runtime=runtime, advice=advice)
+    alternates: dict[str, ModelHandle] = {}
+    if passing and config.formats:
+        decisions["formats"] = []
+        for name in config.formats:
+            found = _format(name, model, ctx, decisions["formats"])
+            if found is not None:
+                alternates[name] = found
+    return StageResult(handle, decisions, runtime=runtime, advice=advice, alternates=alternates)
+
+
+def _format(name: str, model: ModelHandle, ctx: StageContext, tried: list[FormatTried]) -> ModelHandle | None:
+    """`name` at the smallest precision whose gate holds, measured as its loader reads it (compressed-
+    tensors: transformers, which decompresses it on the CPU); every attempt recorded; None when none
+    holds (reported, not shipped)."""
+    from optimize import compressed
+
+    for bits in compressed.BITS:
+        out = ctx.workdir / f"{name}-int{bits}"
+        with ctx.console.status(f"genai: writing {name} int{bits}"):
+            written = compressed.write(model.checkpoint, out, bits)
+        handle = ModelHandle(out, model.task, engine=name)
+        metrics, gate = ctx.judge(handle)
+        limits = [str(line) for line in written["limits"]] if isinstance(written["limits"], list) else []
+        tried.append(FormatTried(format=name, bits=bits, metrics=metrics, limits=limits, **gate))
+        ctx.console.print(f"genai: {name} int{bits}: gate {'passed' if gate['passed'] else 'failed'}")
+        if gate["passed"]:
+            return handle
+    ctx.console.print(
+        f"genai: {name} did not hold the gate at int{' or int'.join(map(str, compressed.BITS))}: not shipped"
+    )
+    return None
 
 
 def builder_version() -> str:

@@ -1,0 +1,112 @@
+"""The compressed-tensors format of a decoder (vLLM, SGLang; transformers on CPU with the
+`compressed-tensors` package): `pack-quantized` weights, 8 int4 codes per int32 (or int8 ones) along
+the input dimension, a scale per group of `GROUP` inputs (int4) or per output channel (int8),
+symmetric (asymmetric W4A16 does not reload in transformers 4.57 with compressed-tensors 0.20), and
+`quantization_config` in config.json. Written with compressed-tensors' own `ModelCompressor` from
+scales this module sets (absmax per group), so the codes are what the library reads back.
+
+Every Linear but `lm_head` is quantized at one precision, so fused shards (q/k/v, gate/up), which
+vLLM requires at one precision, agree; `merge_fused` widens a partial list of kept layers to their
+whole groups. The gate is measured on the folder as transformers loads it (decompressed on CPU).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+
+from optimize.errors import UsageError
+
+GROUP = 32  # int4 inputs per scale: divides every hidden size in the Llama family we run (576 = 18 x 32)
+BITS = (4, 8)  # tried smallest first; the first whose gate holds ships
+KEPT_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+# vLLM loads a layer's q/k/v (and gate/up) as one fused shard: they must share a precision.
+FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+# vLLM's int4 GPU kernels (Marlin, Machete) take groups of 32, 64 or 128 and, per shard, an input
+# dimension divisible by this.
+VLLM_INT4_INPUT_MULTIPLE = 128
+
+
+def merge_fused(kept: Iterable[str]) -> tuple[list[str], list[str]]:
+    """`kept` (module names left unquantized) widened to whole fused groups; and a line per widening."""
+    names = sorted(set(kept))
+    notes = []
+    for name in list(names):
+        for group in FUSED:
+            match = re.fullmatch(rf"(.*\.)({'|'.join(group)})", name)
+            if match is None:
+                continue
+            siblings = [match.group(1) + part for part in group]
+            missing = [s for s in siblings if s not in names]
+            if missing:
+                names += missing
+                notes.append(f"{name} is kept in float: so are {', '.join(missing)} (one fused shard in vLLM)")
+    return sorted(set(names)), notes
+
+
+def limits(bits: int, in_features: dict[str, int]) -> list[str]:
+    """What the format's target engines refuse, for these layers (name -> input dimension)."""
+    if bits != 4:
+        return []
+    odd = sorted({n for n, size in in_features.items() if size % VLLM_INT4_INPUT_MULTIPLE})
+    if not odd:
+        return []
+    return [
+        f"vLLM's int4 GPU kernels want each shard's input dimension divisible by {VLLM_INT4_INPUT_MULTIPLE}; "
+        f"{len(odd)} layers are not (e.g. {odd[0]}: {in_features[odd[0]]}): they load on its slower fallback kernels"
+    ]
+
+
+def write(checkpoint: Path, out: Path, bits: int, kept: Iterable[str] = ()) -> dict[str, object]:
+    """The compressed-tensors folder of `checkpoint` at `out`, every Linear but lm_head and `kept`
+    in int`bits`; returns what the manifest records of it (config, limits)."""
+    try:
+        import torch
+        from compressed_tensors.compressors import ModelCompressor
+        from compressed_tensors.quantization import (
+            QuantizationArgs,
+            QuantizationConfig,
+            QuantizationScheme,
+            apply_quantization_config,
+        )
+    except ImportError:
+        raise UsageError(
+            "format compressed-tensors needs the compressed-tensors package: pip install compressed-tensors"
+        ) from None
+    import transformers
+
+    model: transformers.PreTrainedModel = transformers.AutoModelForCausalLM.from_pretrained(
+        checkpoint, torch_dtype=torch.float32
+    )
+    model.train(False)
+    ignore, _ = merge_fused(kept)
+    strategy = {"strategy": "group", "group_size": GROUP} if bits == 4 else {"strategy": "channel"}
+    weights = QuantizationArgs(num_bits=bits, type="int", symmetric=True, **strategy)
+    scheme = QuantizationScheme(targets=["Linear"], weights=weights)
+    config = QuantizationConfig(config_groups={"group_0": scheme}, ignore=["lm_head", *ignore], format="pack-quantized")
+    apply_quantization_config(model, config, show_progress=False)
+    top = 2 ** (bits - 1) - 1
+    in_features: dict[str, int] = {}
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if not isinstance(module, torch.nn.Linear) or not hasattr(module, "quantization_scheme"):
+                continue
+            weight = module.weight
+            rows = weight.reshape(weight.shape[0], -1, GROUP) if bits == 4 else weight.unsqueeze(1)
+            scale = (rows.abs().amax(-1) / top).clamp(min=1e-12)
+            stored = module.get_parameter("weight_scale")  # made by apply_quantization_config
+            stored.data = scale.reshape(stored.shape).to(stored.dtype)
+            if hasattr(module, "weight_zero_point"):
+                module.get_parameter("weight_zero_point").data.zero_()
+            in_features[name] = int(weight.shape[1])
+    compressor = ModelCompressor.from_pretrained_model(model, quantization_format="pack-quantized")
+    assert compressor is not None
+    compressor.compress_model(model)
+    model.save_pretrained(out)
+    compressor.update_config(str(out))
+    for name in KEPT_FILES:
+        if (checkpoint / name).is_file():
+            shutil.copyfile(checkpoint / name, out / name)
+    return {"bits": bits, "group_size": GROUP if bits == 4 else None, "limits": limits(bits, in_features)}

@@ -1,0 +1,92 @@
+"""optimize.compressed: a decoder's compressed-tensors folder (vLLM, SGLang), written beside the
+onnxruntime-genai folder at the smallest precision whose gate holds through transformers' loader."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from optimize import compressed, runtime
+from optimize.cli import app
+from tests.conftest import write_recipe
+
+pytest.importorskip("compressed_tensors")
+pytest.importorskip("onnxruntime_genai")
+
+
+@pytest.fixture(scope="module")
+def artifact(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("compressed")
+    stage = {
+        "kind": "genai",
+        "candidates": [{"precision": "fp32"}],
+        "formats": ["compressed-tensors"],
+        "gate": [{"metric": "top1_agreement", "min": 0.9}],
+    }
+    recipe = write_recipe(folder, [stage], model=str(tiny_llama))
+    result = CliRunner().invoke(app, ["run", str(recipe), "-o", str(folder / "out"), "--json"])
+    assert result.exit_code == 0, result.output
+    return folder / "out"
+
+
+def test_the_folder_carries_the_quantization_config_vllm_reads(artifact: Path) -> None:
+    manifest = runtime.verify(artifact)
+    tried = manifest["stages"][0]["details"]["formats"]
+    assert tried[0]["bits"] == 4 and tried[-1]["passed"]  # the smallest first, the last held
+    bits = tried[-1]["bits"]
+    config = json.loads((artifact / "compressed-tensors" / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "compressed-tensors" and config["format"] == "pack-quantized"
+    group = config["config_groups"]["group_0"]
+    assert group["targets"] == ["Linear"] and config["ignore"] == ["lm_head"]
+    weights = group["weights"]
+    assert weights["num_bits"] == bits and weights["type"] == "int" and weights["symmetric"] is True
+    assert (weights["strategy"], weights["group_size"]) == (("group", 32) if bits == 4 else ("channel", None))
+    listed = {e["engine"]: e for e in manifest["engines"]}
+    assert (
+        listed["compressed-tensors"]["file"] == "compressed-tensors" and listed["compressed-tensors"]["gate"]["passed"]
+    )
+    assert listed["onnxruntime-genai"]["file"] == "model.onnx"
+
+
+def test_transformers_reloads_exactly_the_codes_and_scales_written(artifact: Path, tiny_llama: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    bits = runtime.verify(artifact)["stages"][0]["details"]["formats"][-1]["bits"]
+    original = AutoModelForCausalLM.from_pretrained(tiny_llama, torch_dtype=torch.float32)
+    decompressed = CompressedTensorsConfig(run_compressed=False)  # dense weights, as vLLM's kernels compute
+    folder = artifact / "compressed-tensors"
+    reloaded = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32, quantization_config=decompressed)
+    top = 2 ** (bits - 1) - 1
+    for name, module in original.named_modules():
+        if not isinstance(module, torch.nn.Linear) or name == "lm_head":
+            continue
+        w = module.weight.detach()
+        rows = w.reshape(w.shape[0], -1, compressed.GROUP) if bits == 4 else w.unsqueeze(1)
+        scale = rows.abs().amax(-1, keepdim=True) / top
+        expected = (torch.clamp(torch.round(rows / scale), -top - 1, top) * scale).reshape(w.shape)
+        got = reloaded.get_submodule(name).weight.detach()
+        assert (got - expected).abs().max().item() < 1e-6, name
+    ids = torch.tensor([[1, 5, 9, 2]])
+    assert torch.isfinite(reloaded(ids).logits).all()
+
+
+def test_a_plan_that_splits_a_fused_shard_is_widened_to_the_whole_shard() -> None:
+    kept, notes = compressed.merge_fused(["model.layers.0.self_attn.k_proj", "model.layers.1.mlp.up_proj"])
+    assert kept == [
+        "model.layers.0.self_attn.k_proj",
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.0.self_attn.v_proj",
+        "model.layers.1.mlp.gate_proj",
+        "model.layers.1.mlp.up_proj",
+    ]
+    assert len(notes) == 2 and "fused shard" in notes[0]
+    assert compressed.merge_fused(["model.layers.0.mlp.down_proj"]) == (["model.layers.0.mlp.down_proj"], [])
+
+
+def test_vllms_int4_kernel_limits_are_named() -> None:
+    assert compressed.limits(4, {"a.q_proj": 576, "a.o_proj": 512})[0].startswith("vLLM's int4 GPU kernels")
+    assert compressed.limits(4, {"a.o_proj": 512}) == [] and compressed.limits(8, {"a.q_proj": 576}) == []
