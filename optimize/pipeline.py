@@ -14,6 +14,7 @@ Every command (`run`, `quantize`, `compile`, ...) ends here with a validated rec
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import shutil
 import sys
 import tempfile
@@ -357,7 +358,7 @@ def run(loaded: LoadedRecipe, options: RunOptions, console: Console) -> RunResul
         engines, shipped = state.engine_files(model)
         stop_if_interrupted()
         staging = artifact.staging_dir(options.out)
-        summary = state.summary("passed")
+        summary = dataclasses.replace(state.summary("passed"), engines=engines)
         # A trained student ships its weights too, so the artifact is also a checkpoint folder that
         # transformers, sentence-transformers and a later `optimize quantize` take as it is.
         trained = model.checkpoint != prepared.model.checkpoint

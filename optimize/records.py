@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TypedDict, cast
 
-from optimize.runtime.manifest import GateResult, JsonObject, StageJson
+from optimize.runtime.manifest import EngineFile, GateResult, JsonObject, StageJson
 
 
 class LossPoint(TypedDict):
@@ -77,6 +77,7 @@ class RunSummary:
     stages: list[StageRecord]
     conditions: JsonObject  # threads, batch size, sequence length, runs
     failure: str | None = None
+    engines: list[EngineFile] = field(default_factory=list)  # each engine's file, fastest first
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -86,4 +87,5 @@ class RunSummary:
             "stages": [s.to_json() for s in self.stages],
             "conditions": self.conditions,
             "failure": self.failure,
+            "engines": self.engines,
         }

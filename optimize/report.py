@@ -126,6 +126,15 @@ def markdown(run: RunSummary) -> str:
                 f"| {p['step']} | {_fmt(p['train_loss'])} | {_fmt(p['heldout_loss'])} | {p['lr']:.2e} |"
                 for p in points.values()
             ]
+    if len(run.engines) > 1:
+        lines += ["", "## Files per engine (fastest first, each held to the last stage's gate)", ""]
+        lines += ["| engine | file | gate | " + " | ".join(names) + " |", "|---" * (len(names) + 3) + "|"]
+        lines += [
+            f"| {e['engine']} | `{e['file']}` | {'pass' if e['gate']['passed'] else 'FAIL'} | "
+            + " | ".join(_fmt(e["metrics"].get(n)) for n in names)
+            + " |"
+            for e in run.engines
+        ]
     if run.failure:
         lines += ["", "## Why it failed", "", run.failure]
     return "\n".join(lines) + "\n"

@@ -118,3 +118,15 @@ def test_the_markdown_report_names_each_check_its_source_and_an_ungated_stage() 
     assert "`cosine_mean` = 0.9 >= 0.99: **FAIL** (default gate), against the input model (m)" in text
     assert "- c: **ungated**" in text
     assert text.rstrip().endswith("why")
+
+
+def test_the_markdown_report_has_a_row_per_engine_file_when_there_are_several() -> None:
+    passed: GateResult = {"passed": True, "source": "default", "checks": []}
+    engines = [
+        {"engine": "onnxruntime", "file": "model.onnx", "metrics": {"cosine_mean": 0.99}, "gate": passed},
+        {"engine": "openvino", "file": "openvino/openvino_model.xml", "metrics": {"cosine_mean": 1.0}, "gate": passed},
+    ]
+    run = RunSummary("demo", "passed", {"cosine_mean": 1.0}, [], {}, engines=engines)  # type: ignore[arg-type]
+    text = report.markdown(run)
+    assert "| openvino | `openvino/openvino_model.xml` | pass | 1 |" in text
+    assert "Files per engine" not in report.markdown(RunSummary("demo", "passed", {"cosine_mean": 1.0}, [], {}))
