@@ -57,6 +57,7 @@ class _Run:
         self.plan: dict[str, str] = {}
         self.runtime: RuntimeSettings = {}
         self.alternates: dict[str, ModelHandle] = {}  # engine family -> its file's model, beside the run's
+        self.judged: dict[str, tuple[dict[str, float], GateResult]] = {}  # what the last stage measured of them
         # What default gates measure fidelity against: the reference (None) until a stage changes the
         # weights (distillation); from then on the newest trained model, so a later stage is judged on
         # what it changed, not on the distance the student already is from its teacher.
@@ -193,6 +194,7 @@ class _Run:
         self.plan.update(result.precision_plan)
         self.runtime.update(result.runtime)
         self.adopt_alternates(stage, result.model, result.alternates)
+        self.judged = dict(result.judged)  # only the last stage's measurements can stand for its gate
         with self.console.status(f"stage {index} ({name}): measuring"):
             measured, speed = self.evaluator.measure(result.model)
         record = self.record(
@@ -238,9 +240,12 @@ class _Run:
         for engine, handle in sorted(self.alternates.items()):
             step_key, cached = self.cached(f"{engine} file")
             if cached is None:
-                with self.console.status(f"measuring the {engine} file"):
-                    measured, _ = self.evaluator.measure(handle)
-                gate = self.judge(checks, measured, source, handle)
+                if engine in self.judged:  # the last stage judged it against this same gate
+                    measured, gate = self.judged[engine]
+                else:
+                    with self.console.status(f"measuring the {engine} file"):
+                        measured, _ = self.evaluator.measure(handle)
+                    gate = self.judge(checks, measured, source, handle)
                 self.cache.put(step_key, {"step": f"{engine} file", "metrics": measured, "gate": gate})
             else:
                 measured, gate = cached[1]["metrics"], cached[1]["gate"]
@@ -273,6 +278,7 @@ class _Run:
         self.plan.update(found[1]["plan"])
         self.runtime.update(found[1]["runtime"])
         self.adopt_alternates(stage, reused, self.cache.alternates(found, model))
+        self.judged = {}
         if reused.checkpoint != model.checkpoint:
             self.adopt_anchor(reused, index, name)
         return reused

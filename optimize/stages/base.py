@@ -107,3 +107,6 @@ class StageResult:
     # The fastest model for each other engine family (`runtime.family`): files the artifact ships beside
     # the stage's model, e.g. {"openvino": ...} when onnxruntime's int8 graph was the fastest.
     alternates: Mapping[str, ModelHandle] = field(default_factory=dict)
+    # What this stage's judge measured of an alternate (its metrics and gate), so the run does not
+    # measure it again when this is the last stage.
+    judged: Mapping[str, tuple[dict[str, float], GateResult]] = field(default_factory=dict)

@@ -225,16 +225,19 @@ def run(config: GenAIStage, model: ModelHandle, ctx: StageContext) -> StageResul
         else "add candidates that keep more at int8 (int8: [last_matmul, mixed_layers]) or precision int8"
     )
     alternates: dict[str, ModelHandle] = {}
+    judged: dict[str, tuple[dict[str, float], GateResult]] = {}
     if passing and config.formats:
         decisions["formats"] = []
         for name in config.formats:
             found = _format(name, model, ctx, decisions["formats"])
             if found is not None:
-                alternates[name] = found
-    return StageResult(handle, decisions, runtime=runtime, advice=advice, alternates=alternates)
+                alternates[name], judged[name] = found[0], found[1:]
+    return StageResult(handle, decisions, runtime=runtime, advice=advice, alternates=alternates, judged=judged)
 
 
-def _format(name: str, model: ModelHandle, ctx: StageContext, tried: list[FormatTried]) -> ModelHandle | None:
+def _format(
+    name: str, model: ModelHandle, ctx: StageContext, tried: list[FormatTried]
+) -> tuple[ModelHandle, dict[str, float], GateResult] | None:
     """`name` at the smallest precision whose gate holds, measured as its loader reads it (compressed-
     tensors: transformers, which decompresses it on the CPU); every attempt recorded; None when none
     holds (reported, not shipped)."""
@@ -250,7 +253,7 @@ def _format(name: str, model: ModelHandle, ctx: StageContext, tried: list[Format
         tried.append(FormatTried(format=name, bits=bits, metrics=metrics, limits=limits, **gate))
         ctx.console.print(f"genai: {name} int{bits}: gate {'passed' if gate['passed'] else 'failed'}")
         if gate["passed"]:
-            return handle
+            return handle, metrics, gate
     ctx.console.print(
         f"genai: {name} did not hold the gate at int{' or int'.join(map(str, compressed.BITS))}: not shipped"
     )
