@@ -230,9 +230,15 @@ def write_model_file(source: Path, staging: Path, name: str) -> None:
                 op.set_friendly_name(f"{op.get_type_name()}_{index}")
         openvino.save_model(model, str(target), compress_to_fp16=False)
         return
+    copy_onnx(source, target)
+
+
+def copy_onnx(source: Path, target: Path) -> None:
+    """An ONNX file to `target` and its external data, if any, beside it under the name the graph
+    refers to it by."""
     shutil.copyfile(source, target)
-    external = source.parent / (source.name + ".data")
-    if external.exists():
+    external = source.with_name(source.name + ".data")
+    if external.is_file():
         shutil.copyfile(external, target.parent / external.name)
 
 

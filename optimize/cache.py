@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TypedDict, cast
 
 import optimize
+from optimize.artifact import copy_onnx
 from optimize.model import ModelHandle
 from optimize.runtime.manifest import GateResult, JsonObject, RuntimeSettings, StageJson
 
@@ -206,17 +207,10 @@ def store_model(folder: Path, onnx_path: Path | None, checkpoint: Path, own_chec
             stored["onnx"] = f"checkpoint/{onnx_path.name}"
         else:
             (folder / "onnx").mkdir()
-            _copy_onnx(onnx_path, folder / "onnx")
+            copy_onnx(onnx_path, folder / "onnx" / onnx_path.name)
             stored["onnx"] = f"onnx/{onnx_path.name}"
     return stored
 
-
-def _copy_onnx(onnx_path: Path, folder: Path) -> None:
-    """An ONNX file and its external data, if any, into `folder`."""
-    shutil.copyfile(onnx_path, folder / onnx_path.name)
-    external = onnx_path.with_name(onnx_path.name + ".data")
-    if external.is_file():
-        shutil.copyfile(external, folder / external.name)
 
 
 @dataclass
@@ -258,7 +252,7 @@ class RunCache:
                         kept[engine] = {"onnx": None, "checkpoint": f"alternates/{engine}", "engine": handle.engine}
                         continue
                     where.mkdir(parents=True)
-                    _copy_onnx(handle.onnx_path, where)
+                    copy_onnx(handle.onnx_path, where / handle.onnx_path.name)
                     onnx = f"alternates/{engine}/{handle.onnx_path.name}"
                     kept[engine] = {"onnx": onnx, "checkpoint": None, "engine": handle.engine}
                 stored["alternates"] = kept
