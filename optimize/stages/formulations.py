@@ -111,16 +111,21 @@ def per_engine(
     return found
 
 
+def score(ms: dict[int, float], float_ms: dict[int, float]) -> float:
+    """A formulation's worst ratio of latency to float's over the batch sizes (lower is faster)."""
+    return round(max(ms[b] / float_ms[b] for b in float_ms), 4)
+
+
 def choose(
     float_ms: dict[int, float], timed: Sequence[dict[int, float]], min_speedup: float, min_gain: float
 ) -> tuple[int | None, list[float]]:
     """The index of the formulation to keep (None: float), and each one's score: its worst ratio of
     latency to float's over the batch sizes. Earlier formulations win unless a later one scores
     `min_gain` better; float wins unless the best is `min_speedup` faster at every batch size."""
-    scores = [round(max(ms[b] / float_ms[b] for b in float_ms), 4) for ms in timed]
+    scores = [score(ms, float_ms) for ms in timed]
     best: int | None = None
-    for index, score in enumerate(scores):
-        if best is None or score < scores[best] * (1 - min_gain):
+    for index, ratio in enumerate(scores):
+        if best is None or ratio < scores[best] * (1 - min_gain):
             best = index
     if best is None or scores[best] > 1 - min_speedup:
         return None, scores
@@ -230,9 +235,9 @@ def search(
             )
     float_ms = {b: timings[b][0] for b in BATCHES}
     timed = [{b: timings[b][i + 1] for b in BATCHES} for i in range(len(passing))]
-    scores = [round(max(ms[b] / float_ms[b] for b in BATCHES), 4) for ms in timed]
-    for (record, _), ms, score in zip(passing, timed, scores, strict=True):
-        record["latency_ms"], record["worst_ratio_to_fp32"] = {f"b{b}": v for b, v in ms.items()}, score
+    scores = [score(ms, float_ms) for ms in timed]
+    for (record, _), ms, ratio in zip(passing, timed, scores, strict=True):
+        record["latency_ms"], record["worst_ratio_to_fp32"] = {f"b{b}": v for b, v in ms.items()}, ratio
     engines = [family(handle.engine) for _, handle in passing]
     floats = [record["formulation"].startswith(FLOAT_ON) for record, _ in passing]
     winners = per_engine(engines, floats, timed, float_ms, min_speedup, min_gain)
