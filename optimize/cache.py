@@ -212,7 +212,6 @@ def store_model(folder: Path, onnx_path: Path | None, checkpoint: Path, own_chec
     return stored
 
 
-
 @dataclass
 class RunCache:
     """One run's chain of steps in the stage cache: a step's key hashes the run's key so far with the

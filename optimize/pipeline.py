@@ -33,7 +33,7 @@ from optimize.gate import GateCheck, default_gate, judge_all
 from optimize.model import ModelHandle
 from optimize.prepare import Prepared, RunOptions, prepare
 from optimize.recipe import LoadedRecipe
-from optimize.records import RunSummary, StageRecord
+from optimize.records import RunSummary, StageRecord, failed_checks
 from optimize.runtime.manifest import EngineFile, GateResult, GateSource, JsonObject, Manifest, RuntimeSettings
 from optimize.stages.base import StageBase, StageContext
 
@@ -193,8 +193,7 @@ class _Run:
             raise self.fail(f"stage {index} ({name}): {exc}") from None
         self.plan.update(result.precision_plan)
         self.runtime.update(result.runtime)
-        self.adopt_alternates(stage, result.model, result.alternates)
-        self.judged = dict(result.judged)  # only the last stage's measurements can stand for its gate
+        self.adopt_alternates(stage, result.model, result.alternates, result.judged)
         with self.console.status(f"stage {index} ({name}): measuring"):
             measured, speed = self.evaluator.measure(result.model)
         record = self.record(
@@ -220,13 +219,21 @@ class _Run:
         self.cache.keep(step_key, step, entry, result.model, model, result.alternates)
         return result.model
 
-    def adopt_alternates(self, stage: StageBase, model: ModelHandle, alternates: Mapping[str, ModelHandle]) -> None:
+    def adopt_alternates(
+        self,
+        stage: StageBase,
+        model: ModelHandle,
+        alternates: Mapping[str, ModelHandle],
+        judged: Mapping[str, tuple[dict[str, float], GateResult]],
+    ) -> None:
         """The other engines' files after `stage` made `model`: its own, and an earlier stage's where
-        this kind keeps them (compile); never one for the family `model` itself runs on."""
+        this kind keeps them (compile); never one for the family `model` itself runs on. What this
+        stage measured of them (`judged`) stands for its gate; an earlier stage's does not."""
         if not stage.keeps_alternates:
             self.alternates = {}
         self.alternates.update(alternates)
         self.alternates.pop(runtime.family(model.engine), None)
+        self.judged = dict(judged)
 
     def engine_files(self, model: ModelHandle) -> tuple[list[EngineFile], dict[str, Path]]:
         """Each engine's file, fastest first (the run's model, then the other engines' alternates),
@@ -234,9 +241,7 @@ class _Run:
         shipped. Returns the manifest's `engines` and, per artifact file, the ONNX file it is made from."""
         last = self.stages[-1]
         found = [(model, last.metrics, last.gate)]
-        index = len(self.prepared.loaded.recipe.stages) - 1
-        stage = self.prepared.loaded.recipe.stages[index]
-        checks, source = list(stage.gate or []), self.prepared.sources[index]
+        checks, source = list(self.prepared.loaded.recipe.stages[-1].gate or []), self.prepared.sources[-1]
         for engine, handle in sorted(self.alternates.items()):
             step_key, cached = self.cached(f"{engine} file")
             if cached is None:
@@ -252,7 +257,7 @@ class _Run:
             if gate["passed"]:
                 found.append((handle, measured, gate))
             else:
-                failed = StageRecord(engine, "engine", {}, measured, gate).failed_checks()
+                failed = failed_checks(gate)
                 self.console.print(f"[yellow]warning:[/] the {engine} file is not shipped: {failed}", highlight=False)
         engines: list[EngineFile] = []
         shipped: dict[str, Path] = {}
@@ -277,8 +282,7 @@ class _Run:
         reused = self.reuse(step_key, found, model)
         self.plan.update(found[1]["plan"])
         self.runtime.update(found[1]["runtime"])
-        self.adopt_alternates(stage, reused, self.cache.alternates(found, model))
-        self.judged = {}
+        self.adopt_alternates(stage, reused, self.cache.alternates(found, model), {})
         if reused.checkpoint != model.checkpoint:
             self.adopt_anchor(reused, index, name)
         return reused

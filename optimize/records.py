@@ -47,11 +47,7 @@ class StageRecord:
         return bool(self.gate["passed"])
 
     def failed_checks(self) -> str:
-        return "; ".join(
-            f"{c['metric']} = {c['value']} is not {c['op']} {c['threshold']}"
-            for c in self.gate["checks"]
-            if not c["passed"]
-        )
+        return failed_checks(self.gate)
 
     def public(self) -> dict[str, object]:
         """The stage as `--json` shows it (DESIGN.md)."""
@@ -67,6 +63,13 @@ class StageRecord:
             "gate": self.gate,
             "details": self.details,
         }
+
+
+def failed_checks(gate: GateResult) -> str:
+    """The checks a gate failed, in words."""
+    return "; ".join(
+        f"{c['metric']} = {c['value']} is not {c['op']} {c['threshold']}" for c in gate["checks"] if not c["passed"]
+    )
 
 
 @dataclass
