@@ -16,14 +16,14 @@ from __future__ import annotations
 import importlib.util
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from optimize import artifact as artifact_files
 from optimize import tasks
 from optimize.errors import UsageError
-from optimize.runtime import on_openvino, verify
+from optimize.runtime import on_openvino, openvino_file_of, verify
 
 MAX_BATCH = 32  # the largest batch the gates timed
 QUEUE_DELAY_US = 2000  # dynamic batching waits this long to fill a batch
@@ -104,15 +104,13 @@ def write(artifact: Path, out: Path) -> Path:
     if not tasks.embeds(manifest.get("task")) or (artifact / "genai_config.json").is_file():
         raise UsageError(f"{artifact}: --format triton packages encoders (a decoder folder is served by its engine)")
     runtime = manifest.get("runtime", {})
-    listed = {e["engine"]: e["file"] for e in manifest.get("engines", [])}
-    openvino = next((f for e, f in listed.items() if on_openvino(e)), None)
+    openvino = openvino_file_of(manifest)
     target = str(runtime.get("target", "cpu"))
     use_openvino = openvino is not None and target == "cpu" and on_openvino(str(runtime.get("engine", "")))
     name = re.sub(r"[^A-Za-z0-9_.-]+", "-", str(manifest.get("name", artifact.name)))
     if out.exists():
         raise UsageError(f"{out}: already exists; remove it or choose another -o")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    staging = artifact_files.staging_dir(out)
     try:
         version = staging / name / "1"
         version.mkdir(parents=True)
@@ -132,7 +130,7 @@ def write(artifact: Path, out: Path) -> Path:
         text = config_text(name, backend, target, inputs, outputs, bool(runtime.get("fp16", True)))
         (staging / name / "config.pbtxt").write_text(text)
         check(staging / name)
-        staging.rename(out)
+        artifact_files.swap_into_place(staging, out, overwrite=False)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out / name

@@ -62,6 +62,7 @@ __all__ = [
     "merge_volatile",
     "model_seq_len",
     "on_openvino",
+    "openvino_file_of",
     "provider_options",
     "select_providers",
     "sha256_file",
@@ -234,6 +235,11 @@ def tuning_warning(tuned_on: CpuSummary, flags: frozenset[str]) -> str | None:
     )
 
 
+def openvino_file_of(manifest: Manifest) -> str | None:
+    """The artifact's file for OpenVINO (its IR), as the manifest's `engines` lists it, if any."""
+    return next((e["file"] for e in manifest.get("engines", []) if on_openvino(e["engine"])), None)
+
+
 def load(artifact_dir: str | Path, available: Sequence[str] | None = None) -> OnnxModel:
     """Verify an artifact and open it on the best provider it was compiled for; warns when this CPU
     lacks what the artifact was tuned for."""
@@ -248,8 +254,8 @@ def load(artifact_dir: str | Path, available: Sequence[str] | None = None) -> On
     # Each engine's file, fastest first: the runtime's engine (`runtime.engine`) is the fastest measured;
     # model.onnx is onnxruntime's, and where OpenVINO is not installed it runs that instead.
     # Where model.onnx is not onnxruntime's own file it is OpenVINO's graph itself, which OpenVINO reads.
-    listed = {e["file"]: e["engine"] for e in manifest.get("engines", [])}
-    openvino_file = next((f for f, e in listed.items() if on_openvino(e)), None) if "model.onnx" in listed else None
+    listed = {e["file"] for e in manifest.get("engines", [])}
+    openvino_file = openvino_file_of(manifest) if "model.onnx" in listed else None
     return OnnxModel(
         artifact_dir / "model.onnx",
         artifact_dir / "tokenizer.json",
