@@ -88,3 +88,30 @@ def test_sentence_transformers_openvino_backend_loads_the_openvino_file_as_the_r
     )
     ours = ours / np.linalg.norm(ours, axis=1, keepdims=True)
     assert openvino is not None and np.abs(theirs - ours).max() < 1e-4
+
+
+def test_each_engines_file_and_its_verdict_are_the_same_cold_and_warm(
+    tiny_sentence_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The alternates come back from the stage cache and their gates from the cached engine-file
+    step: a warm rerun writes the same files with the same verdicts; --no-cache judges them anew."""
+    pytest.importorskip("openvino")
+    import json
+
+    monkeypatch.setattr(cpu, "current", lambda: AVX2)
+    stage = {"kind": "quantize", "precision": "int8", "formulations": "auto", "min_speedup": 0.0}
+    stage["gate"] = [{"metric": "cosine_min", "min": 0.5}]
+    recipe = write_recipe(tmp_path, [stage], model=str(tiny_sentence_model))
+    runs = {"cold": [], "warm": [], "no-cache": ["--no-cache"]}
+    manifests = {}
+    for name, extra in runs.items():
+        out = tmp_path / name
+        args = ["run", str(recipe), "-o", str(out), "--cache-dir", str(tmp_path / "cache"), *extra]
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.output
+        assert ("openvino file: reused from the cache" in result.output) == (name == "warm")
+        manifests[name] = json.loads((out / "manifest.json").read_text())
+    cold, warm, fresh = (manifests[n] for n in runs)
+    assert warm["files"] == cold["files"] and warm["engines"] == cold["engines"]
+    verdicts = [[(e["engine"], e["file"], e["gate"]["passed"]) for e in m["engines"]] for m in (cold, fresh)]
+    assert sorted(verdicts[0]) == sorted(verdicts[1]) and all(v[2] for v in verdicts[0])

@@ -24,7 +24,7 @@ from typing import TypedDict
 from optimize import cpu
 from optimize.model import ModelHandle
 from optimize.runtime import family
-from optimize.runtime.manifest import CheckResult, CpuSummary, JsonObject, RuntimeSettings
+from optimize.runtime.manifest import CheckResult, CpuSummary, GateResult, JsonObject, RuntimeSettings
 from optimize.stages.base import Choice, StageContext, StageResult
 from optimize.stages.methods import Dynamic, MethodBase, OpenVINOStatic, Static, WeightOnly8, openvino_available
 
@@ -199,6 +199,7 @@ def search(
     assert model.onnx_path is not None
     records: list[Tried] = []
     passing: list[tuple[Tried, ModelHandle]] = []
+    gates: list[tuple[dict[str, float], GateResult]] = []  # what ctx.judge measured of each passing one
     made: list[tuple[Tried, Callable[[], ModelHandle]]] = [
         (
             {"formulation": method.label(), "method": method.model_dump(mode="json")},
@@ -227,6 +228,7 @@ def search(
         record["metrics"], record["gate_passed"], record["checks"] = metrics, gate["passed"], gate["checks"]
         if gate["passed"]:
             passing.append((record, handle))
+            gates.append((metrics, gate))
     timings: dict[int, list[float]] = {}
     with ctx.console.status(f"quantize: timing {len(passing)} formulations and fp32 in turns"):
         for batch in BATCHES:
@@ -256,6 +258,7 @@ def search(
     runtime: RuntimeSettings = {"tuned_on": cpu.current().summary()}
     handles = {e: model if i is None else passing[i][1] for e, i in winners.items()}
     alternates = {e: h for e, h in handles.items() if e != main}
+    judged = {e: gates[i] for e, i in winners.items() if e != main and i is not None}
     if winners[main] is None:
         decisions["why"] = (
             f"no int8 formulation passed the gate and was {min_speedup:.0%} faster than fp32 at batch "
@@ -263,5 +266,5 @@ def search(
             + " on this CPU: the float model ships"
         )
         ctx.console.print(f"quantize: {decisions['why']}")
-        return StageResult(model, decisions, precision_plan={}, runtime=runtime, alternates=alternates)
-    return StageResult(handles[main], decisions, runtime=runtime, alternates=alternates)
+        return StageResult(model, decisions, precision_plan={}, runtime=runtime, alternates=alternates, judged=judged)
+    return StageResult(handles[main], decisions, runtime=runtime, alternates=alternates, judged=judged)
