@@ -151,6 +151,10 @@ GENAI_REQUIREMENTS = (
     f"onnxruntime-genai-cuda>=0.12,<0.16; {GPU_BUILD_PLATFORMS}",
     f"onnxruntime-genai>=0.12,<0.16; {OTHER_PLATFORMS}",
 )
+GGUF_REQUIREMENTS = (
+    "# gguf/model.gguf runs in llama.cpp itself, Ollama or LM Studio; for `generate --engine llama.cpp`:",
+    "# pip install llama-cpp-python  (builds llama.cpp from source: a few minutes)",
+)
 
 
 # What varies from one run to the next (timings and what is derived from them) is kept out of the
@@ -198,7 +202,8 @@ def write_runtime(folder: Path, *engines: str) -> None:
         shutil.copyfile(source, runtime / source.name)
     genai = GENAI_REQUIREMENTS if (folder / "genai_config.json").is_file() else ()  # a decoder engine folder
     openvino = OPENVINO_REQUIREMENTS if any(on_openvino(e) for e in engines) else ()
-    (runtime / "requirements.txt").write_text("\n".join((*RUNTIME_REQUIREMENTS, *genai, *openvino)) + "\n")
+    gguf = GGUF_REQUIREMENTS if "llama.cpp" in engines else ()
+    (runtime / "requirements.txt").write_text("\n".join((*RUNTIME_REQUIREMENTS, *genai, *openvino, *gguf)) + "\n")
 
 
 # Each engine family's file, in sentence-transformers' layout (`SentenceTransformer(OUT, backend=...)`
@@ -208,6 +213,7 @@ ENGINE_FILES = {
     "onnxruntime": "model.onnx",
     "openvino": "openvino/openvino_model.xml",
     "compressed-tensors": "compressed-tensors",
+    "llama.cpp": "gguf",  # gguf/model.gguf (llama.cpp -m, Ollama's FROM) with the tokenizer it was measured with
 }
 
 

@@ -12,6 +12,7 @@ whole groups. The gate is measured on the folder as transformers loads it (decom
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import shutil
 from collections.abc import Iterable
@@ -57,6 +58,20 @@ def limits(bits: int, in_features: dict[str, int]) -> list[str]:
         f"vLLM's int4 GPU kernels want each shard's input dimension divisible by {VLLM_INT4_INPUT_MULTIPLE}; "
         f"{len(odd)} layers are not (e.g. {odd[0]}: {in_features[odd[0]]}): they load on its slower fallback kernels"
     ]
+
+
+def problem(checkpoint: Path) -> str | None:
+    """Why this folder cannot be written here, or None."""
+    if importlib.util.find_spec("compressed_tensors") is None:
+        return "format compressed-tensors needs the compressed-tensors package: pip install compressed-tensors"
+    return None
+
+
+def loader() -> str:
+    """What measures the folder's gate: transformers, decompressing it on the CPU."""
+    from importlib.metadata import version
+
+    return f"transformers {version('transformers')} + compressed-tensors {version('compressed-tensors')}"
 
 
 def write(checkpoint: Path, out: Path, bits: int, kept: Iterable[str] = ()) -> dict[str, object]:

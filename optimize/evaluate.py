@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from optimize import projection, runtime, tasks
+from optimize.gguf_format import GgufModel
 from optimize.model import ModelHandle, load_torch
 from optimize.suites import LoadedSuite, run_suite
 
@@ -59,7 +60,14 @@ class TorchModel:
         return runtime.embed(self.run, self.tokenizer, texts, batch_size, self.pooling)
 
 
-def open_model(handle: ModelHandle, seq_len: int) -> TorchModel | runtime.OnnxModel:
+Opened = TorchModel | runtime.OnnxModel | GgufModel
+
+
+def open_model(handle: ModelHandle, seq_len: int) -> Opened:
+    """`handle` in the engine that runs it: the runtime for ONNX, llama.cpp (or transformers) for a
+    GGUF folder, transformers for a checkpoint."""
+    if handle.engine == "llama.cpp":
+        return GgufModel(handle, seq_len)
     if handle.onnx_path is not None:
         return runtime.OnnxModel(
             handle.onnx_path,
@@ -76,7 +84,8 @@ def size_mb(handle: ModelHandle) -> float:
     if handle.onnx_path is not None:
         files = [handle.onnx_path, *handle.onnx_path.parent.glob(handle.onnx_path.name + ".data")]
     else:
-        files = list(handle.checkpoint.glob("*.safetensors")) or list(handle.checkpoint.glob("*.bin"))
+        files = [f for pattern in ("*.safetensors", "model.gguf") for f in handle.checkpoint.glob(pattern)]
+        files = files or list(handle.checkpoint.glob("*.bin"))
     return round(sum(f.stat().st_size for f in files) / 1e6, 3)
 
 
@@ -124,7 +133,7 @@ def speed_inputs(tokenizer: runtime.Tokenizer, texts: Sequence[str], settings: S
 MAX_LOGIT_ROWS = 512  # a decoder's per-token logits are vocabulary-wide: compare this many tokens
 
 
-def outputs(model: TorchModel | runtime.OnnxModel, task: str, texts: Sequence[str]) -> np.ndarray:
+def outputs(model: Opened, task: str, texts: Sequence[str]) -> np.ndarray:
     """What fidelity compares, one row per item: sentence embeddings (feature extraction), class
     logits (classification), or next-token logits at each real token of the texts (causal LM)."""
     if tasks.embeds(task):
@@ -144,7 +153,7 @@ def outputs(model: TorchModel | runtime.OnnxModel, task: str, texts: Sequence[st
 
 
 def latency_rounds(
-    models: Sequence[TorchModel | runtime.OnnxModel], texts: Sequence[str], settings: SpeedSettings, rounds: int
+    models: Sequence[Opened], texts: Sequence[str], settings: SpeedSettings, rounds: int
 ) -> list[list[float]]:
     """p50 latency of each model in each round, the models taking turns so that a slow spell of a
     shared machine hits them alike: how models are compared fairly within one run."""
@@ -208,9 +217,7 @@ class Evaluator:
     def _seq_len(self) -> int:
         return self.speed.seq_len if self.speed else self.seq_len
 
-    def outputs_of(
-        self, handle: ModelHandle, model: TorchModel | runtime.OnnxModel | None = None, keep: bool = True
-    ) -> np.ndarray:
+    def outputs_of(self, handle: ModelHandle, model: Opened | None = None, keep: bool = True) -> np.ndarray:
         """`handle`'s outputs on the held-out texts; kept for the run when `keep` (the models others
         are compared with: a decoder's rows are vocabulary-wide, so candidates are not kept). An
         ONNX file rewritten in place by a search is a new model: its size and time are in the key."""

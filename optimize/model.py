@@ -121,7 +121,11 @@ def from_gguf(path: Path, root: Path | None = None) -> Path:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     folder = (root or cache_root() / "gguf") / digest.hexdigest()[:24]
+    from optimize import gguf_format
+
     if (folder / "config.json").is_file():
+        if not (folder / gguf_format.METADATA).is_file():  # converted before the header was kept
+            gguf_format.save_metadata(path, folder)
         return folder
     try:
         import gguf  # noqa: F401  (transformers needs it to read the file)
@@ -141,6 +145,7 @@ def from_gguf(path: Path, root: Path | None = None) -> Path:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)  # type: ignore[no-untyped-call]
         tokenizer.save_pretrained(staging)
+        gguf_format.save_metadata(path, staging)  # its tokenizer and hyperparameters, to write a GGUF again
         (staging / "SOURCE").write_text(
             f"converted from {path.name} (sha256 {digest.hexdigest()}); "
             "the weights are the GGUF's, dequantized to fp32\n"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .generation import GenAIEngine, Sampling, chat_prompt, kv_loop, stream
+from .generation import GenAIEngine, LlamaCppEngine, Sampling, chat_prompt, kv_loop, stream
 from .manifest import CpuSummary, Manifest, RuntimeSettings
 from .session import (
     ENGINES,
@@ -35,14 +35,18 @@ from .session import (
 from .text import Pooling, Tokenizer, embed, mean_pool, model_seq_len
 from .verify import ArtifactError, merge_volatile, sha256_file, verify
 
+GGUF_FILE = "gguf/model.gguf"  # an artifact's GGUF (llama.cpp, Ollama), where its recipe wrote one
+
 __all__ = [
     "ENGINES",
+    "GGUF_FILE",
     "GPU_HINT",
     "OPENVINO_MISSING",
     "PREFERENCE",
     "TARGET_PROVIDERS",
     "ArtifactError",
     "GenAIEngine",
+    "LlamaCppEngine",
     "Manifest",
     "OnnxModel",
     "OpenVINOSession",
@@ -97,7 +101,8 @@ class OnnxModel:
         self.config = json.loads(config_path.read_text()) if config_path.is_file() else {}
         self.pooling = Pooling.of(Path(tokenizer_path).parent)
         self.folder = Path(model_path).parent
-        self._genai: GenAIEngine | None = None  # the onnxruntime-genai engine, opened on the first generate
+        self._engines: dict[str, GenAIEngine | LlamaCppEngine] = {}  # opened on the first generate with each
+        self._threads = threads
 
     @property
     def provider(self) -> str:
@@ -154,6 +159,22 @@ class OnnxModel:
                 out.append({"label": labels.get(str(best), str(best)), "score": round(float(row[best]), 6)})
         return out
 
+    def generators(self) -> list[str]:
+        """The engines that can generate from this artifact here, the one `generate` uses first:
+        onnxruntime-genai (its model builder's folder), llama.cpp (`gguf/model.gguf`, with
+        llama-cpp-python), onnxruntime (a graph exported with past key values)."""
+        from importlib.util import find_spec
+
+        found = []
+        genai = (self.folder / "genai_config.json").is_file()
+        if genai and find_spec("onnxruntime_genai") is not None:
+            found.append("onnxruntime-genai")
+        if (self.folder / GGUF_FILE).is_file() and find_spec("llama_cpp") is not None:
+            found.append("llama.cpp")
+        if self.cache_inputs and not genai:
+            found.append("onnxruntime")
+        return found
+
     def generate(
         self,
         prompt: str,
@@ -165,25 +186,51 @@ class OnnxModel:
         stop: Sequence[str] = (),
         on_text: Callable[[str], None] | None = None,
         chat: bool = False,
+        engine: str = "auto",
     ) -> str:
         """Continue `prompt` (greedy unless `temperature` > 0; a `seed` makes sampling repeatable),
         ending at the end-of-sequence token, `max_new_tokens` or before the first `stop` string.
         `on_text` receives each new piece of text as it comes (streaming); `chat` wraps the prompt in
-        the model's chat template as one user turn. Artifacts built by onnxruntime-genai generate
-        through it; exported graphs through this runtime's KV-cache loop."""
+        the model's chat template as one user turn. `engine` is one of `generators()` (auto: the
+        first). Every engine is fed the artifact's own tokens and decoded by its own tokenizer."""
         sampling = Sampling(max_new_tokens, temperature, top_k, top_p, seed, tuple(stop))
         eos = self.config.get("eos_token_id")
         ends = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         ids = self.tokenizer.ids(chat_prompt(self.folder, prompt) if chat else prompt, special=not chat)
-        if (self.folder / "genai_config.json").is_file():
-            if self._genai is None:
-                self._genai = GenAIEngine(self.folder, use_gpu=self.provider != "CPUExecutionProvider")
-            tokens = self._genai.tokens(ids, sampling, ends)
-        elif self.cache_inputs:
+        name = self.generator(engine)
+        if name == "onnxruntime":
             tokens = kv_loop(self._step, ids, sampling, ends)
         else:
-            raise ValueError("this model was not exported for generation (no past_key_values inputs)")
+            if name not in self._engines:
+                self._engines[name] = (
+                    GenAIEngine(self.folder, use_gpu=self.provider != "CPUExecutionProvider")
+                    if name == "onnxruntime-genai"
+                    else LlamaCppEngine(self.folder / GGUF_FILE, self._threads)
+                )
+            tokens = self._engines[name].tokens(ids, sampling, ends)
         return stream(tokens, self.tokenizer.decode, sampling, on_text or (lambda piece: None))
+
+    def generator(self, engine: str = "auto") -> str:
+        """The engine `generate(engine=...)` runs, or a ValueError that says what is missing."""
+        found = self.generators()
+        if engine in found or (engine == "auto" and found):
+            return found[0] if engine == "auto" else engine
+        needs = {
+            "onnxruntime-genai": ("genai_config.json", "onnxruntime-genai"),
+            "llama.cpp": (GGUF_FILE, "llama-cpp-python"),
+        }
+        if engine not in (*needs, "onnxruntime", "auto"):
+            raise ValueError(f"engine {engine}: one of auto, {', '.join(needs)}, onnxruntime")
+        missing = [
+            package
+            for name, (file, package) in needs.items()
+            if engine in ("auto", name) and (self.folder / file).is_file()
+        ]
+        if missing:
+            raise ValueError(f"generating from this artifact needs {' or '.join(missing)} (pip install {missing[0]})")
+        if engine in needs:
+            raise ValueError(f"engine {engine}: this artifact has no {needs[engine][0]}")
+        raise ValueError("this model was not exported for generation (no past_key_values inputs)")
 
     def _step(self, ids: np.ndarray, past: dict[str, np.ndarray] | None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """One forward pass with the cache: logits, and the cache for the next step."""

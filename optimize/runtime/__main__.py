@@ -50,6 +50,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, help="generate: makes sampling repeatable")
     parser.add_argument("--stop", action="append", default=[], help="generate: end before this string (repeatable)")
     parser.add_argument("--chat", action="store_true", help="generate: the prompt as a user turn of the chat template")
+    parser.add_argument(
+        "--engine",
+        default="auto",
+        choices=["auto", "onnxruntime-genai", "llama.cpp", "onnxruntime"],
+        help="generate: what runs the model (auto: onnxruntime-genai, else llama.cpp on gguf/model.gguf)",
+    )
     args = parser.parse_args(argv)
     try:
         model = load(args.artifact)
@@ -74,7 +80,9 @@ def main(argv: list[str] | None = None) -> int:
                 seed=args.seed,
                 stop=args.stop,
                 chat=args.chat,
+                engine=model.generator(args.engine),
             )
+            print(f"generating with {options['engine']}", file=sys.stderr)
             for text in texts:
                 if args.stream:
                     model.generate(text, **options, on_text=lambda piece: print(piece, end="", flush=True))

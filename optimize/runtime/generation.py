@@ -1,9 +1,10 @@
 """Text generation for causal LMs: greedy or sampled (temperature, top-k, top-p, a seed makes it
 reproducible), stop strings, and streaming (each new piece of text handed to a callback as it comes).
 
-Two engines behind one `generate`: onnxruntime-genai for artifacts its model builder made (they hold
-`genai_config.json`; its C++ loop keeps the KV cache in place and samples), and a KV-cache loop in
-Python over an onnxruntime session for graphs exported with past key values. Text is decoded with the
+Three engines behind one `generate`: onnxruntime-genai for artifacts its model builder made (they
+hold `genai_config.json`; its C++ loop keeps the KV cache in place and samples), llama.cpp for the
+artifact's GGUF file where llama-cpp-python is installed, and a KV-cache loop in Python over an
+onnxruntime session for graphs exported with past key values. Text is decoded with the
 artifact's own `tokenizer.json` in both, so the two engines print the same text for the same tokens.
 """
 
@@ -138,6 +139,27 @@ class GenAIEngine:
             if token in eos:
                 return
             yield token
+
+
+class LlamaCppEngine:
+    """The artifact's `gguf/model.gguf` through llama-cpp-python (llama.cpp's own kernels and
+    sampler): what generates where onnxruntime-genai is not installed, or when asked for by name.
+    Sampling is ours in meaning: no min-p, repeat penalty or top-k unless set."""
+
+    def __init__(self, path: Path, threads: int | None):
+        import llama_cpp
+
+        # n_ctx 0: the context the model was trained for
+        self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=0, n_threads=threads, verbose=False)
+
+    def tokens(self, prompt_ids: list[int], sampling: Sampling, eos: set[int]) -> Iterator[int]:
+        if sampling.seed is not None:
+            self.llm.set_seed(sampling.seed)
+        options = {"temp": sampling.temperature, "top_k": sampling.top_k, "top_p": sampling.top_p, "min_p": 0.0}
+        for token in self.llm.generate(prompt_ids, **options, repeat_penalty=1.0, reset=True):
+            if token in eos or token == self.llm.token_eos():
+                return
+            yield int(token)
 
 
 def chat_prompt(folder: Path, prompt: str) -> str:

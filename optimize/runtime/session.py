@@ -74,6 +74,7 @@ ENGINES: dict[str, str | None] = {
     "openvino-bf16": "bf16",
     "onnxruntime-genai": None,
     "compressed-tensors": None,  # a checkpoint for vLLM, SGLang or transformers: shipped, not run here
+    "llama.cpp": None,  # gguf/model.gguf: generated through llama-cpp-python where installed
 }
 
 

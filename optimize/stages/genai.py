@@ -12,10 +12,12 @@ metrics and verdict are recorded.
 
 from __future__ import annotations
 
+import importlib
 import json
 import shutil
 import subprocess
 import sys
+import types
 from pathlib import Path
 from typing import ClassVar, Literal, TypedDict, cast
 
@@ -97,6 +99,17 @@ class FormatTried(GateResult):
     bits: int
     metrics: dict[str, float]
     limits: list[str]  # what its target engines refuse or run slowly
+    loader: str  # what measured it, with its version
+    written: JsonObject  # what the writer records of the file (its config, tensor types)
+
+
+# The formats written beside the onnxruntime-genai folder: the module that writes one (its `BITS`,
+# tried smallest first, `write(checkpoint, out, bits)`, `problem(checkpoint)` and `loader()`) and the
+# engine its folder is for (`artifact.ENGINE_FILES` names the folder).
+FORMATS = {
+    "compressed-tensors": ("optimize.compressed", "compressed-tensors"),  # vLLM, SGLang
+    "gguf": ("optimize.gguf_format", "llama.cpp"),  # llama.cpp, Ollama, LM Studio
+}
 
 
 class _Decided(TypedDict):
@@ -120,10 +133,10 @@ class GenAIStage(StageBase):
         default_factory=lambda: [Candidate(precision="int4")], min_length=1, description="tried in order"
     )
     pick: Literal["first", "fastest"] = Field("first", description="the first passing candidate, or the fastest")
-    formats: list[Literal["compressed-tensors"]] = Field(
+    formats: list[Literal["compressed-tensors", "gguf"]] = Field(
         [],
         description="other formats to ship beside the onnxruntime-genai folder, each at the smallest precision "
-        "whose gate holds through its own loader: compressed-tensors (vLLM, SGLang)",
+        "whose gate holds through its own loader: compressed-tensors (vLLM, SGLang), gguf (llama.cpp, Ollama)",
     )
 
     def check_input(self, model: ModelHandle, base_dir: Path) -> None:
@@ -133,6 +146,10 @@ class GenAIStage(StageBase):
             raise UsageError(
                 f"genai: the model builder reads a checkpoint with safetensors; {model.checkpoint} has none"
             )
+        for name in self.formats:
+            found = _writer(name).problem(model.checkpoint)
+            if found:
+                raise UsageError(found)
 
     def problems(self, target: str) -> list[tuple[tuple[str | int, ...], str]]:
         found: list[tuple[tuple[str | int, ...], str]] = [
@@ -231,32 +248,39 @@ def run(config: GenAIStage, model: ModelHandle, ctx: StageContext) -> StageResul
         for name in config.formats:
             found = _format(name, model, ctx, decisions["formats"])
             if found is not None:
-                alternates[name], judged[name] = found[0], found[1:]
+                alternates[found[0].engine], judged[found[0].engine] = found[0], found[1:]
     return StageResult(handle, decisions, runtime=runtime, advice=advice, alternates=alternates, judged=judged)
+
+
+def _writer(name: str) -> types.ModuleType:
+    return importlib.import_module(FORMATS[name][0])
 
 
 def _format(
     name: str, model: ModelHandle, ctx: StageContext, tried: list[FormatTried]
 ) -> tuple[ModelHandle, dict[str, float], GateResult] | None:
-    """`name` at the smallest precision whose gate holds, measured as its loader reads it (compressed-
-    tensors: transformers, which decompresses it on the CPU); every attempt recorded; None when none
-    holds (reported, not shipped)."""
-    from optimize import compressed
-
-    for bits in compressed.BITS:
+    """`name` at the smallest precision whose gate holds, measured as its loader reads it
+    (compressed-tensors: transformers, which decompresses it on the CPU; gguf: llama.cpp); every
+    attempt recorded; None when none holds (reported, not shipped)."""
+    writer, engine = _writer(name), FORMATS[name][1]
+    for bits in writer.BITS:
         out = ctx.workdir / f"{name}-int{bits}"
         with ctx.console.status(f"genai: writing {name} int{bits}"):
-            written = compressed.write(model.checkpoint, out, bits)
-        handle = ModelHandle(out, model.task, engine=name)
+            written = writer.write(model.checkpoint, out, bits)
+        handle = ModelHandle(out, model.task, engine=engine)
         metrics, gate = ctx.judge(handle)
-        limits = [str(line) for line in written["limits"]] if isinstance(written["limits"], list) else []
-        tried.append(FormatTried(format=name, bits=bits, metrics=metrics, limits=limits, **gate))
-        ctx.console.print(f"genai: {name} int{bits}: gate {'passed' if gate['passed'] else 'failed'}")
+        listed = written.pop("limits", [])
+        limits = [str(line) for line in listed] if isinstance(listed, list) else []
+        tried.append(
+            FormatTried(
+                format=name, bits=bits, metrics=metrics, limits=limits, loader=writer.loader(), written=written, **gate
+            )
+        )
+        shown = ", ".join(f"{c['metric']} {c['value']}" for c in gate.get("checks", []))
+        ctx.console.print(f"genai: {name} int{bits}: {shown}: gate {'passed' if gate['passed'] else 'failed'}")
         if gate["passed"]:
             return handle, metrics, gate
-    ctx.console.print(
-        f"genai: {name} did not hold the gate at int{' or int'.join(map(str, compressed.BITS))}: not shipped"
-    )
+    ctx.console.print(f"genai: {name} did not hold the gate at int{' or int'.join(map(str, writer.BITS))}: not shipped")
     return None
 
 

@@ -1,0 +1,203 @@
+"""The GGUF format of a decoder (llama.cpp, Ollama, LM Studio): one `model.gguf` whose weights are
+ours and whose header (architecture hyperparameters, tokenizer, chat template) is the one of the
+GGUF the model came as, kept beside its converted checkpoint (`METADATA`) when it was read. A model
+that did not come as a GGUF has no such header: the tokenizer metadata is llama.cpp's own
+conversion's work (`convert_hf_to_gguf.py`), not rewritten here, so it is refused at validation.
+
+int4 is llama.cpp's Q4_1 (blocks of 32 as `d * q + m`, d and m in fp16): the minmax grid of the
+genai stage, so weights dequantized from a Q4_1 GGUF are written back exactly; the token embedding
+and the LM head are Q8_0 at either precision, and int8 is Q8_0 throughout. The gate is measured on
+the file as its loader reads it: llama.cpp through llama-cpp-python where installed, otherwise
+transformers' GGUF reader (the weights dequantized, computed in fp32), and the manifest says which.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from optimize import runtime
+from optimize.errors import UsageError
+from optimize.model import ModelHandle, read_config
+
+if TYPE_CHECKING:
+    import gguf
+    import torch
+
+FILE = "model.gguf"
+METADATA = "gguf-metadata.gguf"  # beside a checkpoint converted from a GGUF: that file's header, no tensors
+BITS = (4, 8)  # tried smallest first; the first whose gate holds ships
+ARCHITECTURES = {"LlamaForCausalLM": "llama"}  # transformers' class -> the GGUF architecture written
+KEPT_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "config.json")
+CONTEXT = 2048  # llama.cpp's context when measuring: the longest window a suite scores
+
+
+def save_metadata(source: Path, folder: Path) -> None:
+    """The header of the GGUF file `source` as a GGUF file without tensors in `folder`, so a GGUF
+    can be written later with the same tokenizer and hyperparameters."""
+    import gguf
+
+    reader = gguf.GGUFReader(source)
+    writer = gguf.GGUFWriter(folder / METADATA, arch=str(reader.fields["general.architecture"].contents()))
+    copy_header(reader, writer)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+
+
+def copy_header(reader: gguf.GGUFReader, writer: gguf.GGUFWriter, skip: tuple[str, ...] = ()) -> None:
+    """Every key of `reader`'s header into `writer`'s but `skip` and those the writer sets itself."""
+    import gguf
+
+    for field in reader.fields.values():
+        if field.name in ("general.architecture", *skip) or field.name.startswith("GGUF."):
+            continue
+        kind = field.types[0]
+        sub = field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, field.contents(), kind, sub_type=sub)
+
+
+def problem(checkpoint: Path) -> str | None:
+    """Why no GGUF can be written of `checkpoint`, or None."""
+    architectures = read_config(checkpoint).get("architectures") or ["?"]
+    if architectures[0] not in ARCHITECTURES:
+        known = ", ".join(ARCHITECTURES)
+        return f"format gguf: the writer knows {known}, not {architectures[0]}"
+    if not (checkpoint / METADATA).is_file():
+        return (
+            f"format gguf: writes the header (tokenizer, hyperparameters) of the GGUF the model came as; "
+            f"{checkpoint} did not come from a .gguf file. Give the model as a .gguf, or convert the "
+            "checkpoint with llama.cpp's convert_hf_to_gguf.py and give that"
+        )
+    return None
+
+
+def permute(weight: np.ndarray, heads: int) -> np.ndarray:
+    """A q or k projection in llama.cpp's row order (rotary pairs interleaved), as its converter
+    writes it; transformers' GGUF reader undoes exactly this."""
+    pairs = weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:])
+    return np.ascontiguousarray(pairs.swapaxes(1, 2)).reshape(weight.shape)
+
+
+def write(checkpoint: Path, out: Path, bits: int) -> dict[str, object]:
+    """`out/model.gguf` of `checkpoint` (which came from a GGUF: `problem` is None): Q4_1 linear
+    weights at 4 bits, Q8_0 at 8, the embedding and LM head Q8_0, norms fp32. Returns what the
+    manifest records (each tensor type's count)."""
+    import gguf
+
+    found = problem(checkpoint)
+    if found:
+        raise UsageError(found)
+    config = read_config(checkpoint)
+    out.mkdir(parents=True, exist_ok=True)
+    writer = gguf.GGUFWriter(out / FILE, arch=ARCHITECTURES[config["architectures"][0]])
+    copy_header(gguf.GGUFReader(checkpoint / METADATA), writer, skip=("general.file_type",))
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_1 if bits == 4 else gguf.LlamaFileType.MOSTLY_Q8_0)
+    counts: dict[str, int] = {}
+    for name, data, kind in _tensors(checkpoint, config, bits):
+        counts[kind.name] = counts.get(kind.name, 0) + 1
+        stored = data if kind == gguf.GGMLQuantizationType.F32 else gguf.quants.quantize(data, kind)
+        writer.add_tensor(name, stored, raw_dtype=kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    for kept in KEPT_FILES:
+        if (checkpoint / kept).is_file():
+            shutil.copyfile(checkpoint / kept, out / kept)
+    return {"bits": bits, "tensor_types": counts}
+
+
+def _tensors(
+    checkpoint: Path, config: dict[str, Any], bits: int
+) -> Iterator[tuple[str, np.ndarray, gguf.GGMLQuantizationType]]:
+    """Each tensor of the checkpoint as llama.cpp names, orders and stores it: (name, fp32 data, type)."""
+    import gguf
+    from safetensors.numpy import load_file
+
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, int(config["num_hidden_layers"]))
+    heads = int(config["num_attention_heads"])
+    kv_heads = int(config.get("num_key_value_heads") or heads)
+    linear = gguf.GGMLQuantizationType.Q4_1 if bits == 4 else gguf.GGMLQuantizationType.Q8_0
+    tensors: dict[str, np.ndarray] = {}
+    for path in sorted(checkpoint.glob("*.safetensors")):
+        tensors.update(load_file(path))
+    if config.get("tie_word_embeddings"):
+        tensors.pop("lm_head.weight", None)  # llama.cpp reads a missing output as the embedding, shared
+    for key in sorted(tensors):
+        name = names.get_name(key, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise UsageError(f"format gguf: no llama.cpp name for the tensor {key}")
+        data = tensors[key].astype(np.float32)
+        if key.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")):
+            data = permute(data, heads if "q_proj" in key else kv_heads)
+        kind = gguf.GGMLQuantizationType.F32
+        if data.ndim == 2:
+            kind = linear if name.startswith("blk.") else gguf.GGMLQuantizationType.Q8_0
+        yield name, data, kind
+
+
+def loader() -> str:
+    """What reads a GGUF here: llama.cpp (through llama-cpp-python) where installed, else transformers."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        import llama_cpp  # noqa: F401
+
+        return f"llama.cpp (llama-cpp-python {version('llama-cpp-python')})"
+    except (ImportError, PackageNotFoundError):
+        return f"transformers {version('transformers')} (GGUF dequantized to fp32)"
+
+
+class GgufModel:
+    """A folder's model.gguf behind the evaluator's `run(inputs)`: logits at every position, from
+    llama.cpp where installed (its own kernels, which is what ships), else transformers' reader."""
+
+    def __init__(self, handle: ModelHandle, seq_len: int):
+        self.path = handle.checkpoint / FILE
+        self.tokenizer = runtime.Tokenizer(handle.checkpoint / "tokenizer.json", seq_len)
+        self.provider = loader()
+        threads = os.cpu_count() or 1
+        self.torch: torch.nn.Module | None = None  # transformers' reader, where llama.cpp is not installed
+        if self.provider.startswith("llama.cpp"):
+            import llama_cpp
+
+            self.llm = llama_cpp.Llama(
+                model_path=str(self.path), n_ctx=CONTEXT, n_batch=512, logits_all=True, n_threads=threads, verbose=False
+            )
+        else:
+            import torch
+            from transformers import AutoModelForCausalLM
+
+            torch.set_num_threads(threads)
+            loaded = AutoModelForCausalLM.from_pretrained(handle.checkpoint, gguf_file=FILE, torch_dtype=torch.float32)
+            self.torch = loaded.train(False)
+
+    def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        """Logits (batch x positions x vocabulary) at the real tokens (zeros at padding)."""
+        ids, real = inputs["input_ids"], inputs["attention_mask"].astype(bool)
+        rows = [self._logits([int(t) for t in row[mask]]) for row, mask in zip(ids, real, strict=True)]
+        out = np.zeros((*ids.shape, rows[0].shape[-1]), dtype=np.float32)
+        for i, row in enumerate(rows):
+            out[i, real[i]] = row
+        return out
+
+    def _logits(self, ids: Sequence[int]) -> np.ndarray:
+        if len(ids) > CONTEXT:
+            raise ValueError(f"gguf: {len(ids)} tokens is more than the {CONTEXT} this loader scores at once")
+        if self.torch is None:
+            self.llm.reset()
+            self.llm.eval(list(ids))
+            return np.array(self.llm.scores[: len(ids)], dtype=np.float32)
+        import torch
+
+        with torch.inference_mode():
+            return np.asarray(self.torch(torch.tensor([list(ids)])).logits[0].float().numpy())
+
+    def embed(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
+        raise ValueError("a GGUF decoder does not embed")
