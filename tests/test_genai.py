@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from optimize.cli import app
-from optimize.runtime.generation import Sampling, pick
+from optimize.runtime.generation import Drafts, GenAIEngine, Sampling, lookup, pick
 from tests.conftest import write_recipe
 
 pytest.importorskip("onnxruntime_genai")
@@ -60,7 +60,7 @@ def test_greedy_generation_through_genai_equals_torch(built, tiny_llama):
 
     model = load(built)
     text = model.generate("the model", max_new_tokens=8)
-    assert model._genai is not None  # onnxruntime-genai's loop made it
+    assert list(model._engines) == ["onnxruntime-genai"]  # onnxruntime-genai made it
     torch_model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
     tokenizer = Tokenizer.from_file(str(built / "tokenizer.json"))
     ids = torch.tensor([tokenizer.encode("the model").ids])
@@ -149,3 +149,57 @@ def test_minmax_int4_lands_exactly_on_weights_dequantized_from_a_4_bit_grid(tiny
     assert "MatMulNBits" in ops and "MatMul" in ops  # the 4-bit weights, and the blocks' minimums
     assert "GatherBlockQuantized" in ops  # the 8-bit embedding
     assert load(out).generate("the model", max_new_tokens=4)  # onnxruntime-genai runs it
+
+
+def _prompts(count: int) -> list[list[int]]:
+    """Token prompts, half of them copy-heavy (a phrase said three times), half not."""
+    rng = np.random.default_rng(0)
+    phrases = [[int(t) for t in rng.integers(3, 290, 5)] * 3 for _ in range(count // 2)]
+    return phrases + [[int(t) for t in rng.integers(3, 290, 15)] for _ in range(count - count // 2)]
+
+
+def test_prompt_lookup_gives_the_tokens_plain_decoding_gives(built):
+    """Greedy and seeded sampling alike, over many prompts: the same tokens with drafts as with one
+    token per pass, and as onnxruntime-genai's own greedy loop. Logits over several positions differ
+    from one at a time by float rounding, so a divergence may only start at an exact near-tie."""
+    engine = GenAIEngine(built, use_gpu=False)
+    proposed = accepted = 0
+    for index, prompt in enumerate(_prompts(24)):
+        greedy = Sampling(max_new_tokens=24)
+        plain = list(engine.checked(prompt, greedy, set(), Drafts(most=0)))
+        drafts = Drafts()
+        fast = list(engine.checked(prompt, greedy, set(), drafts))
+        proposed, accepted = proposed + drafts.proposed, accepted + drafts.accepted
+        own = list(engine.tokens(prompt, greedy, set(), speculate=False))  # ends at the model's own EOS too
+        assert own and plain[: len(own)] == own
+        if fast != plain:
+            first = next(i for i, (a, b) in enumerate(zip(fast, plain, strict=True)) if a != b)
+            top = np.sort(_logits_after(engine, prompt + plain[:first]))[-2:]
+            assert top[1] - top[0] < 1e-3, (index, first)
+        sampled = Sampling(max_new_tokens=24, temperature=0.9, top_k=40, top_p=0.95, seed=index)
+        assert list(engine.checked(prompt, sampled, set(), Drafts())) == list(
+            engine.checked(prompt, sampled, set(), Drafts(most=0))
+        )
+    assert accepted > 0 and proposed > accepted  # drafts were checked, kept and refused
+
+
+def _logits_after(engine: GenAIEngine, ids: list[int]) -> np.ndarray:
+    params = engine.og.GeneratorParams(engine.model)
+    params.set_search_options(max_length=len(ids) + 1)
+    generator = engine.og.Generator(engine.model, params)
+    generator.append_tokens([ids])
+    return np.asarray(generator.get_output("logits")[0, -1])
+
+
+def test_lookup_drafts_what_followed_the_latest_match_and_backs_off_when_refused():
+    assert lookup([1, 2, 3, 9, 1, 2, 3, 7, 8, 1, 2, 3], 3) == [7, 8, 1]  # the latest 3-gram match
+    assert lookup([5, 6, 4, 7, 6], 2) == [4, 7]  # no 3- or 2-gram: the last token alone
+    assert lookup([1, 2, 3], 4) == []
+    drafts = Drafts()
+    drafts.update(4, 4)
+    assert drafts.size == 8 and drafts.pause == 0  # all kept: check more next time
+    drafts.update(8, 0)
+    drafts.update(1, 0)
+    assert (drafts.size, drafts.pause) == (1, 3)  # twice refused: pause 3 steps
+    assert [drafts.propose([1, 2, 1, 2], 8) for _ in range(4)] == [[], [], [], [1]]
+    assert (drafts.proposed, drafts.accepted) == (13, 4)

@@ -187,12 +187,15 @@ class OnnxModel:
         on_text: Callable[[str], None] | None = None,
         chat: bool = False,
         engine: str = "auto",
+        speculate: bool = True,
     ) -> str:
         """Continue `prompt` (greedy unless `temperature` > 0; a `seed` makes sampling repeatable),
         ending at the end-of-sequence token, `max_new_tokens` or before the first `stop` string.
         `on_text` receives each new piece of text as it comes (streaming); `chat` wraps the prompt in
         the model's chat template as one user turn. `engine` is one of `generators()` (auto: the
-        first). Every engine is fed the artifact's own tokens and decoded by its own tokenizer."""
+        first). Every engine is fed the artifact's own tokens and decoded by its own tokenizer.
+        `speculate`: prompt-lookup drafts checked several tokens per pass (onnxruntime-genai,
+        llama.cpp), the same output as without (see `GenAIEngine`)."""
         sampling = Sampling(max_new_tokens, temperature, top_k, top_p, seed, tuple(stop))
         eos = self.config.get("eos_token_id")
         ends = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
@@ -207,7 +210,7 @@ class OnnxModel:
                     if name == "onnxruntime-genai"
                     else LlamaCppEngine(self.folder / GGUF_FILE, self._threads)
                 )
-            tokens = self._engines[name].tokens(ids, sampling, ends)
+            tokens = self._engines[name].tokens(ids, sampling, ends, speculate)
         return stream(tokens, self.tokenizer.decode, sampling, on_text or (lambda piece: None))
 
     def generator(self, engine: str = "auto") -> str:

@@ -108,9 +108,60 @@ def stream(
     return "".join(pieces)
 
 
+def lookup(context: Sequence[int], count: int, longest: int = 3) -> list[int]:
+    """Prompt lookup: up to `count` tokens that followed the latest earlier occurrence of the
+    context's last n tokens, n from `longest` down to 1; none when nothing matches."""
+    seq = np.asarray(context)
+    for n in range(min(longest, len(seq) - 1), 0, -1):
+        windows = np.lib.stride_tricks.sliding_window_view(seq[:-1], n)  # every earlier n-gram
+        hits = np.flatnonzero((windows == seq[-n:]).all(axis=1))
+        if len(hits):
+            start = int(hits[-1]) + n
+            return [int(t) for t in seq[start : start + count]]
+    return []
+
+
+@dataclass
+class Drafts:
+    """Prompt-lookup drafts and how many to check next: doubled (up to `most`) while all are
+    accepted, one more than were accepted otherwise; after a draft wholly refused, drafting pauses
+    for 1, 3, 7, ... steps, so a text that does not copy costs almost nothing. Counts what was
+    proposed and accepted (the acceptance rate)."""
+
+    most: int = 8
+    size: int = 4
+    pause: int = 0
+    misses: int = 0
+    proposed: int = 0
+    accepted: int = 0
+
+    def propose(self, context: Sequence[int], room: int) -> list[int]:
+        if self.pause:
+            self.pause -= 1
+            return []
+        return lookup(context, min(self.size, room)) if room > 0 else []
+
+    def update(self, drafted: int, accepted: int) -> None:
+        if not drafted:
+            return
+        self.proposed, self.accepted = self.proposed + drafted, self.accepted + accepted
+        self.size = min(2 * self.size, self.most) if accepted == drafted else accepted + 1
+        self.misses = self.misses + 1 if accepted == 0 else 0
+        self.pause = 2 ** min(self.misses, 5) - 1
+
+
 class GenAIEngine:
     """An onnxruntime-genai model folder. On a machine without a GPU, a model built for CUDA runs on
-    the CPU: the config's providers are cleared (the `-cuda` package also runs CPU models)."""
+    the CPU: the config's providers are cleared (the `-cuda` package also runs CPU models).
+
+    With `speculate` (the default), tokens are picked here (`pick`) from the logits the engine
+    returns for every position it appends, and prompt-lookup drafts are checked several at a time:
+    one forward pass over the next token and its drafts, the agreeing prefix kept, the cache rewound
+    past the rest. Every emitted token is the pick from the logits after exactly the tokens before
+    it, with one draw of the seeded generator each, so the output is the same with drafts as without
+    (greedy and sampled alike; up to float rounding: logits computed over several positions differ
+    from one at a time by ~1e-5, which can only turn an exact near-tie). Without `speculate`,
+    onnxruntime-genai's own loop picks."""
 
     def __init__(self, folder: Path, use_gpu: bool):
         import onnxruntime_genai as og
@@ -119,8 +170,55 @@ class GenAIEngine:
         if not use_gpu:
             config.clear_providers()
         self.og, self.model = og, og.Model(config)
+        self.drafts = Drafts()  # the last generation's (its acceptance rate)
 
-    def tokens(self, prompt_ids: list[int], sampling: Sampling, eos: set[int]) -> Iterator[int]:
+    def tokens(self, prompt_ids: list[int], sampling: Sampling, eos: set[int], speculate: bool = True) -> Iterator[int]:
+        if speculate:
+            self.drafts = Drafts()
+            return self.checked(prompt_ids, sampling, eos, self.drafts)
+        return self._own_loop(prompt_ids, sampling, eos)
+
+    def checked(self, prompt_ids: list[int], sampling: Sampling, eos: set[int], drafts: Drafts) -> Iterator[int]:
+        """Tokens picked here, drafts checked in one pass each (none with `Drafts(most=0)`)."""
+        end = len(prompt_ids) + sampling.max_new_tokens
+        params = self.og.GeneratorParams(self.model)
+        params.set_search_options(max_length=end + 2)
+        generator = self.og.Generator(self.model, params)
+        rng = np.random.default_rng(sampling.seed)
+        context = list(prompt_ids)
+        generator.append_tokens([prompt_ids])
+        after = generator.get_output("logits")[0, -1]  # the logits after the context
+        pending: int | None = None  # a token picked where a draft was refused: the next one
+        while len(context) < end:
+            token = pick(after, sampling, rng) if pending is None else pending
+            if token in eos:
+                return
+            yield token
+            context.append(token)
+            if len(context) == end:
+                return
+            guess = drafts.propose(context, end - len(context)) if drafts.most else []
+            generator.append_tokens([[token, *guess]])
+            rows = generator.get_output("logits")[0]  # rows[i]: after the token and guess[:i]
+            pending, accepted = None, 0
+            for row, draft in zip(rows, guess, strict=False):
+                picked = pick(row, sampling, rng)
+                if picked != draft:
+                    pending = picked
+                    break
+                accepted += 1
+            drafts.update(len(guess), accepted)
+            for draft in guess[:accepted]:
+                if draft in eos:
+                    return
+                yield draft
+                context.append(draft)
+            if pending is not None:
+                generator.rewind_to(len(context))
+            else:
+                after = rows[-1]
+
+    def _own_loop(self, prompt_ids: list[int], sampling: Sampling, eos: set[int]) -> Iterator[int]:
         params = self.og.GeneratorParams(self.model)
         options: dict[str, Any] = {
             "max_length": len(prompt_ids) + sampling.max_new_tokens,
@@ -144,7 +242,10 @@ class GenAIEngine:
 class LlamaCppEngine:
     """The artifact's `gguf/model.gguf` through llama-cpp-python (llama.cpp's own kernels and
     sampler): what generates where onnxruntime-genai is not installed, or when asked for by name.
-    Sampling is ours in meaning: no min-p, repeat penalty or top-k unless set."""
+    Sampling is ours in meaning: no min-p, repeat penalty or top-k unless set. `speculate` is not
+    taken here: llama-cpp-python's prompt lookup needs the logits of every position of the context
+    kept (`logits_all`: 4 bytes x vocabulary x context, 1.6 GB for SmolLM2's 8k) and aborts the
+    process without them."""
 
     def __init__(self, path: Path, threads: int | None):
         import llama_cpp
@@ -152,7 +253,7 @@ class LlamaCppEngine:
         # n_ctx 0: the context the model was trained for
         self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=0, n_threads=threads, verbose=False)
 
-    def tokens(self, prompt_ids: list[int], sampling: Sampling, eos: set[int]) -> Iterator[int]:
+    def tokens(self, prompt_ids: list[int], sampling: Sampling, eos: set[int], speculate: bool = True) -> Iterator[int]:
         if sampling.seed is not None:
             self.llm.set_seed(sampling.seed)
         options = {"temp": sampling.temperature, "top_k": sampling.top_k, "top_p": sampling.top_p, "min_p": 0.0}
