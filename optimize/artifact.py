@@ -151,6 +151,13 @@ GENAI_REQUIREMENTS = (
     f"onnxruntime-genai-cuda>=0.12,<0.16; {GPU_BUILD_PLATFORMS}",
     f"onnxruntime-genai>=0.12,<0.16; {OTHER_PLATFORMS}",
 )
+# `python -m runtime ART serve` (with requirements.txt): the ASGI stack and Prometheus' client.
+SERVE_REQUIREMENTS = (
+    "starlette>=0.37,<2",
+    "uvicorn>=0.30,<1",
+    "prometheus-client>=0.20,<1",
+    "jinja2>=3.1,<4  # chat templates",
+)
 GGUF_REQUIREMENTS = (
     "# gguf/model.gguf runs in llama.cpp itself, Ollama or LM Studio; for `generate --engine llama.cpp`:",
     "# pip install llama-cpp-python  (builds llama.cpp from source: a few minutes)",
@@ -202,6 +209,7 @@ def write_runtime(folder: Path, *engines: str) -> None:
         shutil.copyfile(source, runtime / source.name)
     genai = GENAI_REQUIREMENTS if (folder / "genai_config.json").is_file() else ()  # a decoder engine folder
     openvino = OPENVINO_REQUIREMENTS if any(on_openvino(e) for e in engines) else ()
+    (runtime / "requirements-serve.txt").write_text("\n".join(SERVE_REQUIREMENTS) + "\n")
     gguf = GGUF_REQUIREMENTS if "llama.cpp" in engines else ()
     (runtime / "requirements.txt").write_text("\n".join((*RUNTIME_REQUIREMENTS, *genai, *openvino, *gguf)) + "\n")
 

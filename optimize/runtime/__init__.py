@@ -11,7 +11,7 @@ kernels) runs with OpenVINO when it is installed, else with onnxruntime, which r
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -197,21 +197,32 @@ class OnnxModel:
         `speculate`: prompt-lookup drafts checked several tokens per pass (onnxruntime-genai,
         llama.cpp), the same output as without (see `GenAIEngine`)."""
         sampling = Sampling(max_new_tokens, temperature, top_k, top_p, seed, tuple(stop))
+        ids = self.prompt_ids(prompt, chat)
+        tokens = self.tokens(ids, sampling, engine, speculate)
+        return stream(tokens, self.tokenizer.decode, sampling, on_text or (lambda piece: None))
+
+    def prompt_ids(self, prompt: str | Sequence[dict[str, str]], chat: bool = False) -> list[int]:
+        """The tokens of `prompt`: as written (special tokens in it read as such), or with `chat`
+        (or given as messages) rendered in the model's chat template first."""
+        if chat or not isinstance(prompt, str):
+            return self.tokenizer.ids(chat_prompt(self.folder, prompt), special=False)
+        return self.tokenizer.ids(prompt, special=True)
+
+    def tokens(self, ids: list[int], sampling: Sampling, engine: str = "auto", speculate: bool = True) -> Iterator[int]:
+        """The generated tokens after `ids`, one at a time, until the end of sequence or
+        `sampling.max_new_tokens` (stop strings are the caller's: see `stream`)."""
         eos = self.config.get("eos_token_id")
         ends = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        ids = self.tokenizer.ids(chat_prompt(self.folder, prompt) if chat else prompt, special=not chat)
         name = self.generator(engine)
         if name == "onnxruntime":
-            tokens = kv_loop(self._step, ids, sampling, ends)
-        else:
-            if name not in self._engines:
-                self._engines[name] = (
-                    GenAIEngine(self.folder, use_gpu=self.provider != "CPUExecutionProvider")
-                    if name == "onnxruntime-genai"
-                    else LlamaCppEngine(self.folder / GGUF_FILE, self._threads)
-                )
-            tokens = self._engines[name].tokens(ids, sampling, ends, speculate)
-        return stream(tokens, self.tokenizer.decode, sampling, on_text or (lambda piece: None))
+            return kv_loop(self._step, ids, sampling, ends)
+        if name not in self._engines:
+            self._engines[name] = (
+                GenAIEngine(self.folder, use_gpu=self.provider != "CPUExecutionProvider")
+                if name == "onnxruntime-genai"
+                else LlamaCppEngine(self.folder / GGUF_FILE, self._threads)
+            )
+        return self._engines[name].tokens(ids, sampling, ends, speculate)
 
     def generator(self, engine: str = "auto") -> str:
         """The engine `generate(engine=...)` runs, or a ValueError that says what is missing."""

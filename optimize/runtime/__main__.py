@@ -1,4 +1,6 @@
 """`python -m runtime ARTIFACT_DIR embed|classify|generate --input texts.jsonl`: JSONL on stdout.
+`python -m runtime ARTIFACT_DIR serve [--host 127.0.0.1] [--port 8000] [--api-key KEY]`: an
+OpenAI-compatible HTTP server (see serve.py; `pip install -r runtime/requirements-serve.txt`).
 
 Input: JSONL with a "text" field per line, or plain text with one text per line ("-" for stdin).
 Output, one line per text: {"text", "embedding"} (embed), {"text", "label", "score"} (classify) or
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -38,7 +41,9 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m runtime", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("artifact", type=Path, help="the artifact folder (holds manifest.json)")
-    parser.add_argument("command", choices=["embed", "classify", "generate"], help="what to compute")
+    parser.add_argument(
+        "command", choices=["embed", "classify", "generate", "serve"], help="what to compute, or serve (HTTP)"
+    )
     parser.add_argument("--input", default="-", help="texts: .jsonl or .txt file, or - for stdin")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=32, help="generate: tokens per prompt")
@@ -61,7 +66,22 @@ def main(argv: list[str] | None = None) -> int:
         choices=["auto", "onnxruntime-genai", "llama.cpp", "onnxruntime"],
         help="generate: what runs the model (auto: onnxruntime-genai, else llama.cpp on gguf/model.gguf)",
     )
+    parser.add_argument("--host", default="127.0.0.1", help="serve: the address to listen on")
+    parser.add_argument("--port", type=int, default=8000, help="serve: the port")
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("OPTIMIZE_API_KEY"),
+        help="serve: every request needs Authorization: Bearer KEY (default: $OPTIMIZE_API_KEY; none: open)",
+    )
     args = parser.parse_args(argv)
+    if args.command == "serve":
+        from .serve import serve
+
+        try:
+            return serve(args.artifact, args.host, args.port, args.api_key)
+        except (ArtifactError, OSError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     try:
         model = load(args.artifact)
         texts = [args.prompt] if args.prompt is not None else _texts(args.input)

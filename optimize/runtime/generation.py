@@ -263,9 +263,10 @@ class LlamaCppEngine:
             yield int(token)
 
 
-def chat_prompt(folder: Path, prompt: str) -> str:
-    """`prompt` as one user turn in the model's chat template (`chat_template.jinja` or the one in
-    `tokenizer_config.json`), rendered as transformers renders it (needs `jinja2`)."""
+def chat_prompt(folder: Path, prompt: str | Sequence[dict[str, str]]) -> str:
+    """`prompt` as one user turn (or a list of {"role", "content"} messages) in the model's chat
+    template (`chat_template.jinja` or the one in `tokenizer_config.json`), rendered as transformers
+    renders it (needs `jinja2`)."""
     config_path = folder / "tokenizer_config.json"
     config = json.loads(config_path.read_text()) if config_path.is_file() else {}
     path = folder / "chat_template.jinja"
@@ -287,7 +288,7 @@ def chat_prompt(folder: Path, prompt: str) -> str:
         value = config.get(name)
         return str(value.get("content", "")) if isinstance(value, dict) else str(value or "")
 
-    messages = [{"role": "user", "content": prompt}]
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
     rendered: str = environment.from_string(template).render(
         messages=messages, add_generation_prompt=True, bos_token=token("bos_token"), eos_token=token("eos_token")
     )

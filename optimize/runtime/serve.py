@@ -1,0 +1,512 @@
+"""`python -m runtime ART serve`: the artifact behind an OpenAI-compatible HTTP API, on Starlette
+and uvicorn (`pip install -r runtime/requirements-serve.txt`; `embed` and `generate` need none of it).
+
+    GET  /health               {"status": "ok"}
+    GET  /v1/models            the one model this server runs
+    POST /v1/embeddings        encoders: requests gathered into batches (dynamic batching)
+    POST /v1/completions       decoders: a prompt continued; `stream: true` sends server-sent events
+    POST /v1/chat/completions  decoders: messages rendered in the model's chat template
+    GET  /metrics              Prometheus text: requests, queue depth, batch sizes, latency, tokens
+
+The model runs on one worker thread, never on the event loop. Embedding requests that arrive
+within `Limits.batch_wait_ms` of each other (up to `batch_tokens` tokens) run as one batch, sorted
+by length so padding is short, and the rows go back to their requests in order. Generation requests
+are interleaved a token at a time on that thread (every client streams while the others do); a
+client that goes away is dropped at its next token. Past `max_queue` waiting requests the answer is
+429 with Retry-After; longer than the model takes, 400; a body over `max_body` bytes, 413; over
+`timeout_s`, 504. Unknown request fields are ignored, wrong ones are a 400 with an OpenAI-style
+error object; with an API key, a request without `Authorization: Bearer KEY` is a 401.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import queue
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .generation import Sampling, Text
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_queue: int = 64  # requests waiting for the model; past it: 429
+    timeout_s: float = 120.0  # a request's whole time; past it: 504
+    max_body: int = 1 << 20  # bytes of a request body; past it: 413
+    batch_wait_ms: float = 4.0  # how long an embedding request waits for others to batch with
+    batch_tokens: int = 16384  # tokens in one embedding batch at most
+    max_new_tokens: int = 2048  # what a completion request may ask for
+
+
+class ApiError(Exception):
+    """An error the client caused (or an overload), answered as OpenAI does."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.param, self.headers = status, param, headers or {}
+
+    def response(self) -> Any:
+        from starlette.responses import JSONResponse
+
+        kind = {401: "authentication_error", 429: "rate_limit_exceeded", 504: "timeout"}.get(
+            self.status, "invalid_request_error" if self.status < 500 else "server_error"
+        )
+        body = {"error": {"message": str(self), "type": kind, "param": self.param, "code": None}}
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+
+class Metrics:
+    """The server's counters in Prometheus' own client (its text format on /metrics)."""
+
+    def __init__(self) -> None:
+        import prometheus_client as prom
+
+        self.registry = prom.CollectorRegistry()
+        self.requests = prom.Counter(
+            "optimize_requests", "requests answered", ["endpoint", "status"], registry=self.registry
+        )
+        self.queue = prom.Gauge("optimize_queue_depth", "requests waiting for the model", registry=self.registry)
+        self.batch = prom.Histogram(
+            "optimize_batch_size",
+            "texts per embedding batch",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+            registry=self.registry,
+        )
+        self.latency = prom.Histogram(
+            "optimize_request_seconds", "request latency", ["endpoint"], registry=self.registry,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+        )  # fmt: skip
+        self.tokens = prom.Counter("optimize_tokens", "tokens read and written", ["kind"], registry=self.registry)
+
+    def text(self) -> bytes:
+        import prometheus_client as prom
+
+        return bytes(prom.generate_latest(self.registry))
+
+
+@dataclass
+class _Job:
+    """One request's work for the model thread: an embedding batch entry or a token stream."""
+
+    loop: asyncio.AbstractEventLoop
+    out: asyncio.Queue[Any]
+    texts: list[str] = field(default_factory=list)
+    tokens: Iterator[int] | None = None
+    cancelled: bool = False
+
+    def send(self, item: Any) -> None:
+        self.loop.call_soon_threadsafe(self.out.put_nowait, item)
+
+
+class Worker:
+    """The one thread that runs the model: embedding batches first, then one token of each open
+    stream in turn, so no request waits for another's whole answer."""
+
+    def __init__(self, model: Any, limits: Limits, metrics: Metrics):
+        self.model, self.limits, self.metrics = model, limits, metrics
+        self.inbox: queue.Queue[_Job] = queue.Queue()
+        self.waiting = 0  # requests not yet answered (bounded by limits.max_queue)
+        self.lock = threading.Lock()
+        self.thread = threading.Thread(target=self._run, name="model", daemon=True)
+        self.thread.start()
+
+    def admit(self) -> None:
+        with self.lock:
+            if self.waiting >= self.limits.max_queue:
+                raise ApiError(429, "the server is at capacity; retry shortly", headers={"Retry-After": "1"})
+            self.waiting += 1
+            self.metrics.queue.set(self.waiting)
+
+    def release(self) -> None:
+        with self.lock:
+            self.waiting -= 1
+            self.metrics.queue.set(self.waiting)
+
+    def _run(self) -> None:
+        streams: list[_Job] = []
+        while True:
+            jobs = self._take(block=not streams)
+            embeds = [j for j in jobs if j.tokens is None]
+            streams += [j for j in jobs if j.tokens is not None]
+            if embeds:
+                self._embed(embeds)
+            for job in list(streams):
+                if job.cancelled or not self._step(job):
+                    streams.remove(job)
+
+    def _take(self, block: bool) -> list[_Job]:
+        """What arrived: waits for the first when idle, then `batch_wait_ms` for embedding
+        requests to gather (up to `batch_tokens`)."""
+        jobs: list[_Job] = []
+        try:
+            jobs.append(self.inbox.get(block=block))
+        except queue.Empty:
+            return jobs
+        if jobs[0].tokens is None:
+            deadline = time.perf_counter() + self.limits.batch_wait_ms / 1000
+            budget = self.limits.batch_tokens - sum(len(t) for t in jobs[0].texts) // 4
+            while budget > 0 and (left := deadline - time.perf_counter()) > 0:
+                try:
+                    jobs.append(self.inbox.get(timeout=left))
+                except queue.Empty:
+                    break
+                budget -= sum(len(t) for t in jobs[-1].texts) // 4  # ~4 characters a token
+        while True:  # and whatever else is already here
+            try:
+                jobs.append(self.inbox.get_nowait())
+            except queue.Empty:
+                return jobs
+
+    def _embed(self, jobs: list[_Job]) -> None:
+        texts = [t for j in jobs for t in j.texts]
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths pad little
+        self.metrics.batch.observe(len(texts))
+        try:
+            vectors = self.model.embed([texts[i] for i in order], batch_size=64)
+        except Exception as exc:  # the model failed: every request in the batch says so
+            for job in jobs:
+                job.send(exc)
+            return
+        rows = np.empty_like(vectors)
+        rows[order] = vectors
+        start = 0
+        for job in jobs:
+            job.send(rows[start : start + len(job.texts)])
+            start += len(job.texts)
+
+    def _step(self, job: _Job) -> bool:
+        """One more token of `job` (None at its end); False when it is done."""
+        assert job.tokens is not None
+        try:
+            token = next(job.tokens)
+        except StopIteration:
+            job.send(None)
+            return False
+        except Exception as exc:
+            job.send(exc)
+            return False
+        job.send(token)
+        return True
+
+
+class Server:
+    """The routes over one loaded artifact (`runtime.load`)."""
+
+    def __init__(self, model: Any, name: str, limits: Limits, api_key: str | None):
+        from .text import Tokenizer
+
+        self.model, self.name, self.limits, self.api_key = model, name, limits, api_key
+        self.metrics = Metrics()
+        self.worker = Worker(model, limits, self.metrics)
+        self.decoder = bool(model.generators())
+        self.seq_len = int(model.tokenizer.seq_len)
+        # The model thread pads and truncates with the model's tokenizer; counting on the event loop
+        # uses its own (a tokenizer's padding settings are state).
+        self.counter = Tokenizer(model.folder / "tokenizer.json", self.seq_len)
+
+    def app(self) -> Any:
+        from starlette.applications import Starlette
+        from starlette.routing import Route
+
+        routes = [
+            Route("/health", self.health, methods=["GET"]),
+            Route("/metrics", self.prometheus, methods=["GET"]),
+            Route("/v1/models", self.models, methods=["GET"]),
+            Route("/v1/embeddings", self.endpoint("embeddings", self.embeddings), methods=["POST"]),
+            Route("/v1/completions", self.endpoint("completions", self.completions), methods=["POST"]),
+            Route("/v1/chat/completions", self.endpoint("chat", self.chat), methods=["POST"]),
+        ]
+        return Starlette(routes=routes)
+
+    async def health(self, request: Any) -> Any:
+        from starlette.responses import JSONResponse
+
+        return JSONResponse({"status": "ok"})
+
+    async def prometheus(self, request: Any) -> Any:
+        from starlette.responses import Response
+
+        return Response(self.metrics.text(), media_type="text/plain; version=0.0.4")
+
+    async def models(self, request: Any) -> Any:
+        from starlette.responses import JSONResponse
+
+        self._authorize(request)
+        return JSONResponse(
+            {"object": "list", "data": [{"id": self.name, "object": "model", "created": 0, "owned_by": "optimize"}]}
+        )
+
+    def endpoint(self, name: str, handler: Callable[[dict[str, Any], Any], Any]) -> Callable[[Any], Any]:
+        """`handler` with what every POST route does: the key, the body, limits, errors, metrics."""
+
+        async def route(request: Any) -> Any:
+            start, status = time.perf_counter(), 200
+            try:
+                self._authorize(request)
+                body = await self._body(request)
+                self.worker.admit()
+                held = False
+                try:
+                    response = await asyncio.wait_for(handler(body, request), self.limits.timeout_s)
+                    held = getattr(response, "holds_slot", False)  # a stream gives its slot back at its end
+                finally:
+                    if not held:
+                        self.worker.release()
+                return response
+            except ApiError as exc:
+                status = exc.status
+                return exc.response()
+            except asyncio.TimeoutError:
+                status = 504
+                return ApiError(504, f"the request took longer than {self.limits.timeout_s:g} s").response()
+            finally:
+                self.metrics.requests.labels(name, str(status)).inc()
+                self.metrics.latency.labels(name).observe(time.perf_counter() - start)
+
+        return route
+
+    def _authorize(self, request: Any) -> None:
+        if self.api_key and request.headers.get("authorization", "") != f"Bearer {self.api_key}":
+            raise ApiError(401, "a valid API key is needed: Authorization: Bearer KEY")
+
+    async def _body(self, request: Any) -> dict[str, Any]:
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limits.max_body:
+            raise ApiError(413, f"the body is over {self.limits.max_body} bytes")
+        raw = b""
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > self.limits.max_body:
+                raise ApiError(413, f"the body is over {self.limits.max_body} bytes")
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            raise ApiError(400, "the body is not JSON") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "the body is not a JSON object")
+        return body
+
+    async def embeddings(self, body: dict[str, Any], request: Any) -> Any:
+        from starlette.responses import JSONResponse
+
+        if self.decoder:
+            raise ApiError(400, f"{self.name} generates text; it has no embeddings endpoint", "model")
+        given = body.get("input")
+        texts = [given] if isinstance(given, str) else given
+        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+            raise ApiError(400, "input: a string or a non-empty list of strings", "input")
+        counts = [len(self.counter.ids(t, special=True)) for t in texts]
+        longest = max(counts)
+        if longest > self.seq_len and body.get("truncate") is not True:  # `truncate: true`: cut to fit
+            raise ApiError(
+                400,
+                f"input: {longest} tokens; the model takes at most {self.seq_len} (or send truncate: true)",
+                "input",
+            )
+        counts = [min(c, self.seq_len) for c in counts]
+        job = _Job(asyncio.get_running_loop(), asyncio.Queue(), texts=texts)
+        self.worker.inbox.put(job)
+        rows = await job.out.get()
+        if isinstance(rows, Exception):
+            raise ApiError(500, f"the model failed: {rows}")
+        self.metrics.tokens.labels("prompt").inc(sum(counts))
+        data = [{"object": "embedding", "index": i, "embedding": [float(x) for x in row]} for i, row in enumerate(rows)]
+        usage = {"prompt_tokens": sum(counts), "total_tokens": sum(counts)}
+        return JSONResponse({"object": "list", "data": data, "model": self.name, "usage": usage})
+
+    async def completions(self, body: dict[str, Any], request: Any) -> Any:
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1:
+            prompt = prompt[0]
+        if not isinstance(prompt, str):
+            raise ApiError(400, "prompt: a string", "prompt")
+        return await self._generate(self.model.prompt_ids(prompt), body, request, chat=False)
+
+    async def chat(self, body: dict[str, Any], request: Any) -> Any:
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise ApiError(400, "messages: a non-empty list of {role, content}", "messages")
+        turns = []
+        for m in messages:
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+                raise ApiError(400, "messages: each a {role, content} object", "messages")
+            content = m.get("content")
+            if isinstance(content, list):  # the parts form: its text parts
+                content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+            if not isinstance(content, str):
+                raise ApiError(400, "messages: content is a string", "messages")
+            turns.append({"role": m["role"], "content": content})
+        try:
+            ids = self.model.prompt_ids(turns, chat=True)
+        except ValueError as exc:
+            raise ApiError(400, str(exc), "messages") from None
+        return await self._generate(ids, body, request, chat=True)
+
+    def _sampling(self, body: dict[str, Any], chat: bool) -> Sampling:
+        def number(key: str, default: float, kind: type = float) -> Any:
+            value = body.get(key, default)
+            if value is None:
+                return default
+            if isinstance(value, bool) or not isinstance(value, int | float) or (kind is int and value != int(value)):
+                raise ApiError(400, f"{key}: a number", key)
+            return kind(value)
+
+        most = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
+        stop = body.get("stop") or []
+        stop = [stop] if isinstance(stop, str) else stop
+        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+            raise ApiError(400, "stop: a string or a list of strings", "stop")
+        seed = body.get("seed")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ApiError(400, "seed: an integer", "seed")
+        try:
+            return Sampling(
+                max_new_tokens=min(
+                    number(most, 16 if not chat else self.limits.max_new_tokens, int), self.limits.max_new_tokens
+                ),
+                temperature=number("temperature", 1.0),
+                top_k=number("top_k", 0, int),
+                top_p=number("top_p", 1.0),
+                seed=seed,
+                stop=tuple(stop),
+            )
+        except ValueError as exc:
+            raise ApiError(400, str(exc)) from None
+
+    async def _generate(self, ids: list[int], body: dict[str, Any], request: Any, chat: bool) -> Any:
+        from starlette.responses import JSONResponse, StreamingResponse
+
+        if not self.decoder:
+            raise ApiError(400, f"{self.name} is not a text generator; use /v1/embeddings", "model")
+        sampling = self._sampling(body, chat)
+        if len(ids) + sampling.max_new_tokens > self._context():
+            raise ApiError(400, f"prompt: {len(ids)} tokens and max_tokens {sampling.max_new_tokens} exceed the "
+                           f"model's context of {self._context()}", "prompt")  # fmt: skip
+        job = _Job(asyncio.get_running_loop(), asyncio.Queue(), tokens=self.model.tokens(ids, sampling))
+        self.worker.inbox.put(job)
+        pieces = self._pieces(job, sampling, len(ids))
+        kind = "chat.completion" if chat else "text_completion"
+        ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        created = int(time.time())
+        if body.get("stream"):
+            usage_wanted = bool((body.get("stream_options") or {}).get("include_usage"))
+            events = self._events(pieces, kind, ident, created, chat, usage_wanted, request, job)
+            response = StreamingResponse(events, media_type="text/event-stream")
+            response.holds_slot = True  # type: ignore[attr-defined]
+            return response
+        text, finish, usage = [], "length", {}
+        async for piece, reason, counted in pieces:
+            text.append(piece)
+            finish, usage = reason or finish, counted
+        choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": "".join(text)}
+        else:
+            choice["text"] = "".join(text)
+        return JSONResponse(
+            {"id": ident, "object": kind, "created": created, "model": self.name, "choices": [choice], "usage": usage}
+        )
+
+    def _context(self) -> int:
+        config = getattr(self.model, "config", {}) or {}
+        return int(config.get("max_position_embeddings") or 1 << 30)
+
+    async def _pieces(
+        self, job: _Job, sampling: Sampling, prompt_tokens: int
+    ) -> AsyncIterator[tuple[str, str | None, dict[str, int]]]:
+        """(new text, finish reason at the end, usage so far) as the model thread makes tokens."""
+        text = Text(self.model.tokenizer.decode, sampling.stop)
+        count = 0
+        try:
+            while True:
+                token = await job.out.get()
+                if isinstance(token, Exception):
+                    raise ApiError(500, f"the model failed: {token}")
+                usage = {"prompt_tokens": prompt_tokens, "completion_tokens": count,
+                         "total_tokens": prompt_tokens + count}  # fmt: skip
+                if token is None:  # the end of sequence
+                    yield text.rest(), "stop", usage
+                    return
+                count += 1
+                usage = {**usage, "completion_tokens": count, "total_tokens": prompt_tokens + count}
+                piece, stopped = text.add(int(token))
+                if stopped:
+                    yield piece, "stop", usage
+                    return
+                if count >= sampling.max_new_tokens:
+                    yield piece + text.rest(), "length", usage
+                    return
+                yield piece, None, usage
+        finally:
+            job.cancelled = True  # done, or the client left: the model thread drops it
+            self.metrics.tokens.labels("prompt").inc(prompt_tokens)
+            self.metrics.tokens.labels("completion").inc(count)
+
+    async def _events(
+        self,
+        pieces: AsyncIterator[tuple[str, str | None, dict[str, int]]],
+        kind: str,
+        ident: str,
+        created: int,
+        chat: bool,
+        usage_wanted: bool,
+        request: Any,
+        job: _Job,
+    ) -> AsyncIterator[bytes]:
+        """Server-sent events: a chunk per piece of text, the finish reason, usage if asked, [DONE]."""
+        chunk_kind = kind + ".chunk" if chat else kind
+
+        def event(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> bytes:
+            body: dict[str, Any] = {"id": ident, "object": chunk_kind, "created": created, "model": self.name}
+            body["choices"] = choices
+            if usage_wanted:
+                body["usage"] = usage
+            return f"data: {json.dumps(body)}\n\n".encode()
+
+        def choice(piece: str | None, reason: str | None) -> dict[str, Any]:
+            if chat:
+                delta = {} if piece is None else {"content": piece}
+                return {"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}
+            return {"index": 0, "text": piece or "", "finish_reason": reason, "logprobs": None}
+
+        if chat:
+            yield event([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+        usage: dict[str, int] = {}
+        try:
+            try:
+                async for piece, reason, counted in pieces:
+                    usage = counted
+                    if piece:
+                        yield event([choice(piece, None)])
+                    if reason is not None:
+                        yield event([choice(None if chat else "", reason)])
+            except ApiError as exc:
+                yield f"data: {json.dumps({'error': {'message': str(exc), 'type': 'server_error'}})}\n\n".encode()
+            if usage_wanted:
+                yield event([], usage)
+            yield b"data: [DONE]\n\n"
+        finally:  # the end, or the client went away (the stream is closed at its next piece)
+            job.cancelled = True
+            self.worker.release()
+
+
+def serve(artifact: Path, host: str, port: int, api_key: str | None, limits: Limits | None = None) -> int:
+    """Run the server until SIGINT or SIGTERM (uvicorn finishes in-flight requests, then exits)."""
+    try:
+        import uvicorn
+    except ImportError:
+        raise ValueError("serving needs its extra: pip install -r runtime/requirements-serve.txt") from None
+    from . import load
+
+    model = load(artifact)
+    server = Server(model, Path(artifact).resolve().name, limits or Limits(), api_key)
+    uvicorn.run(server.app(), host=host, port=port, log_level="info", timeout_graceful_shutdown=30)
+    return 0
