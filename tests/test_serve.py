@@ -53,7 +53,9 @@ def serving(artifact: Path, limits: Limits | None = None, api_key: str | None = 
 @pytest.fixture(scope="module")
 def encoder(tiny_bert: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("serve-encoder")
-    recipe = write_recipe(folder, [{"kind": "compile", "gate": [{"metric": "cosine_min", "min": 0.999}]}], model=str(tiny_bert))
+    recipe = write_recipe(
+        folder, [{"kind": "compile", "gate": [{"metric": "cosine_min", "min": 0.999}]}], model=str(tiny_bert)
+    )
     result = CliRunner().invoke(app, ["run", str(recipe), "-o", str(folder / "art")])
     assert result.exit_code == 0, result.output
     return folder / "art"
@@ -67,7 +69,8 @@ def decoder(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     recipe = write_recipe(folder, [stage], model=str(tiny_llama))
     result = CliRunner().invoke(app, ["run", str(recipe), "-o", str(folder / "art")])
     assert result.exit_code == 0, result.output
-    template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
+    template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"
+    template += "{% if add_generation_prompt %}<assistant>{% endif %}"
     (folder / "art" / "chat_template.jinja").write_text(template)  # the tiny model has none of its own
     return folder / "art"
 
@@ -103,7 +106,11 @@ def test_concurrent_embedding_requests_are_batched_and_each_gets_its_own_rows(en
         got = np.array(asyncio.run(many(url)))
         metrics = httpx.get(url + "/metrics").text
     assert np.abs(got - expected).max() < 1e-5
-    sizes = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines() if line.startswith("optimize_batch_size_")}
+    sizes = {
+        line.split()[0]: float(line.split()[1])
+        for line in metrics.splitlines()
+        if line.startswith("optimize_batch_size_")
+    }
     assert sizes["optimize_batch_size_count"] < len(texts)  # fewer batches than requests: they were gathered
     assert 'optimize_requests_total{endpoint="embeddings",status="200"} 24.0' in metrics
 
@@ -117,7 +124,12 @@ def test_completion_and_chat_match_the_runtime_streamed_or_not(decoder: Path) ->
         assert done.choices[0].text == expected and done.choices[0].finish_reason == "length"
         assert done.usage.completion_tokens == 12
         stream = client.completions.create(
-            model="tiny", prompt="the model", max_tokens=12, temperature=0, stream=True, stream_options={"include_usage": True}
+            model="tiny",
+            prompt="the model",
+            max_tokens=12,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
         )
         chunks = list(stream)
         assert "".join(c.choices[0].text for c in chunks if c.choices) == expected
@@ -199,7 +211,9 @@ def test_a_client_that_leaves_mid_stream_frees_its_place(decoder: Path) -> None:
         (json.dumps({"input": "x" * 3_000_000}).encode(), 413, None),  # over the body limit
     ],
 )
-def test_malformed_and_oversized_bodies_get_an_openai_error(encoder: Path, body: bytes, status: int, param: str | None) -> None:
+def test_malformed_and_oversized_bodies_get_an_openai_error(
+    encoder: Path, body: bytes, status: int, param: str | None
+) -> None:
     with serving(encoder) as url:
         answer = httpx.post(url + "/v1/embeddings", content=body, headers={"content-type": "application/json"})
     assert answer.status_code == status, answer.text
