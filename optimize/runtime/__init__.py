@@ -187,15 +187,15 @@ class OnnxModel:
         on_text: Callable[[str], None] | None = None,
         chat: bool = False,
         engine: str = "auto",
-        speculate: bool = True,
+        speculate: bool = False,
     ) -> str:
         """Continue `prompt` (greedy unless `temperature` > 0; a `seed` makes sampling repeatable),
         ending at the end-of-sequence token, `max_new_tokens` or before the first `stop` string.
         `on_text` receives each new piece of text as it comes (streaming); `chat` wraps the prompt in
         the model's chat template as one user turn. `engine` is one of `generators()` (auto: the
         first). Every engine is fed the artifact's own tokens and decoded by its own tokenizer.
-        `speculate`: prompt-lookup drafts checked several tokens per pass (onnxruntime-genai,
-        llama.cpp), the same output as without (see `GenAIEngine`)."""
+        `speculate`: prompt-lookup drafts checked several tokens per pass (onnxruntime-genai; see
+        `GenAIEngine` for when its output equals one-token decoding and what it gained here)."""
         sampling = Sampling(max_new_tokens, temperature, top_k, top_p, seed, tuple(stop))
         ids = self.prompt_ids(prompt, chat)
         tokens = self.tokens(ids, sampling, engine, speculate)
@@ -208,7 +208,9 @@ class OnnxModel:
             return self.tokenizer.ids(chat_prompt(self.folder, prompt), special=False)
         return self.tokenizer.ids(prompt, special=True)
 
-    def tokens(self, ids: list[int], sampling: Sampling, engine: str = "auto", speculate: bool = True) -> Iterator[int]:
+    def tokens(
+        self, ids: list[int], sampling: Sampling, engine: str = "auto", speculate: bool = False
+    ) -> Iterator[int]:
         """The generated tokens after `ids`, one at a time, until the end of sequence or
         `sampling.max_new_tokens` (stop strings are the caller's: see `stream`)."""
         eos = self.config.get("eos_token_id")

@@ -56,9 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stop", action="append", default=[], help="generate: end before this string (repeatable)")
     parser.add_argument("--chat", action="store_true", help="generate: the prompt as a user turn of the chat template")
     parser.add_argument(
-        "--no-speculate",
+        "--speculate",
         action="store_true",
-        help="generate: one token per forward pass (default: prompt-lookup drafts, the same output)",
+        help="generate: check prompt-lookup drafts several tokens per pass (onnxruntime-genai; off by default)",
     )
     parser.add_argument(
         "--engine",
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
                 stop=args.stop,
                 chat=args.chat,
                 engine=model.generator(args.engine),
-                speculate=not args.no_speculate,
+                speculate=args.speculate,
             )
             print(f"generating with {options['engine']}", file=sys.stderr)
             for text in texts:

@@ -1,0 +1,296 @@
+"""Load on OpenAI-compatible servers, in one run on this machine: our runtime's server and the peers
+users would pick, each started here and driven alike.
+
+    python bench/serve.py embeddings ARTIFACT [--concurrency 1 4 16] [--slo-ms 50] [--seconds 10]
+    python bench/serve.py generation ARTIFACT [--concurrency 1 4] [--max-tokens 64] [--requests 8]
+    python bench/serve.py embeddings --url http://host:port/v1 ...   (any server, not started here)
+
+Closed loop: `concurrency` clients each send their next request when the last is answered, for
+`seconds` (embeddings) or `requests` each (generation). Open loop (`--rate R`): Poisson arrivals at
+R requests/s whatever the answers. Reported per system and level: requests, throughput, latency
+p50/p90/p99, goodput (answered requests per second within the SLO), and for generation TTFT and
+TPOT (time per output token after the first) p50/p90, from streamed responses. Peers: infinity-emb
+(`infinity_emb v2`, its optimum/onnxruntime engine on the checkpoint) for embeddings and
+llama-cpp-python's server (`python -m llama_cpp.server`) on the artifact's GGUF for generation,
+where installed. The CPU model and flags are printed with the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SENTENCES = [
+    "A man is playing a guitar on stage.",
+    "The weather in the mountains changes quickly in spring.",
+    "Two dogs run across a snowy field.",
+    "She ordered a coffee and opened her laptop.",
+    "Stock markets fell sharply after the announcement.",
+    "A child is reading a book under a tree.",
+]
+PROMPTS = [
+    "Write one sentence about the sea.",
+    "Give me three tips for staying focused while working from home.",
+    "What is the capital of France?",
+    "Explain what a hash table is in two sentences.",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@contextmanager
+def started(command: list[str], port: int, ready: str = "/health", env: dict[str, str] | None = None) -> Iterator[str]:
+    """A server process on `port` (its base URL once `ready` answers), stopped at the end."""
+    import httpx
+
+    log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-serve-{port}.log", "w")  # noqa: SIM115
+    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{command[0]} exited with {proc.returncode}: see {log.name}")
+            try:
+                if httpx.get(url + ready, timeout=2).status_code < 500:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+async def closed_loop(send: Any, concurrency: int, seconds: float, requests: int | None) -> list[dict[str, float]]:
+    """`concurrency` clients, each sending as soon as its last answer is in."""
+    end = time.perf_counter() + seconds
+    results: list[dict[str, float]] = []
+
+    async def client(index: int) -> None:
+        sent = 0
+        while (requests is None and time.perf_counter() < end) or (requests is not None and sent < requests):
+            results.append(await send(index * 1000 + sent))
+            sent += 1
+
+    await asyncio.gather(*(client(i) for i in range(concurrency)))
+    return results
+
+
+async def open_loop(send: Any, rate: float, seconds: float) -> list[dict[str, float]]:
+    """Poisson arrivals at `rate` per second for `seconds`, whatever the answers."""
+    rng = random.Random(0)
+    tasks, start, n = [], time.perf_counter(), 0
+    while time.perf_counter() - start < seconds:
+        tasks.append(asyncio.create_task(send(n)))
+        n += 1
+        await asyncio.sleep(rng.expovariate(rate))
+    return list(await asyncio.gather(*tasks))
+
+
+def summary(results: list[dict[str, float]], wall: float, slo_ms: float) -> dict[str, float]:
+    ok = [r for r in results if r["ok"]]
+    latency = np.array([r["latency_ms"] for r in ok]) if ok else np.array([np.nan])
+    row = {
+        "requests": len(results),
+        "errors": len(results) - len(ok),
+        "throughput_rps": round(len(ok) / wall, 2),
+        "p50_ms": round(float(np.percentile(latency, 50)), 2),
+        "p90_ms": round(float(np.percentile(latency, 90)), 2),
+        "p99_ms": round(float(np.percentile(latency, 99)), 2),
+        "goodput_rps": round(sum(r["latency_ms"] <= slo_ms for r in ok) / wall, 2),
+    }
+    if ok and "ttft_ms" in ok[0]:
+        ttft = np.array([r["ttft_ms"] for r in ok])
+        tpot = np.array([r["tpot_ms"] for r in ok if r["tokens"] > 1] or [np.nan])
+        row |= {
+            "ttft_p50_ms": round(float(np.percentile(ttft, 50)), 2),
+            "ttft_p90_ms": round(float(np.percentile(ttft, 90)), 2),
+            "tpot_p50_ms": round(float(np.percentile(tpot, 50)), 2),
+            "tpot_p90_ms": round(float(np.percentile(tpot, 90)), 2),
+            "output_tok_s": round(sum(r["tokens"] for r in ok) / wall, 1),
+        }
+    return row
+
+
+def embedding_sender(client: Any, model: str) -> Any:
+    async def send(n: int) -> dict[str, float]:
+        start = time.perf_counter()
+        answer = await client.post("/embeddings", json={"model": model, "input": [SENTENCES[n % len(SENTENCES)]]})
+        return {"ok": answer.status_code == 200, "latency_ms": (time.perf_counter() - start) * 1000}
+
+    return send
+
+
+def generation_sender(client: Any, model: str, max_tokens: int) -> Any:
+    async def send(n: int) -> dict[str, float]:
+        body = {"model": model, "stream": True, "max_tokens": max_tokens, "temperature": 0}
+        body["messages"] = [{"role": "user", "content": PROMPTS[n % len(PROMPTS)]}]
+        start, first, tokens, ok = time.perf_counter(), None, 0, False
+        async with client.stream("POST", "/chat/completions", json=body) as answer:
+            ok = answer.status_code == 200
+            async for line in answer.aiter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk.get("choices") and chunk["choices"][0].get("delta", {}).get("content"):
+                    first = first or time.perf_counter()
+                    tokens += 1  # a chunk per token in both servers
+        end = time.perf_counter()
+        first = first or end
+        return {
+            "ok": ok and tokens > 0,
+            "latency_ms": (end - start) * 1000,
+            "ttft_ms": (first - start) * 1000,
+            "tpot_ms": (end - first) * 1000 / max(tokens - 1, 1),
+            "tokens": tokens,
+        }
+
+    return send
+
+
+def run_levels(url: str, model: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    import httpx
+
+    async def level(concurrency: int | None) -> dict[str, Any]:
+        limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
+        async with httpx.AsyncClient(base_url=url + "/v1", timeout=300, limits=limits) as client:
+            if args.mode == "embeddings":
+                send = embedding_sender(client, model)
+            else:
+                send = generation_sender(client, model, args.max_tokens)
+            await send(0)  # warm-up
+            start = time.perf_counter()
+            if concurrency is None:
+                results = await open_loop(send, args.rate, args.seconds)
+            else:
+                requests = args.requests if args.mode == "generation" else None
+                results = await closed_loop(send, concurrency, args.seconds, requests)
+            wall = time.perf_counter() - start
+        label = f"rate {args.rate}/s" if concurrency is None else f"concurrency {concurrency}"
+        return {"level": label, **summary(results, wall, args.slo_ms)}
+
+    levels: list[int | None] = [None] if args.rate else list(args.concurrency)
+    return [asyncio.run(level(c)) for c in levels]
+
+
+def systems(args: argparse.Namespace) -> Iterator[tuple[str, Any, str]]:
+    """(label, a context manager giving the base URL, the model name to send) for each system."""
+    if args.url:
+        yield "given server", _given(args.url), args.model or "model"
+        return
+    artifact = args.artifact.resolve()
+    port = free_port()
+    ours = [sys.executable, "-m", "runtime", str(artifact), "serve", "--port", str(port)]
+    env = {"PYTHONPATH": str(artifact)}
+    yield "optimize runtime serve", started(ours, port, env=env), artifact.name
+    if args.no_peers:
+        return
+    if args.mode == "embeddings" and shutil.which("infinity_emb"):
+        checkpoint = args.checkpoint or _checkpoint_of(artifact)
+        port = free_port()
+        command = ["infinity_emb", "v2", "--model-id", str(checkpoint), "--port", str(port), "--engine", "optimum"]
+        command += ["--device", "cpu", "--no-bettertransformer"]
+        yield "infinity-emb (optimum/onnxruntime) (peer)", started(command, port), str(checkpoint)
+    gguf = artifact / "gguf" / "model.gguf"
+    if args.mode == "generation" and gguf.is_file() and _has("llama_cpp.server"):
+        port = free_port()
+        command = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--port", str(port)]
+        command += ["--n_threads", str(os.cpu_count()), "--n_ctx", "4096", "--chat_format", "chatml"]
+        yield "llama-cpp-python server on the gguf (peer)", started(command, port, ready="/v1/models"), "model"
+
+
+@contextmanager
+def _given(url: str) -> Iterator[str]:
+    yield url.removesuffix("/v1")
+
+
+def _has(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def _checkpoint_of(artifact: Path) -> str:
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    return str(manifest.get("source", {}).get("model", ""))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("mode", choices=["embeddings", "generation"])
+    parser.add_argument("artifact", nargs="?", type=Path, help="an optimize artifact (its server is started)")
+    parser.add_argument("--url", help="drive this OpenAI-compatible server instead (not started here)")
+    parser.add_argument("--model", help="with --url: the model name to send")
+    parser.add_argument(
+        "--checkpoint", help="embeddings: the checkpoint infinity-emb serves (default: the artifact's source)"
+    )
+    parser.add_argument("--concurrency", type=int, nargs="+", default=None)
+    parser.add_argument("--rate", type=float, help="open loop: Poisson arrivals per second instead")
+    parser.add_argument("--seconds", type=float, default=10.0, help="embeddings: time per level")
+    parser.add_argument("--requests", type=int, default=4, help="generation: requests per client per level")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--slo-ms", type=float, default=None, help="goodput counts answers within this (50 / 5000)")
+    parser.add_argument("--no-peers", action="store_true")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    if not args.url and args.artifact is None:
+        parser.error("give an ARTIFACT or --url")
+    args.concurrency = args.concurrency or ([1, 4, 16] if args.mode == "embeddings" else [1, 4])
+    args.slo_ms = args.slo_ms or (50.0 if args.mode == "embeddings" else 5000.0)
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from optimize import cpu
+
+    here = cpu.current().summary()
+    rows = []
+    for label, context, model in systems(args):
+        with Console(stderr=True).status(f"{label}: starting and loading"), context as url:
+            for row in run_levels(url, model, args):
+                rows.append({"system": label, **row})
+    table = Table(
+        title=f"{args.mode}, SLO {args.slo_ms:g} ms; {os.cpu_count()} threads; CPU {here['model']}, "
+        f"flags {' '.join(here['flags'])}",
+        title_justify="left",
+    )
+    columns = [c for c in rows[0] if c != "system"] if rows else []
+    table.add_column("system")
+    for column in columns:
+        table.add_column(column, justify="right")
+    for row in rows:
+        table.add_row(row["system"], *(str(row[c]) for c in columns))
+    Console(width=240).print(table)
+    if args.json:
+        args.json.write_text(json.dumps({"cpu": here, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
