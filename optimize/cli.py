@@ -23,7 +23,7 @@ from rich.console import Console
 
 from optimize import cli_tools, paths, tasks
 from optimize.cli_common import GateOpt, ResumeOpt, RunFlags, SuiteOpt, console, emit, with_run_flags
-from optimize.errors import INTERRUPTED, GateFailed, UsageError
+from optimize.errors import INTERRUPTED, GateFailed, ResourceError, UsageError
 
 if TYPE_CHECKING:
     from optimize.recipe import LoadedRecipe
@@ -72,12 +72,18 @@ def _execute(
             no_cache=flags.no_cache,
             overwrite=flags.overwrite,
             resume=resume,
+            force=flags.force,
         )
         result = run(loaded, options, run_console)
-    except UsageError as exc:
+    except (UsageError, ResourceError) as exc:
         console.print(f"[red]error:[/] {exc}", highlight=False)
         emit(flags.as_json, "error", error=str(exc))
         raise typer.Exit(exc.exit_code) from None
+    except MemoryError:
+        message = "out of memory: the run needed more than this machine has; try a machine with more memory"
+        console.print(f"[red]error:[/] {message}", highlight=False)
+        emit(flags.as_json, "error", error=message)
+        raise typer.Exit(ResourceError.exit_code) from None
     except GateFailed as exc:
         console.print(f"[red]gate failed:[/] {exc}", highlight=False)
         emit(flags.as_json, "gate_failed", None, exc.stages, str(exc))

@@ -58,6 +58,10 @@ ResumeOpt = Annotated[
     bool, typer.Option("--resume", help="Continue training from the checkpoints an unfinished run left beside OUT.")
 ]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the resolved recipe and exit.")]
+ForceOpt = Annotated[
+    bool,
+    typer.Option("--force", help="Run even when the estimated peak memory is more than this machine has."),
+]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -72,6 +76,7 @@ class RunFlags:
     allow_pickle: PickleOpt = False
     trust_remote_code: RemoteOpt = False
     overwrite: OverwriteOpt = False
+    force: ForceOpt = False
 
 
 def with_run_flags(command: Callable[..., None]) -> Callable[..., None]:

@@ -1,8 +1,9 @@
-"""The two failures a user must be able to tell apart from a bug, each with its exit code.
+"""The failures a user must be able to tell apart from a bug, each with its exit code.
 
-DESIGN.md: 0 done, 2 bad input or usage, 3 a gate failed, 1 anything else (a bug). Code raises
-`UsageError` for anything the user can fix (a file, a key, a path) and `GateFailed` when quality
-did not hold; everything else is a bug and keeps its traceback.
+DESIGN.md: 0 done, 2 bad input or usage, 3 a gate failed, 1 anything else (a bug); and 4 the
+machine ran out (memory) or a worker process was killed. Code raises `UsageError` for anything the
+user can fix (a file, a key, a path), `GateFailed` when quality did not hold and `ResourceError`
+when the work died of what it was given to run on; everything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -20,6 +21,13 @@ class UsageError(Exception):
     """Bad input: the message names the file, line or key and says how to fix it. Exit code 2."""
 
     exit_code = 2
+
+
+class ResourceError(Exception):
+    """Out of memory, or a worker process killed (by the kernel's out-of-memory killer, most
+    often): the message says what died, how, and what to try. Exit code 4."""
+
+    exit_code = 4
 
 
 class GateFailed(Exception):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from optimize import artifact, metrics
+from optimize import artifact, memory, metrics
 from optimize.data import columns_of, load_rows, split_calibration
 from optimize.errors import UsageError
 from optimize.evaluate import Evaluator, SpeedSettings
@@ -22,7 +22,7 @@ from optimize.runtime.manifest import GateSource, JsonObject
 from optimize.suites import load_suite
 
 
-@dataclass(frozen=True, kw_only=True)  # five flags: a swapped pair must not type-check
+@dataclass(frozen=True, kw_only=True)  # six flags: a swapped pair must not type-check
 class RunOptions:
     out: Path
     model: str | None = None
@@ -32,6 +32,7 @@ class RunOptions:
     no_cache: bool = False  # run every step, reuse and store nothing
     overwrite: bool = False
     resume: bool = False  # continue a training stage from its checkpoints beside OUT
+    force: bool = False  # run even when the estimated peak memory is more than the machine has
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,7 @@ def prepare(loaded: LoadedRecipe, options: RunOptions, console: Console, workroo
     model = open_any(spec, options.allow_pickle, options.trust_remote_code, base_dir, gguf_root)
     if recipe.task is not None and recipe.task != model.task:
         model = dataclasses.replace(model, task=recipe.task)
+    memory.check(model.checkpoint, recipe.stages, options.force)  # from the headers: nothing loaded yet
     weights = [
         *model.checkpoint.glob("*.safetensors"),
         *model.checkpoint.glob("*.onnx*"),

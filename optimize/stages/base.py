@@ -31,6 +31,9 @@ class StageBase(BaseModel):
     # A stage that rewrites one engine's graph and leaves the weights alone (compile) keeps the
     # other engines' files an earlier stage chose; any other stage's model replaces them.
     keeps_alternates: ClassVar[bool] = False
+    # The kind's measured whole-process peak RSS as (MB, MB per MB of the checkpoint at 2 bytes a
+    # weight): `memory.check` refuses a run that cannot fit before anything loads. None: not measured.
+    peak_memory: ClassVar[tuple[float, float] | None] = None
 
     kind: str  # the registry's discriminator: a Literal in each kind
     name: str | None = None

@@ -1,0 +1,92 @@
+"""What a run will need before anything loads: the checkpoint's size read from its safetensors
+headers (no tensor is read), each stage's measured peak memory per byte of it, and what this
+machine has. A run that cannot fit stops in seconds with exit 2 and the figures, unless `--force`.
+
+A stage kind's `peak_memory` (StageBase) is its measured whole-process peak RSS as
+`base_mb + per_byte x (the checkpoint's parameters at 2 bytes each)`; kinds that have not been
+measured have none and are not estimated.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Sequence
+from pathlib import Path
+
+from optimize.errors import UsageError
+
+BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+BYTES |= {"F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def parameters(checkpoint: Path) -> int:
+    """The number of weights in the checkpoint's safetensors files, from their headers alone."""
+    count = 0
+    for path in sorted(checkpoint.glob("*.safetensors")):
+        with path.open("rb") as handle:
+            try:
+                (size,) = struct.unpack("<Q", handle.read(8))
+                header = json.loads(handle.read(size))
+            except (struct.error, ValueError):
+                raise UsageError(f"model {path}: not a safetensors file (its header does not read)") from None
+        for name, entry in header.items():
+            if name != "__metadata__":
+                shape = entry.get("shape", [])
+                count += int(_product(shape))
+    return count
+
+
+def _product(shape: Sequence[int]) -> int:
+    out = 1
+    for n in shape:
+        out *= int(n)
+    return out
+
+
+def available_mb() -> float:
+    """Memory this process can still take: MemAvailable, or the cgroup's limit less its use if lower."""
+    found = float("inf")
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                found = int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+        if limit != "max":
+            found = min(found, (int(limit) - used) / 2**20)
+    except (OSError, ValueError):
+        pass
+    return found
+
+
+def estimate_mb(checkpoint: Path, stages: Sequence[object]) -> tuple[float, str] | None:
+    """The largest measured peak of these stages on this checkpoint (MB) and the stage it is, or
+    None when no stage kind has been measured."""
+    found = [(s, getattr(s, "peak_memory", None)) for s in stages]
+    measured = [(s, f) for s, f in found if f is not None]
+    if not measured:
+        return None
+    bf16_mb = parameters(checkpoint) * 2 / 2**20
+    stage, (base, per_byte) = max(measured, key=lambda item: item[1][0] + item[1][1] * bf16_mb)
+    return base + per_byte * bf16_mb, str(getattr(stage, "kind", "?"))
+
+
+def check(checkpoint: Path, stages: Sequence[object], force: bool) -> None:
+    """Stop (exit 2) when the run's estimated peak is more than this machine has, unless `force`."""
+    estimate = estimate_mb(checkpoint, stages)
+    if estimate is None or force:
+        return
+    need, kind = estimate
+    have = available_mb()
+    if need <= have:
+        return
+    billions = parameters(checkpoint) / 1e9
+    raise UsageError(
+        f"model {checkpoint}: a {billions:.2f}B-parameter model needs about {need / 1024:.1f} GiB for the {kind} "
+        f"stage (measured peaks, optimize/stages/{kind}.py), and this machine has {have / 1024:.1f} GiB "
+        "available. Try a machine with more memory, a smaller model, or --force to try anyway"
+    )

@@ -1,0 +1,97 @@
+"""Models of real size: the peak memory of a run estimated from the checkpoint's headers before
+anything loads (a model that cannot fit is refused with the figures), and a worker process that
+dies reported as what it is (exit 4), never as a traceback."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+import subprocess
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from optimize import memory
+from optimize.cli import app
+from optimize.stages import genai
+from tests.conftest import write_recipe
+
+# Llama-3-8B's shape: what the estimate reads is the header, so the weights are a sparse file
+EIGHT_B = {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32}
+EIGHT_B |= {"num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 8192}
+
+
+def _eight_b(folder: Path, tiny_llama: Path) -> tuple[Path, int]:
+    """A checkpoint folder of Llama-3-8B's shape whose safetensors header is real and whose data is a hole."""
+    folder.mkdir()
+    config = json.loads((tiny_llama / "config.json").read_text()) | EIGHT_B
+    (folder / "config.json").write_text(json.dumps(config))
+    shutil.copyfile(tiny_llama / "tokenizer.json", folder / "tokenizer.json")
+    hidden, ffn, kv, vocab = 4096, 14336, 1024, 128256
+    shapes = {"model.embed_tokens.weight": [vocab, hidden], "lm_head.weight": [vocab, hidden]}
+    for i in range(32):
+        prefix = f"model.layers.{i}."
+        shapes |= {
+            prefix + "self_attn.q_proj.weight": [hidden, hidden],
+            prefix + "self_attn.o_proj.weight": [hidden, hidden],
+        }
+        shapes |= {prefix + "self_attn.k_proj.weight": [kv, hidden], prefix + "self_attn.v_proj.weight": [kv, hidden]}
+        shapes |= {prefix + f"mlp.{n}.weight": [ffn, hidden] for n in ("gate_proj", "up_proj")}
+        shapes |= {prefix + "mlp.down_proj.weight": [hidden, ffn]}
+    header, offset = {}, 0
+    for name, shape in shapes.items():
+        size = shape[0] * shape[1] * 2
+        header[name] = {"dtype": "BF16", "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header).encode()
+    with (folder / "model.safetensors").open("wb") as handle:
+        handle.write(struct.pack("<Q", len(raw)) + raw)
+        handle.truncate(8 + len(raw) + offset)  # a hole: nothing is written, nothing can be read
+    return folder, sum(s[0] * s[1] for s in shapes.values())
+
+
+def test_an_8b_checkpoint_is_refused_from_its_header_with_the_estimate(tiny_llama: Path, tmp_path: Path) -> None:
+    checkpoint, count = _eight_b(tmp_path / "llama-8b", tiny_llama)
+    assert memory.parameters(checkpoint) == count and 8.0e9 < count < 8.1e9
+    need, kind = memory.estimate_mb(checkpoint, [genai.GenAIStage()])  # type: ignore[misc]
+    assert kind == "genai" and need == pytest.approx(441 + 4.25 * count * 2 / 2**20)
+    recipe = write_recipe(tmp_path, [{"kind": "genai"}], model=str(checkpoint))
+    result = CliRunner().invoke(app, ["run", str(recipe), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    said = " ".join(result.output.split())
+    assert "8.03B-parameter model needs about" in said and "GiB available" in said and "--force" in said
+    assert "Traceback" not in result.output and not (tmp_path / "out").exists()
+
+
+def test_a_model_that_fits_is_not_held_back(tiny_llama: Path) -> None:
+    need, _ = memory.estimate_mb(tiny_llama, [genai.GenAIStage()])  # type: ignore[misc]
+    assert need < memory.available_mb()
+    memory.check(tiny_llama, [genai.GenAIStage()], force=False)  # no error
+    assert memory.estimate_mb(tiny_llama, []) is None  # no measured stage: no estimate
+
+
+def test_a_killed_builder_is_reported_as_killed_with_exit_4(
+    tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The real builder process, killed with SIGKILL once it runs (as the out-of-memory killer does)."""
+    real = subprocess.run
+
+    def killed(command: list[str], **options: object) -> subprocess.CompletedProcess[str]:
+        if "onnxruntime_genai.models.builder" not in command:
+            return real(command, **options)  # type: ignore[call-overload, no-any-return]
+        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            proc.wait(timeout=1.0)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        return subprocess.CompletedProcess(command, proc.wait(), "", "")
+
+    monkeypatch.setattr(genai.subprocess, "run", killed)
+    recipe = write_recipe(tmp_path, [{"kind": "genai", "candidates": [{"precision": "fp32"}]}], model=str(tiny_llama))
+    result = CliRunner().invoke(app, ["run", str(recipe), "-o", str(tmp_path / "out"), "--no-cache"])
+    assert result.exit_code == 4, result.output
+    said = " ".join(result.output.split())
+    assert "model builder was killed by SIGKILL" in said and "out-of-memory killer" in said
+    assert "Traceback" not in result.output and not (tmp_path / "out").exists()
