@@ -67,7 +67,7 @@ def open_model(handle: ModelHandle, seq_len: int) -> Opened:
     """`handle` in the engine that runs it: the runtime for ONNX, llama.cpp (or transformers) for a
     GGUF folder, transformers for a checkpoint."""
     if handle.engine == "llama.cpp":
-        return GgufModel(handle, seq_len)
+        return GgufModel(handle.checkpoint, seq_len)
     if handle.onnx_path is not None:
         return runtime.OnnxModel(
             handle.onnx_path,

@@ -13,6 +13,7 @@ transformers' GGUF reader (the weights dequantized, computed in fp32), and the m
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Iterator, Sequence
@@ -23,7 +24,6 @@ import numpy as np
 
 from optimize import runtime
 from optimize.errors import UsageError
-from optimize.model import ModelHandle, read_config
 
 if TYPE_CHECKING:
     import gguf
@@ -60,6 +60,14 @@ def copy_header(reader: gguf.GGUFReader, writer: gguf.GGUFWriter, skip: tuple[st
         kind = field.types[0]
         sub = field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
         writer.add_key_value(field.name, field.contents(), kind, sub_type=sub)
+
+
+def read_config(checkpoint: Path) -> dict[str, Any]:
+    try:
+        config: dict[str, Any] = json.loads((checkpoint / "config.json").read_text())
+    except (OSError, ValueError):
+        raise UsageError(f"model {checkpoint}: no readable config.json") from None
+    return config
 
 
 def problem(checkpoint: Path) -> str | None:
@@ -158,9 +166,9 @@ class GgufModel:
     """A folder's model.gguf behind the evaluator's `run(inputs)`: logits at every position, from
     llama.cpp where installed (its own kernels, which is what ships), else transformers' reader."""
 
-    def __init__(self, handle: ModelHandle, seq_len: int):
-        self.path = handle.checkpoint / FILE
-        self.tokenizer = runtime.Tokenizer(handle.checkpoint / "tokenizer.json", seq_len)
+    def __init__(self, folder: Path, seq_len: int):
+        self.path = folder / FILE
+        self.tokenizer = runtime.Tokenizer(folder / "tokenizer.json", seq_len)
         self.provider = loader()
         threads = os.cpu_count() or 1
         self.torch: torch.nn.Module | None = None  # transformers' reader, where llama.cpp is not installed
@@ -175,7 +183,7 @@ class GgufModel:
             from transformers import AutoModelForCausalLM
 
             torch.set_num_threads(threads)
-            loaded = AutoModelForCausalLM.from_pretrained(handle.checkpoint, gguf_file=FILE, torch_dtype=torch.float32)
+            loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=FILE, torch_dtype=torch.float32)
             self.torch = loaded.train(False)
 
     def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
