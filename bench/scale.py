@@ -5,7 +5,8 @@ the model builder alone on the same checkpoint, and the estimate `optimize` make
 
     python bench/scale.py [--sizes 0.37 1.17 3.12] [--work /tmp/scale] [--force]
 
-Sizes name SHAPES (about that many billions of parameters; the table prints the exact count). A run the estimate refuses is reported as refused
+Sizes name SHAPES (about that many billions of parameters; the table prints the exact count). A
+run the estimate refuses is reported as refused
 (exit 2, seconds) unless --force. The CPU model and flags, and the machine's memory, are printed.
 """
 
@@ -118,7 +119,8 @@ def main() -> None:
         ]
         with console.status(f"{billions}B: the builder alone"):
             alone = timed(builder) if whole["exit"] != 2 else {"wall_s": 0, "peak_rss_mb": 0}
-        rows.append({"billions": round(memory.parameters(checkpoint) / 1e9, 2), "checkpoint_mb": round(size_mb), "estimate_mb": round(estimate),
+        billions = round(memory.parameters(checkpoint) / 1e9, 2)
+        rows.append({"billions": billions, "checkpoint_mb": round(size_mb), "estimate_mb": round(estimate),
                      "run": whole, "builder": alone})  # fmt: skip
     here = cpu.current().summary()
     table = Table(
