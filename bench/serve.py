@@ -10,7 +10,7 @@ Closed loop: `concurrency` clients each send their next request when the last is
 R requests/s whatever the answers. Reported per system and level: requests, throughput, latency
 p50/p90/p99, goodput (answered requests per second within the SLO), and for generation TTFT and
 TPOT (time per output token after the first) p50/p90, from streamed responses. Peers: infinity-emb
-(`infinity_emb v2`, its optimum/onnxruntime engine on the checkpoint) for embeddings and
+(`infinity_emb v2` on the checkpoint, `--infinity-engine`) for embeddings and
 llama-cpp-python's server (`python -m llama_cpp.server`) on the artifact's GGUF for generation,
 where installed. The CPU model and flags are printed with the figures.
 """
@@ -205,16 +205,17 @@ def systems(args: argparse.Namespace) -> Iterator[tuple[str, Any, str]]:
     artifact = args.artifact.resolve()
     port = free_port()
     ours = [sys.executable, "-m", "runtime", str(artifact), "serve", "--port", str(port)]
-    env = {"PYTHONPATH": str(artifact)}
+    env = {"PYTHONPATH": str(args.runtime or artifact)}
     yield "optimize runtime serve", started(ours, port, env=env), artifact.name
     if args.no_peers:
         return
     if args.mode == "embeddings" and shutil.which("infinity_emb"):
         checkpoint = args.checkpoint or _checkpoint_of(artifact)
         port = free_port()
-        command = ["infinity_emb", "v2", "--model-id", str(checkpoint), "--port", str(port), "--engine", "optimum"]
+        engine = args.infinity_engine
+        command = ["infinity_emb", "v2", "--model-id", str(checkpoint), "--port", str(port), "--engine", engine]
         command += ["--device", "cpu", "--no-bettertransformer"]
-        yield "infinity-emb (optimum/onnxruntime) (peer)", started(command, port), str(checkpoint)
+        yield f"infinity-emb ({engine}) (peer)", started(command, port), str(checkpoint)
     gguf = artifact / "gguf" / "model.gguf"
     if args.mode == "generation" and gguf.is_file() and _has("llama_cpp.server"):
         port = free_port()
@@ -238,8 +239,14 @@ def _has(module: str) -> bool:
 
 
 def _checkpoint_of(artifact: Path) -> str:
+    """The checkpoint the artifact was made from: the recipe's `model`, resolved as optimize does."""
+    import yaml
+
+    from optimize.model import resolve
+
     manifest = json.loads((artifact / "manifest.json").read_text())
-    return str(manifest.get("source", {}).get("model", ""))
+    spec = yaml.safe_load(manifest["provenance"]["recipe"]).get("model")
+    return str(resolve(spec)) if spec else ""
 
 
 def main() -> None:
@@ -257,7 +264,18 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=4, help="generation: requests per client per level")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--slo-ms", type=float, default=None, help="goodput counts answers within this (50 / 5000)")
+    parser.add_argument(
+        "--infinity-engine",
+        default="torch",
+        help="infinity-emb's backend: torch (sentence-transformers), or optimum (onnxruntime; infinity-emb "
+        "0.0.78 with optimum 2.1 cannot find the ONNX file of a local folder)",
+    )
     parser.add_argument("--no-peers", action="store_true")
+    parser.add_argument(
+        "--runtime",
+        type=Path,
+        help="the folder holding the runtime/ package to serve with (default: the artifact's own)",
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     if not args.url and args.artifact is None:
@@ -273,20 +291,24 @@ def main() -> None:
     here = cpu.current().summary()
     rows = []
     for label, context, model in systems(args):
-        with Console(stderr=True).status(f"{label}: starting and loading"), context as url:
-            for row in run_levels(url, model, args):
-                rows.append({"system": label, **row})
+        try:
+            with Console(stderr=True).status(f"{label}: starting and loading"), context as url:
+                for row in run_levels(url, model, args):
+                    rows.append({"system": label, **row})
+        except Exception as exc:  # a peer that fails is reported, the others still measured
+            print(f"{label}: failed: {type(exc).__name__}: {str(exc)[:200]}", file=sys.stderr)
+            rows.append({"system": f"{label}: failed ({type(exc).__name__})"})
     table = Table(
         title=f"{args.mode}, SLO {args.slo_ms:g} ms; {os.cpu_count()} threads; CPU {here['model']}, "
         f"flags {' '.join(here['flags'])}",
         title_justify="left",
     )
-    columns = [c for c in rows[0] if c != "system"] if rows else []
+    columns = [c for c in max(rows, key=len) if c != "system"] if rows else []
     table.add_column("system")
     for column in columns:
         table.add_column(column, justify="right")
     for row in rows:
-        table.add_row(row["system"], *(str(row[c]) for c in columns))
+        table.add_row(row["system"], *(str(row.get(c, "")) for c in columns))
     Console(width=240).print(table)
     if args.json:
         args.json.write_text(json.dumps({"cpu": here, "rows": rows}, indent=2))

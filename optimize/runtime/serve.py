@@ -141,6 +141,9 @@ class Worker:
             for job in list(streams):
                 if job.cancelled or not self._step(job):
                     streams.remove(job)
+                # onnxruntime-genai holds the GIL through a step: hand it to the event loop between
+                # steps, or tokens reach the client in bursts
+                time.sleep(0)
 
     def _take(self, block: bool) -> list[_Job]:
         """What arrived: waits for the first when idle, then `batch_wait_ms` for embedding
