@@ -86,7 +86,7 @@ def check(checkpoint: Path, stages: Sequence[object], force: bool) -> None:
         return
     billions = parameters(checkpoint) / 1e9
     raise UsageError(
-        f"model {checkpoint}: a {billions:.2f}B-parameter model needs about {need / 1024:.1f} GiB for the {kind} "
+        f"model {checkpoint} ({billions:.2f}B parameters) needs about {need / 1024:.1f} GiB for the {kind} "
         f"stage (measured peaks, optimize/stages/{kind}.py), and this machine has {have / 1024:.1f} GiB "
         "available. Try a machine with more memory, a smaller model, or --force to try anyway"
     )

@@ -61,7 +61,7 @@ def test_an_8b_checkpoint_is_refused_from_its_header_with_the_estimate(tiny_llam
     result = CliRunner().invoke(app, ["run", str(recipe), "-o", str(tmp_path / "out")])
     assert result.exit_code == 2, result.output
     said = " ".join(result.output.split())
-    assert "8.03B-parameter model needs about" in said and "GiB available" in said and "--force" in said
+    assert "(8.03B parameters) needs about" in said and "GiB available" in said and "--force" in said
     assert "Traceback" not in result.output and not (tmp_path / "out").exists()
 
 

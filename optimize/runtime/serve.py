@@ -103,7 +103,10 @@ class _Job:
     cancelled: bool = False
 
     def send(self, item: Any) -> None:
-        self.loop.call_soon_threadsafe(self.out.put_nowait, item)
+        try:
+            self.loop.call_soon_threadsafe(self.out.put_nowait, item)
+        except RuntimeError:  # the event loop is closed (the server is stopping): nobody to tell
+            self.cancelled = True
 
 
 class Worker:
