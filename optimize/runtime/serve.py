@@ -26,14 +26,21 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .generation import Sampling, Text
+
+if TYPE_CHECKING:
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import Response
+
+    from . import OnnxModel
 
 
 @dataclass(frozen=True)
@@ -53,7 +60,7 @@ class ApiError(Exception):
         super().__init__(message)
         self.status, self.param, self.headers = status, param, headers or {}
 
-    def response(self) -> Any:
+    def response(self) -> Response:
         from starlette.responses import JSONResponse
 
         kind = {401: "authentication_error", 429: "rate_limit_exceeded", 504: "timeout"}.get(
@@ -113,7 +120,7 @@ class Worker:
     """The one thread that runs the model: embedding batches first, then one token of each open
     stream in turn, so no request waits for another's whole answer."""
 
-    def __init__(self, model: Any, limits: Limits, metrics: Metrics):
+    def __init__(self, model: OnnxModel, limits: Limits, metrics: Metrics):
         self.model, self.limits, self.metrics = model, limits, metrics
         self.inbox: queue.Queue[_Job] = queue.Queue()
         self.waiting = 0  # requests not yet answered (bounded by limits.max_queue)
@@ -206,7 +213,7 @@ class Worker:
 class Server:
     """The routes over one loaded artifact (`runtime.load`)."""
 
-    def __init__(self, model: Any, name: str, limits: Limits, api_key: str | None):
+    def __init__(self, model: OnnxModel, name: str, limits: Limits, api_key: str | None):
         from .text import Tokenizer
 
         self.model, self.name, self.limits, self.api_key = model, name, limits, api_key
@@ -218,7 +225,7 @@ class Server:
         # uses its own (a tokenizer's padding settings are state).
         self.counter = Tokenizer(model.folder / "tokenizer.json", self.seq_len)
 
-    def app(self) -> Any:
+    def app(self) -> Starlette:
         from starlette.applications import Starlette
         from starlette.routing import Route
 
@@ -232,17 +239,17 @@ class Server:
         ]
         return Starlette(routes=routes)
 
-    async def health(self, request: Any) -> Any:
+    async def health(self, request: Request) -> Response:
         from starlette.responses import JSONResponse
 
         return JSONResponse({"status": "ok"})
 
-    async def prometheus(self, request: Any) -> Any:
+    async def prometheus(self, request: Request) -> Response:
         from starlette.responses import Response
 
         return Response(self.metrics.text(), media_type="text/plain; version=0.0.4")
 
-    async def models(self, request: Any) -> Any:
+    async def models(self, request: Request) -> Response:
         from starlette.responses import JSONResponse
 
         self._authorize(request)
@@ -250,10 +257,12 @@ class Server:
             {"object": "list", "data": [{"id": self.name, "object": "model", "created": 0, "owned_by": "optimize"}]}
         )
 
-    def endpoint(self, name: str, handler: Callable[[dict[str, Any], Any], Any]) -> Callable[[Any], Any]:
+    def endpoint(
+        self, name: str, handler: Callable[[dict[str, Any], Request], Awaitable[Response]]
+    ) -> Callable[[Request], Awaitable[Response]]:
         """`handler` with what every POST route does: the key, the body, limits, errors, metrics."""
 
-        async def route(request: Any) -> Any:
+        async def route(request: Request) -> Response:
             start, status = time.perf_counter(), 200
             try:
                 self._authorize(request)
@@ -279,11 +288,11 @@ class Server:
 
         return route
 
-    def _authorize(self, request: Any) -> None:
+    def _authorize(self, request: Request) -> None:
         if self.api_key and request.headers.get("authorization", "") != f"Bearer {self.api_key}":
             raise ApiError(401, "a valid API key is needed: Authorization: Bearer KEY")
 
-    async def _body(self, request: Any) -> dict[str, Any]:
+    async def _body(self, request: Request) -> dict[str, Any]:
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limits.max_body:
             raise ApiError(413, f"the body is over {self.limits.max_body} bytes")
@@ -300,7 +309,7 @@ class Server:
             raise ApiError(400, "the body is not a JSON object")
         return body
 
-    async def embeddings(self, body: dict[str, Any], request: Any) -> Any:
+    async def embeddings(self, body: dict[str, Any], request: Request) -> Response:
         from starlette.responses import JSONResponse
 
         if self.decoder:
@@ -328,7 +337,7 @@ class Server:
         usage = {"prompt_tokens": sum(counts), "total_tokens": sum(counts)}
         return JSONResponse({"object": "list", "data": data, "model": self.name, "usage": usage})
 
-    async def completions(self, body: dict[str, Any], request: Any) -> Any:
+    async def completions(self, body: dict[str, Any], request: Request) -> Response:
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1:
             prompt = prompt[0]
@@ -336,7 +345,7 @@ class Server:
             raise ApiError(400, "prompt: a string", "prompt")
         return await self._generate(self.model.prompt_ids(prompt), body, request, chat=False)
 
-    async def chat(self, body: dict[str, Any], request: Any) -> Any:
+    async def chat(self, body: dict[str, Any], request: Request) -> Response:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise ApiError(400, "messages: a non-empty list of {role, content}", "messages")
@@ -387,7 +396,7 @@ class Server:
         except ValueError as exc:
             raise ApiError(400, str(exc)) from None
 
-    async def _generate(self, ids: list[int], body: dict[str, Any], request: Any, chat: bool) -> Any:
+    async def _generate(self, ids: list[int], body: dict[str, Any], request: Request, chat: bool) -> Response:
         from starlette.responses import JSONResponse, StreamingResponse
 
         if not self.decoder:
@@ -404,7 +413,7 @@ class Server:
         created = int(time.time())
         if body.get("stream"):
             usage_wanted = bool((body.get("stream_options") or {}).get("include_usage"))
-            events = self._events(pieces, kind, ident, created, chat, usage_wanted, request, job)
+            events = self._events(pieces, kind, ident, created, chat, usage_wanted, job)
             response = StreamingResponse(events, media_type="text/event-stream")
             response.holds_slot = True  # type: ignore[attr-defined]
             return response
@@ -464,7 +473,6 @@ class Server:
         created: int,
         chat: bool,
         usage_wanted: bool,
-        request: Any,
         job: _Job,
     ) -> AsyncIterator[bytes]:
         """Server-sent events: a chunk per piece of text, the finish reason, usage if asked, [DONE]."""
