@@ -46,8 +46,11 @@ def make(billions: float, folder: Path) -> Path:
         torch_dtype="bfloat16",
     )  # fmt: skip
     torch.manual_seed(0)
-    with torch.device("cpu"):
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    torch.set_default_dtype(torch.bfloat16)  # made in bf16: an fp32 copy of a 3B model is 12 GB
+    try:
+        model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(torch.float32)
     model.save_pretrained(folder, safe_serialization=True)
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
         if (tokenizer / name).is_file():
