@@ -1,6 +1,6 @@
 """The GGUF format of a decoder (llama.cpp, Ollama, LM Studio): one `model.gguf` whose weights are
 ours and whose header (architecture hyperparameters, tokenizer, chat template) is the one of the
-GGUF the model came as, kept beside its converted checkpoint (`METADATA`) when it was read. A model
+GGUF the model came as, kept beside its converted checkpoint (`model.GGUF_HEADER`) when it was read. A model
 that did not come as a GGUF has no such header: the tokenizer metadata is llama.cpp's own
 conversion's work (`convert_hf_to_gguf.py`), not rewritten here, so it is refused at validation.
 
@@ -13,7 +13,6 @@ transformers' GGUF reader (the weights dequantized, computed in fp32), and the m
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from collections.abc import Iterator, Sequence
@@ -24,50 +23,17 @@ import numpy as np
 
 from optimize import runtime
 from optimize.errors import UsageError
+from optimize.model import GGUF_HEADER, copy_header, read_config
 
 if TYPE_CHECKING:
     import gguf
     import torch
 
 FILE = "model.gguf"
-METADATA = "gguf-metadata.gguf"  # beside a checkpoint converted from a GGUF: that file's header, no tensors
 BITS = (4, 8)  # tried smallest first; the first whose gate holds ships
 ARCHITECTURES = {"LlamaForCausalLM": "llama"}  # transformers' class -> the GGUF architecture written
 KEPT_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "config.json")
 CONTEXT = 2048  # llama.cpp's context when measuring: the longest window a suite scores
-
-
-def save_metadata(source: Path, folder: Path) -> None:
-    """The header of the GGUF file `source` as a GGUF file without tensors in `folder`, so a GGUF
-    can be written later with the same tokenizer and hyperparameters."""
-    import gguf
-
-    reader = gguf.GGUFReader(source)
-    writer = gguf.GGUFWriter(folder / METADATA, arch=str(reader.fields["general.architecture"].contents()))
-    copy_header(reader, writer)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.close()
-
-
-def copy_header(reader: gguf.GGUFReader, writer: gguf.GGUFWriter, skip: tuple[str, ...] = ()) -> None:
-    """Every key of `reader`'s header into `writer`'s but `skip` and those the writer sets itself."""
-    import gguf
-
-    for field in reader.fields.values():
-        if field.name in ("general.architecture", *skip) or field.name.startswith("GGUF."):
-            continue
-        kind = field.types[0]
-        sub = field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(field.name, field.contents(), kind, sub_type=sub)
-
-
-def read_config(checkpoint: Path) -> dict[str, Any]:
-    try:
-        config: dict[str, Any] = json.loads((checkpoint / "config.json").read_text())
-    except (OSError, ValueError):
-        raise UsageError(f"model {checkpoint}: no readable config.json") from None
-    return config
 
 
 def problem(checkpoint: Path) -> str | None:
@@ -76,7 +42,7 @@ def problem(checkpoint: Path) -> str | None:
     if architectures[0] not in ARCHITECTURES:
         known = ", ".join(ARCHITECTURES)
         return f"format gguf: the writer knows {known}, not {architectures[0]}"
-    if not (checkpoint / METADATA).is_file():
+    if not (checkpoint / GGUF_HEADER).is_file():
         return (
             f"format gguf: writes the header (tokenizer, hyperparameters) of the GGUF the model came as; "
             f"{checkpoint} did not come from a .gguf file. Give the model as a .gguf, or convert the "
@@ -104,7 +70,7 @@ def write(checkpoint: Path, out: Path, bits: int) -> dict[str, object]:
     config = read_config(checkpoint)
     out.mkdir(parents=True, exist_ok=True)
     writer = gguf.GGUFWriter(out / FILE, arch=ARCHITECTURES[config["architectures"][0]])
-    copy_header(gguf.GGUFReader(checkpoint / METADATA), writer, skip=("general.file_type",))
+    copy_header(gguf.GGUFReader(checkpoint / GGUF_HEADER), writer, skip=("general.file_type",))
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_1 if bits == 4 else gguf.LlamaFileType.MOSTLY_Q8_0)
     counts: dict[str, int] = {}
     for name, data, kind in _tensors(checkpoint, config, bits):

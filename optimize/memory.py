@@ -10,14 +10,12 @@ measured have none and are not estimated.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from collections.abc import Sequence
 from pathlib import Path
 
 from optimize.errors import UsageError
-
-BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
-BYTES |= {"F8_E4M3": 1, "F8_E5M2": 1}
 
 
 def parameters(checkpoint: Path) -> int:
@@ -33,15 +31,8 @@ def parameters(checkpoint: Path) -> int:
         for name, entry in header.items():
             if name != "__metadata__":
                 shape = entry.get("shape", [])
-                count += int(_product(shape))
+                count += math.prod(int(n) for n in shape)
     return count
-
-
-def _product(shape: Sequence[int]) -> int:
-    out = 1
-    for n in shape:
-        out *= int(n)
-    return out
 
 
 def available_mb() -> float:

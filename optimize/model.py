@@ -24,6 +24,7 @@ from optimize.errors import UsageError
 from optimize.tasks import Task
 
 if TYPE_CHECKING:
+    import gguf
     import torch
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -107,6 +108,11 @@ def _packaged_gguf(module_name: str) -> Path | None:
     return files[0] if len(files) == 1 else None
 
 
+# Beside a checkpoint converted from a GGUF: that file's header (tokenizer, hyperparameters, chat
+# template) as a GGUF without tensors, which `gguf_format.write` gives the GGUF it writes.
+GGUF_HEADER = "gguf-metadata.gguf"
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("OPTIMIZE_CACHE_DIR", Path.home() / ".cache" / "optimize"))
 
@@ -121,11 +127,9 @@ def from_gguf(path: Path, root: Path | None = None) -> Path:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     folder = (root or cache_root() / "gguf") / digest.hexdigest()[:24]
-    from optimize import gguf_format
-
     if (folder / "config.json").is_file():
-        if not (folder / gguf_format.METADATA).is_file():  # converted before the header was kept
-            gguf_format.save_metadata(path, folder)
+        if not (folder / GGUF_HEADER).is_file():  # converted before the header was kept
+            save_gguf_header(path, folder)
         return folder
     try:
         import gguf  # noqa: F401  (transformers needs it to read the file)
@@ -145,7 +149,7 @@ def from_gguf(path: Path, root: Path | None = None) -> Path:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)  # type: ignore[no-untyped-call]
         tokenizer.save_pretrained(staging)
-        gguf_format.save_metadata(path, staging)  # its tokenizer and hyperparameters, to write a GGUF again
+        save_gguf_header(path, staging)  # its tokenizer and hyperparameters, to write a GGUF again
         (staging / "SOURCE").write_text(
             f"converted from {path.name} (sha256 {digest.hexdigest()}); "
             "the weights are the GGUF's, dequantized to fp32\n"
@@ -154,6 +158,31 @@ def from_gguf(path: Path, root: Path | None = None) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return folder
+
+
+def save_gguf_header(source: Path, folder: Path) -> None:
+    """The header of the GGUF file `source` as a GGUF file without tensors in `folder`, so a GGUF
+    can be written later with the same tokenizer and hyperparameters."""
+    import gguf
+
+    reader = gguf.GGUFReader(source)
+    writer = gguf.GGUFWriter(folder / GGUF_HEADER, arch=str(reader.fields["general.architecture"].contents()))
+    copy_header(reader, writer)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+
+
+def copy_header(reader: gguf.GGUFReader, writer: gguf.GGUFWriter, skip: tuple[str, ...] = ()) -> None:
+    """Every key of `reader`'s header into `writer`'s but `skip` and those the writer sets itself."""
+    import gguf
+
+    for field in reader.fields.values():
+        if field.name in ("general.architecture", *skip) or field.name.startswith("GGUF."):
+            continue
+        kind = field.types[0]
+        sub = field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, field.contents(), kind, sub_type=sub)
 
 
 def read_config(checkpoint: Path) -> dict[str, Any]:

@@ -90,6 +90,25 @@ def write_recipe(folder: Path, stages: list[dict], name: str = "test", **extra: 
     return path
 
 
+def run_recipe(folder: Path, stages: list[dict], model: Path, *flags: str, out: str = "out") -> Path:
+    """`optimize run` of a recipe of these stages on `model` into `folder/out`, which must pass."""
+    from typer.testing import CliRunner
+
+    from optimize.cli import app
+
+    recipe = write_recipe(folder, stages, model=str(model))
+    result = CliRunner().invoke(app, ["run", str(recipe), "-o", str(folder / out), *flags])
+    assert result.exit_code == 0, result.output
+    return folder / out
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_artifact(tiny_bert: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tiny_bert compiled into an artifact, shared by the tests that read one (copy it to change it)."""
+    stage = {"kind": "compile", "gate": [{"metric": "cosine_min", "min": 0.999}]}
+    return run_recipe(tmp_path_factory.mktemp("tiny-bert-artifact"), [stage], tiny_bert)
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer random Llama with a small BPE tokenizer trained on the shipped calibration texts."""

@@ -7,11 +7,9 @@ import json
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
 from optimize import compressed, runtime
-from optimize.cli import app
-from tests.conftest import write_recipe
+from tests.conftest import run_recipe
 
 pytest.importorskip("compressed_tensors")
 pytest.importorskip("onnxruntime_genai")
@@ -26,10 +24,7 @@ def artifact(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
         "formats": ["compressed-tensors"],
         "gate": [{"metric": "top1_agreement", "min": 0.9}],
     }
-    recipe = write_recipe(folder, [stage], model=str(tiny_llama))
-    result = CliRunner().invoke(app, ["run", str(recipe), "-o", str(folder / "out"), "--json"])
-    assert result.exit_code == 0, result.output
-    return folder / "out"
+    return run_recipe(folder, [stage], tiny_llama, "--json")
 
 
 def test_the_folder_carries_the_quantization_config_vllm_reads(artifact: Path) -> None:

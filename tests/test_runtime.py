@@ -39,15 +39,9 @@ def test_providers_are_tried_best_first_within_what_the_target_allows(available,
     assert runtime.select_providers(available, target) == expected
 
 
-@pytest.fixture(scope="module")
-def artifact(tiny_bert, tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("runtime")
-    recipe = write_recipe(
-        folder, [{"kind": "compile", "gate": [{"metric": "cosine_min", "min": 0.999}]}], model=str(tiny_bert)
-    )
-    result = CliRunner().invoke(app, ["run", str(recipe), "-o", str(folder / "art")])
-    assert result.exit_code == 0, result.output
-    return folder / "art"
+@pytest.fixture
+def artifact(tiny_bert_artifact) -> Path:
+    return tiny_bert_artifact
 
 
 def test_gpu_providers_that_cannot_start_here_fall_back_to_cpu_and_say_why(artifact):

@@ -16,12 +16,10 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
 from optimize import runtime
-from optimize.cli import app
 from optimize.runtime.serve import Limits, Server
-from tests.conftest import write_recipe
+from tests.conftest import run_recipe
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
@@ -50,29 +48,20 @@ def serving(artifact: Path, limits: Limits | None = None, api_key: str | None = 
         thread.join(10)
 
 
-@pytest.fixture(scope="module")
-def encoder(tiny_bert: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("serve-encoder")
-    recipe = write_recipe(
-        folder, [{"kind": "compile", "gate": [{"metric": "cosine_min", "min": 0.999}]}], model=str(tiny_bert)
-    )
-    result = CliRunner().invoke(app, ["run", str(recipe), "-o", str(folder / "art")])
-    assert result.exit_code == 0, result.output
-    return folder / "art"
+@pytest.fixture
+def encoder(tiny_bert_artifact: Path) -> Path:
+    return tiny_bert_artifact
 
 
 @pytest.fixture(scope="module")
 def decoder(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     pytest.importorskip("onnxruntime_genai")
-    folder = tmp_path_factory.mktemp("serve-decoder")
     stage = {"kind": "genai", "candidates": [{"precision": "fp32"}], "gate": [{"metric": "top1_agreement", "min": 0.9}]}
-    recipe = write_recipe(folder, [stage], model=str(tiny_llama))
-    result = CliRunner().invoke(app, ["run", str(recipe), "-o", str(folder / "art")])
-    assert result.exit_code == 0, result.output
+    out = run_recipe(tmp_path_factory.mktemp("serve-decoder"), [stage], tiny_llama)
     template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"
     template += "{% if add_generation_prompt %}<assistant>{% endif %}"
-    (folder / "art" / "chat_template.jinja").write_text(template)  # the tiny model has none of its own
-    return folder / "art"
+    (out / "chat_template.jinja").write_text(template)  # the tiny model has none of its own
+    return out
 
 
 def test_embeddings_through_the_openai_client_equal_the_runtimes_own(encoder: Path) -> None:
