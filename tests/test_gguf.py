@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from optimize import gguf_format, runtime
 from optimize.cli import app
 from optimize.model import from_gguf
-from tests.conftest import write_recipe
+from tests.conftest import run_recipe, write_recipe
 
 gguf = pytest.importorskip("gguf")
 pytest.importorskip("onnxruntime_genai")
@@ -76,19 +76,18 @@ def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+GGUF_STAGE = {
+    "kind": "genai",
+    "candidates": [{"precision": "fp32"}],
+    "formats": ["gguf"],
+    "gate": [{"metric": "cosine_mean", "min": 0.99}],
+}
+
+
 @pytest.fixture(scope="module")
 def artifact(tiny_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("gguf-run")
-    stage = {
-        "kind": "genai",
-        "candidates": [{"precision": "fp32"}],
-        "formats": ["gguf"],
-        "gate": [{"metric": "cosine_mean", "min": 0.99}],
-    }
-    recipe = write_recipe(folder, [stage], model=str(tiny_gguf))
-    result = CliRunner().invoke(app, ["run", str(recipe), "-o", str(folder / "out"), "--json"])
-    assert result.exit_code == 0, result.output
-    return folder / "out"
+    return run_recipe(folder, [GGUF_STAGE], tiny_gguf, "--json", "--cache-dir", str(folder / "cache"))
 
 
 def _tensors(path: Path) -> dict[str, tuple[str, bytes]]:
@@ -181,3 +180,20 @@ def test_a_format_that_cannot_be_written_is_refused_before_anything_is_built(
     assert result.exit_code == 2, result.output
     assert message in " ".join(result.output.split()) and "Traceback" not in result.output
     assert not (tmp_path / "out").exists()
+
+
+def _verdicts(artifact: Path) -> tuple[object, ...]:
+    manifest = runtime.verify(artifact)
+    tried = [(t["format"], t["bits"], t["passed"]) for t in manifest["stages"][0]["details"]["formats"]]
+    engines = [(e["engine"], e["file"], e["gate"]["passed"]) for e in manifest["engines"]]
+    return tried, engines, runtime.sha256_file(artifact / "gguf" / "model.gguf")
+
+
+def test_the_gguf_and_its_verdict_are_the_same_warm_and_cold(artifact: Path, tiny_gguf: Path) -> None:
+    """Rerun with the stage cache the first run filled (every step reused) and with --no-cache."""
+    folder = artifact.parent
+    warm = run_recipe(folder, [GGUF_STAGE], tiny_gguf, "--cache-dir", str(folder / "cache"), out="warm")
+    cold = run_recipe(folder, [GGUF_STAGE], tiny_gguf, "--no-cache", out="cold")
+    assert _verdicts(warm) == _verdicts(artifact) == _verdicts(cold)
+    first = runtime.verify(artifact)["engines"]
+    assert [e["metrics"] for e in runtime.verify(warm)["engines"]] == [e["metrics"] for e in first]
