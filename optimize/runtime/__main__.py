@@ -58,13 +58,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--speculate",
         action="store_true",
-        help="generate: check prompt-lookup drafts several tokens per pass (onnxruntime-genai; off by default)",
+        help="generate: check prompt-lookup drafts several tokens per pass (onnxruntime-genai, openvino-genai; "
+        "off by default)",
     )
     parser.add_argument(
         "--engine",
         default="auto",
-        choices=["auto", "onnxruntime-genai", "llama.cpp", "onnxruntime"],
-        help="generate: what runs the model (auto: onnxruntime-genai, else llama.cpp on gguf/model.gguf)",
+        choices=["auto", "onnxruntime-genai", "openvino-genai", "llama.cpp", "onnxruntime"],
+        help="generate: what runs the model (auto: the first installed of onnxruntime-genai, openvino-genai on "
+        "openvino-genai/, llama.cpp on gguf/model.gguf)",
     )
     parser.add_argument("--host", default="127.0.0.1", help="serve: the address to listen on")
     parser.add_argument("--port", type=int, default=8000, help="serve: the port")

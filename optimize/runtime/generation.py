@@ -11,9 +11,11 @@ artifact's own `tokenizer.json` in both, so the two engines print the same text 
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from queue import Queue
 from typing import Any
 
 import numpy as np
@@ -268,6 +270,88 @@ class LlamaCppEngine:
             if token in eos or token == self.llm.token_eos():
                 return
             yield int(token)
+
+
+class OpenVinoGenAIEngine:
+    """The artifact's `openvino-genai/` folder through OpenVINO GenAI's LLMPipeline: its own loop,
+    sampler and KV cache (u8 on the CPU, as the gate measured it); with `speculate`, its prompt-lookup
+    decoding (n-gram drafts checked in one pass: under greedy the same tokens). It is fed the
+    artifact's tokens and hands tokens back through a streamer, on a thread of its own; one pipeline
+    generates one sequence at a time, so concurrent streams take turns."""
+
+    def __init__(self, folder: Path, threads: int | None):
+        import openvino_genai
+
+        self.genai, self.folder = openvino_genai, folder
+        self.properties: dict[str, Any] = {"INFERENCE_NUM_THREADS": threads} if threads else {}
+        self.pipelines: dict[bool, Any] = {}  # prompt lookup or not -> its pipeline (made when first asked)
+        self.lock = threading.Lock()
+
+    def pipeline(self, lookup: bool) -> Any:
+        if lookup not in self.pipelines:
+            self.pipelines[lookup] = self.genai.LLMPipeline(
+                str(self.folder), "CPU", prompt_lookup=lookup, **self.properties
+            )
+        return self.pipelines[lookup]
+
+    def config(self, sampling: Sampling, lookup: bool) -> Any:
+        config = self.genai.GenerationConfig()
+        config.max_new_tokens = sampling.max_new_tokens
+        config.do_sample = sampling.temperature > 0
+        if config.do_sample:
+            config.temperature, config.top_p = sampling.temperature, sampling.top_p
+            if sampling.top_k:
+                config.top_k = sampling.top_k
+            if sampling.seed is not None:
+                config.rng_seed = sampling.seed
+        if lookup:
+            config.num_assistant_tokens, config.max_ngram_size = 5, 3
+        return config
+
+    def tokens(
+        self, prompt_ids: list[int], sampling: Sampling, eos: set[int], speculate: bool = False
+    ) -> Iterator[int]:
+        import openvino
+
+        genai, pipeline, config = self.genai, self.pipeline(speculate), self.config(sampling, speculate)
+        if eos:
+            config.stop_token_ids = set(eos)
+        queue: Queue[int | BaseException | None] = Queue()
+        stop = threading.Event()
+
+        class Streamer(genai.StreamerBase):  # type: ignore[misc, name-defined]
+            def write(self, token: int | list[int]) -> Any:
+                for one in token if isinstance(token, list) else [token]:
+                    queue.put(int(one))
+                return genai.StreamingStatus.STOP if stop.is_set() else genai.StreamingStatus.RUNNING
+
+            def end(self) -> None:
+                pass
+
+        ids = np.array([prompt_ids], dtype=np.int64)
+        inputs = genai.TokenizedInputs(openvino.Tensor(ids), openvino.Tensor(np.ones_like(ids)))
+
+        def work() -> None:
+            try:
+                with self.lock:
+                    pipeline.generate(inputs, config, Streamer())
+            except BaseException as exc:  # handed to the reader, raised there
+                queue.put(exc)
+            finally:
+                queue.put(None)
+
+        thread = threading.Thread(target=work, name="openvino-genai", daemon=True)
+        thread.start()
+        try:
+            while (item := queue.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                if item in eos:
+                    return
+                yield item
+        finally:
+            stop.set()
+            thread.join()
 
 
 def chat_prompt(folder: Path, prompt: str | Sequence[dict[str, str]]) -> str:

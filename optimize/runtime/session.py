@@ -75,6 +75,7 @@ ENGINES: dict[str, str | None] = {
     "onnxruntime-genai": None,
     "compressed-tensors": None,  # a checkpoint for vLLM, SGLang or transformers: shipped, not run here
     "llama.cpp": None,  # gguf/model.gguf: generated through llama-cpp-python where installed
+    "openvino-genai": None,  # openvino-genai/: a stateful IR OpenVINO GenAI's LLMPipeline generates from
 }
 
 

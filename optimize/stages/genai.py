@@ -114,6 +114,7 @@ class FormatTried(GateResult):
 FORMATS = {
     "compressed-tensors": ("optimize.compressed", "compressed-tensors"),  # vLLM, SGLang
     "gguf": ("optimize.gguf_format", "llama.cpp"),  # llama.cpp, Ollama, LM Studio
+    "openvino-genai": ("optimize.openvino_genai", "openvino-genai"),  # OpenVINO GenAI, optimum-intel
 }
 
 
@@ -142,10 +143,11 @@ class GenAIStage(StageBase):
         default_factory=lambda: [Candidate(precision="int4")], min_length=1, description="tried in order"
     )
     pick: Literal["first", "fastest"] = Field("first", description="the first passing candidate, or the fastest")
-    formats: list[Literal["compressed-tensors", "gguf"]] = Field(
+    formats: list[Literal["compressed-tensors", "gguf", "openvino-genai"]] = Field(
         [],
         description="other formats to ship beside the onnxruntime-genai folder, each at the smallest precision "
-        "whose gate holds through its own loader: compressed-tensors (vLLM, SGLang), gguf (llama.cpp, Ollama)",
+        "whose gate holds through its own loader: compressed-tensors (vLLM, SGLang), gguf (llama.cpp, Ollama), "
+        "openvino-genai (OpenVINO GenAI's LLMPipeline)",
     )
 
     def check_input(self, model: ModelHandle, base_dir: Path) -> None:

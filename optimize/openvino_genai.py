@@ -1,0 +1,252 @@
+"""The OpenVINO GenAI format of a decoder: a folder `openvino_genai.LLMPipeline(folder, "CPU")` loads
+as it is (`openvino_model.xml/.bin`, stateful with its KV cache, `openvino_tokenizer.xml` and
+`openvino_detokenizer.xml`, the checkpoint's configs and tokenizer).
+
+The graph is optimum-intel's export in fp32; its weights are then put on the genai stage's grid
+here: int4 is each block of 32 input weights as `d * q + m` (q in 0..15, d and m per block, the
+minmax grid of `optimize/minmax.py`, so weights dequantized from a Q4_1 GGUF land back exactly),
+stored as OpenVINO's compressed-weight pattern (u4 weights, then Subtract a zero point, Multiply a
+scale) with the zero point `-m / d` in fp32: measured on SmolLM2, the CPU plugin fuses it into its
+int4 FullyConnected kernel as it does NNCF's integer zero points, and the logits stay within 1.2e-4
+of the fp32 model, where an fp16 zero point drifts by 0.11 and an integer one (NNCF's INT4_ASYM)
+by 18. The token embedding and the LM head (one table when tied) are Q8_0 (int8, blocks of 32, one
+scale each) at either precision, and int8 is Q8_0 throughout, as in the GGUF.
+
+The gate is measured through the OpenVINO CPU plugin on this very file, the sequence fed in chunks
+so that later positions read the KV cache at the precision OpenVINO GenAI keeps it on the CPU (u8,
+its default), which is what the runtime's engine then runs.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from optimize import runtime
+from optimize.errors import UsageError
+from optimize.minmax import BLOCK, eight_bit, four_bit
+from optimize.model import read_config
+
+FILE = "openvino_model.xml"
+BITS = (4, 8)  # tried smallest first; the first whose gate holds ships
+KV_CACHE = "u8"  # OpenVINO's CPU default for LLMs, so a user's LLMPipeline gets what was gated
+CHUNK = 128  # tokens per call when measuring: positions past the first chunk read the cache
+KEPT_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+)
+NEEDS = {
+    "optimum.intel": "optimum-intel",
+    "openvino_genai": "openvino-genai",
+    "openvino_tokenizers": "openvino-tokenizers",
+}
+
+
+def problem(checkpoint: Path) -> str | None:
+    """Why no OpenVINO GenAI folder can be written here, or None."""
+    from importlib.util import find_spec
+
+    missing = [package for module, package in NEEDS.items() if find_spec(module.split(".")[0]) is None]
+    if missing or find_spec("optimum.intel") is None:
+        return (
+            f"format openvino-genai: needs {', '.join(missing or ['optimum-intel'])} "
+            "(pip install 'optimize[openvino-genai]', the same release as the openvino installed)"
+        )
+    return None
+
+
+def loader() -> str:
+    from importlib.metadata import version
+
+    return (
+        f"OpenVINO {version('openvino')} CPU plugin (openvino-genai {version('openvino-genai')}), KV cache {KV_CACHE}"
+    )
+
+
+def write(checkpoint: Path, out: Path, bits: int) -> dict[str, object]:
+    """`out/` as OpenVINO GenAI loads it, its weights at `bits` on the grid above. Returns what the
+    manifest records (tensor counts per type, the largest reconstruction errors, the KV cache)."""
+    import openvino
+
+    found = problem(checkpoint)
+    if found:
+        raise UsageError(found)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="optimize-ov-") as tmp:
+        exported = _export(checkpoint, Path(tmp))
+        model = openvino.Core().read_model(str(exported / FILE))
+        written = requantize(model, bits, int(read_config(checkpoint).get("vocab_size") or 0))
+        _save(model, out / FILE)
+        del model
+    _tokenizer(checkpoint, out)
+    for name in KEPT_FILES:
+        if (checkpoint / name).is_file():
+            shutil.copyfile(checkpoint / name, out / name)
+    written["kv_cache"] = KV_CACHE
+    return written
+
+
+def _export(checkpoint: Path, out: Path) -> Path:
+    """optimum-intel's stateful fp32 export (no weight compression: the grid is put on after)."""
+    import warnings
+
+    from optimum.intel import OVModelForCausalLM
+
+    with warnings.catch_warnings():  # torch.jit's tracer warnings on transformers' masks: not the user's
+        warnings.simplefilter("ignore")
+        model = OVModelForCausalLM.from_pretrained(checkpoint, export=True, load_in_8bit=False, compile=False)
+    model.save_pretrained(out)
+    return out
+
+
+def requantize(model: Any, bits: int, vocab: int) -> dict[str, object]:
+    """Every MatMul weight (and the embedding table) of an OpenVINO model on the grid, in place."""
+    import openvino
+    import openvino.opset13 as ops
+
+    counts: dict[str, int] = {}
+    worst = {"max_error_4bit": 0.0, "max_error_8bit": 0.0}
+    for constant in [op for op in model.get_ordered_ops() if op.get_type_name() == "Constant"]:
+        users = [target.get_node() for target in constant.output(0).get_target_inputs()]
+        shape = (
+            list(constant.get_output_partial_shape(0).to_shape())
+            if constant.get_output_partial_shape(0).is_static
+            else []
+        )
+        weight = any(u.get_type_name() == "MatMul" and u.get_attributes().get("transpose_b") for u in users)
+        table = any(u.get_type_name() == "Gather" for u in users)
+        if (
+            len(shape) != 2
+            or shape[1] % BLOCK
+            or not (weight or table)
+            or constant.get_element_type() != openvino.Type.f32
+        ):
+            continue
+        rows, columns = shape
+        blocks = constant.get_data().reshape(rows, columns // BLOCK, BLOCK)
+        if bits == 8 or table or rows == vocab:  # Q8_0: the embedding, the LM head, and int8 everything
+            q8, scale, error = eight_bit(blocks)
+            worst["max_error_8bit"] = max(worst["max_error_8bit"], error)
+            values = ops.convert(
+                ops.constant((q8.astype(np.int16) - 128).astype(np.int8), dtype=openvino.Type.i8), openvino.Type.f32
+            )
+            decompressed = ops.multiply(values, ops.constant(scale[..., None]))
+            kind = "Q8_0"
+        else:
+            q, scale, low, error = four_bit(blocks)
+            worst["max_error_4bit"] = max(worst["max_error_4bit"], error)
+            values = ops.convert(ops.constant(q, dtype=openvino.Type.u4), openvino.Type.f32)
+            zero = ops.constant((-low / scale)[..., None].astype(np.float32))
+            decompressed = ops.multiply(ops.subtract(values, zero), ops.constant(scale[..., None]))
+            kind = "Q4_1"
+        flat = ops.reshape(decompressed, ops.constant(np.array(shape, dtype=np.int64)), special_zero=False)
+        for target in list(constant.output(0).get_target_inputs()):
+            target.replace_source_output(flat.output(0))
+        counts[kind] = counts.get(kind, 0) + 1
+    return {"tensors": counts, **{key: round(value, 8) for key, value in worst.items()}}
+
+
+def _tokenizer(checkpoint: Path, out: Path) -> None:
+    """openvino-tokenizers' conversion of the checkpoint's tokenizer, checked to give the same ids.
+    A byte-level BPE read from a GGUF by transformers carries decoder steps for SentencePiece (byte
+    fallback, `▁` to space) that openvino-tokenizers cannot build; with no such tokens in the
+    vocabulary they do nothing, so the decoder is read as byte-level alone."""
+    from openvino_tokenizers import convert_tokenizer
+    from transformers import AutoTokenizer
+
+    with tempfile.TemporaryDirectory(prefix="optimize-ov-tok-") as tmp:
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            if (checkpoint / name).is_file():
+                shutil.copyfile(checkpoint / name, Path(tmp) / name)
+        spec = json.loads((Path(tmp) / "tokenizer.json").read_text())
+        decoder, vocab = spec.get("decoder") or {}, spec.get("model", {}).get("vocab", {})
+        steps = decoder.get("decoders", []) if decoder.get("type") == "Sequence" else []
+        level = [step for step in steps if step.get("type") == "ByteLevel"]
+        if level and not any("▁" in token or token.startswith("<0x") for token in vocab):
+            spec["decoder"] = level[0]
+            (Path(tmp) / "tokenizer.json").write_text(json.dumps(spec))
+        hf = AutoTokenizer.from_pretrained(tmp)  # type: ignore[no-untyped-call]
+        try:
+            encoder, decoder_model = convert_tokenizer(hf, with_detokenizer=True)
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise UsageError(
+                f"format openvino-genai: openvino-tokenizers cannot convert this tokenizer ({exc})"
+            ) from None
+    _save(encoder, out / "openvino_tokenizer.xml")
+    _save(decoder_model, out / "openvino_detokenizer.xml")
+
+
+def _save(model: Any, path: Path) -> None:
+    """`model` saved as written (no fp16 compression). What OpenVINO names itself (ops, the model)
+    takes a process-wide counter: renamed by place and file, so the same checkpoint gives the same
+    bytes in any process, and twice in one."""
+    import openvino
+
+    numbered = re.compile(r"[A-Z][A-Za-z0-9]*_\d+(\.\d+)?")  # OpenVINO's own names: `Convert_355855`
+    for index, op in enumerate(model.get_ordered_ops()):
+        if numbered.fullmatch(op.get_friendly_name()):
+            op.set_friendly_name(f"{op.get_type_name()}_{index}")
+        for port, output in enumerate(op.outputs()):
+            names = output.get_names()
+            if any(numbered.fullmatch(name) for name in names):
+                kept = {name for name in names if not numbered.fullmatch(name)}
+                output.get_tensor().set_names(kept | {f"{op.get_type_name()}_{index}.{port}"})
+    model.set_friendly_name(path.stem)
+    openvino.save_model(model, str(path), compress_to_fp16=False)
+
+
+class OpenVinoDecoder:
+    """A folder's `openvino_model.xml` behind the evaluator's `run(inputs)`: logits at every position
+    from the OpenVINO CPU plugin, the KV cache at `KV_CACHE` as OpenVINO GenAI keeps it."""
+
+    def __init__(self, folder: Path, seq_len: int, threads: int):
+        import openvino
+
+        self.tokenizer = runtime.Tokenizer(folder / "tokenizer.json", seq_len)
+        self.provider = loader()
+        properties = {"KV_CACHE_PRECISION": KV_CACHE, "INFERENCE_NUM_THREADS": threads}
+        self.compiled = openvino.Core().compile_model(str(folder / FILE), "CPU", properties)
+        self.request = self.compiled.create_infer_request()
+
+    def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        """Logits (batch x positions x vocabulary) at the real tokens (zeros at padding)."""
+        ids, real = inputs["input_ids"], inputs["attention_mask"].astype(bool)
+        out: np.ndarray | None = None
+        for i, (row, mask) in enumerate(zip(ids, real, strict=True)):
+            logits = self._logits([int(t) for t in row[mask]])
+            if out is None:
+                out = np.zeros((*ids.shape, logits.shape[-1]), dtype=np.float32)
+            out[i, mask] = logits
+        assert out is not None
+        return out
+
+    def _logits(self, ids: Sequence[int]) -> np.ndarray:
+        self.request.reset_state()
+        rows = []
+        for start in range(0, len(ids), CHUNK):
+            chunk = np.array([ids[start : start + CHUNK]], dtype=np.int64)
+            end = start + chunk.shape[1]
+            result = self.request.infer(
+                {
+                    "input_ids": chunk,
+                    "attention_mask": np.ones((1, end), dtype=np.int64),
+                    "position_ids": np.arange(start, end, dtype=np.int64)[None],
+                    "beam_idx": np.zeros(1, dtype=np.int32),
+                }
+            )
+            rows.append(np.array(result["logits"][0], dtype=np.float32))
+        return np.concatenate(rows)
+
+    def embed(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
+        raise ValueError("an OpenVINO GenAI decoder does not embed")

@@ -1,0 +1,117 @@
+"""optimize.openvino_genai: a decoder folder OpenVINO GenAI's LLMPipeline loads as it is, its
+weights on the genai stage's grid (exact for a Q4_1 GGUF), gated through OpenVINO's CPU plugin with
+the KV cache it keeps, and generated from by the runtime."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from optimize import openvino_genai, runtime
+from optimize.model import from_gguf
+from optimize.runtime.generation import OpenVinoGenAIEngine, Sampling
+from tests.conftest import run_recipe
+
+pytest.importorskip("openvino_genai")
+pytest.importorskip("optimum.intel")
+pytest.importorskip("onnxruntime_genai")
+
+STAGE = {
+    "kind": "genai",
+    "candidates": [{"precision": "fp32"}],
+    "formats": ["openvino-genai"],
+    "gate": [{"metric": "cosine_mean", "min": 0.99}],
+}
+PROMPTS = ["The capital of France is", "def mean(values):\n    total = 0\n    for", "one two three one two three one"]
+
+
+@pytest.fixture(scope="module")
+def artifact(tiny_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("ov-genai-run")
+    return run_recipe(folder, [STAGE], tiny_gguf, "--json", "--cache-dir", str(folder / "cache"))
+
+
+def test_int4_on_the_q4_1_grid_is_shipped_and_gated_through_openvino(artifact: Path) -> None:
+    manifest = runtime.verify(artifact)
+    tried = manifest["stages"][0]["details"]["formats"]
+    assert [(t["format"], t["bits"], t["passed"]) for t in tried] == [("openvino-genai", 4, True)]
+    assert tried[0]["loader"] == openvino_genai.loader()
+    assert tried[0]["written"]["tensors"] == {"Q4_1": 14, "Q8_0": 1}  # 7 per layer; the tied table
+    assert tried[0]["written"]["max_error_4bit"] == 0.0 and tried[0]["written"]["max_error_8bit"] == 0.0
+    listed = {e["engine"]: e for e in manifest["engines"]}
+    assert listed["openvino-genai"]["file"] == "openvino-genai" and listed["openvino-genai"]["gate"]["passed"]
+    files = json.loads((artifact / "manifest.json").read_text())["files"]
+    assert {"openvino-genai/openvino_model.xml", "openvino-genai/openvino_tokenizer.xml"} <= set(files)
+    assert "openvino-genai" in (artifact / "runtime" / "requirements.txt").read_text()
+
+
+def test_the_runtime_generates_through_openvino_genai_with_and_without_prompt_lookup(artifact: Path) -> None:
+    """Greedy: the same tokens with OpenVINO GenAI's prompt lookup as without, and as the artifact's
+    onnxruntime-genai folder generates (its fp32 candidate: the same weights, the grid being exact)."""
+    model = runtime.load(artifact)
+    assert "openvino-genai" in model.generators()
+    engine = OpenVinoGenAIEngine(artifact / "openvino-genai", threads=2)
+    for prompt in PROMPTS:
+        ids = model.prompt_ids(prompt)
+        plain = list(engine.tokens(ids, Sampling(max_new_tokens=24), set()))
+        assert len(plain) == 24
+        assert list(engine.tokens(ids, Sampling(max_new_tokens=24), set(), speculate=True)) == plain, prompt
+        assert list(model.tokens(ids, Sampling(max_new_tokens=24), engine="onnxruntime-genai")) == plain, prompt
+    seeded = Sampling(max_new_tokens=16, temperature=0.9, seed=7)
+    ids = model.prompt_ids(PROMPTS[0])
+    assert list(engine.tokens(ids, seeded, set())) == list(engine.tokens(ids, seeded, set()))
+    stream = engine.tokens(ids, Sampling(max_new_tokens=200), set())
+    assert len([next(stream), next(stream)]) == 2
+    stream.close()  # the pipeline stops at its next token; the engine generates again at once
+    assert list(engine.tokens(ids, Sampling(max_new_tokens=24), set())) == list(
+        engine.tokens(model.prompt_ids(PROMPTS[0]), Sampling(max_new_tokens=24), set())
+    )
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "runtime",
+            str(artifact),
+            "generate",
+            "--prompt",
+            PROMPTS[0],
+            "--engine",
+            "openvino-genai",
+        ],
+        cwd=artifact,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "generating with openvino-genai" in out.stderr and out.stdout.strip()
+
+
+def test_logits_are_the_checkpoints_with_a_full_precision_cache(
+    tiny_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The grid is exact: OpenVINO's logits with an fp32 KV cache are the checkpoint's within float
+    rounding; the u8 cache OpenVINO GenAI keeps moves them by its rounding. Written twice, the folder
+    has the same bytes."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    checkpoint = from_gguf(tiny_gguf, tmp_path / "converted")
+    first, second = tmp_path / "first", tmp_path / "second"
+    openvino_genai.write(checkpoint, first, 4)
+    openvino_genai.write(checkpoint, second, 4)
+    for name in sorted(p.name for p in first.iterdir()):
+        assert (first / name).read_bytes() == (second / name).read_bytes(), name
+    ids = np.random.default_rng(0).integers(0, 1024, (1, 300))
+    with torch.inference_mode():
+        reference = AutoModelForCausalLM.from_pretrained(checkpoint)(torch.tensor(ids)).logits[0].numpy()
+    inputs = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    u8 = openvino_genai.OpenVinoDecoder(first, 512, 2).run(inputs)[0]
+    monkeypatch.setattr(openvino_genai, "KV_CACHE", "f32")
+    f32 = openvino_genai.OpenVinoDecoder(first, 512, 2).run(inputs)[0]
+    assert np.abs(f32 - reference).max() < 1e-3
+    assert 1e-3 < np.abs(u8 - reference).max() < 0.1 * np.abs(reference).max()
