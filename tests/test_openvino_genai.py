@@ -48,6 +48,13 @@ def test_int4_on_the_q4_1_grid_is_shipped_and_gated_through_openvino(artifact: P
     files = json.loads((artifact / "manifest.json").read_text())["files"]
     assert {"openvino-genai/openvino_model.xml", "openvino-genai/openvino_tokenizer.xml"} <= set(files)
     assert "openvino-genai" in (artifact / "runtime" / "requirements.txt").read_text()
+    # both engines timed in turns; the runtime's `auto` takes the faster first
+    speeds = json.loads((artifact / "measurements.json").read_text())
+    timed = json.dumps(speeds)
+    assert "decode_tok_s" in timed
+    order = manifest["runtime"]["generators"]
+    assert sorted(order) == ["onnxruntime-genai", "openvino-genai"]
+    assert runtime.load(artifact).generators()[:2] == order
 
 
 def test_the_runtime_generates_through_openvino_genai_with_and_without_prompt_lookup(artifact: Path) -> None:

@@ -104,10 +104,8 @@ class OnnxModel:
         self.config = json.loads(config_path.read_text()) if config_path.is_file() else {}
         self.pooling = Pooling.of(Path(tokenizer_path).parent)
         self.folder = Path(model_path).parent
-        self._engines: dict[
-            str, GenAIEngine | LlamaCppEngine | OpenVinoGenAIEngine
-        ] = {}  # opened on the first generate with each
-        self._threads = threads
+        self._engines: dict[str, GenAIEngine | LlamaCppEngine | OpenVinoGenAIEngine] = {}  # opened when first used
+        self._threads, self.settings = threads, settings or {}
 
     @property
     def provider(self) -> str:
@@ -165,7 +163,8 @@ class OnnxModel:
         return out
 
     def generators(self) -> list[str]:
-        """The engines that can generate from this artifact here, the one `generate` uses first:
+        """The engines that can generate from this artifact here, the fastest the genai stage measured
+        first (`runtime.generators` in the manifest), the one `generate` uses first:
         onnxruntime-genai (its model builder's folder), OpenVINO GenAI (`openvino-genai/`, with
         openvino-genai), llama.cpp (`gguf/model.gguf`, with llama-cpp-python), onnxruntime (a graph
         exported with past key values)."""
@@ -181,7 +180,8 @@ class OnnxModel:
             found.append("llama.cpp")
         if self.cache_inputs and not genai:
             found.append("onnxruntime")
-        return found
+        measured = list(self.settings.get("generators", []))  # the stage's timing, fastest first
+        return sorted(found, key=lambda name: measured.index(name) if name in measured else len(measured))
 
     def generate(
         self,

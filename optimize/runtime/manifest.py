@@ -62,6 +62,7 @@ class RuntimeSettings(TypedDict, total=False):
     engine: str  # what runs model.onnx (ENGINES in session.py); onnxruntime-genai for decoder folders
     tuned_on: CpuSummary
     context_length: int | None
+    generators: list[str]  # a decoder's engines, the fastest measured first (the runtime's `auto` order)
 
 
 class EngineFile(TypedDict):

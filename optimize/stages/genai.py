@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from optimize import memory, tasks
 from optimize.errors import ResourceError, UsageError
 from optimize.model import ModelHandle
+from optimize.runtime import Tokenizer
 from optimize.runtime.manifest import GateResult, JsonObject, RuntimeSettings
 from optimize.stages.base import Choice, StageBase, StageContext, StageResult
 
@@ -126,6 +127,7 @@ class _Decided(TypedDict):
 
 class Decisions(_Decided, total=False):
     formats: list[FormatTried]  # every precision tried of each other format, smallest first
+    decode_tok_s: dict[str, float]  # each decoder engine's greedy decode speed, timed in turns
 
 
 class GenAIStage(StageBase):
@@ -272,7 +274,50 @@ def run(config: GenAIStage, model: ModelHandle, ctx: StageContext) -> StageResul
             found = _format(name, model, ctx, decisions["formats"])
             if found is not None:
                 alternates[found[0].engine], judged[found[0].engine] = found[0], found[1:]
+    engines = {"onnxruntime-genai": handle.checkpoint}
+    engines |= {name: alternates[name].checkpoint for name in GENERATES_HERE if name in alternates}
+    if len(engines) > 1:  # the fastest first: what the runtime generates with where it is installed
+        with ctx.console.status("genai: timing decode on each engine, in turns"):
+            speeds = decode_speeds(engines, ctx.calibration_texts[0])
+        decisions["decode_tok_s"] = speeds
+        runtime["generators"] = sorted(speeds, key=lambda name: -speeds[name])
+        shown = ", ".join(f"{name} {speed} tok/s" for name, speed in speeds.items())
+        ctx.console.print(f"genai: greedy decode: {shown}: the runtime generates with {runtime['generators'][0]}")
     return StageResult(handle, decisions, runtime=runtime, advice=advice, alternates=alternates, judged=judged)
+
+
+# The other formats whose engine the runtime generates with, timed against onnxruntime-genai's folder.
+GENERATES_HERE = ("openvino-genai",)
+DECODE_TOKENS, DECODE_ROUNDS = 48, 3
+
+
+def decode_speeds(folders: dict[str, Path], prompt: str) -> dict[str, float]:
+    """Each engine's greedy decode speed (tokens after the first, per second) through the runtime's
+    own engine classes, the median of DECODE_ROUNDS rounds taken in turns, so the machine's drift
+    falls on all alike."""
+    from statistics import median
+
+    from optimize.evaluate import threads
+    from optimize.runtime.generation import GenAIEngine, OpenVinoGenAIEngine, Sampling
+
+    ids = Tokenizer(next(iter(folders.values())) / "tokenizer.json", 4096).ids(prompt, special=True)
+    opened = {
+        name: GenAIEngine(folder, use_gpu=False)
+        if name == "onnxruntime-genai"
+        else OpenVinoGenAIEngine(folder, threads())
+        for name, folder in folders.items()
+    }
+    sampling = Sampling(max_new_tokens=DECODE_TOKENS)
+    rates: dict[str, list[float]] = {name: [] for name in opened}
+    for round_ in range(DECODE_ROUNDS + 1):  # the first round warms each engine up, untimed
+        for name, engine in opened.items():
+            stream = engine.tokens(ids, sampling, set())
+            next(stream)
+            start = time.perf_counter()
+            count = sum(1 for _ in stream)
+            if round_:
+                rates[name].append(count / (time.perf_counter() - start))
+    return {name: round(median(values), 2) for name, values in rates.items()}
 
 
 def _writer(name: str) -> types.ModuleType:
