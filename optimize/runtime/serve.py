@@ -219,7 +219,12 @@ class Server:
         self.model, self.name, self.limits, self.api_key = model, name, limits, api_key
         self.metrics = Metrics()
         self.worker = Worker(model, limits, self.metrics)
-        self.decoder = bool(model.generators())
+        found = model.generators()
+        self.decoder = bool(found)
+        # The model thread takes turns between streams a token at a time; OpenVINO GenAI's pipeline
+        # generates one whole sequence at a time on a thread of its own, which would hold every other
+        # stream until it ends: served only where no engine that interleaves is installed.
+        self.engine = next((name for name in found if name != "openvino-genai"), found[0] if found else "auto")
         self.seq_len = int(model.tokenizer.seq_len)
         # The model thread pads and truncates with the model's tokenizer; counting on the event loop
         # uses its own (a tokenizer's padding settings are state).
@@ -405,7 +410,7 @@ class Server:
         if len(ids) + sampling.max_new_tokens > self._context():
             raise ApiError(400, f"prompt: {len(ids)} tokens and max_tokens {sampling.max_new_tokens} exceed the "
                            f"model's context of {self._context()}", "prompt")  # fmt: skip
-        job = _Job(asyncio.get_running_loop(), asyncio.Queue(), tokens=self.model.tokens(ids, sampling))
+        job = _Job(asyncio.get_running_loop(), asyncio.Queue(), tokens=self.model.tokens(ids, sampling, self.engine))
         self.worker.inbox.put(job)
         pieces = self._pieces(job, sampling, len(ids))
         kind = "chat.completion" if chat else "text_completion"
