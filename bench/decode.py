@@ -288,15 +288,16 @@ def peer(checkpoint: Path, work: Path) -> Path:
 
 
 def openvino_peer(checkpoint: Path, work: Path) -> Path:
-    """optimum-intel's int4 export with its defaults (NNCF weight compression), what `optimum-cli
-    export openvino --weight-format int4` writes; the tokenizer converted as optimize converts it."""
+    """optimum-intel's int4 export (NNCF weight compression), what `optimum-cli export openvino
+    --weight-format int4 --group-size 64` writes (its default groups of 128 do not divide SmolLM2's
+    576: NNCF refuses them); the tokenizer converted as optimize converts it."""
     from optimum.intel import OVModelForCausalLM, OVWeightQuantizationConfig
 
     from optimize import openvino_genai
 
     out = work / "openvino-int4-defaults"
     model = OVModelForCausalLM.from_pretrained(
-        checkpoint, export=True, compile=False, quantization_config=OVWeightQuantizationConfig(bits=4)
+        checkpoint, export=True, compile=False, quantization_config=OVWeightQuantizationConfig(bits=4, group_size=64)
     )
     model.save_pretrained(out)
     openvino_genai._tokenizer(checkpoint, out)
@@ -330,9 +331,9 @@ def peers(checkpoint: Path, console: Any, args: argparse.Namespace) -> dict[str,
         systems["llama.cpp on the input Q4_1 GGUF (peer)"] = ("llama.cpp", source)
         systems["llama.cpp on the input Q4_1 GGUF + its prompt lookup (peer)"] = ("llama.cpp+lookup", source)
     if importlib.util.find_spec("openvino_genai") is not None:
-        with console.status("building the OpenVINO GenAI int4 peer (optimum-intel's int4 defaults)"):
+        with console.status("building the OpenVINO GenAI int4 peer (optimum-intel's int4, groups of 64)"):
             built = str(openvino_peer(checkpoint, Path(tempfile.mkdtemp(prefix="optimize-decode-ov-"))))
-        label = "openvino-genai, optimum-intel int4 defaults"
+        label = "openvino-genai, optimum-intel int4 (group 64)"
         systems[label + " (peer)"] = ("openvino-genai", built)
         systems[label + " + its prompt lookup (peer)"] = ("openvino-genai+lookup", built)
     return systems
