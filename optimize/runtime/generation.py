@@ -14,6 +14,7 @@ import json
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from queue import Queue
 from typing import Any
@@ -266,7 +267,8 @@ class LlamaCppEngine:
         if sampling.seed is not None:
             self.llm.set_seed(sampling.seed)
         options = {"temp": sampling.temperature, "top_k": sampling.top_k, "top_p": sampling.top_p, "min_p": 0.0}
-        for token in self.llm.generate(prompt_ids, **options, repeat_penalty=1.0, reset=True):
+        tokens = self.llm.generate(prompt_ids, **options, repeat_penalty=1.0, reset=True)
+        for token in islice(tokens, sampling.max_new_tokens):  # llama.cpp's own goes on to the context's end
             if token in eos or token == self.llm.token_eos():
                 return
             yield int(token)
