@@ -285,7 +285,7 @@ def run(config: GenAIStage, model: ModelHandle, ctx: StageContext) -> StageResul
     }
     if len(engines) > 1:  # the fastest first: what the runtime generates with where it is installed
         with ctx.console.status("genai: timing a request on each engine, in turns"):
-            timed = engine_speeds(engines, (*ctx.calibration_texts, "The capital of France is")[0])
+            timed = engine_speeds(engines, " ".join(ctx.calibration_texts) or "The capital of France is")
         decisions["engine_speed"] = timed
         runtime["generators"] = sorted(timed, key=lambda name: timed[name]["request_ms"])
         shown = ", ".join(
@@ -328,10 +328,12 @@ def engine_speeds(folders: dict[str, Path], prompt: str) -> dict[str, EngineSpee
     from statistics import median
 
     ids = Tokenizer(next(iter(folders.values())) / "tokenizer.json", 4096).ids(prompt, special=True)
-    ids = ids[:REQUEST_PROMPT]  # a chat turn's length, within the smallest context (llama.cpp refuses more)
+    # a chat turn's length, within the smallest context (llama.cpp refuses more), cut mid-sentence so
+    # that no engine is done at once (each stops at the end-of-sequence token its model has)
+    ids = ids[:REQUEST_PROMPT]
     opened = {name: _engine(name, folder) for name, folder in folders.items()}
     sampling = Sampling(max_new_tokens=REQUEST_TOKENS)
-    rounds: dict[str, list[tuple[float, float, int]]] = {name: [] for name in opened}
+    rounds: dict[str, list[tuple[float, float]]] = {name: [] for name in opened}  # (ttft s, tok/s)
     for round_ in range(REQUEST_ROUNDS + 1):  # the first round warms each engine up, untimed
         for name, engine in opened.items():
             start = time.perf_counter()
@@ -339,16 +341,19 @@ def engine_speeds(folders: dict[str, Path], prompt: str) -> dict[str, EngineSpee
             next(stream)
             first = time.perf_counter()
             count = sum(1 for _ in itertools.islice(stream, REQUEST_TOKENS - 1))
-            if round_:
-                rounds[name].append((first - start, time.perf_counter() - first, count))
-    return {
-        name: {
-            "ttft_ms": round(median(r[0] for r in rows) * 1000, 1),
-            "decode_tok_s": round(median(r[2] / r[1] for r in rows), 2),
-            "request_ms": round(median(r[0] + r[1] for r in rows) * 1000, 1),
+            if round_ and count:
+                rounds[name].append((first - start, count / (time.perf_counter() - first)))
+    speeds: dict[str, EngineSpeed] = {}
+    for name, rows in rounds.items():
+        ttft, rate = median(r[0] for r in rows), median(r[1] for r in rows) if rows else 0.0
+        # a request of exactly REQUEST_TOKENS at the measured rates, wherever an engine stopped early
+        whole = ttft + (REQUEST_TOKENS - 1) / rate if rate else float("inf")
+        speeds[name] = {
+            "ttft_ms": round(ttft * 1000, 1),
+            "decode_tok_s": round(rate, 2),
+            "request_ms": round(whole * 1000, 1),
         }
-        for name, rows in rounds.items()
-    }
+    return speeds
 
 
 def _writer(name: str) -> types.ModuleType:
