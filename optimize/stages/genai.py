@@ -283,9 +283,11 @@ def run(config: GenAIStage, model: ModelHandle, ctx: StageContext) -> StageResul
         for name, module in GENERATES_HERE.items()
         if name in alternates and importlib.util.find_spec(module) is not None
     }
+    timed = {}
     if len(engines) > 1:  # the fastest first: what the runtime generates with where it is installed
         with ctx.console.status("genai: timing a request on each engine, in turns"):
             timed = engine_speeds(engines, " ".join(ctx.calibration_texts) or "The capital of France is")
+    if timed:
         decisions["engine_speed"] = timed
         runtime["generators"] = sorted(timed, key=lambda name: timed[name]["request_ms"])
         shown = ", ".join(
@@ -338,21 +340,23 @@ def engine_speeds(folders: dict[str, Path], prompt: str) -> dict[str, EngineSpee
         for name, engine in opened.items():
             start = time.perf_counter()
             stream = engine.tokens(ids, sampling, set())
-            next(stream)
+            if next(stream, None) is None:  # done at once: nothing to time this round
+                continue
             first = time.perf_counter()
             count = sum(1 for _ in itertools.islice(stream, REQUEST_TOKENS - 1))
             if round_ and count:
                 rounds[name].append((first - start, count / (time.perf_counter() - first)))
     speeds: dict[str, EngineSpeed] = {}
-    for name, rows in rounds.items():
-        ttft, rate = median(r[0] for r in rows), median(r[1] for r in rows) if rows else 0.0
-        # a request of exactly REQUEST_TOKENS at the measured rates, wherever an engine stopped early
-        whole = ttft + (REQUEST_TOKENS - 1) / rate if rate else float("inf")
-        speeds[name] = {
-            "ttft_ms": round(ttft * 1000, 1),
-            "decode_tok_s": round(rate, 2),
-            "request_ms": round(whole * 1000, 1),
-        }
+    for name, rows in rounds.items():  # an engine that never got past one token is left out (last)
+        if rows:
+            ttft, rate = median(r[0] for r in rows), median(r[1] for r in rows)
+            # a request of exactly REQUEST_TOKENS at the measured rates, wherever an engine stopped early
+            whole = ttft + (REQUEST_TOKENS - 1) / rate
+            speeds[name] = {
+                "ttft_ms": round(ttft * 1000, 1),
+                "decode_tok_s": round(rate, 2),
+                "request_ms": round(whole * 1000, 1),
+            }
     return speeds
 
 
