@@ -57,10 +57,16 @@ def problem(checkpoint: Path) -> str | None:
     """Why no OpenVINO GenAI folder can be written here, or None."""
     from importlib.util import find_spec
 
-    missing = [package for module, package in NEEDS.items() if find_spec(module.split(".")[0]) is None]
-    if missing or find_spec("optimum.intel") is None:
+    def absent(module: str) -> bool:
+        try:
+            return find_spec(module) is None
+        except ModuleNotFoundError:  # its parent package is missing
+            return True
+
+    missing = [package for module, package in NEEDS.items() if absent(module)]
+    if missing:
         return (
-            f"format openvino-genai: needs {', '.join(missing or ['optimum-intel'])} "
+            f"format openvino-genai: needs {', '.join(missing)} "
             "(pip install 'optimize[openvino-genai]', the same release as the openvino installed)"
         )
     return None
@@ -125,7 +131,8 @@ def requantize(model: Any, bits: int, vocab: int) -> dict[str, object]:
             else []
         )
         weight = any(u.get_type_name() == "MatMul" and u.get_attributes().get("transpose_b") for u in users)
-        table = any(u.get_type_name() == "Gather" for u in users)
+        # the token embedding (not another table a graph gathers from, such as a rotary cache)
+        table = bool(shape) and shape[0] == vocab and any(u.get_type_name() == "Gather" for u in users)
         if (
             len(shape) != 2
             or shape[1] % BLOCK

@@ -123,3 +123,20 @@ def test_logits_are_the_checkpoints_with_a_full_precision_cache(
     f32 = openvino_genai.OpenVinoDecoder(first, 512, 2).run(inputs)[0]
     assert np.abs(f32 - reference).max() < 1e-3
     assert 1e-3 < np.abs(u8 - reference).max() < 0.1 * np.abs(reference).max()
+
+
+def test_without_its_packages_the_format_is_refused_before_any_work(
+    tiny_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from optimize.cli import app
+    from tests.conftest import write_recipe
+
+    monkeypatch.setitem(openvino_genai.NEEDS, "openvino_genai_missing", "openvino-genai")
+    recipe = write_recipe(tmp_path, [STAGE], model=str(tiny_gguf))
+    result = CliRunner().invoke(app, ["run", str(recipe), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    said = " ".join(result.output.split())
+    assert "format openvino-genai: needs openvino-genai" in said and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()
