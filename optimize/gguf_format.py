@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -128,6 +128,17 @@ def loader() -> str:
         return f"transformers {version('transformers')} (GGUF dequantized to fp32)"
 
 
+def per_sequence(inputs: dict[str, np.ndarray], logits: Callable[[Sequence[int]], np.ndarray]) -> np.ndarray:
+    """A padded batch through an engine that scores one unpadded sequence at a time (`logits`: its
+    positions x vocabulary): logits (batch x positions x vocabulary) at the real tokens, zeros at padding."""
+    ids, real = inputs["input_ids"], inputs["attention_mask"].astype(bool)
+    rows = [logits([int(t) for t in row[mask]]) for row, mask in zip(ids, real, strict=True)]
+    out = np.zeros((*ids.shape, rows[0].shape[-1]), dtype=np.float32)
+    for i, row in enumerate(rows):
+        out[i, real[i]] = row
+    return out
+
+
 class GgufModel:
     """A folder's model.gguf behind the evaluator's `run(inputs)`: logits at every position, from
     llama.cpp where installed (its own kernels, which is what ships), else transformers' reader."""
@@ -154,12 +165,7 @@ class GgufModel:
 
     def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         """Logits (batch x positions x vocabulary) at the real tokens (zeros at padding)."""
-        ids, real = inputs["input_ids"], inputs["attention_mask"].astype(bool)
-        rows = [self._logits([int(t) for t in row[mask]]) for row, mask in zip(ids, real, strict=True)]
-        out = np.zeros((*ids.shape, rows[0].shape[-1]), dtype=np.float32)
-        for i, row in enumerate(rows):
-            out[i, real[i]] = row
-        return out
+        return per_sequence(inputs, self._logits)
 
     def _logits(self, ids: Sequence[int]) -> np.ndarray:
         if len(ids) > CONTEXT:

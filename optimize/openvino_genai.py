@@ -31,6 +31,7 @@ import numpy as np
 
 from optimize import runtime
 from optimize.errors import UsageError
+from optimize.gguf_format import per_sequence
 from optimize.minmax import BLOCK, eight_bit, four_bit
 from optimize.model import read_config
 
@@ -142,7 +143,7 @@ def requantize(model: Any, bits: int, vocab: int) -> dict[str, object]:
             continue
         rows, columns = shape
         blocks = constant.get_data().reshape(rows, columns // BLOCK, BLOCK)
-        if bits == 8 or table or rows == vocab:  # Q8_0: the embedding, the LM head, and int8 everything
+        if bits == 8 or rows == vocab:  # Q8_0: the embedding, the LM head, and int8 everything
             q8, scale, error = eight_bit(blocks)
             worst["max_error_8bit"] = max(worst["max_error_8bit"], error)
             values = ops.convert(
@@ -165,10 +166,11 @@ def requantize(model: Any, bits: int, vocab: int) -> dict[str, object]:
 
 
 def _tokenizer(checkpoint: Path, out: Path) -> None:
-    """openvino-tokenizers' conversion of the checkpoint's tokenizer, checked to give the same ids.
-    A byte-level BPE read from a GGUF by transformers carries decoder steps for SentencePiece (byte
-    fallback, `▁` to space) that openvino-tokenizers cannot build; with no such tokens in the
-    vocabulary they do nothing, so the decoder is read as byte-level alone."""
+    """openvino-tokenizers' conversion of the checkpoint's tokenizer (OpenVINO GenAI's own; the
+    runtime feeds and decodes tokens with `tokenizer.json` itself). A byte-level BPE read from a
+    GGUF by transformers carries decoder steps for SentencePiece (byte fallback, `▁` to space) that
+    openvino-tokenizers cannot build; with no such tokens in the vocabulary they do nothing, so the
+    decoder is read as byte-level alone."""
     from openvino_tokenizers import convert_tokenizer
     from transformers import AutoTokenizer
 
@@ -228,15 +230,7 @@ class OpenVinoDecoder:
 
     def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         """Logits (batch x positions x vocabulary) at the real tokens (zeros at padding)."""
-        ids, real = inputs["input_ids"], inputs["attention_mask"].astype(bool)
-        out: np.ndarray | None = None
-        for i, (row, mask) in enumerate(zip(ids, real, strict=True)):
-            logits = self._logits([int(t) for t in row[mask]])
-            if out is None:
-                out = np.zeros((*ids.shape, logits.shape[-1]), dtype=np.float32)
-            out[i, mask] = logits
-        assert out is not None
-        return out
+        return per_sequence(inputs, self._logits)
 
     def _logits(self, ids: Sequence[int]) -> np.ndarray:
         self.request.reset_state()

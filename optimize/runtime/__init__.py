@@ -16,7 +16,16 @@ from pathlib import Path
 
 import numpy as np
 
-from .generation import GenAIEngine, LlamaCppEngine, OpenVinoGenAIEngine, Sampling, chat_prompt, kv_loop, stream
+from .generation import (
+    GenAIEngine,
+    LlamaCppEngine,
+    OpenVinoGenAIEngine,
+    Sampling,
+    chat_prompt,
+    kv_loop,
+    open_engine,
+    stream,
+)
 from .manifest import CpuSummary, Manifest, RuntimeSettings
 from .session import (
     ENGINES,
@@ -37,6 +46,12 @@ from .verify import ArtifactError, merge_volatile, sha256_file, verify
 
 GGUF_FILE = "gguf/model.gguf"  # an artifact's GGUF (llama.cpp, Ollama), where its recipe wrote one
 OPENVINO_GENAI_FILE = Path("openvino-genai/openvino_model.xml")  # OpenVINO GenAI's folder, where written
+# Each generating engine's folder in an artifact (`open_engine` opens it)
+ENGINE_FOLDERS = {
+    "onnxruntime-genai": Path(),
+    "openvino-genai": OPENVINO_GENAI_FILE.parent,
+    "llama.cpp": Path(GGUF_FILE).parent,
+}
 
 __all__ = [
     "ENGINES",
@@ -227,12 +242,9 @@ class OnnxModel:
         if name == "onnxruntime":
             return kv_loop(self._step, ids, sampling, ends)
         if name not in self._engines:
-            if name == "onnxruntime-genai":
-                self._engines[name] = GenAIEngine(self.folder, use_gpu=self.provider != "CPUExecutionProvider")
-            elif name == "openvino-genai":
-                self._engines[name] = OpenVinoGenAIEngine(self.folder / OPENVINO_GENAI_FILE.parent, self._threads)
-            else:
-                self._engines[name] = LlamaCppEngine(self.folder / GGUF_FILE, self._threads)
+            folder = self.folder / ENGINE_FOLDERS[name]
+            gpu = self.provider != "CPUExecutionProvider"
+            self._engines[name] = open_engine(name, folder, self._threads, use_gpu=gpu)
         return self._engines[name].tokens(ids, sampling, ends, speculate)
 
     def generator(self, engine: str = "auto") -> str:

@@ -356,6 +356,20 @@ class OpenVinoGenAIEngine:
             thread.join()
 
 
+def open_engine(
+    name: str, folder: Path, threads: int | None, use_gpu: bool = False
+) -> GenAIEngine | OpenVinoGenAIEngine | LlamaCppEngine:
+    """The engine `name` on its own folder: an onnxruntime-genai model builder's folder, an
+    `openvino-genai/` folder, or a folder holding `model.gguf` (llama.cpp)."""
+    if name == "onnxruntime-genai":
+        return GenAIEngine(folder, use_gpu=use_gpu)
+    if name == "openvino-genai":
+        return OpenVinoGenAIEngine(folder, threads)
+    if name == "llama.cpp":
+        return LlamaCppEngine(folder / "model.gguf", threads)
+    raise ValueError(f"engine {name}: one of onnxruntime-genai, openvino-genai, llama.cpp")
+
+
 def chat_prompt(folder: Path, prompt: str | Sequence[dict[str, str]]) -> str:
     """`prompt` as one user turn (or a list of {"role", "content"} messages) in the model's chat
     template (`chat_template.jinja` or the one in `tokenizer_config.json`), rendered as transformers

@@ -31,7 +31,7 @@ from optimize import memory, tasks
 from optimize.errors import ResourceError, UsageError
 from optimize.model import ModelHandle
 from optimize.runtime import Tokenizer
-from optimize.runtime.generation import GenAIEngine, LlamaCppEngine, OpenVinoGenAIEngine, Sampling
+from optimize.runtime.generation import Sampling, open_engine
 from optimize.runtime.manifest import GateResult, JsonObject, RuntimeSettings
 from optimize.stages.base import Choice, StageBase, StageContext, StageResult
 
@@ -310,17 +310,6 @@ class EngineSpeed(TypedDict):
     request_ms: float  # the whole request: what orders the engines
 
 
-def _engine(name: str, folder: Path) -> GenAIEngine | OpenVinoGenAIEngine | LlamaCppEngine:
-    """The runtime's engine class for one engine's folder, on this machine's threads."""
-    from optimize.evaluate import threads
-
-    if name == "onnxruntime-genai":
-        return GenAIEngine(folder, use_gpu=False)
-    if name == "openvino-genai":
-        return OpenVinoGenAIEngine(folder, threads())
-    return LlamaCppEngine(folder / "model.gguf", threads())
-
-
 def engine_speeds(folders: dict[str, Path], prompt: str) -> dict[str, EngineSpeed]:
     """One greedy request (the first REQUEST_PROMPT tokens of `prompt`, then REQUEST_TOKENS new
     ones) on each engine through the runtime's own engine classes: time to the first token, decode
@@ -329,11 +318,13 @@ def engine_speeds(folders: dict[str, Path], prompt: str) -> dict[str, EngineSpee
     prefill on AVX2 is several times OpenVINO's), so the request, not decode alone, decides."""
     from statistics import median
 
+    from optimize.evaluate import threads
+
     ids = Tokenizer(next(iter(folders.values())) / "tokenizer.json", 4096).ids(prompt, special=True)
     # a chat turn's length, within the smallest context (llama.cpp refuses more), cut mid-sentence so
     # that no engine is done at once (each stops at the end-of-sequence token its model has)
     ids = ids[:REQUEST_PROMPT]
-    opened = {name: _engine(name, folder) for name, folder in folders.items()}
+    opened = {name: open_engine(name, folder, threads()) for name, folder in folders.items()}
     sampling = Sampling(max_new_tokens=REQUEST_TOKENS)
     rounds: dict[str, list[tuple[float, float]]] = {name: [] for name in opened}  # (ttft s, tok/s)
     for round_ in range(REQUEST_ROUNDS + 1):  # the first round warms each engine up, untimed
