@@ -203,3 +203,37 @@ def test_lookup_drafts_what_followed_the_latest_match_and_backs_off_when_refused
     assert (drafts.size, drafts.pause) == (1, 3)  # twice refused: pause 3 steps
     assert [drafts.propose([1, 2, 1, 2], 8) for _ in range(4)] == [[], [], [], [1]]
     assert (drafts.proposed, drafts.accepted) == (13, 4)
+
+
+def test_sampling_with_drafts_draws_from_the_distribution_plain_sampling_draws_from(built):
+    """Seeded sampling through drafts (tokens picked here, drafts checked several at a time) against
+    onnxruntime-genai's own sampling loop, 200 seeds each: at every position the token frequencies
+    agree within a chi-square test (top 2, where drafts are often kept), and the same test tells a
+    lower temperature apart (its power)."""
+    from scipy.stats import chi2_contingency
+
+    engine = GenAIEngine(built, use_gpu=False)
+    prompt = _prompts(2)[0]  # a phrase said three times: drafts are proposed and some are kept
+
+    def draws(temperature: float, drafted: bool) -> tuple[list[list[int]], int]:
+        rows, kept = [], 0
+        for seed in range(200):
+            sampling = Sampling(max_new_tokens=6, temperature=temperature, top_k=2, seed=seed)
+            drafts = Drafts()
+            own = engine.checked(prompt, sampling, set(), drafts) if drafted else engine.tokens(prompt, sampling, set())
+            rows.append(list(own))
+            kept += drafts.accepted
+        return rows, kept
+
+    def p_values(a: list[list[int]], b: list[list[int]]) -> list[float]:
+        found = []
+        for position in range(6):
+            x, y = ([row[position] for row in rows if len(row) > position] for rows in (a, b))  # EOS ends some
+            kinds = sorted(set(x) | set(y))
+            found.append(float(chi2_contingency([[x.count(k) for k in kinds], [y.count(k) for k in kinds]]).pvalue))
+        return found
+
+    (ours, kept), (plain, _) = draws(1.0, True), draws(1.0, False)
+    assert kept >= 10  # drafts were checked and kept while sampling
+    assert min(p_values(ours, plain)) > 1e-3
+    assert min(p_values(ours, draws(0.01, False)[0])) < 1e-3  # a sharper distribution is told apart
