@@ -170,7 +170,10 @@ GGUF_REQUIREMENTS = (
 
 # What varies from one run to the next (timings and what is derived from them) is kept out of the
 # manifest, in measurements.json, so the same recipe, inputs and seed give byte-identical files.
-VOLATILE = {"throughput_per_s", "seconds", "speed", "worst_ratio_to_fp32", "peak_rss_mb", "created", "decode_tok_s"}
+VOLATILE = {
+    *("throughput_per_s", "seconds", "speed", "worst_ratio_to_fp32", "peak_rss_mb", "created", "decode_tok_s"),
+    "costs",  # each step's time and memory; a warm run has fewer steps
+}
 # Files that carry timings: written beside the model, listed in the manifest, not hashed.
 MEASUREMENT_FILES = ("measurements.json", "report.md", "report.json", "report.html")
 

@@ -48,6 +48,7 @@ class Entry(TypedDict, total=False):
     plan: dict[str, str]
     runtime: RuntimeSettings
     metrics: dict[str, float]  # the reference: what it measured, and under which conditions
+    losses: dict[str, list[float]]  # the reference's per-token losses behind its perplexity
     details: JsonObject
     conditions: JsonObject
     gate: GateResult  # an engine's file: its gate

@@ -16,11 +16,11 @@ from typing import Any
 
 import numpy as np
 
-from optimize import projection, runtime, tasks
+from optimize import costs, projection, runtime, tasks
 from optimize.gguf_format import GgufModel
 from optimize.model import ModelHandle, load_torch
 from optimize.openvino_genai import OpenVinoDecoder
-from optimize.suites import LoadedSuite, run_suite
+from optimize.suites import LoadedSuite, run_suite, standard_error
 
 Inputs = dict[str, np.ndarray]
 
@@ -219,6 +219,7 @@ class Evaluator:
     conditions: dict[str, object] = field(default_factory=dict)
     _cache: dict[tuple[object, ...], tuple[dict[str, float], dict[str, object]]] = field(default_factory=dict)
     _outputs: dict[tuple[object, ...], np.ndarray] = field(default_factory=dict)
+    _losses: dict[tuple[object, ...], dict[str, np.ndarray]] = field(default_factory=dict)  # per-token, per metric
 
     @property
     def _seq_len(self) -> int:
@@ -246,13 +247,30 @@ class Evaluator:
         assert self.reference is not None, "an evaluator without a reference measures no fidelity"
         return self.agreement(handle, self.reference)
 
+    def losses(self, handle: ModelHandle) -> dict[str, np.ndarray]:
+        """Per-token losses behind `handle`'s perplexity, as measured (or `keep_losses` put back)."""
+        return self._losses.get(_identity(handle), {})
+
+    def keep_losses(self, handle: ModelHandle, losses: dict[str, np.ndarray]) -> None:
+        self._losses[_identity(handle)] = losses
+
+    def resolution(self, handle: ModelHandle) -> dict[str, dict[str, float]]:
+        """Per metric measured on tokens: its standard error, and its ratio's to the reference."""
+        reference = self.losses(self.reference) if self.reference is not None else {}
+        return {
+            metric: standard_error(values, None if handle == self.reference else reference.get(metric))
+            for metric, values in self.losses(handle).items()
+        }
+
     def measure(self, handle: ModelHandle) -> tuple[dict[str, float], dict[str, object]]:
         """The metrics of DESIGN.md for this model, and the details behind them (spread, provider).
         An ONNX file already measured in this run (same path, size and time) is not measured again."""
         key = _identity(handle) if handle.onnx_path is not None else None
         if key is not None and key in self._cache:
             return self._cache[key]
-        result = self._measure(handle)
+        engine = handle.engine if handle.onnx_path or handle.engine != "onnxruntime" else "torch"
+        with costs.step(f"measure {handle.checkpoint.name} ({engine})"):
+            result = self._measure(handle)
         if key is not None:
             self._cache[key] = result
         return result
@@ -264,8 +282,9 @@ class Evaluator:
         if self.texts and self.reference is not None:
             rows = self.outputs_of(handle, model, keep=handle == self.reference)
             metrics.update(fidelity(rows, self.outputs_of(self.reference), handle.task))
+        losses = self._losses.setdefault(_identity(handle), {})
         for suite in self.suites:
-            metrics.update(run_suite(model, handle.task, suite))
+            metrics.update(run_suite(model, handle.task, suite, losses))
         if self.speed is not None:
             speed_metrics, details["latency_spread"] = latency(
                 model.run, speed_inputs(model.tokenizer, self.texts or ["hello world"], self.speed), self.speed

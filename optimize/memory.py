@@ -18,20 +18,25 @@ from pathlib import Path
 from optimize.errors import UsageError
 
 
+def header(path: Path) -> tuple[dict[str, dict[str, object]], int]:
+    """A safetensors file's tensors (name -> dtype, shape, data_offsets) and where their data starts."""
+    with path.open("rb") as handle:
+        try:
+            (size,) = struct.unpack("<Q", handle.read(8))
+            found = json.loads(handle.read(size))
+        except (struct.error, ValueError):
+            raise UsageError(f"model {path}: not a safetensors file (its header does not read)") from None
+    found.pop("__metadata__", None)
+    return found, 8 + size
+
+
 def parameters(checkpoint: Path) -> int:
     """The number of weights in the checkpoint's safetensors files, from their headers alone."""
     count = 0
     for path in sorted(checkpoint.glob("*.safetensors")):
-        with path.open("rb") as handle:
-            try:
-                (size,) = struct.unpack("<Q", handle.read(8))
-                header = json.loads(handle.read(size))
-            except (struct.error, ValueError):
-                raise UsageError(f"model {path}: not a safetensors file (its header does not read)") from None
-        for name, entry in header.items():
-            if name != "__metadata__":
-                shape = entry.get("shape", [])
-                count += math.prod(int(n) for n in shape)
+        for entry in header(path)[0].values():
+            shape = entry.get("shape", [])
+            count += math.prod(int(n) for n in shape) if isinstance(shape, list) else 0
     return count
 
 

@@ -22,9 +22,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from rich.console import Console
 
-from optimize import artifact, report, report_html, runtime, training
+from optimize import artifact, costs, report, report_html, runtime, training
 from optimize import cache as stage_cache
 from optimize.data import texts_sha256
 from optimize.errors import INTERRUPTED, GateFailed, stop_if_interrupted
@@ -101,7 +102,19 @@ class _Run:
         values = measured
         if source == "default" and self.anchor is not None:
             values = {**measured, **self.evaluator.agreement(handle, self.anchor)}
-        return {**judge_all(checks, values, self.reference, source), "against": self.against(source)}
+        judged = judge_all(checks, values, self.reference, source)
+        resolution = self.evaluator.resolution(handle)
+        for row in judged["checks"]:  # how finely the tokens it was measured on resolve it
+            found = resolution.get(row["metric"])
+            if found:
+                relative = row.get("reference") is not None and "ratio_standard_error" in found
+                error = (
+                    found["ratio_standard_error"] * float(row["reference"] or 0)
+                    if relative
+                    else found["standard_error"]
+                )
+                row["standard_error"], row["tokens"] = round(error, 6), int(found["tokens"])
+        return {**judged, "against": self.against(source)}
 
     def against(self, source: GateSource) -> str:
         """The model a gate's fidelity values are measured against: the input model, except for a
@@ -149,7 +162,7 @@ class _Run:
         if found is not None:
             return self.reuse(step_key, found, model)
         cal = self.prepared.loaded.recipe.calibration
-        with self.console.status("exporting to ONNX"), contextlib.redirect_stdout(sys.stderr):
+        with self.console.status("exporting to ONNX"), contextlib.redirect_stdout(sys.stderr), costs.step("export"):
             exported, info = export(model, self.workdir("export"), self.prepared.holdout, cal.seq_len)
             measured, details = self.evaluator.measure(exported)
         gate = self.judge(default_gate(model.task), measured, "default", exported)
@@ -179,7 +192,11 @@ class _Run:
         ctx = self.context(index, stage, judge)
         try:
             # stdout is kept for --json: what a library prints during a stage goes to stderr.
-            with self.console.status(f"stage {index} ({name}): running"), contextlib.redirect_stdout(sys.stderr):
+            with (
+                self.console.status(f"stage {index} ({name}): running"),
+                contextlib.redirect_stdout(sys.stderr),
+                costs.step(step),
+            ):
                 result = stage.run(model, ctx)
         except GateFailed as exc:  # a search that found nothing: its record shows what it measured
             gate: GateResult = {
@@ -194,7 +211,7 @@ class _Run:
         self.plan.update(result.precision_plan)
         self.runtime.update(result.runtime)
         self.adopt_alternates(stage, result.model, result.alternates, result.judged)
-        with self.console.status(f"stage {index} ({name}): measuring"):
+        with self.console.status(f"stage {index} ({name}): measuring"), costs.step(f"{step}: its output"):
             measured, speed = self.evaluator.measure(result.model)
         record = self.record(
             StageRecord(
@@ -352,6 +369,7 @@ def run(loaded: LoadedRecipe, options: RunOptions, console: Console) -> RunResul
         options.cache_dir.mkdir(parents=True, exist_ok=True)
     workroot = Path(tempfile.mkdtemp(prefix="optimize-", dir=options.cache_dir))
     staging: Path | None = None
+    costs.begin()
     try:
         prepared = prepare(loaded, options, console, workroot)
         state = _Run(prepared, options, console, workroot)
@@ -368,12 +386,13 @@ def run(loaded: LoadedRecipe, options: RunOptions, console: Console) -> RunResul
         engines, shipped = state.engine_files(model)
         stop_if_interrupted()
         staging = artifact.staging_dir(options.out)
-        summary = dataclasses.replace(state.summary("passed"), engines=engines)
+        summary = dataclasses.replace(state.summary("passed"), engines=engines, costs=costs.rows())
         # A trained student ships its weights too, so the artifact is also a checkpoint folder that
         # transformers, sentence-transformers and a later `optimize quantize` take as it is.
         trained = model.checkpoint != prepared.model.checkpoint
         manifest = state.manifest(model)
         manifest["engines"] = engines
+        manifest["costs"] = costs.rows()  # measurements.json only (artifact.VOLATILE)
         artifact.write(
             options.out,
             staging,
@@ -405,14 +424,17 @@ def _reference(state: _Run) -> tuple[dict[str, float], JsonObject]:
     evaluator = state.prepared.evaluator
     if found is not None:
         evaluator.conditions = found[1]["conditions"]  # what the speed figures were measured under
+        kept = found[1].get("losses", {})  # per token, for the gates' standard errors
+        evaluator.keep_losses(state.prepared.model, {k: np.asarray(v) for k, v in kept.items()})
         return found[1]["metrics"], found[1]["details"]
-    with state.console.status("measuring the reference (input model)"):
+    with state.console.status("measuring the reference (input model)"), costs.step("reference"):
         measured, details = evaluator.measure(state.prepared.model)
     entry: stage_cache.Entry = {
         "step": "reference",
         "metrics": measured,
         "details": details,
         "conditions": evaluator.conditions,
+        "losses": {k: v.tolist() for k, v in evaluator.losses(state.prepared.model).items()},
     }
     state.cache.put(step_key, entry)
     return measured, details

@@ -81,6 +81,7 @@ class RunSummary:
     conditions: JsonObject  # threads, batch size, sequence length, runs
     failure: str | None = None
     engines: list[EngineFile] = field(default_factory=list)  # each engine's file, fastest first
+    costs: list[JsonObject] = field(default_factory=list)  # each step's seconds and peak memory (costs.py)
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -91,4 +92,5 @@ class RunSummary:
             "conditions": self.conditions,
             "failure": self.failure,
             "engines": self.engines,
+            "costs": self.costs,
         }

@@ -102,6 +102,11 @@ def markdown(run: RunSummary) -> str:
             lines.append(
                 f"- {stage.name}: `{check['metric']}` = {_fmt(check['value'])} "
                 f"{check['op']} {_fmt(check['threshold'])}: **{verdict}**"
+                + (
+                    f" (standard error {_fmt(check['standard_error'])} over {check.get('tokens')} tokens)"
+                    if "standard_error" in check
+                    else ""
+                )
                 + (" (default gate)" if source == "default" else "")
                 + (f", against the {stage.gate['against']}" if stage.gate.get("against") else "")
             )
@@ -134,6 +139,13 @@ def markdown(run: RunSummary) -> str:
             + " | ".join(_fmt(e["metrics"].get(n)) for n in names)
             + " |"
             for e in run.engines
+        ]
+    if run.costs:
+        lines += ["", "## Cost per step (this run; a step the cache held did not run)", ""]
+        lines += ["| step | seconds | peak RSS MB | worker's peak RSS MB |", "|---|---|---|---|"]
+        lines += [
+            f"| {row['step']} | {row['seconds']} | {row.get('peak_rss_mb', '')} | {row.get('worker_peak_rss_mb', '')} |"
+            for row in run.costs
         ]
     if run.failure:
         lines += ["", "## Why it failed", "", run.failure]

@@ -206,14 +206,19 @@ def accuracy(model: Model, task: str, suite: LoadedSuite) -> float:
 
 
 def perplexity(model: Model, suite: LoadedSuite) -> float:
-    """exp(mean NLL) over the text as one token stream, in windows of `window` moved by `stride`;
-    each window scores only the tokens the previous one did not (HF's sliding-window recipe)."""
+    return float(np.exp(token_nll(model, suite).mean()))
+
+
+def token_nll(model: Model, suite: LoadedSuite) -> np.ndarray:
+    """The negative log-likelihood of each token of the text as one stream (its perplexity is
+    exp of their mean), in windows of `window` moved by `stride`; each window scores only the tokens
+    the previous one did not (HF's sliding-window recipe)."""
     text = "\n".join(suite.texts())
     ids = model.tokenizer.ids(text)
     if suite.suite.max_tokens:
         ids = ids[: suite.suite.max_tokens]
     window, stride = suite.suite.window, suite.suite.stride
-    nll, counted, previous_end = 0.0, 0, 0
+    scored, previous_end = [], 0
     for begin in range(0, max(len(ids) - 1, 1), stride):
         end = min(begin + window, len(ids))
         chunk = np.array([ids[begin:end]], dtype=np.int64)
@@ -222,12 +227,11 @@ def perplexity(model: Model, suite: LoadedSuite) -> float:
         targets = chunk[0, end - begin - new :]
         scores = logits[end - begin - new - 1 : end - begin - 1]
         log_probs = scores - np.logaddexp.reduce(scores, axis=-1, keepdims=True)
-        nll -= float(log_probs[np.arange(len(targets)), targets].sum())
-        counted += len(targets)
+        scored.append(-log_probs[np.arange(len(targets)), targets])
         previous_end = end
         if end == len(ids):
             break
-    return float(np.exp(nll / counted))
+    return np.concatenate(scored)
 
 
 def _batches(items: list[str], size: int) -> list[list[str]]:
@@ -258,9 +262,28 @@ SUITE_TASKS: dict[str, SuiteTask] = {
 }
 
 
-def run_suite(model: Model, task: str, suite: LoadedSuite) -> dict[str, float]:
-    """The suite's metric for `model` (a model of `task`)."""
+def run_suite(
+    model: Model, task: str, suite: LoadedSuite, losses: dict[str, np.ndarray] | None = None
+) -> dict[str, float]:
+    """The suite's metric for `model` (a model of `task`); a perplexity's per-token losses go into
+    `losses` under the metric's name (for its standard error, `standard_error`)."""
     kind = suite.task
     if kind.model_task is not None and task != kind.model_task:
         raise UsageError(f"{suite.path}: {kind.name} needs a {kind.model_task} model, not {task}")
+    if kind.name == "perplexity" and losses is not None:
+        losses[kind.metric] = token_nll(model, suite)
+        return {kind.metric: round(float(np.exp(losses[kind.metric].mean())), kind.digits)}
     return {kind.metric: round(kind.score(model, task, suite), kind.digits)}
+
+
+def standard_error(losses: np.ndarray, reference: np.ndarray | None) -> dict[str, float]:
+    """How finely a perplexity measured on these tokens resolves (the tokens taken as independent):
+    the standard error of the perplexity, and with the reference's losses on the same tokens, of
+    its ratio to the reference's (paired: the two models' losses move together, so the ratio is
+    known far better than either perplexity), over `tokens`."""
+    n = len(losses)
+    found = {"tokens": float(n), "standard_error": float(np.exp(losses.mean()) * losses.std(ddof=1) / np.sqrt(n))}
+    if reference is not None and len(reference) == n:
+        diff = losses.astype(np.float64) - reference
+        found["ratio_standard_error"] = float(np.exp(diff.mean()) * diff.std(ddof=1) / np.sqrt(n))
+    return {k: round(v, 6) for k, v in found.items()}

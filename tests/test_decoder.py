@@ -135,3 +135,21 @@ def test_smollm2_from_gguf_perplexity_and_generation(tmp_path):
     assert answer.generate("The capital of France is", max_new_tokens=4).strip().startswith("Paris")
     logits = onnx.run({"input_ids": np.array([[1, 2, 3]]), "attention_mask": np.ones((1, 3), dtype=np.int64)})
     assert logits.shape == (1, 3, 49152)
+
+
+def test_a_perplexity_gate_states_its_standard_error_the_same_warm_and_cold(tiny_llama, tmp_path):
+    """The same model in onnxruntime: against the reference on the same tokens (paired) its
+    perplexity is known to float noise; alone, to the spread of the tokens' losses."""
+    suite = _wikitext_suite(tmp_path, window=64, stride=32, max_tokens=300)
+    gate = [{"metric": "perplexity", "max_ratio": 1.01}, {"metric": "perplexity", "max": 1000}]
+    recipe = write_recipe(tmp_path, [{"kind": "compile", "gate": gate}], model=str(tiny_llama), evals=[str(suite)])
+    rows = []
+    for out in ("cold", "warm"):
+        result = CliRunner().invoke(app, ["run", str(recipe), "-o", str(tmp_path / out), "--cache-dir", str(tmp_path)])
+        assert result.exit_code == 0, result.output
+        rows.append(json.loads((tmp_path / out / "manifest.json").read_text())["stages"][-1]["gate"]["checks"])
+    assert rows[0] == rows[1]  # the warm run reuses the stage, the cold one measured it
+    paired, alone = rows[0]
+    assert paired["tokens"] == alone["tokens"] == 299  # every token after the first
+    assert 0 <= paired["standard_error"] < 1e-3 * paired["value"] < alone["standard_error"]
+    assert "standard error" in (tmp_path / "cold" / "report.md").read_text()

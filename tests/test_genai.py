@@ -53,6 +53,21 @@ def test_the_builder_search_records_every_candidate_and_keeps_the_first_that_hol
     assert {"genai_config.json", "model.onnx", "tokenizer.json", "config.json"} <= set(manifest["files"])
 
 
+def test_each_step_of_the_run_is_costed_in_the_measurements_and_the_report_not_the_manifest(built):
+    rows = json.loads((built / "measurements.json").read_text())["costs"]
+    steps = [row["step"] for row in rows]
+    assert "costs" not in json.loads((built / "manifest.json").read_text())
+    assert steps.count("onnxruntime-genai model builder") == 2  # both candidates were built
+    assert "reference" in steps and steps[-1] == "stage 0 (genai): its output"
+    builder = next(row for row in rows if row["step"] == "onnxruntime-genai model builder")
+    assert builder["seconds"] > 0 and builder["worker_peak_rss_mb"] > 50  # the builder process's own peak
+    stage = next(row for row in rows if row["step"] == "stage 0 (genai)")
+    inner = [row for row in rows if row["step"].startswith("measure candidate-")]
+    assert len(inner) == 2 and stage["peak_rss_mb"] >= max(row["peak_rss_mb"] for row in inner)  # nested
+    assert stage["seconds"] >= sum(row["seconds"] for row in inner)
+    assert "## Cost per step" in (built / "report.md").read_text()
+
+
 def test_greedy_generation_through_genai_equals_torch(built, tiny_llama):
     import torch
     from tokenizers import Tokenizer

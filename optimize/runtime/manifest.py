@@ -25,6 +25,8 @@ class CheckResult(_Check, total=False):
     """One check's row (DESIGN.md, written by `optimize.gate`); `reference` only where the bound is relative to it."""
 
     reference: float | None
+    standard_error: float  # a perplexity's resolution on its tokens (paired with the reference's where relative)
+    tokens: int  # how many tokens it was measured on
 
 
 GateSource = Literal["recipe", "default", "ungated"]
@@ -118,5 +120,6 @@ class Manifest(TypedDict, total=False):
     precision_plan: dict[str, str]  # layer -> int8 | int4 | fp32
     runtime: RuntimeSettings
     engines: list[EngineFile]  # the runtime opens the first whose library is installed
+    costs: list[JsonObject]  # each step's seconds and peak memory; moved to measurements.json on writing
     files: dict[str, FileEntry]  # every file but the measurements, hashed
     measurement_files: list[str]

@@ -16,6 +16,7 @@ import importlib
 import importlib.util
 import itertools
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -27,7 +28,7 @@ from typing import ClassVar, Literal, TypedDict, cast
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from optimize import memory, tasks
+from optimize import costs, memory, prequantize, tasks
 from optimize.errors import ResourceError, UsageError
 from optimize.model import ModelHandle
 from optimize.runtime import Tokenizer
@@ -73,6 +74,11 @@ class Candidate(BaseModel):
         kept = f", {'+'.join(self.int8)} int8" if self.int8 else ""
         asymmetric = " asym" if not self.symmetric else ""
         return f"{self.precision} {self.algorithm}{asymmetric} b{self.block_size} a{self.accuracy_level}{kept}"
+
+    def prequantized(self, target: str) -> bool:
+        """Quantized here a tensor at a time and handed to the builder so (optimize/prequantize.py):
+        the builder's own default int4, computed alike, in a fraction of its memory."""
+        return target == "cpu" and self.precision == "int4" and self.algorithm == "default" and not self.int8
 
     def builder_options(self) -> list[str]:
         if self.precision == "fp32" or self.algorithm == "minmax":  # minmax rewrites the fp32 build
@@ -202,35 +208,62 @@ def build(checkpoint: Path, out: Path, candidate: Candidate, target: str, cache:
     """The builder in a subprocess (it reads sys.argv and writes progress bars); its log kept on failure.
     A minmax candidate is built in fp32 and then requantized; returns its reconstruction errors."""
     minmax = candidate.algorithm == "minmax"
-    command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(checkpoint), "-o", str(out)]
+    source = checkpoint
+    if candidate.prequantized(target) and prequantize.applies(checkpoint, candidate.block_size):
+        source = out.with_name(out.name + "-input")
+        with costs.step(f"quantize {candidate.label()} for the builder"):
+            prequantize.write(checkpoint, source, candidate.block_size, candidate.symmetric)
+    command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(source), "-o", str(out)]
     command += ["-p", "fp32" if minmax else candidate.precision, "-e", target, "-c", str(cache)]
     options = candidate.builder_options()
     if options:
         command += ["--extra_options", *options]
-    start = time.monotonic()
-    proc = subprocess.run(command, capture_output=True, text=True)
-    if proc.returncode < 0:  # killed by a signal: the kernel's out-of-memory killer, most often
-        name = signal.Signals(-proc.returncode).name
+    returncode, log, seconds = _builder(command, out.with_name(out.name + "-builder.log"))
+    if returncode < 0:  # killed by a signal: the kernel's out-of-memory killer, most often
+        name = signal.Signals(-returncode).name
         raise ResourceError(
-            f"onnxruntime-genai's model builder was killed by {name} after {time.monotonic() - start:.0f} s "
+            f"onnxruntime-genai's model builder was killed by {name} after {seconds:.0f} s "
             f"building {candidate.label()}"
             + (": on Linux that is most often the out-of-memory killer (see `dmesg`); " if name == "SIGKILL" else "; ")
             + f"{memory.available_mb() / 1024:.1f} GiB is available now. Try a machine with more memory"
         )
-    if proc.returncode != 0 or not (out / "genai_config.json").is_file():
-        tail = [line for line in (proc.stderr or proc.stdout).splitlines() if line.strip()][-3:]
+    if returncode != 0 or not (out / "genai_config.json").is_file():
+        tail = [line for line in log.splitlines() if line.strip()][-3:]
         said = f"onnxruntime-genai's model builder failed for {candidate.label()}: {' | '.join(tail)}"
-        if any(sign in (proc.stderr or "") for sign in OUT_OF_MEMORY):
+        if any(sign in log for sign in OUT_OF_MEMORY):
             raise ResourceError(f"{said}. It ran out of memory: try a machine with more memory")
         raise RuntimeError(said)
     for name in KEPT:
         if (checkpoint / name).is_file():
             shutil.copyfile(checkpoint / name, out / name)
+    if source != checkpoint:
+        shutil.rmtree(source)
+        if candidate.symmetric:
+            prequantize.drop_zero_points(out / "model.onnx")
     if not minmax:
         return {}
     from optimize.minmax import requantize
 
     return requantize(out / "model.onnx", candidate.accuracy_level, "last_matmul" in candidate.int8)
+
+
+def _builder(command: list[str], log_path: Path) -> tuple[int, str, float]:
+    """The builder run to its end: (exit status, negative for a signal; its output; seconds). Its
+    own peak memory goes into the run's costs."""
+    start = time.perf_counter()
+    with log_path.open("w+") as log:
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True)
+        try:
+            status, peak_mb = costs.wait(proc.pid)
+        except BaseException:  # Ctrl-C or a timeout here: the builder goes too
+            proc.kill()
+            proc.wait()
+            raise
+        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait again
+        seconds = time.perf_counter() - start
+        costs.worker("onnxruntime-genai model builder", seconds, peak_mb)
+        log.seek(0)
+        return proc.returncode, log.read(), seconds
 
 
 def run(config: GenAIStage, model: ModelHandle, ctx: StageContext) -> StageResult:
