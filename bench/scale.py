@@ -88,7 +88,7 @@ def main() -> None:
     console = Console(stderr=True)
     rows = []
     for billions in args.sizes:
-        folder = args.work / f"llama-{billions}b"
+        folder, out = args.work / f"llama-{billions}b", args.work / f"out-{billions}b"
         with console.status(f"making a random {billions}B Llama"):
             checkpoint = make(billions, folder)
         size_mb = sum(p.stat().st_size for p in checkpoint.glob("*.safetensors")) / 2**20
@@ -102,7 +102,7 @@ def main() -> None:
         run = [sys.executable, "-m", "optimize", "run", str(recipe), "--model", str(checkpoint), "--no-cache"]
         run += [
             "-o",
-            str(args.work / f"out-{billions}b"),
+            str(out),
             "--overwrite",
             "--json",
             *(["--force"] if args.force else []),
@@ -123,8 +123,10 @@ def main() -> None:
         with console.status(f"{billions}B: the builder alone"):
             alone = timed(builder) if whole["exit"] != 2 else {"wall_s": 0, "peak_rss_mb": 0}
         billions = round(memory.parameters(checkpoint) / 1e9, 2)
+        measured = out / "measurements.json"
+        steps = json.loads(measured.read_text()).get("costs", []) if whole["exit"] == 0 and measured.is_file() else []
         rows.append({"billions": billions, "checkpoint_mb": round(size_mb), "estimate_mb": round(estimate),
-                     "run": whole, "builder": alone})  # fmt: skip
+                     "run": whole, "builder": alone, "steps": steps})  # fmt: skip
     here = cpu.current().summary()
     table = Table(
         title=f"genai int4, --no-cache; CPU {here['model']}, flags {' '.join(here['flags'])}, "
@@ -142,6 +144,15 @@ def main() -> None:
             str(alone["peak_rss_mb"]), str(run["exit"]), run["said"],
         )  # fmt: skip
     Console(width=220).print(table)
+    for row in rows:  # where each run's time and memory went (the run's own costs, measurements.json)
+        if row["steps"]:
+            steps = Table(title=f"{row['billions']}B: cost per step", title_justify="left")
+            for column in ("step", "seconds", "peak RSS MB", "worker peak RSS MB"):
+                steps.add_column(column, justify="left" if column == "step" else "right")
+            for step in row["steps"]:
+                steps.add_row(step["step"], str(step["seconds"]), str(step.get("peak_rss_mb", "")),
+                              str(step.get("worker_peak_rss_mb", "")))  # fmt: skip
+            Console(width=220).print(steps)
     print(json.dumps({"cpu": here, "rows": rows}))
 
 

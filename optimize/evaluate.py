@@ -104,14 +104,25 @@ class SpeedSettings:
     runs: int = 30
 
 
+BUDGET_S, MIN_RUNS = 20.0, 5
+
+
 def latency(
     run: Callable[[Inputs], object], inputs: Inputs, settings: SpeedSettings
 ) -> tuple[dict[str, float], dict[str, float]]:
-    """Wall time of `run(inputs)` after a warm-up: the metrics (percentiles, throughput) and the spread."""
-    for _ in range(settings.warmup):
+    """Wall time of `run(inputs)` after a warm-up: the metrics (percentiles, throughput) and the spread.
+    A model whose calls take long (billions of parameters on a CPU) is timed within BUDGET_S after
+    its first call, with at least MIN_RUNS: its runs vary little next to their length."""
+    start = time.perf_counter()
+    run(inputs)
+    first = time.perf_counter() - start
+    warmup, runs = settings.warmup, settings.runs
+    if first * (warmup + runs) > BUDGET_S:
+        warmup, runs = 1, max(MIN_RUNS, min(runs, int(BUDGET_S / first)))
+    for _ in range(warmup - 1):
         run(inputs)
     times = []
-    for _ in range(settings.runs):
+    for _ in range(runs):
         start = time.perf_counter()
         run(inputs)
         times.append((time.perf_counter() - start) * 1000)

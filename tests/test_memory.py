@@ -8,7 +8,9 @@ import json
 import shutil
 import struct
 import subprocess
+import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -80,19 +82,15 @@ def test_a_killed_builder_is_reported_as_killed_with_exit_4(
     tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The real builder process, killed with SIGKILL once it runs (as the out-of-memory killer does)."""
-    real = subprocess.run
+    real = subprocess.Popen
 
-    def killed(command: list[str], **options: object) -> subprocess.CompletedProcess[str]:
-        if "onnxruntime_genai.models.builder" not in command:
-            return real(command, **options)  # type: ignore[call-overload, no-any-return]
-        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            proc.wait(timeout=1.0)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        return subprocess.CompletedProcess(command, proc.wait(), "", "")
+    def killed(command: list[str], **options: Any) -> subprocess.Popen[str]:
+        proc = real(command, **options)
+        if "onnxruntime_genai.models.builder" in command:
+            threading.Timer(1.0, proc.kill).start()
+        return proc
 
-    monkeypatch.setattr(genai.subprocess, "run", killed)
+    monkeypatch.setattr(genai.subprocess, "Popen", killed)
     recipe = write_recipe(tmp_path, [{"kind": "genai", "candidates": [{"precision": "fp32"}]}], model=str(tiny_llama))
     result = CliRunner().invoke(app, ["run", str(recipe), "-o", str(tmp_path / "out"), "--no-cache"])
     assert result.exit_code == 4, result.output
