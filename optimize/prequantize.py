@@ -78,7 +78,7 @@ def write(checkpoint: Path, out: Path, block_size: int, symmetric: bool) -> None
             if not LINEAR.match(name):
                 _copy(path, start, entry, sink)
                 continue
-            weight = np.ascontiguousarray(_read_float(path, start, entry).T)  # (K, N), as MatMul reads it
+            weight = np.ascontiguousarray(read_float(path, start, entry).T)  # (K, N), as MatMul reads it
             k, n = weight.shape
             blocks = -(-k // block_size)
             packed = np.zeros((n, blocks, block_size // 2), dtype=np.uint8)
@@ -114,7 +114,7 @@ def _copy(path: Path, start: int, entry: dict[str, object], sink: object) -> Non
         sink.write(piece)  # type: ignore[attr-defined]
 
 
-def _read_float(path: Path, start: int, entry: dict[str, object]) -> np.ndarray:
+def read_float(path: Path, start: int, entry: dict[str, object]) -> np.ndarray:
     raw = b"".join(_chunks(path, start, entry))
     shape = [int(d) for d in entry["shape"]]  # type: ignore[attr-defined]
     if entry["dtype"] == "BF16":  # the top half of an fp32

@@ -97,3 +97,25 @@ def test_a_killed_builder_is_reported_as_killed_with_exit_4(
     said = " ".join(result.output.split())
     assert "model builder was killed by SIGKILL" in said and "out-of-memory killer" in said
     assert "Traceback" not in result.output and not (tmp_path / "out").exists()
+
+
+def test_the_lean_loader_fills_the_model_transformers_loads_and_steps_aside_when_names_differ(
+    tiny_llama: Path, tmp_path: Path
+) -> None:
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    from optimize.model import lean_torch
+
+    ids = torch.tensor([list(range(3, 40))])
+    lean = lean_torch(AutoModelForCausalLM, tiny_llama)
+    assert lean is not None
+    with torch.inference_mode():
+        expected = AutoModelForCausalLM.from_pretrained(tiny_llama, attn_implementation="eager").eval()(ids).logits
+        assert torch.equal(lean.eval()(ids).logits, expected)
+    renamed = tmp_path / "renamed"  # names transformers maps (a prefix) but the lean loader does not know
+    shutil.copytree(tiny_llama, renamed)
+    weights = load_file(renamed / "model.safetensors")
+    save_file({"base." + k: v for k, v in weights.items()}, renamed / "model.safetensors")
+    assert lean_torch(AutoModelForCausalLM, renamed) is None
