@@ -77,6 +77,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=float, nargs="+", default=[0.37, 1.17, 3.12])
     parser.add_argument("--work", type=Path, default=Path("/tmp/optimize-scale"))
     parser.add_argument("--force", action="store_true", help="run what the estimate refuses")
+    parser.add_argument("--tokens", type=int, default=1024, help="WikiText-2 test tokens the gate measures")
     args = parser.parse_args()
 
     from rich.console import Console
@@ -93,10 +94,15 @@ def main() -> None:
             checkpoint = make(billions, folder)
         size_mb = sum(p.stat().st_size for p in checkpoint.glob("*.safetensors")) / 2**20
         estimate, _ = memory.estimate_mb(checkpoint, [GenAIStage()]) or (0.0, "")
+        # WikiText-2 test on a bounded number of tokens, in windows that do not overlap: the gate
+        # states its standard error on them, which is what decides how many are enough
+        suite = args.work / "wikitext2-bounded.yaml"
+        shipped = (Path(__file__).resolve().parents[1] / "evals" / "wikitext2-test.yaml").read_text()
+        suite.write_text(shipped.replace("stride: 256", "stride: 512").replace("4096", str(args.tokens)))
         recipe = args.work / "genai-int4.yaml"
         recipe.write_text(
             "version: 1\nname: scale\ntask: text-generation\ncalibration: {samples: 8, holdout: 8, seq_len: 64}\n"
-            "evals: [wikitext2]\nstages:\n  - kind: genai\n    candidates: [{precision: int4}]\n"
+            f"evals: [{suite}]\nstages:\n  - kind: genai\n    candidates: [{{precision: int4}}]\n"
             "    gate: [{metric: perplexity, max_ratio: 100}]\n"
         )
         run = [sys.executable, "-m", "optimize", "run", str(recipe), "--model", str(checkpoint), "--no-cache"]
@@ -125,6 +131,10 @@ def main() -> None:
         billions = round(memory.parameters(checkpoint) / 1e9, 2)
         measured = out / "measurements.json"
         steps = json.loads(measured.read_text()).get("costs", []) if whole["exit"] == 0 and measured.is_file() else []
+        if whole["exit"] == 0:  # the gate's check, with its standard error on those tokens
+            check = json.loads((out / "manifest.json").read_text())["stages"][-1]["gate"]["checks"][0]
+            whole["said"] = f"perplexity {check['value']} (reference {check.get('reference')}, standard error "
+            whole["said"] += f"{check.get('standard_error')} over {check.get('tokens')} tokens)"
         rows.append({"billions": billions, "checkpoint_mb": round(size_mb), "estimate_mb": round(estimate),
                      "run": whole, "builder": alone, "steps": steps})  # fmt: skip
     here = cpu.current().summary()

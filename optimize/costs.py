@@ -1,8 +1,8 @@
 """What each step of a run cost, measured as it ran: wall seconds and peak resident memory of this
-process (Linux's VmHWM, reset at each step's start), and of a worker process a step waited for (the
-model builder). Steps nest (a stage holds its candidates' builds and gate evaluations): an outer
-step's peak includes its inner ones'. The rows go to measurements.json and report.md, never to the
-manifest: they differ from run to run, and a warm run skips what the cache holds.
+process, and of a worker process a step waited for (the model builder). Steps nest (a stage holds
+its candidates' builds and gate evaluations): an outer step's peak includes its inner ones'. The
+rows go to measurements.json and report.md, never to the manifest: they differ from run to run,
+and a warm run skips what the cache holds.
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ from pathlib import Path
 from optimize.runtime.manifest import JsonObject
 
 _rows: list[JsonObject] = []
-_open: list[float] = []  # each open step's highest peak so far (MB), outermost first
+_open: list[list[float]] = []  # each open step's highest RSS seen so far (MB), outermost first
+_sampler: threading.Thread | None = None
+SAMPLE_S = 0.05
 
 
 def begin() -> None:
@@ -33,18 +35,36 @@ def rows() -> list[JsonObject]:
 
 @contextlib.contextmanager
 def step(name: str) -> Iterator[None]:
-    if _open:
-        _open[-1] = max(_open[-1], _peak_mb())
-    _open.append(0.0)
-    _reset_peak()
+    """Time a step and find its peak: VmHWM where the step set the process's new high (exact),
+    else the highest VmRSS sampled every SAMPLE_S while it ran. (The high-water mark is never
+    reset: /usr/bin/time and the kernel's accounting read it too.)"""
+    global _sampler
+    high = _status_mb("VmHWM")
+    mine = [_status_mb("VmRSS")]
+    _open.append(mine)
+    if _sampler is None or not _sampler.is_alive():
+        _sampler = threading.Thread(target=_sample, daemon=True)
+        _sampler.start()
     start = time.perf_counter()
     try:
         yield
     finally:
-        peak = max(_open.pop(), _peak_mb())
-        if _open:
-            _open[-1] = max(_open[-1], peak)
+        del _open[
+            next(i for i, row in enumerate(_open) if row is mine)
+        ]  # by identity: equal peaks are not the same step
+        now_high = _status_mb("VmHWM")
+        peak = max(mine[0], _status_mb("VmRSS"), now_high if now_high > high else 0.0)
+        for outer in _open:
+            outer[0] = max(outer[0], peak)
         _rows.append({"step": name, "seconds": round(time.perf_counter() - start, 2), "peak_rss_mb": round(peak, 1)})
+
+
+def _sample() -> None:
+    while _open:
+        rss = _status_mb("VmRSS")
+        for row in list(_open):
+            row[0] = max(row[0], rss)
+        time.sleep(SAMPLE_S)
 
 
 def worker(name: str, seconds: float, peak_rss_mb: float) -> None:
@@ -83,13 +103,3 @@ def _status_mb(field: str, pid: int | str = "self") -> float:
     except OSError:
         pass
     return 0.0
-
-
-def _peak_mb() -> float:
-    return _status_mb("VmHWM")
-
-
-def _reset_peak() -> None:
-    """Linux: writing 5 to clear_refs resets VmHWM to the current RSS (elsewhere peaks accumulate)."""
-    with contextlib.suppress(OSError):
-        Path("/proc/self/clear_refs").write_text("5")
