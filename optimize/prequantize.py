@@ -40,9 +40,9 @@ def applies(checkpoint: Path, block_size: int) -> bool:
     )
 
 
-def write(checkpoint: Path, out: Path, block_size: int, symmetric: bool) -> None:
-    """`checkpoint`'s linear weights at 4 bits in blocks of `block_size` into `out` (one
-    model.safetensors, config.json with its quantization_config, the other files copied)."""
+def write(checkpoint: Path, out: Path, block_size: int) -> None:
+    """`checkpoint`'s linear weights at 4 bits, symmetric, in blocks of `block_size` into `out`
+    (one model.safetensors, config.json with its quantization_config, the other files copied)."""
     from onnxruntime.capi._pybind_state import quantize_matmul_4bits
 
     out.mkdir(parents=True, exist_ok=True)
@@ -84,9 +84,8 @@ def write(checkpoint: Path, out: Path, block_size: int, symmetric: bool) -> None
             packed = np.zeros((n, blocks, block_size // 2), dtype=np.uint8)
             scales = np.zeros((n, blocks), dtype=np.float32)
             zeros = np.zeros((n, (blocks + 1) // 2), dtype=np.uint8)
-            quantize_matmul_4bits(packed, weight, scales, zeros, block_size, n, k, symmetric)
-            if symmetric:
-                zeros[:] = 0x88  # 8 in both nibbles: what MatMulNBits assumes without zero points
+            quantize_matmul_4bits(packed, weight, scales, zeros, block_size, n, k, True)
+            zeros[:] = 0x88  # 8 in both nibbles: what MatMulNBits assumes without zero points
             for array in (packed, scales, zeros):
                 sink.write(array.tobytes())
     config = json.loads((checkpoint / "config.json").read_text())

@@ -38,15 +38,25 @@ def _wikitext_suite(folder: Path, window: int, stride: int, max_tokens: int) -> 
     return path
 
 
+# the compile stage's gate: logits, and perplexity against the reference (relative) and alone
+LLAMA_GATE = [
+    {"metric": "top1_agreement", "min": 0.999},
+    {"metric": "perplexity", "max_ratio": 1.01},
+    {"metric": "perplexity", "max": 1000},
+]
+
+
+def _llama_run(folder: Path, tiny_llama: Path, out: str) -> Path:
+    suite = _wikitext_suite(folder, window=64, stride=32, max_tokens=300)
+    recipe = write_recipe(folder, [{"kind": "compile", "gate": LLAMA_GATE}], model=str(tiny_llama), evals=[str(suite)])
+    result = CliRunner().invoke(app, ["run", str(recipe), "-o", str(folder / out), "--cache-dir", str(folder)])
+    assert result.exit_code == 0, result.output
+    return folder / out
+
+
 @pytest.fixture(scope="module")
 def llama_artifact(tiny_llama, tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("llama-run")
-    recipe = write_recipe(
-        folder, [{"kind": "compile", "gate": [{"metric": "top1_agreement", "min": 0.999}]}], model=str(tiny_llama)
-    )
-    result = CliRunner().invoke(app, ["run", str(recipe), "-o", str(folder / "out"), "--json"])
-    assert result.exit_code == 0, result.output
-    return folder / "out"
+    return _llama_run(tmp_path_factory.mktemp("llama-run"), tiny_llama, "out")
 
 
 def test_a_decoder_runs_the_pipeline_with_logit_fidelity(llama_artifact):
@@ -137,19 +147,16 @@ def test_smollm2_from_gguf_perplexity_and_generation(tmp_path):
     assert logits.shape == (1, 3, 49152)
 
 
-def test_a_perplexity_gate_states_its_standard_error_the_same_warm_and_cold(tiny_llama, tmp_path):
+def test_a_perplexity_gate_states_its_standard_error_the_same_warm_and_cold(tiny_llama, llama_artifact):
     """The same model in onnxruntime: against the reference on the same tokens (paired) its
     perplexity is known to float noise; alone, to the spread of the tokens' losses."""
-    suite = _wikitext_suite(tmp_path, window=64, stride=32, max_tokens=300)
-    gate = [{"metric": "perplexity", "max_ratio": 1.01}, {"metric": "perplexity", "max": 1000}]
-    recipe = write_recipe(tmp_path, [{"kind": "compile", "gate": gate}], model=str(tiny_llama), evals=[str(suite)])
-    rows = []
-    for out in ("cold", "warm"):
-        result = CliRunner().invoke(app, ["run", str(recipe), "-o", str(tmp_path / out), "--cache-dir", str(tmp_path)])
-        assert result.exit_code == 0, result.output
-        rows.append(json.loads((tmp_path / out / "manifest.json").read_text())["stages"][-1]["gate"]["checks"])
-    assert rows[0] == rows[1]  # the warm run reuses the stage, the cold one measured it
-    paired, alone = rows[0]
+    warm = _llama_run(llama_artifact.parent, tiny_llama, "warm")  # every step from the first run's cache
+    rows = [
+        json.loads((out / "manifest.json").read_text())["stages"][-1]["gate"]["checks"]
+        for out in (llama_artifact, warm)
+    ]
+    assert rows[0] == rows[1]
+    _, paired, alone = rows[0]
     assert paired["tokens"] == alone["tokens"] == 299  # every token after the first
     assert 0 <= paired["standard_error"] < 1e-3 * paired["value"] < alone["standard_error"]
-    assert "standard error" in (tmp_path / "cold" / "report.md").read_text()
+    assert "standard error" in (llama_artifact / "report.md").read_text()

@@ -28,8 +28,7 @@ def _logits(folder, ids):
     return np.asarray(generator.get_output("logits"))
 
 
-@pytest.mark.parametrize("symmetric", [True, False])
-def test_a_prequantized_build_computes_the_logits_of_the_builders_own_int4(tiny_llama, tmp_path, symmetric):
+def test_a_prequantized_build_computes_the_logits_of_the_builders_own_int4(tiny_llama, tmp_path):
     import onnx
     import torch
     from transformers import AutoModelForCausalLM
@@ -37,7 +36,7 @@ def test_a_prequantized_build_computes_the_logits_of_the_builders_own_int4(tiny_
     bf16 = tmp_path / "bf16"  # what users bring: the reader widens bf16 the way transformers does
     AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.bfloat16).save_pretrained(bf16)
     (bf16 / "tokenizer.json").write_bytes((tiny_llama / "tokenizer.json").read_bytes())
-    candidate = Candidate(precision="int4", symmetric=symmetric)
+    candidate = Candidate(precision="int4")
     assert candidate.prequantized("cpu") and prequantize.applies(bf16, 32)
     ours = tmp_path / "ours"
     build(bf16, ours, candidate, "cpu", tmp_path / "cache")
@@ -50,8 +49,8 @@ def test_a_prequantized_build_computes_the_logits_of_the_builders_own_int4(tiny_
     assert np.array_equal(_logits(ours, ids), _logits(theirs, ids))
     nodes = [n for n in onnx.load(str(ours / "model.onnx")).graph.node if n.op_type == "MatMulNBits"]
     assert len(nodes) == 2 * 5 + 1  # per layer qkv, o, gate, up, down; the LM head (quantized by the builder)
-    # the default zero point (8) is implied, as in the builder's own symmetric graph; asymmetric keeps its own
-    assert {len(n.input) for n in nodes if "lm_head" not in n.name} == ({3} if symmetric else {4})
+    # the default zero point (8) is implied, as in the builder's own symmetric graph
+    assert {len(n.input) for n in nodes} == {3}
     assert not (tmp_path / "ours-input").exists()  # the quantized checkpoint is gone once built
 
 
@@ -59,5 +58,6 @@ def test_checkpoints_the_writer_cannot_read_go_to_the_builder_as_they_are(tiny_l
     assert prequantize.applies(tiny_llama, 32)
     assert not prequantize.applies(tiny_llama, 64)  # hidden 32: not a whole block of 64
     assert not Candidate(precision="int4", algorithm="rtn").prequantized("cpu")
+    assert not Candidate(precision="int4", symmetric=False).prequantized("cpu")
     assert not Candidate(precision="int4", int8=["last_matmul"]).prequantized("cpu")
     assert not Candidate(precision="int4").prequantized("cuda")

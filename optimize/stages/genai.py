@@ -77,8 +77,15 @@ class Candidate(BaseModel):
 
     def prequantized(self, target: str) -> bool:
         """Quantized here a tensor at a time and handed to the builder so (optimize/prequantize.py):
-        the builder's own default int4, computed alike, in a fraction of its memory."""
-        return target == "cpu" and self.precision == "int4" and self.algorithm == "default" and not self.int8
+        the builder's own default int4 (symmetric, its default), computed alike, in a fraction of
+        its memory."""
+        return (target, self.precision, self.algorithm, self.symmetric, self.int8) == (
+            "cpu",
+            "int4",
+            "default",
+            True,
+            [],
+        )
 
     def builder_options(self) -> list[str]:
         if self.precision == "fp32" or self.algorithm == "minmax":  # minmax rewrites the fp32 build
@@ -212,7 +219,7 @@ def build(checkpoint: Path, out: Path, candidate: Candidate, target: str, cache:
     if candidate.prequantized(target) and prequantize.applies(checkpoint, candidate.block_size):
         source = out.with_name(out.name + "-input")
         with costs.step(f"quantize {candidate.label()} for the builder"):
-            prequantize.write(checkpoint, source, candidate.block_size, candidate.symmetric)
+            prequantize.write(checkpoint, source, candidate.block_size)
     command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(source), "-o", str(out)]
     command += ["-p", "fp32" if minmax else candidate.precision, "-e", target, "-c", str(cache)]
     options = candidate.builder_options()
@@ -238,8 +245,7 @@ def build(checkpoint: Path, out: Path, candidate: Candidate, target: str, cache:
             shutil.copyfile(checkpoint / name, out / name)
     if source != checkpoint:
         shutil.rmtree(source)
-        if candidate.symmetric:
-            prequantize.drop_zero_points(out / "model.onnx")
+        prequantize.drop_zero_points(out / "model.onnx")
     if not minmax:
         return {}
     from optimize.minmax import requantize
