@@ -2,7 +2,7 @@
 headers (no tensor is read), each stage's measured peak memory per byte of it, and what this
 machine has. A run that cannot fit stops in seconds with exit 2 and the figures, unless `--force`.
 
-A stage kind's `peak_memory` (StageBase) is its measured whole-process peak RSS as
+A stage's `peak_memory()` (StageBase) is its measured whole-process peak RSS as
 `base_mb + per_byte x (the checkpoint's parameters at 2 bytes each)`; kinds that have not been
 measured have none and are not estimated.
 """
@@ -14,8 +14,12 @@ import math
 import struct
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from optimize.errors import UsageError
+
+if TYPE_CHECKING:
+    from optimize.stages.base import StageBase
 
 
 def header(path: Path) -> tuple[dict[str, dict[str, object]], int]:
@@ -59,10 +63,10 @@ def available_mb() -> float:
     return found
 
 
-def estimate_mb(checkpoint: Path, stages: Sequence[object]) -> tuple[float, str] | None:
+def estimate_mb(checkpoint: Path, stages: Sequence[StageBase]) -> tuple[float, str] | None:
     """The largest measured peak of these stages on this checkpoint (MB) and the stage it is, or
     None when no stage kind has been measured."""
-    found = [(s, getattr(s, "peak_memory", None)) for s in stages]
+    found = [(s, s.peak_memory()) for s in stages]
     measured = [(s, f) for s, f in found if f is not None]
     if not measured:
         return None
@@ -71,7 +75,7 @@ def estimate_mb(checkpoint: Path, stages: Sequence[object]) -> tuple[float, str]
     return base + per_byte * bf16_mb, str(getattr(stage, "kind", "?"))
 
 
-def check(checkpoint: Path, stages: Sequence[object], force: bool) -> None:
+def check(checkpoint: Path, stages: Sequence[StageBase], force: bool) -> None:
     """Stop (exit 2) when the run's estimated peak is more than this machine has, unless `force`."""
     estimate = estimate_mb(checkpoint, stages)
     if estimate is None or force:

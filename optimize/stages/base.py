@@ -31,9 +31,6 @@ class StageBase(BaseModel):
     # A stage that rewrites one engine's graph and leaves the weights alone (compile) keeps the
     # other engines' files an earlier stage chose; any other stage's model replaces them.
     keeps_alternates: ClassVar[bool] = False
-    # The kind's measured whole-process peak RSS as (MB, MB per MB of the checkpoint at 2 bytes a
-    # weight): `memory.check` refuses a run that cannot fit before anything loads. None: not measured.
-    peak_memory: ClassVar[tuple[float, float] | None] = None
 
     kind: str  # the registry's discriminator: a Literal in each kind
     name: str | None = None
@@ -57,6 +54,12 @@ class StageBase(BaseModel):
         `optimize inspect` lists and report.html plots (none for a kind that searches nothing).
         Each kind reads `details` as the decisions TypedDict its `run` writes."""
         return []
+
+    def peak_memory(self) -> tuple[float, float] | None:
+        """The measured whole-process peak RSS of a run with this stage, as (MB, MB per MB of the
+        checkpoint at 2 bytes a weight): `memory.check` refuses a run that cannot fit before
+        anything loads. None: not measured."""
+        return None
 
     def check_input(self, model: ModelHandle, base_dir: Path) -> None:
         """Raise `UsageError` for what this stage cannot do with the recipe's model (read from its
