@@ -74,9 +74,10 @@ def worker(name: str, seconds: float, peak_rss_mb: float) -> None:
 
 def wait(pid: int) -> tuple[int, float]:
     """Wait for a child process to end: (its wait status, its peak RSS in MB). The kernel's rusage
-    keeps the parent's high-water mark across fork and exec, so the child's own (VmHWM, per address
-    space) is read while it runs, and rusage stands only where it is above what the parent had."""
-    parent = _status_mb("VmRSS")
+    starts a spawned child at the parent's high-water mark (it exec'd from the parent's address
+    space), so the child's own VmHWM is read while it runs, and rusage stands only above the
+    parent's mark."""
+    parent = _status_mb("VmHWM")
     seen = [0.0]
     done = threading.Event()
 
@@ -92,7 +93,7 @@ def wait(pid: int) -> tuple[int, float]:
         done.set()
         watcher.join()
     rusage_mb = usage.ru_maxrss / 1024
-    return status, max(seen[0], rusage_mb if rusage_mb > parent * 1.05 else 0.0)
+    return status, max(seen[0], rusage_mb if rusage_mb > parent else 0.0)
 
 
 def _status_mb(field: str, pid: int | str = "self") -> float:
