@@ -82,13 +82,8 @@ class Candidate(BaseModel):
         """Quantized here a tensor at a time and handed to the builder so (optimize/prequantize.py):
         the builder's own default int4 (symmetric, its default), computed alike, in a fraction of
         its memory."""
-        return (target, self.precision, self.algorithm, self.symmetric, self.int8) == (
-            "cpu",
-            "int4",
-            "default",
-            True,
-            [],
-        )
+        default_int4 = self.precision == "int4" and self.algorithm == "default" and self.symmetric and not self.int8
+        return target == "cpu" and default_int4
 
     def builder_options(self) -> list[str]:
         if self.precision == "fp32" or self.algorithm == "minmax":  # minmax rewrites the fp32 build
@@ -221,7 +216,9 @@ class GenAIStage(StageBase):
 
 def build(checkpoint: Path, out: Path, candidate: Candidate, target: str, cache: Path) -> dict[str, float]:
     """The builder in a subprocess (it reads sys.argv and writes progress bars); its log kept on failure.
-    A minmax candidate is built in fp32 and then requantized; returns its reconstruction errors."""
+    The default int4 is quantized here first and read by the builder as already quantized (its
+    peak memory drops from 4.5x the bf16 checkpoint to about 1.2x); a minmax candidate is built in
+    fp32 and then requantized; returns its reconstruction errors."""
     minmax = candidate.algorithm == "minmax"
     source = checkpoint
     if candidate.prequantized(target) and prequantize.applies(checkpoint, candidate.block_size):
