@@ -105,6 +105,7 @@ class SpeedSettings:
 
 
 BUDGET_S, MIN_RUNS = 20.0, 5
+ROWS = 64  # output rows compared at a time
 
 
 def latency(
@@ -200,18 +201,24 @@ def time_in_turns(
 
 def fidelity(candidate: np.ndarray, reference: np.ndarray, task: str = tasks.EMBEDDING) -> dict[str, float]:
     """Cosine between each output row and the reference's for the same input; for logits also how
-    often the top-1 class or token agrees and the mean KL divergence KL(reference || candidate)."""
-    a = candidate / np.linalg.norm(candidate, axis=1, keepdims=True)
-    b = reference / np.linalg.norm(reference, axis=1, keepdims=True)
-    cos = np.clip((a * b).sum(axis=1), -1.0, 1.0)
+    often the top-1 class or token agrees and the mean KL divergence KL(reference || candidate).
+    Rows are taken ROWS at a time (a decoder's are vocabulary-wide, and float64 copies of them all
+    would hold more memory than a small model's weights); every figure is per row, then averaged."""
+    from scipy.special import log_softmax
+
+    cos, kl = np.empty(len(candidate)), np.empty(len(candidate))
+    for start in range(0, len(candidate), ROWS):
+        c, r = candidate[start : start + ROWS], reference[start : start + ROWS]
+        a = c / np.linalg.norm(c, axis=1, keepdims=True)
+        b = r / np.linalg.norm(r, axis=1, keepdims=True)
+        cos[start : start + ROWS] = np.clip((a * b).sum(axis=1), -1.0, 1.0)
+        if not tasks.embeds(task):
+            log_p, log_q = log_softmax(r.astype(np.float64), axis=1), log_softmax(c.astype(np.float64), axis=1)
+            kl[start : start + ROWS] = (np.exp(log_p) * (log_p - log_q)).sum(axis=1)
     result = {"cosine_mean": round(float(cos.mean()), 6), "cosine_min": round(float(cos.min()), 6)}
     if not tasks.embeds(task):
-        from scipy.special import log_softmax
-
-        log_p = log_softmax(reference.astype(np.float64), axis=1)
-        log_q = log_softmax(candidate.astype(np.float64), axis=1)
         result["top1_agreement"] = round(float((candidate.argmax(1) == reference.argmax(1)).mean()), 6)
-        result["kl_div"] = round(float((np.exp(log_p) * (log_p - log_q)).sum(axis=1).mean()), 8)
+        result["kl_div"] = round(float(kl.mean()), 8)
     return result
 
 

@@ -222,12 +222,14 @@ def token_nll(model: Model, suite: LoadedSuite) -> np.ndarray:
     for begin in range(0, max(len(ids) - 1, 1), stride):
         end = min(begin + window, len(ids))
         chunk = np.array([ids[begin:end]], dtype=np.int64)
-        logits = model.run({"input_ids": chunk, "attention_mask": np.ones_like(chunk)})[0].astype(np.float64)
+        logits = model.run({"input_ids": chunk, "attention_mask": np.ones_like(chunk)})[0]
         new = end - max(previous_end, begin + 1)  # tokens not scored before (the first has no context)
         targets = chunk[0, end - begin - new :]
         scores = logits[end - begin - new - 1 : end - begin - 1]
-        log_probs = scores - np.logaddexp.reduce(scores, axis=-1, keepdims=True)
-        scored.append(-log_probs[np.arange(len(targets)), targets])
+        for row in range(0, len(targets), 64):  # in float64, 64 vocabulary-wide rows at a time
+            part = scores[row : row + 64].astype(np.float64)
+            log_probs = part - np.logaddexp.reduce(part, axis=-1, keepdims=True)
+            scored.append(-log_probs[np.arange(len(part)), targets[row : row + 64]])
         previous_end = end
         if end == len(ids):
             break
