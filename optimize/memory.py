@@ -14,12 +14,18 @@ import math
 import struct
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from optimize.errors import UsageError
 
-if TYPE_CHECKING:
-    from optimize.stages.base import StageBase
+
+class Estimated(Protocol):
+    """A stage as the estimate reads it (StageBase)."""
+
+    @property
+    def kind(self) -> str: ...
+
+    def peak_memory(self) -> tuple[float, float] | None: ...
 
 
 def header(path: Path) -> tuple[dict[str, dict[str, object]], int]:
@@ -63,7 +69,7 @@ def available_mb() -> float:
     return found
 
 
-def estimate_mb(checkpoint: Path, stages: Sequence[StageBase]) -> tuple[float, str] | None:
+def estimate_mb(checkpoint: Path, stages: Sequence[Estimated]) -> tuple[float, str] | None:
     """The largest measured peak of these stages on this checkpoint (MB) and the stage it is, or
     None when no stage kind has been measured."""
     found = [(s, s.peak_memory()) for s in stages]
@@ -72,10 +78,10 @@ def estimate_mb(checkpoint: Path, stages: Sequence[StageBase]) -> tuple[float, s
         return None
     bf16_mb = parameters(checkpoint) * 2 / 2**20
     stage, (base, per_byte) = max(measured, key=lambda item: item[1][0] + item[1][1] * bf16_mb)
-    return base + per_byte * bf16_mb, str(getattr(stage, "kind", "?"))
+    return base + per_byte * bf16_mb, stage.kind
 
 
-def check(checkpoint: Path, stages: Sequence[StageBase], force: bool) -> None:
+def check(checkpoint: Path, stages: Sequence[Estimated], force: bool) -> None:
     """Stop (exit 2) when the run's estimated peak is more than this machine has, unless `force`."""
     estimate = estimate_mb(checkpoint, stages)
     if estimate is None or force:
