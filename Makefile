@@ -29,7 +29,7 @@ demo: setup
 	@echo; echo "artifact: $(OUT)"
 
 test: setup
-	$(PY) -m pytest -m "slow or not slow"
+	$(PY) -m pytest -m "slow or not slow" --durations=25
 
 test-fast: setup
 	$(PY) -m pytest
