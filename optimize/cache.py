@@ -49,6 +49,7 @@ class Entry(TypedDict, total=False):
     runtime: RuntimeSettings
     metrics: dict[str, float]  # the reference: what it measured, and under which conditions
     losses: dict[str, list[float]]  # the reference's per-token losses behind its perplexity
+    costs: list[JsonObject]  # what the step cost when it ran (optimize/costs.py), replayed when reused
     details: JsonObject
     conditions: JsonObject
     gate: GateResult  # an engine's file: its gate

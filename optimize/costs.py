@@ -33,6 +33,21 @@ def rows() -> list[JsonObject]:
     return list(_rows)
 
 
+def mark() -> int:
+    """Where the rows stand now: `since(mark())` after a step is what it cost."""
+    return len(_rows)
+
+
+def since(start: int) -> list[JsonObject]:
+    return [dict(row) for row in _rows[start:]]
+
+
+def replay(kept: list[JsonObject]) -> None:
+    """A step reused from the cache: what it cost when it ran, so a warm run reports what a cold
+    one did (and writes the same measurement files)."""
+    _rows.extend(dict(row) for row in kept)
+
+
 @contextlib.contextmanager
 def step(name: str) -> Iterator[None]:
     """Time a step and find its peak: VmHWM where the step set the process's new high (exact),

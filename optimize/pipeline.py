@@ -92,6 +92,7 @@ class _Run:
 
     def reuse(self, step_key: str, found: tuple[Path, stage_cache.Entry], source: ModelHandle) -> ModelHandle:
         """A cached step's model and record, as if it had just run."""
+        costs.replay(found[1].get("costs", []))
         self.record(StageRecord.of(found[1]["record"]))
         return self.cache.reuse(step_key, found, source)
 
@@ -161,7 +162,7 @@ class _Run:
         step_key, found = self.cached("export")
         if found is not None:
             return self.reuse(step_key, found, model)
-        cal = self.prepared.loaded.recipe.calibration
+        cal, start = self.prepared.loaded.recipe.calibration, costs.mark()
         with self.console.status("exporting to ONNX"), contextlib.redirect_stdout(sys.stderr), costs.step("export"):
             exported, info = export(model, self.workdir("export"), self.prepared.holdout, cal.seq_len)
             measured, details = self.evaluator.measure(exported)
@@ -169,7 +170,7 @@ class _Run:
         record = self.record(StageRecord("export", "export", info, measured, gate, details))
         if not record.passed:
             raise self.fail(f"export: the ONNX model does not agree with the checkpoint: {record.failed_checks()}")
-        self.cache.keep(step_key, "export", {"record": record.to_json()}, exported, model)
+        self.cache.keep(step_key, "export", {"record": record.to_json(), "costs": costs.since(start)}, exported, model)
         return exported
 
     def stage(self, index: int, stage: StageBase, model: ModelHandle) -> ModelHandle:
@@ -189,7 +190,7 @@ class _Run:
             measured, _ = self.evaluator.measure(handle)
             return measured, self.judge(checks, measured, source, handle)
 
-        ctx = self.context(index, stage, judge)
+        ctx, start = self.context(index, stage, judge), costs.mark()
         try:
             # stdout is kept for --json: what a library prints during a stage goes to stderr.
             with (
@@ -232,6 +233,7 @@ class _Run:
             "record": record.to_json(),
             "plan": result.precision_plan,
             "runtime": result.runtime,
+            "costs": costs.since(start),
         }
         self.cache.keep(step_key, step, entry, result.model, model, result.alternates)
         return result.model
@@ -261,6 +263,7 @@ class _Run:
         checks, source = list(self.prepared.loaded.recipe.stages[-1].gate or []), self.prepared.sources[-1]
         for engine, handle in sorted(self.alternates.items()):
             step_key, cached = self.cached(f"{engine} file")
+            start = costs.mark()
             if cached is None:
                 if engine in self.judged:  # the last stage judged it against this same gate
                     measured, gate = self.judged[engine]
@@ -268,9 +271,11 @@ class _Run:
                     with self.console.status(f"measuring the {engine} file"):
                         measured, _ = self.evaluator.measure(handle)
                     gate = self.judge(checks, measured, source, handle)
-                self.cache.put(step_key, {"step": f"{engine} file", "metrics": measured, "gate": gate})
+                entry: stage_cache.Entry = {"step": f"{engine} file", "metrics": measured, "gate": gate}
+                self.cache.put(step_key, {**entry, "costs": costs.since(start)})
             else:
                 measured, gate = cached[1]["metrics"], cached[1]["gate"]
+                costs.replay(cached[1].get("costs", []))
             if gate["passed"]:
                 found.append((handle, measured, gate))
             else:
@@ -426,7 +431,9 @@ def _reference(state: _Run) -> tuple[dict[str, float], JsonObject]:
         evaluator.conditions = found[1]["conditions"]  # what the speed figures were measured under
         kept = found[1].get("losses", {})  # per token, for the gates' standard errors
         evaluator.keep_losses(state.prepared.model, {k: np.asarray(v) for k, v in kept.items()})
+        costs.replay(found[1].get("costs", []))
         return found[1]["metrics"], found[1]["details"]
+    start = costs.mark()
     with state.console.status("measuring the reference (input model)"), costs.step("reference"):
         measured, details = evaluator.measure(state.prepared.model)
     entry: stage_cache.Entry = {
@@ -435,6 +442,7 @@ def _reference(state: _Run) -> tuple[dict[str, float], JsonObject]:
         "details": details,
         "conditions": evaluator.conditions,
         "losses": {k: v.tolist() for k, v in evaluator.losses(state.prepared.model).items()},
+        "costs": costs.since(start),
     }
     state.cache.put(step_key, entry)
     return measured, details
