@@ -1,8 +1,8 @@
 """What each step of a run cost, measured as it ran: wall seconds and peak resident memory of this
 process, and of a worker process a step waited for (the model builder). Steps nest (a stage holds
 its candidates' builds and gate evaluations): an outer step's peak includes its inner ones'. The
-rows go to measurements.json and report.md, never to the manifest: they differ from run to run,
-and a warm run skips what the cache holds.
+rows go to measurements.json and report.md, never to the manifest: they differ from run to run. A
+step reused from the cache replays the rows it recorded when it ran (`since`, `replay`).
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def _sample() -> None:
 
 
 def worker(name: str, seconds: float, peak_rss_mb: float) -> None:
-    """A worker process's cost (from its rusage once it ended), inside the current step."""
+    """A worker process's cost (its peak from `wait`), inside the current step."""
     _rows.append({"step": name, "seconds": round(seconds, 2), "worker_peak_rss_mb": round(peak_rss_mb, 1)})
 
 

@@ -141,7 +141,7 @@ def markdown(run: RunSummary) -> str:
             for e in run.engines
         ]
     if run.costs:
-        lines += ["", "## Cost per step (this run; a step the cache held did not run)", ""]
+        lines += ["", "## Cost per step (a step reused from the cache shows what it cost when it ran)", ""]
         lines += ["| step | seconds | peak RSS MB | worker's peak RSS MB |", "|---|---|---|---|"]
         lines += [
             f"| {row['step']} | {row['seconds']} | {row.get('peak_rss_mb', '')} | {row.get('worker_peak_rss_mb', '')} |"
