@@ -229,3 +229,40 @@ def test_with_an_api_key_every_request_needs_the_bearer_token(encoder: Path) -> 
         right = openai.OpenAI(base_url=url + "/v1", api_key="sekret")
         assert len(right.embeddings.create(model="tiny", input="x").data) == 1
         assert httpx.get(url + "/health").status_code == 200  # health stays open for probes
+
+
+def test_a_client_that_leaves_before_its_first_event_frees_its_place_and_its_tokens(decoder: Path) -> None:
+    # At the ASGI level: the client's disconnect is there before the stream's first event is sent,
+    # so the event generator never starts (a real socket cannot time that).
+    server = Server(runtime.load(decoder), "tiny", Limits(max_queue=1), None)
+    app, drawn = server.app(), []
+    tokens = server.model.tokens
+
+    def counted(*args: object) -> Iterator[int]:
+        for token in tokens(*args):  # type: ignore[arg-type]
+            drawn.append(token)
+            yield token
+
+    server.model.tokens = counted  # type: ignore[method-assign]
+    body = json.dumps({"prompt": "the model", "max_tokens": 200, "temperature": 0, "stream": True}).encode()
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:  # a socket whose writes wait (uvicorn drains a paused one)
+        sent.append(message)
+        await asyncio.sleep(0)
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+        "method": "POST", "scheme": "http", "path": "/v1/completions", "raw_path": b"/v1/completions",
+        "query_string": b"", "root_path": "", "headers": [(b"content-type", b"application/json")],
+        "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80),
+    }  # fmt: skip
+    asyncio.run(app(scope, receive, send))
+    assert not any(m.get("body", b"").startswith(b"data:") for m in sent)  # it left before any event
+    assert server.worker.waiting == 0  # its place in the queue is free
+    time.sleep(2)  # the model thread drops it at its next token, not after 200
+    assert len(drawn) <= 1, len(drawn)

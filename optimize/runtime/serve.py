@@ -38,7 +38,7 @@ from .generation import Sampling, Text
 if TYPE_CHECKING:
     from starlette.applications import Starlette
     from starlette.requests import Request
-    from starlette.responses import Response
+    from starlette.responses import Response, StreamingResponse
 
     from . import OnnxModel
 
@@ -267,18 +267,19 @@ class Server:
     ) -> Callable[[Request], Awaitable[Response]]:
         """`handler` with what every POST route does: the key, the body, limits, errors, metrics."""
 
+        from starlette.responses import StreamingResponse
+
         async def route(request: Request) -> Response:
             start, status = time.perf_counter(), 200
             try:
                 self._authorize(request)
                 body = await self._body(request)
                 self.worker.admit()
-                held = False
+                response = None
                 try:
                     response = await asyncio.wait_for(handler(body, request), self.limits.timeout_s)
-                    held = getattr(response, "holds_slot", False)  # a stream gives its slot back at its end
                 finally:
-                    if not held:
+                    if not isinstance(response, StreamingResponse):  # a stream gives its place back at its end
                         self.worker.release()
                 return response
             except ApiError as exc:
@@ -402,7 +403,7 @@ class Server:
             raise ApiError(400, str(exc)) from None
 
     async def _generate(self, ids: list[int], body: dict[str, Any], request: Request, chat: bool) -> Response:
-        from starlette.responses import JSONResponse, StreamingResponse
+        from starlette.responses import JSONResponse
 
         if not self.decoder:
             raise ApiError(400, f"{self.name} is not a text generator; use /v1/embeddings", "model")
@@ -418,10 +419,8 @@ class Server:
         created = int(time.time())
         if body.get("stream"):
             usage_wanted = bool((body.get("stream_options") or {}).get("include_usage"))
-            events = self._events(pieces, kind, ident, created, chat, usage_wanted, job)
-            response = StreamingResponse(events, media_type="text/event-stream")
-            response.holds_slot = True  # type: ignore[attr-defined]
-            return response
+            events = self._events(pieces, kind, ident, created, chat, usage_wanted)
+            return _stream(events, job, self.worker.release)
         text, finish, usage = [], "length", {}
         async for piece, reason, counted in pieces:
             text.append(piece)
@@ -478,7 +477,6 @@ class Server:
         created: int,
         chat: bool,
         usage_wanted: bool,
-        job: _Job,
     ) -> AsyncIterator[bytes]:
         """Server-sent events: a chunk per piece of text, the finish reason, usage if asked, [DONE]."""
         chunk_kind = kind + ".chunk" if chat else kind
@@ -500,21 +498,34 @@ class Server:
             yield event([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
         usage: dict[str, int] = {}
         try:
+            async for piece, reason, counted in pieces:
+                usage = counted
+                if piece:
+                    yield event([choice(piece, None)])
+                if reason is not None:
+                    yield event([choice(None if chat else "", reason)])
+        except ApiError as exc:
+            yield f"data: {json.dumps({'error': {'message': str(exc), 'type': 'server_error'}})}\n\n".encode()
+        if usage_wanted:
+            yield event([], usage)
+        yield b"data: [DONE]\n\n"
+
+
+def _stream(events: AsyncIterator[bytes], job: _Job, release: Callable[[], None]) -> StreamingResponse:
+    """A server-sent event stream that holds a place in the queue until the response ends, however
+    it ends: done, failed, or its client gone, even before the first event (when the event generator
+    never starts, so its own `finally` would never run). Its job is dropped then too."""
+    from starlette.responses import StreamingResponse
+
+    class Stream(StreamingResponse):
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
             try:
-                async for piece, reason, counted in pieces:
-                    usage = counted
-                    if piece:
-                        yield event([choice(piece, None)])
-                    if reason is not None:
-                        yield event([choice(None if chat else "", reason)])
-            except ApiError as exc:
-                yield f"data: {json.dumps({'error': {'message': str(exc), 'type': 'server_error'}})}\n\n".encode()
-            if usage_wanted:
-                yield event([], usage)
-            yield b"data: [DONE]\n\n"
-        finally:  # the end, or the client went away (the stream is closed at its next piece)
-            job.cancelled = True
-            self.worker.release()
+                await super().__call__(scope, receive, send)
+            finally:
+                job.cancelled = True
+                release()
+
+    return Stream(events, media_type="text/event-stream")
 
 
 def serve(artifact: Path, host: str, port: int, api_key: str | None, limits: Limits | None = None) -> int:
