@@ -42,6 +42,7 @@ SENTENCES = [
     "Stock markets fell sharply after the announcement.",
     "A child is reading a book under a tree.",
 ]
+OURS = "optimize runtime serve"
 PROMPTS = [
     "Write one sentence about the sea.",
     "Give me three tips for staying focused while working from home.",
@@ -206,16 +207,19 @@ def systems(args: argparse.Namespace) -> Iterator[tuple[str, Any, str]]:
     port = free_port()
     ours = [sys.executable, "-m", "runtime", str(artifact), "serve", "--port", str(port)]
     env = {"PYTHONPATH": str(args.runtime or artifact)}
-    yield "optimize runtime serve", started(ours, port, env=env), artifact.name
+    yield OURS, started(ours, port, env=env), artifact.name
     if args.no_peers:
         return
-    if args.mode == "embeddings" and shutil.which("infinity_emb"):
-        checkpoint = args.checkpoint or _checkpoint_of(artifact)
-        port = free_port()
-        engine = args.infinity_engine
-        command = ["infinity_emb", "v2", "--model-id", str(checkpoint), "--port", str(port), "--engine", engine]
-        command += ["--device", "cpu", "--no-bettertransformer"]
-        yield f"infinity-emb ({engine}) (peer)", started(command, port), str(checkpoint)
+    infinity = args.infinity or shutil.which("infinity_emb")
+    if args.mode == "embeddings" and infinity:
+        checkpoint = Path(args.checkpoint or _checkpoint_of(artifact))
+        for engine in args.infinity_engine:
+            folder = _onnx_folder(checkpoint) if engine == "optimum" else checkpoint
+            port = free_port()
+            command = [str(infinity), "v2", "--model-id", str(folder), "--port", str(port), "--engine", engine]
+            # mean pooling: what the checkpoint's 1_Pooling says (infinity's optimum engine takes CLS otherwise)
+            command += ["--device", "cpu", "--no-bettertransformer", "--url-prefix", "/v1", "--pooling-method", "mean"]
+            yield f"infinity-emb ({engine}) (peer)", started(command, port, ready="/v1/models"), str(folder)
     gguf = artifact / "gguf" / "model.gguf"
     if args.mode == "generation" and gguf.is_file() and _has("llama_cpp.server"):
         port = free_port()
@@ -227,6 +231,27 @@ def systems(args: argparse.Namespace) -> Iterator[tuple[str, Any, str]]:
 @contextmanager
 def _given(url: str) -> Iterator[str]:
     yield url.removesuffix("/v1")
+
+
+def _onnx_folder(checkpoint: Path) -> Path:
+    """The checkpoint as infinity-emb's optimum engine loads it: its files beside an fp32 ONNX export
+    (optimum's exporter, the one users run; the export of infinity's own environment fails with
+    torch 2.13), that file linked a second time under another name: infinity-emb 0.0.78 hands
+    optimum an absolute file name, which optimum (1.26 and 2.1) compares with bare names when the
+    folder holds exactly one ONNX file, and fails."""
+    import tempfile
+
+    from optimum.exporters.onnx import main_export
+
+    folder = Path(tempfile.mkdtemp(prefix="bench-serve-infinity-"))
+    for item in checkpoint.iterdir():
+        if item.suffix not in (".onnx", ".safetensors", ".bin"):
+            (folder / item.name).symlink_to(item.resolve())
+    main_export(str(checkpoint), folder / "export", task="feature-extraction", do_validation=False)
+    (folder / "export" / "model.onnx").rename(folder / "model.onnx")
+    os.link(folder / "model.onnx", folder / "model_fp32.onnx")
+    shutil.rmtree(folder / "export")
+    return folder
 
 
 def _has(module: str) -> bool:
@@ -265,10 +290,15 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--slo-ms", type=float, default=None, help="goodput counts answers within this (50 / 5000)")
     parser.add_argument(
+        "--infinity",
+        help="the infinity_emb command, e.g. in its own venv (pip install 'infinity-emb[server,optimum,torch]==0.0.78' "
+        "'transformers<4.49' 'datasets<3.3' 'pyarrow<20'); default: the one on PATH",
+    )
+    parser.add_argument(
         "--infinity-engine",
-        default="torch",
-        help="infinity-emb's backend: torch (sentence-transformers), or optimum (onnxruntime; infinity-emb "
-        "0.0.78 with optimum 2.1 cannot find the ONNX file of a local folder)",
+        nargs="+",
+        default=["optimum", "torch"],
+        help="infinity-emb's backends to run: optimum (onnxruntime on an fp32 export), torch (sentence-transformers)",
     )
     parser.add_argument("--no-peers", action="store_true")
     parser.add_argument(
@@ -284,20 +314,31 @@ def main() -> None:
     args.slo_ms = args.slo_ms or (50.0 if args.mode == "embeddings" else 5000.0)
 
     from rich.console import Console
-    from rich.table import Table
 
     from optimize import cpu
 
     here = cpu.current().summary()
-    rows = []
+    rows: list[dict[str, Any]] = []
+    differences: list[float] = []
     for label, context, model in systems(args):
         try:
             with Console(stderr=True).status(f"{label}: starting and loading"), context as url:
+                if args.mode == "embeddings" and args.artifact and label == OURS:
+                    differences.append(embeddings_differ(url, model, args.artifact))
                 for row in run_levels(url, model, args):
                     rows.append({"system": label, **row})
         except Exception as exc:  # a peer that fails is reported, the others still measured
             print(f"{label}: failed: {type(exc).__name__}: {str(exc)[:200]}", file=sys.stderr)
             rows.append({"system": f"{label}: failed ({type(exc).__name__})"})
+    report(rows, differences, args, here)
+
+
+def report(
+    rows: list[dict[str, Any]], differences: list[float], args: argparse.Namespace, here: dict[str, Any]
+) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
     table = Table(
         title=f"{args.mode}, SLO {args.slo_ms:g} ms; {os.cpu_count()} threads; CPU {here['model']}, "
         f"flags {' '.join(here['flags'])}",
@@ -310,8 +351,38 @@ def main() -> None:
     for row in rows:
         table.add_row(row["system"], *(str(row.get(c, "")) for c in columns))
     Console(width=240).print(table)
+    best = within_slo(rows, args.slo_ms)
+    for system, row in best.items():
+        print(f"best with p99 <= {args.slo_ms:g} ms: {system}: {row['throughput_rps']} req/s ({row['level']})")
+    if OURS in best:
+        for system, row in best.items():
+            if system != OURS:
+                print(f"  ours / {system}: {best[OURS]['throughput_rps'] / row['throughput_rps']:.2f}x")
+    if differences:
+        print(f"our server's embeddings vs the runtime's embed: max abs difference {differences[0]:.3g}")
     if args.json:
-        args.json.write_text(json.dumps({"cpu": here, "rows": rows}, indent=2))
+        args.json.write_text(json.dumps({"cpu": here, "rows": rows, "embedding_max_abs_diff": differences}, indent=2))
+
+
+def within_slo(rows: list[dict[str, Any]], slo_ms: float) -> dict[str, dict[str, Any]]:
+    """Per system, its level of highest throughput whose p99 is within the SLO, with no errors."""
+    best: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        within = row.get("errors") == 0 and row.get("p99_ms", float("inf")) <= slo_ms
+        if within and row["throughput_rps"] > best.get(row["system"], {}).get("throughput_rps", -1):
+            best[row["system"]] = row
+    return best
+
+
+def embeddings_differ(url: str, model: str, artifact: Path) -> float:
+    """Largest difference between the server's embeddings of SENTENCES and the runtime's `embed`."""
+    import httpx
+
+    from optimize import runtime
+
+    answer = httpx.post(url + "/v1/embeddings", json={"model": model, "input": SENTENCES}, timeout=60).json()
+    served = np.array([d["embedding"] for d in sorted(answer["data"], key=lambda d: d["index"])])
+    return float(np.abs(served - runtime.load(artifact).embed(SENTENCES)).max())
 
 
 if __name__ == "__main__":
