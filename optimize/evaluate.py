@@ -104,7 +104,7 @@ class SpeedSettings:
     runs: int = 30
 
 
-BUDGET_S, MIN_RUNS = 20.0, 5
+BUDGET_S, MIN_RUNS = 5.0, 5
 ROWS = 64  # output rows compared at a time
 
 

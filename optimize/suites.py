@@ -213,10 +213,7 @@ def token_nll(model: Model, suite: LoadedSuite) -> np.ndarray:
     """The negative log-likelihood of each token of the text as one stream (its perplexity is
     exp of their mean), in windows of `window` moved by `stride`; each window scores only the tokens
     the previous one did not (HF's sliding-window recipe)."""
-    text = "\n".join(suite.texts())
-    ids = model.tokenizer.ids(text)
-    if suite.suite.max_tokens:
-        ids = ids[: suite.suite.max_tokens]
+    ids = _first_ids(model.tokenizer, "\n".join(suite.texts()), suite.suite.max_tokens)
     window, stride = suite.suite.window, suite.suite.stride
     scored, previous_end = [], 0
     for begin in range(0, max(len(ids) - 1, 1), stride):
@@ -234,6 +231,20 @@ def token_nll(model: Model, suite: LoadedSuite) -> np.ndarray:
         if end == len(ids):
             break
     return np.concatenate(scored)
+
+
+def _first_ids(tokenizer: Tokenizer, text: str, limit: int | None) -> list[int]:
+    """The first `limit` token ids of `text` (all without a limit), from a prefix of it long enough
+    that its cut is well past them: the same ids as of the whole text, in a fraction of the time
+    (WikiText-2's test set is 1.3 MB; 1,024 tokens are a few kB)."""
+    if not limit:
+        return list(tokenizer.ids(text))
+    size = limit * 8
+    while True:
+        ids = tokenizer.ids(text[:size])
+        if size >= len(text) or len(ids) > limit + 64:  # the cut's own tokens are far past `limit`
+            return list(ids[:limit])
+        size *= 2
 
 
 def _batches(items: list[str], size: int) -> list[list[str]]:

