@@ -221,10 +221,13 @@ def systems(args: argparse.Namespace) -> Iterator[tuple[str, Any, str]]:
             command += ["--device", "cpu", "--no-bettertransformer", "--url-prefix", "/v1", "--pooling-method", "mean"]
             yield f"infinity-emb ({engine}) (peer)", started(command, port, ready="/v1/models"), str(folder)
     gguf = artifact / "gguf" / "model.gguf"
-    if args.mode == "generation" and gguf.is_file() and _has("llama_cpp.server"):
+    if args.mode == "generation" and gguf.is_file() and (args.llama_server or _has("llama_cpp.server")):
         port = free_port()
-        command = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--port", str(port)]
-        command += ["--n_threads", str(os.cpu_count()), "--n_ctx", "4096", "--chat_format", "chatml"]
+        python = args.llama_server or sys.executable
+        command = [python, "-m", "llama_cpp.server", "--model", str(gguf), "--port", str(port)]
+        # no --chat_format: it renders the GGUF's own chat template, as ours renders the artifact's
+        command += ["--n_threads", str(os.cpu_count()), "--n_ctx", "4096"]
+        command += ["--interrupt_requests", "False"]  # its default drops a running stream when another request comes
         yield "llama-cpp-python server on the gguf (peer)", started(command, port, ready="/v1/models"), "model"
 
 
@@ -293,6 +296,12 @@ def main() -> None:
         "--infinity",
         help="the infinity_emb command, e.g. in its own venv (pip install 'infinity-emb[server,optimum,torch]==0.0.78' "
         "'transformers<4.49' 'datasets<3.3' 'pyarrow<20'); default: the one on PATH",
+    )
+    parser.add_argument(
+        "--llama-server",
+        help="the python of a venv with llama-cpp-python's server (pip install 'llama-cpp-python[server]==0.3.36' "
+        "'sse-starlette<2.2' 'starlette<0.47' 'fastapi<0.116': with sse-starlette 3 its streams break under "
+        "concurrency); default: this python",
     )
     parser.add_argument(
         "--infinity-engine",
