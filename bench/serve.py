@@ -76,7 +76,11 @@ def started(command: list[str], port: int, ready: str = "/health", env: dict[str
             except httpx.HTTPError:
                 pass
             time.sleep(0.5)
+        ready_kb = _rss_kb(proc.pid)
         yield url
+        print(
+            f"{' '.join(command[:3])}: RSS {ready_kb} kB when ready, {_rss_kb(proc.pid)} kB at the end", file=sys.stderr
+        )
     finally:
         proc.terminate()
         try:
@@ -84,6 +88,14 @@ def started(command: list[str], port: int, ready: str = "/health", env: dict[str
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+
+
+def _rss_kb(pid: int) -> int:
+    """A process's resident set (VmRSS), in kB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
 
 
 async def closed_loop(send: Any, concurrency: int, seconds: float, requests: int | None) -> list[dict[str, float]]:
@@ -118,6 +130,8 @@ def summary(results: list[dict[str, float]], wall: float, slo_ms: float) -> dict
     row = {
         "requests": len(results),
         "errors": len(results) - len(ok),
+        "refused_429": sum(bool(r.get("refused")) for r in results),
+        "wrong": sum(r.get("status") == 200 and not r["ok"] for r in results),
         "throughput_rps": round(len(ok) / wall, 2),
         "p50_ms": round(float(np.percentile(latency, 50)), 2),
         "p90_ms": round(float(np.percentile(latency, 90)), 2),
@@ -138,10 +152,20 @@ def summary(results: list[dict[str, float]], wall: float, slo_ms: float) -> dict
 
 
 def embedding_sender(client: Any, model: str) -> Any:
+    """Each answer is checked against the first answer for the same sentence (within 1e-3: batches
+    pad differently): a lost or mixed-up answer counts as `wrong`, a 429 as `refused`."""
+    expected: dict[str, np.ndarray] = {}
+
     async def send(n: int) -> dict[str, float]:
+        sentence = SENTENCES[n % len(SENTENCES)]
         start = time.perf_counter()
-        answer = await client.post("/embeddings", json={"model": model, "input": [SENTENCES[n % len(SENTENCES)]]})
-        return {"ok": answer.status_code == 200, "latency_ms": (time.perf_counter() - start) * 1000}
+        answer = await client.post("/embeddings", json={"model": model, "input": [sentence]})
+        latency = (time.perf_counter() - start) * 1000
+        right = answer.status_code == 200
+        if right:
+            vector = np.array(answer.json()["data"][0]["embedding"])
+            right = bool(np.abs(expected.setdefault(sentence, vector) - vector).max() < 1e-3)
+        return {"ok": right, "latency_ms": latency, "refused": answer.status_code == 429, "status": answer.status_code}
 
     return send
 

@@ -9,14 +9,13 @@ measured have none and are not estimated.
 
 from __future__ import annotations
 
-import json
 import math
-import struct
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
 from optimize.errors import UsageError
+from optimize.safetensors_files import header
 
 
 class Estimated(Protocol):
@@ -26,18 +25,6 @@ class Estimated(Protocol):
     def kind(self) -> str: ...
 
     def peak_memory(self) -> tuple[float, float] | None: ...
-
-
-def header(path: Path) -> tuple[dict[str, dict[str, object]], int]:
-    """A safetensors file's tensors (name -> dtype, shape, data_offsets) and where their data starts."""
-    with path.open("rb") as handle:
-        try:
-            (size,) = struct.unpack("<Q", handle.read(8))
-            found = json.loads(handle.read(size))
-        except (struct.error, ValueError):
-            raise UsageError(f"model {path}: not a safetensors file (its header does not read)") from None
-    found.pop("__metadata__", None)
-    return found, 8 + size
 
 
 def parameters(checkpoint: Path) -> int:

@@ -383,8 +383,7 @@ def lean_torch(auto: Any, checkpoint: Path) -> torch.nn.Module | None:
     import transformers
     from transformers.modeling_utils import no_init_weights
 
-    from optimize.memory import header
-    from optimize.prequantize import read_float
+    from optimize.safetensors_files import header, read_float
 
     files = sorted(checkpoint.glob("*.safetensors"))
     if not files:

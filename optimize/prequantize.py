@@ -19,16 +19,13 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
-from optimize.memory import header
+from optimize.safetensors_files import FLOATS, copy, header, read_float
 
 LINEAR = re.compile(r"^model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight$")
-FLOATS = {"BF16", "F16", "F32"}
-BLOB = 1 << 24  # bytes copied at a time
 
 
 def applies(checkpoint: Path, block_size: int) -> bool:
@@ -76,7 +73,7 @@ def write(checkpoint: Path, out: Path, block_size: int) -> None:
         sink.write(len(text).to_bytes(8, "little") + text)
         for path, start, name, entry in sources:
             if not LINEAR.match(name):
-                _copy(path, start, entry, sink)
+                copy(path, start, entry, sink)
                 continue
             weight = np.ascontiguousarray(read_float(path, start, entry).T)  # (K, N), as MatMul reads it
             k, n = weight.shape
@@ -95,30 +92,6 @@ def write(checkpoint: Path, out: Path, block_size: int) -> None:
     for path in checkpoint.iterdir():
         if path.is_file() and path.name != "config.json" and not path.name.endswith((".safetensors", ".index.json")):
             shutil.copyfile(path, out / path.name)
-
-
-def _chunks(path: Path, start: int, entry: dict[str, object]) -> Iterator[bytes]:
-    first, last = (int(x) for x in entry["data_offsets"])  # type: ignore[attr-defined]
-    with path.open("rb") as handle:
-        handle.seek(start + first)
-        left = last - first
-        while left:
-            piece = handle.read(min(BLOB, left))
-            left -= len(piece)
-            yield piece
-
-
-def _copy(path: Path, start: int, entry: dict[str, object], sink: object) -> None:
-    for piece in _chunks(path, start, entry):
-        sink.write(piece)  # type: ignore[attr-defined]
-
-
-def read_float(path: Path, start: int, entry: dict[str, object]) -> np.ndarray:
-    raw = b"".join(_chunks(path, start, entry))
-    shape = [int(d) for d in entry["shape"]]  # type: ignore[attr-defined]
-    if entry["dtype"] == "BF16":  # the top half of an fp32
-        return (np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16).view(np.float32).reshape(shape)
-    return np.frombuffer(raw, dtype="<f2" if entry["dtype"] == "F16" else "<f4").astype(np.float32).reshape(shape)
 
 
 def drop_zero_points(model_path: Path) -> int:

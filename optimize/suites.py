@@ -206,7 +206,12 @@ def accuracy(model: Model, task: str, suite: LoadedSuite) -> float:
 
 
 def perplexity(model: Model, suite: LoadedSuite) -> float:
-    return float(np.exp(token_nll(model, suite).mean()))
+    return perplexity_of(token_nll(model, suite))
+
+
+def perplexity_of(losses: np.ndarray) -> float:
+    """exp of the mean of the tokens' negative log-likelihoods."""
+    return float(np.exp(losses.mean()))
 
 
 def token_nll(model: Model, suite: LoadedSuite) -> np.ndarray:
@@ -285,7 +290,7 @@ def run_suite(
         raise UsageError(f"{suite.path}: {kind.name} needs a {kind.model_task} model, not {task}")
     if kind.name == "perplexity" and losses is not None:
         losses[kind.metric] = token_nll(model, suite)
-        return {kind.metric: round(float(np.exp(losses[kind.metric].mean())), kind.digits)}
+        return {kind.metric: round(perplexity_of(losses[kind.metric]), kind.digits)}
     return {kind.metric: round(kind.score(model, task, suite), kind.digits)}
 
 
@@ -295,8 +300,11 @@ def standard_error(losses: np.ndarray, reference: np.ndarray | None) -> dict[str
     its ratio to the reference's (paired: the two models' losses move together, so the ratio is
     known far better than either perplexity), over `tokens`."""
     n = len(losses)
-    found = {"tokens": float(n), "standard_error": float(np.exp(losses.mean()) * losses.std(ddof=1) / np.sqrt(n))}
+    found = {
+        "tokens": float(n),
+        "standard_error": perplexity_of(losses) * float(losses.std(ddof=1)) / float(np.sqrt(n)),
+    }
     if reference is not None and len(reference) == n:
         diff = losses.astype(np.float64) - reference
-        found["ratio_standard_error"] = float(np.exp(diff.mean()) * diff.std(ddof=1) / np.sqrt(n))
+        found["ratio_standard_error"] = perplexity_of(diff) * float(diff.std(ddof=1)) / float(np.sqrt(n))
     return {k: round(v, 6) for k, v in found.items()}

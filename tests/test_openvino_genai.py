@@ -140,3 +140,30 @@ def test_without_its_packages_the_format_is_refused_before_any_work(
     said = " ".join(result.output.split())
     assert "format openvino-genai: needs openvino-genai" in said and "Traceback" not in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_the_openvino_folder_and_its_verdict_are_the_same_warm_and_cold(artifact: Path, tiny_gguf: Path) -> None:
+    """Rerun with the stage cache the first run filled (every step reused) and with --no-cache: the
+    same formats tried and passed, the same engines gated, the same OpenVINO weights and metrics
+    (which engine generates first is a timing, and may differ between cold runs)."""
+
+    def verdicts(out: Path) -> tuple[object, ...]:
+        manifest = runtime.verify(out)
+        tried = [(t["format"], t["bits"], t["passed"]) for t in manifest["stages"][0]["details"]["formats"]]
+        timed = ("latency", "throughput")  # measured again by a cold run
+        engines = sorted(
+            (
+                e["engine"],
+                e["file"],
+                e["gate"]["passed"],
+                {k: v for k, v in e["metrics"].items() if not k.startswith(timed)},
+            )
+            for e in manifest["engines"]
+        )
+        weights = runtime.sha256_file(out / "openvino-genai" / "openvino_model.bin")
+        return tried, engines, weights
+
+    folder = artifact.parent
+    warm = run_recipe(folder, [STAGE], tiny_gguf, "--cache-dir", str(folder / "cache"), out="warm")
+    cold = run_recipe(folder, [STAGE], tiny_gguf, "--no-cache", out="cold")
+    assert verdicts(warm) == verdicts(artifact) == verdicts(cold)

@@ -1,0 +1,54 @@
+"""Reading safetensors files without mapping them: the header (names, dtypes, shapes, offsets), a
+tensor's bytes in pieces, and a float tensor widened to fp32. What the memory estimate, the
+pre-quantizer and the lean reference loader read checkpoints with, a tensor at a time."""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO
+
+import numpy as np
+
+from optimize.errors import UsageError
+
+BLOB = 1 << 24  # bytes read at a time
+FLOATS = {"BF16", "F16", "F32"}
+
+
+def header(path: Path) -> tuple[dict[str, dict[str, object]], int]:
+    """A safetensors file's tensors (name -> dtype, shape, data_offsets) and where their data starts."""
+    with path.open("rb") as handle:
+        try:
+            (size,) = struct.unpack("<Q", handle.read(8))
+            found = json.loads(handle.read(size))
+        except (struct.error, ValueError):
+            raise UsageError(f"model {path}: not a safetensors file (its header does not read)") from None
+    found.pop("__metadata__", None)
+    return found, 8 + size
+
+
+def chunks(path: Path, start: int, entry: dict[str, object]) -> Iterator[bytes]:
+    first, last = (int(x) for x in entry["data_offsets"])  # type: ignore[attr-defined]
+    with path.open("rb") as handle:
+        handle.seek(start + first)
+        left = last - first
+        while left:
+            piece = handle.read(min(BLOB, left))
+            left -= len(piece)
+            yield piece
+
+
+def copy(path: Path, start: int, entry: dict[str, object], sink: IO[bytes]) -> None:
+    for piece in chunks(path, start, entry):
+        sink.write(piece)
+
+
+def read_float(path: Path, start: int, entry: dict[str, object]) -> np.ndarray:
+    raw = b"".join(chunks(path, start, entry))
+    shape = [int(d) for d in entry["shape"]]  # type: ignore[attr-defined]
+    if entry["dtype"] == "BF16":  # the top half of an fp32
+        return (np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16).view(np.float32).reshape(shape)
+    return np.frombuffer(raw, dtype="<f2" if entry["dtype"] == "F16" else "<f4").astype(np.float32).reshape(shape)
