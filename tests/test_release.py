@@ -131,8 +131,8 @@ def test_report_html_has_its_plots_and_the_job_summary_gets_the_report(tiny_bert
 
 @pytest.mark.slow
 def test_sigkill_at_random_moments_never_leaves_a_corrupt_out_and_the_next_run_resumes(tiny_bert, tmp_path):
-    """Five runs killed with SIGKILL at random moments (seeded), sharing one stage cache: OUT is
-    either absent or a whole artifact that verifies, and a last run completes from the cache. (Five,
+    """Three runs killed with SIGKILL at random moments (seeded), sharing one stage cache: OUT is
+    either absent or a whole artifact that verifies, and a last run completes from the cache. (Three,
     not ten: CI's whole suite must stay under 30 minutes.)"""
     import random
     import signal

@@ -76,6 +76,15 @@ def test_spearman_on_a_tiny_model_is_a_correlation_and_matches_between_torch_and
     assert result.exit_code == 0, result.output
     onnx_value = run_suite(open_model(open_any(str(tmp_path / "art")), 64), "feature-extraction", suite)["spearman"]
     assert onnx_value == pytest.approx(torch_value, abs=1e-3)
+    # `optimize eval ART --reference MODEL`: the artifact scored beside the model it came from
+    suite_path = str(suite_file(tmp_path))
+    scored = CliRunner().invoke(
+        app, ["eval", str(tmp_path / "art"), "--suite", suite_path, "--reference", str(tiny_bert), "--json"]
+    )
+    assert scored.exit_code == 0, scored.output
+    scores = json.loads(scored.stdout)
+    assert scores["reference"]["metrics"]["spearman"] == pytest.approx(torch_value, abs=1e-6)
+    assert scores["metrics"]["spearman"] == pytest.approx(onnx_value, abs=1e-6)
 
 
 def test_perplexity_of_a_random_llama_is_near_its_vocabulary_size(tmp_path, tiny_llama):
