@@ -298,6 +298,7 @@ def _quantize_attention_output(graph: Any, path: Path, float_path: Path, reader:
     `float_path` (as NNCF measures its own; the tensors keep their names through NNCF) and handed to
     the quantizer as its calibration cache: calibrating the QDQ graph in onnxruntime took 47 of the
     stage's 189 s on MiniLM here."""
+    import inspect
     import tempfile
 
     from onnxruntime import quantization as q
@@ -311,17 +312,20 @@ def _quantize_attention_output(graph: Any, path: Path, float_path: Path, reader:
     ]
     if not targets:
         return
+    cached = "calibration_cache_path" in inspect.signature(q.quantize_static).parameters
     with tempfile.TemporaryDirectory(prefix="optimize-ranges-") as tmp:
-        calibrator = calibrate.create_calibrator(float_path, ["MatMul"], augmented_model_path=f"{tmp}/augmented.onnx")
-        calibrator.collect_data(reader)
-        ranges = Path(tmp) / "ranges.json"
-        calibrate.save_tensors_data(calibrator.compute_data(), ranges)
-        del calibrator
+        options: dict[str, Any] = {}
+        if cached:  # onnxruntime that takes ranges (1.31 does); older ones calibrate the QDQ graph
+            calibrator = calibrate.create_calibrator(float_path, ["MatMul"], augmented_model_path=f"{tmp}/aug.onnx")
+            calibrator.collect_data(reader)
+            options["calibration_cache_path"] = Path(tmp) / "ranges.json"
+            calibrate.save_tensors_data(calibrator.compute_data(), options["calibration_cache_path"])
+            del calibrator
         q.quantize_static(
             str(path),
             str(path),
-            None,
-            calibration_cache_path=ranges,
+            None if cached else reader,
+            **options,
             quant_format=q.QuantFormat.QDQ,
             op_types_to_quantize=["MatMul"],
             nodes_to_quantize=targets,
