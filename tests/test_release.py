@@ -131,9 +131,9 @@ def test_report_html_has_its_plots_and_the_job_summary_gets_the_report(tiny_bert
 
 @pytest.mark.slow
 def test_sigkill_at_random_moments_never_leaves_a_corrupt_out_and_the_next_run_resumes(tiny_bert, tmp_path):
-    """Three runs killed with SIGKILL at random moments (seeded), sharing one stage cache: OUT is
-    either absent or a whole artifact that verifies, and a last run completes from the cache. (Three,
-    not ten: CI's whole suite must stay under 30 minutes.)"""
+    """Two runs killed with SIGKILL at random moments (seeded), sharing one stage cache: OUT is
+    either absent or a whole artifact that verifies, and a last run completes from the cache. (Two,
+    not ten: CI's whole suite must stay under 30 minutes; a fresh-clone .ci/run took 30:52 here.)"""
     import random
     import signal
     import subprocess
@@ -151,7 +151,7 @@ def test_sigkill_at_random_moments_never_leaves_a_corrupt_out_and_the_next_run_r
     )
     full = time.perf_counter() - timed  # how long one cold run takes on this machine now
     rng = random.Random(0)
-    for trial in range(3):
+    for trial in range(2):
         proc = subprocess.Popen(
             [*command, "--overwrite"], env=env, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL
         )
