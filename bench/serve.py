@@ -91,11 +91,9 @@ def started(command: list[str], port: int, ready: str = "/health", env: dict[str
 
 
 def _rss_kb(pid: int) -> int:
-    """A process's resident set (VmRSS), in kB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
+    from optimize.costs import status_mb
+
+    return round(status_mb("VmRSS", pid) * 1024)
 
 
 async def closed_loop(send: Any, concurrency: int, seconds: float, requests: int | None) -> list[dict[str, float]]:
@@ -155,8 +153,12 @@ def summary(results: list[dict[str, float]], wall: float, slo_ms: float) -> dict
 
 async def embeddings_of(client: Any, model: str) -> np.ndarray:
     """SENTENCES embedded in one request: what each single-sentence answer is checked against."""
-    answer = await client.post("/embeddings", json={"model": model, "input": SENTENCES})
-    return np.array([d["embedding"] for d in sorted(answer.json()["data"], key=lambda d: d["index"])])
+    return _vectors((await client.post("/embeddings", json={"model": model, "input": SENTENCES})).json())
+
+
+def _vectors(answer: dict[str, Any]) -> np.ndarray:
+    """An embeddings answer's vectors, in the order of its inputs."""
+    return np.array([d["embedding"] for d in sorted(answer["data"], key=lambda d: d["index"])])
 
 
 def embedding_sender(client: Any, model: str, expected: np.ndarray) -> Any:
@@ -428,8 +430,7 @@ def embeddings_differ(url: str, model: str, artifact: Path) -> float:
 
     from optimize import runtime
 
-    answer = httpx.post(url + "/v1/embeddings", json={"model": model, "input": SENTENCES}, timeout=60).json()
-    served = np.array([d["embedding"] for d in sorted(answer["data"], key=lambda d: d["index"])])
+    served = _vectors(httpx.post(url + "/v1/embeddings", json={"model": model, "input": SENTENCES}, timeout=60).json())
     return float(np.abs(served - runtime.load(artifact).embed(SENTENCES)).max())
 
 

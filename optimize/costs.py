@@ -54,8 +54,8 @@ def step(name: str) -> Iterator[None]:
     else the highest VmRSS sampled every SAMPLE_S while it ran. (The high-water mark is never
     reset: /usr/bin/time and the kernel's accounting read it too.)"""
     global _sampler
-    high = _status_mb("VmHWM")
-    mine = [_status_mb("VmRSS")]
+    high = status_mb("VmHWM")
+    mine = [status_mb("VmRSS")]
     _open.append(mine)
     if _sampler is None or not _sampler.is_alive():
         _sampler = threading.Thread(target=_sample, daemon=True)
@@ -67,8 +67,8 @@ def step(name: str) -> Iterator[None]:
         del _open[
             next(i for i, row in enumerate(_open) if row is mine)
         ]  # by identity: equal peaks are not the same step
-        now_high = _status_mb("VmHWM")
-        peak = max(mine[0], _status_mb("VmRSS"), now_high if now_high > high else 0.0)
+        now_high = status_mb("VmHWM")
+        peak = max(mine[0], status_mb("VmRSS"), now_high if now_high > high else 0.0)
         for outer in _open:
             outer[0] = max(outer[0], peak)
         _rows.append({"step": name, "seconds": round(time.perf_counter() - start, 2), "peak_rss_mb": round(peak, 1)})
@@ -76,7 +76,7 @@ def step(name: str) -> Iterator[None]:
 
 def _sample() -> None:
     while _open:
-        rss = _status_mb("VmRSS")
+        rss = status_mb("VmRSS")
         for row in list(_open):
             row[0] = max(row[0], rss)
         time.sleep(SAMPLE_S)
@@ -92,13 +92,13 @@ def wait(pid: int) -> tuple[int, float]:
     starts a spawned child at the parent's high-water mark (it exec'd from the parent's address
     space), so the child's own VmHWM is read while it runs, and rusage stands only above the
     parent's mark."""
-    parent = _status_mb("VmHWM")
+    parent = status_mb("VmHWM")
     seen = [0.0]
     done = threading.Event()
 
     def poll() -> None:
         while not done.wait(0.1):
-            seen[0] = max(seen[0], _status_mb("VmHWM", pid))
+            seen[0] = max(seen[0], status_mb("VmHWM", pid))
 
     watcher = threading.Thread(target=poll, daemon=True)
     watcher.start()
@@ -111,7 +111,8 @@ def wait(pid: int) -> tuple[int, float]:
     return status, max(seen[0], rusage_mb if rusage_mb > parent else 0.0)
 
 
-def _status_mb(field: str, pid: int | str = "self") -> float:
+def status_mb(field: str, pid: int | str = "self") -> float:
+    """A /proc status field of a process (VmRSS, VmHWM), in MB; 0 once it is gone."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith(field + ":"):
