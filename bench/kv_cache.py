@@ -53,8 +53,7 @@ def measure(folder: Path, precision: str, contexts: list[int], new_tokens: int) 
     from optimize.paths import find
     from optimize.suites import load_suite, run_suite
 
-    openvino_genai.KV_CACHE = precision
-    decoder = openvino_genai.OpenVinoDecoder(folder, 512, threads())
+    decoder = openvino_genai.OpenVinoDecoder(folder, 512, threads(), kv_cache=precision)
     suite = load_suite(find("wikitext2-test.yaml", "evals"))
     ppl = run_suite(decoder, "text-generation", suite)["perplexity"]
     del decoder

@@ -245,10 +245,11 @@ def systems(args: argparse.Namespace) -> Iterator[tuple[str, Any, str]]:
         yield "given server", _given(args.url), args.model or "model"
         return
     artifact = args.artifact.resolve()
-    port = free_port()
-    ours = [sys.executable, "-m", "runtime", str(artifact), "serve", "--port", str(port)]
-    env = {"PYTHONPATH": str(args.runtime or artifact)}
-    yield OURS, started(ours, port, env=env), artifact.name
+    for engine in args.engine:
+        port = free_port()
+        ours = [sys.executable, "-m", "runtime", str(artifact), "serve", "--port", str(port), "--engine", engine]
+        env = {"PYTHONPATH": str(args.runtime or artifact)}
+        yield OURS + ("" if engine == "auto" else f" --engine {engine}"), started(ours, port, env=env), artifact.name
     if args.no_peers:
         return
     infinity = args.infinity or shutil.which("infinity_emb")
@@ -349,6 +350,13 @@ def main() -> None:
         nargs="+",
         default=["optimum", "torch"],
         help="infinity-emb's backends to run: optimum (onnxruntime on an fp32 export), torch (sentence-transformers)",
+    )
+    parser.add_argument(
+        "--engine",
+        nargs="+",
+        default=["auto"],
+        help="generation: the engines our server runs, one server each (auto: its default; onnxruntime-genai, "
+        "openvino-genai, llama.cpp)",
     )
     parser.add_argument("--no-peers", action="store_true")
     parser.add_argument(

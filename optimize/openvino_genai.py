@@ -94,6 +94,9 @@ def write(checkpoint: Path, out: Path, bits: int) -> dict[str, object]:
         exported = _export(checkpoint, Path(tmp))
         model = openvino.Core().read_model(str(exported / FILE))
         written = requantize(model, bits, int(read_config(checkpoint).get("vocab_size") or 0))
+        # The IR's own runtime options are what every loader compiles with unless told otherwise
+        # (optimum-intel's export says f16 here): the cache precision gated, for every path alike.
+        model.set_rt_info(KV_CACHE, ["runtime_options", "KV_CACHE_PRECISION"])
         _save(model, out / FILE)
         del model
     _tokenizer(checkpoint, out)
@@ -217,14 +220,17 @@ def _save(model: Any, path: Path) -> None:
 
 class OpenVinoDecoder:
     """A folder's `openvino_model.xml` behind the evaluator's `run(inputs)`: logits at every position
-    from the OpenVINO CPU plugin, the KV cache at `KV_CACHE` as OpenVINO GenAI keeps it."""
+    from the OpenVINO CPU plugin, compiled as OpenVINO GenAI compiles it (the KV cache at the
+    precision the IR's runtime options name, `KV_CACHE` as written; `kv_cache` overrides it)."""
 
-    def __init__(self, folder: Path, seq_len: int, threads: int):
+    def __init__(self, folder: Path, seq_len: int, threads: int, kv_cache: str | None = None):
         import openvino
 
         self.tokenizer = runtime.Tokenizer(folder / "tokenizer.json", seq_len)
         self.provider = loader()
-        properties = {"KV_CACHE_PRECISION": KV_CACHE, "INFERENCE_NUM_THREADS": threads}
+        properties: dict[str, object] = {"INFERENCE_NUM_THREADS": threads}
+        if kv_cache:
+            properties["KV_CACHE_PRECISION"] = kv_cache
         self.compiled = openvino.Core().compile_model(str(folder / FILE), "CPU", properties)
         self.request = self.compiled.create_infer_request()
 

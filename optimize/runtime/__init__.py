@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .generation import (
+    ContinuousBatching,
     GenAIEngine,
     LlamaCppEngine,
     OpenVinoGenAIEngine,
@@ -62,6 +63,7 @@ __all__ = [
     "PREFERENCE",
     "TARGET_PROVIDERS",
     "ArtifactError",
+    "ContinuousBatching",
     "GenAIEngine",
     "LlamaCppEngine",
     "Manifest",
@@ -236,8 +238,7 @@ class OnnxModel:
     ) -> Iterator[int]:
         """The generated tokens after `ids`, one at a time, until the end of sequence or
         `sampling.max_new_tokens` (stop strings are the caller's: see `stream`)."""
-        eos = self.config.get("eos_token_id")
-        ends = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        ends = self.ends()
         name = self.generator(engine)
         if name == "onnxruntime":
             return kv_loop(self._step, ids, sampling, ends)
@@ -246,6 +247,16 @@ class OnnxModel:
             gpu = self.provider != "CPUExecutionProvider"
             self._engines[name] = open_engine(name, folder, self._threads, use_gpu=gpu)
         return self._engines[name].tokens(ids, sampling, ends, speculate)
+
+    def ends(self) -> set[int]:
+        """The end-of-sequence tokens (the config's)."""
+        eos = self.config.get("eos_token_id")
+        return set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+
+    def continuous_batching(self) -> ContinuousBatching:
+        """OpenVINO GenAI's continuous batching on `openvino-genai/` (what `serve` decodes with)."""
+        self.generator("openvino-genai")  # a clear error when the folder or the package is missing
+        return ContinuousBatching(self.folder / ENGINE_FOLDERS["openvino-genai"], self._threads)
 
     def generator(self, engine: str = "auto") -> str:
         """The engine `generate(engine=...)` runs, or a ValueError that says what is missing."""

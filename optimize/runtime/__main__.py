@@ -65,8 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         "--engine",
         default="auto",
         choices=["auto", "onnxruntime-genai", "openvino-genai", "llama.cpp", "onnxruntime"],
-        help="generate: what runs the model (auto: of onnxruntime-genai, openvino-genai on openvino-genai/ and "
-        "llama.cpp on gguf/model.gguf, the fastest the recipe measured that is installed here)",
+        help="generate, serve: what runs the model (auto: of onnxruntime-genai, openvino-genai on openvino-genai/ "
+        "and llama.cpp on gguf/model.gguf, the fastest the recipe measured that is installed here; serve: "
+        "openvino-genai first, its continuous batching serves concurrent streams together)",
     )
     parser.add_argument("--host", default="127.0.0.1", help="serve: the address to listen on")
     parser.add_argument("--port", type=int, default=8000, help="serve: the port")
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         from .serve import serve
 
         try:
-            return serve(args.artifact, args.host, args.port, args.api_key)
+            return serve(args.artifact, args.host, args.port, args.api_key, engine=args.engine)
         except (ArtifactError, OSError, ValueError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2

@@ -274,6 +274,63 @@ class LlamaCppEngine:
             yield int(token)
 
 
+def openvino_config(genai: Any, sampling: Sampling, eos: set[int], lookup: bool = False) -> Any:
+    """`sampling` as OpenVINO GenAI's GenerationConfig (with prompt lookup's draft sizes)."""
+    config = genai.GenerationConfig()
+    config.max_new_tokens = sampling.max_new_tokens
+    config.do_sample = sampling.temperature > 0
+    if config.do_sample:
+        config.temperature, config.top_p = sampling.temperature, sampling.top_p
+        if sampling.top_k:
+            config.top_k = sampling.top_k
+        if sampling.seed is not None:
+            config.rng_seed = sampling.seed
+    if lookup:
+        config.num_assistant_tokens, config.max_ngram_size = 5, 3
+    if eos:
+        config.stop_token_ids = set(eos)
+    return config
+
+
+class ContinuousBatching:
+    """OpenVINO GenAI's continuous batching on the artifact's `openvino-genai/` folder: what the
+    server decodes with where OpenVINO GenAI is installed. Requests join and leave at any step; one
+    `step()` advances every open request by a token, prefilling new prompts in the same pass, so
+    concurrent streams share each read of the weights. The KV cache is paged, in OpenVINO's CPU
+    precision (u8, as the gate measured it), `cache_gb` of it; past `most` open sequences the
+    scheduler queues. Greedy tokens are LLMPipeline's (checked in test_openvino_genai)."""
+
+    def __init__(self, folder: Path, threads: int | None, cache_gb: int = 1, most: int = 16):
+        import openvino_genai
+
+        scheduler = openvino_genai.SchedulerConfig()
+        scheduler.cache_size, scheduler.max_num_seqs = cache_gb, most
+        properties: dict[str, Any] = {"INFERENCE_NUM_THREADS": threads} if threads else {}
+        self.genai, self.added = openvino_genai, 0
+        self.pipeline = openvino_genai.ContinuousBatchingPipeline(str(folder), scheduler, "CPU", properties)
+
+    def add(self, prompt_ids: list[int], sampling: Sampling, eos: set[int]) -> Any:
+        """A request's handle (`read` it after each `step`; `cancel()` drops it)."""
+        import openvino
+
+        self.added += 1
+        ids = openvino.Tensor(np.array([prompt_ids], dtype=np.int64))
+        return self.pipeline.add_request(self.added, ids, openvino_config(self.genai, sampling, eos))
+
+    def step(self) -> None:
+        self.pipeline.step()
+
+    def read(self, handle: Any, eos: set[int]) -> tuple[list[int], bool]:
+        """The tokens the last steps made for `handle` (up to an end of sequence), and whether it is done."""
+        done = handle.get_status() != self.genai.GenerationStatus.RUNNING
+        tokens: list[int] = []
+        if handle.can_read():
+            for output in handle.read().values():
+                tokens += [int(t) for t in output.generated_ids]
+        ended = next((i for i, t in enumerate(tokens) if t in eos), None)
+        return (tokens, done) if ended is None else (tokens[:ended], True)
+
+
 class OpenVinoGenAIEngine:
     """The artifact's `openvino-genai/` folder through OpenVINO GenAI's LLMPipeline: its own loop,
     sampler and KV cache (u8 on the CPU, as the gate measured it); with `speculate`, its prompt-lookup
@@ -296,28 +353,13 @@ class OpenVinoGenAIEngine:
             )
         return self.pipelines[lookup]
 
-    def config(self, sampling: Sampling, lookup: bool) -> Any:
-        config = self.genai.GenerationConfig()
-        config.max_new_tokens = sampling.max_new_tokens
-        config.do_sample = sampling.temperature > 0
-        if config.do_sample:
-            config.temperature, config.top_p = sampling.temperature, sampling.top_p
-            if sampling.top_k:
-                config.top_k = sampling.top_k
-            if sampling.seed is not None:
-                config.rng_seed = sampling.seed
-        if lookup:
-            config.num_assistant_tokens, config.max_ngram_size = 5, 3
-        return config
-
     def tokens(
         self, prompt_ids: list[int], sampling: Sampling, eos: set[int], speculate: bool = False
     ) -> Iterator[int]:
         import openvino
 
-        genai, pipeline, config = self.genai, self.pipeline(speculate), self.config(sampling, speculate)
-        if eos:
-            config.stop_token_ids = set(eos)
+        genai, pipeline = self.genai, self.pipeline(speculate)
+        config = openvino_config(genai, sampling, eos, speculate)
         queue: Queue[int | BaseException | None] = Queue()
         stop = threading.Event()
 

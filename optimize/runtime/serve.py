@@ -11,11 +11,14 @@ and uvicorn (`pip install -r runtime/requirements-serve.txt`; `embed` and `gener
 The model runs on one worker thread, never on the event loop. Embedding requests that arrive
 within `Limits.batch_wait_ms` of each other (up to `batch_tokens` tokens) run as one batch, sorted
 by length so padding is short, and the rows go back to their requests in order. Generation requests
-are interleaved a token at a time on that thread (every client streams while the others do); a
-client that goes away is dropped at its next token. Past `max_queue` waiting requests the answer is
-429 with Retry-After; longer than the model takes, 400; a body over `max_body` bytes, 413; over
-`timeout_s`, 504. Unknown request fields are ignored, wrong ones are a 400 with an OpenAI-style
-error object; with an API key, a request without `Authorization: Bearer KEY` is a 401.
+are batched by OpenVINO GenAI's continuous batching where the artifact has `openvino-genai/` and
+the package is installed (each step advances every open request a token; new prompts join the next
+step), or else interleaved a token at a time on that thread (every client streams while the others
+do); `--engine` chooses. A client that goes away is dropped at its next token. Past `max_queue`
+waiting requests the answer is 429 with Retry-After; longer than the model takes, 400; a body over
+`max_body` bytes, 413; over `timeout_s`, 504. Unknown request fields are ignored, wrong ones are a
+400 with an OpenAI-style error object; with an API key, a request without `Authorization: Bearer
+KEY` is a 401.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ if TYPE_CHECKING:
     from starlette.responses import Response, StreamingResponse
 
     from . import OnnxModel
+    from .generation import ContinuousBatching
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,12 @@ class Metrics:
             "optimize_request_seconds", "request latency", ["endpoint"], registry=self.registry,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
         )  # fmt: skip
+        self.streams = prom.Histogram(
+            "optimize_decode_streams",
+            "sequences advanced together per decoding step (continuous batching)",
+            buckets=(1, 2, 4, 8, 16),
+            registry=self.registry,
+        )
         self.tokens = prom.Counter("optimize_tokens", "tokens read and written", ["kind"], registry=self.registry)
 
     def text(self) -> bytes:
@@ -106,7 +116,9 @@ class _Job:
     loop: asyncio.AbstractEventLoop
     out: asyncio.Queue[Any]
     texts: list[str] = field(default_factory=list)
-    tokens: Iterator[int] | None = None
+    tokens: Iterator[int] | None = None  # a stream the model thread draws from a token at a time
+    prompt: tuple[list[int], Sampling] | None = None  # or a request for the continuous batcher
+    handle: Any = None  # the batcher's, once added
     cancelled: bool = False
 
     def send(self, item: Any) -> None:
@@ -117,11 +129,13 @@ class _Job:
 
 
 class Worker:
-    """The one thread that runs the model: embedding batches first, then one token of each open
-    stream in turn, so no request waits for another's whole answer."""
+    """The one thread that runs the model: embedding batches first, then one step of the continuous
+    batcher (every request it holds a token further), or one token of each open stream in turn, so
+    no request waits for another's whole answer."""
 
-    def __init__(self, model: OnnxModel, limits: Limits, metrics: Metrics):
-        self.model, self.limits, self.metrics = model, limits, metrics
+    def __init__(self, model: OnnxModel, limits: Limits, metrics: Metrics, batcher: ContinuousBatching | None = None):
+        self.model, self.limits, self.metrics, self.batcher = model, limits, metrics, batcher
+        self.ends = model.ends()
         self.inbox: queue.Queue[_Job] = queue.Queue()
         self.waiting = 0  # requests not yet answered (bounded by limits.max_queue)
         self.lock = threading.Lock()
@@ -142,12 +156,20 @@ class Worker:
 
     def _run(self) -> None:
         streams: list[_Job] = []
+        batched: list[_Job] = []
         while True:
-            jobs = self._take(block=not streams)
-            embeds = [j for j in jobs if j.tokens is None]
+            jobs = self._take(block=not streams and not batched)
+            embeds = [j for j in jobs if j.texts]
             streams += [j for j in jobs if j.tokens is not None]
             if embeds:
                 self._embed(embeds)
+            for job in jobs:
+                if job.prompt is not None and self.batcher is not None and not job.cancelled:
+                    job.handle = self.batcher.add(*job.prompt, self.ends)
+                    batched.append(job)
+            if batched:
+                self._advance(batched)
+                time.sleep(0)
             for job in list(streams):
                 if job.cancelled or not self._step(job):
                     streams.remove(job)
@@ -163,7 +185,7 @@ class Worker:
             jobs.append(self.inbox.get(block=block))
         except queue.Empty:
             return jobs
-        if jobs[0].tokens is None:
+        if jobs[0].texts:
             deadline = time.perf_counter() + self.limits.batch_wait_ms / 1000
             budget = self.limits.batch_tokens - sum(len(t) for t in jobs[0].texts) // 4
             while budget > 0 and (left := deadline - time.perf_counter()) > 0:
@@ -195,6 +217,30 @@ class Worker:
             job.send(rows[start : start + len(job.texts)])
             start += len(job.texts)
 
+    def _advance(self, jobs: list[_Job]) -> None:
+        """One step of the batcher over its requests; each gets its new tokens, None at its end."""
+        assert self.batcher is not None
+        for job in [j for j in jobs if j.cancelled]:
+            job.handle.cancel()
+            jobs.remove(job)
+        if not jobs:
+            return
+        self.metrics.streams.observe(len(jobs))
+        try:
+            self.batcher.step()
+        except Exception as exc:  # the engine failed: every request it held says so
+            for job in jobs:
+                job.send(exc)
+            jobs.clear()
+            return
+        for job in list(jobs):
+            tokens, done = self.batcher.read(job.handle, self.ends)
+            for token in tokens:
+                job.send(token)
+            if done:
+                job.send(None)
+                jobs.remove(job)
+
     def _step(self, job: _Job) -> bool:
         """One more token of `job` (None at its end); False when it is done."""
         assert job.tokens is not None
@@ -213,18 +259,21 @@ class Worker:
 class Server:
     """The routes over one loaded artifact (`runtime.load`)."""
 
-    def __init__(self, model: OnnxModel, name: str, limits: Limits, api_key: str | None):
+    def __init__(self, model: OnnxModel, name: str, limits: Limits, api_key: str | None, engine: str = "auto"):
         from .text import Tokenizer
 
         self.model, self.name, self.limits, self.api_key = model, name, limits, api_key
         self.metrics = Metrics()
-        self.worker = Worker(model, limits, self.metrics)
         found = model.generators()
         self.decoder = bool(found)
-        # The model thread takes turns between streams a token at a time; OpenVINO GenAI's pipeline
-        # generates one whole sequence at a time on a thread of its own, which would hold every other
-        # stream until it ends: served only where no engine that interleaves is installed.
-        self.engine = next((name for name in found if name != "openvino-genai"), found[0] if found else "auto")
+        # auto: OpenVINO GenAI where it is installed, as it batches concurrent streams (one pass over
+        # the weights for all of them; its prefill is also the fastest measured here); otherwise the
+        # engine the recipe measured fastest, its streams interleaved a token at a time.
+        if engine == "auto" and found:
+            engine = "openvino-genai" if "openvino-genai" in found else found[0]
+        self.engine = model.generator(engine) if self.decoder or engine != "auto" else "auto"
+        batcher = model.continuous_batching() if self.engine == "openvino-genai" else None
+        self.worker = Worker(model, limits, self.metrics, batcher)
         self.seq_len = int(model.tokenizer.seq_len)
         # The model thread pads and truncates with the model's tokenizer; counting on the event loop
         # uses its own (a tokenizer's padding settings are state).
@@ -411,7 +460,11 @@ class Server:
         if len(ids) + sampling.max_new_tokens > self._context():
             raise ApiError(400, f"prompt: {len(ids)} tokens and max_tokens {sampling.max_new_tokens} exceed the "
                            f"model's context of {self._context()}", "prompt")  # fmt: skip
-        job = _Job(asyncio.get_running_loop(), asyncio.Queue(), tokens=self.model.tokens(ids, sampling, self.engine))
+        job = _Job(asyncio.get_running_loop(), asyncio.Queue())
+        if self.worker.batcher is not None:
+            job.prompt = (ids, sampling)
+        else:
+            job.tokens = self.model.tokens(ids, sampling, self.engine)
         self.worker.inbox.put(job)
         pieces = self._pieces(job, sampling, len(ids))
         kind = "chat.completion" if chat else "text_completion"
@@ -528,7 +581,9 @@ def _stream(events: AsyncIterator[bytes], job: _Job, release: Callable[[], None]
     return Stream(events, media_type="text/event-stream")
 
 
-def serve(artifact: Path, host: str, port: int, api_key: str | None, limits: Limits | None = None) -> int:
+def serve(
+    artifact: Path, host: str, port: int, api_key: str | None, limits: Limits | None = None, engine: str = "auto"
+) -> int:
     """Run the server until SIGINT or SIGTERM (uvicorn finishes in-flight requests, then exits)."""
     try:
         import uvicorn
@@ -537,6 +592,6 @@ def serve(artifact: Path, host: str, port: int, api_key: str | None, limits: Lim
     from . import load
 
     model = load(artifact)
-    server = Server(model, Path(artifact).resolve().name, limits or Limits(), api_key)
+    server = Server(model, Path(artifact).resolve().name, limits or Limits(), api_key, engine)
     uvicorn.run(server.app(), host=host, port=port, log_level="info", timeout_graceful_shutdown=30)
     return 0
