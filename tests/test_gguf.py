@@ -89,6 +89,20 @@ def test_the_runtime_generates_from_the_gguf_and_says_so(artifact: Path, capsys:
     assert "generating with llama.cpp" in capsys.readouterr().err
 
 
+def test_the_server_gives_concurrent_llama_cpp_streams_each_its_own_answer(artifact: Path) -> None:
+    """llama.cpp keeps one sequence: `serve --engine llama.cpp` serves streams one after another
+    (interleaved on one context they read each other's cache)."""
+    pytest.importorskip("llama_cpp")
+    pytest.importorskip("uvicorn")
+    from tests.test_serve import serving, streamed
+
+    model = runtime.load(artifact)
+    prompts = ["The capital of France is", "def mean(values):", "one two three one two", "Hello"]
+    expected = [model.generate(p, max_new_tokens=12, engine="llama.cpp") for p in prompts]
+    with serving(artifact, engine="llama.cpp") as url:
+        assert streamed(url, prompts, 12) == expected
+
+
 def _mistral(tiny_llama: Path, folder: Path) -> Path:
     """tiny_llama under an architecture the GGUF writer does not know."""
     import shutil

@@ -4,7 +4,6 @@ the KV cache it keeps, and generated from by the runtime."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import subprocess
 import sys
@@ -184,26 +183,12 @@ def test_the_server_batches_concurrent_streams_through_openvino_genai(artifact: 
     pytest.importorskip("uvicorn")
     httpx = pytest.importorskip("httpx")
     from optimize.runtime.serve import Limits, Server
-    from tests.test_serve import serving
+    from tests.test_serve import serving, streamed
 
     model = runtime.load(artifact)
     expected = [model.generate(p, max_new_tokens=20, engine="openvino-genai") for p in PROMPTS]
-
-    async def ask(client: object, prompt: str) -> str:
-        body = {"prompt": prompt, "max_tokens": 20, "temperature": 0, "stream": True}
-        text = []
-        async with client.stream("POST", "/v1/completions", json=body) as answer:  # type: ignore[attr-defined]
-            async for line in answer.aiter_lines():
-                if line.startswith("data: {"):
-                    text.append(json.loads(line[6:])["choices"][0]["text"])
-        return "".join(text)
-
-    async def many(url: str) -> list[str]:
-        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
-            return list(await asyncio.gather(*(ask(client, p) for p in PROMPTS + PROMPTS)))
-
     with serving(artifact, Limits(max_queue=8)) as url:
-        assert asyncio.run(many(url)) == expected + expected
+        assert streamed(url, PROMPTS + PROMPTS, 20) == expected + expected
         metrics = httpx.get(url + "/metrics").text
         steps = {
             line.split(" ")[0]: float(line.split(" ")[1])

@@ -27,12 +27,14 @@ pytest.importorskip("starlette")
 
 
 @contextlib.contextmanager
-def serving(artifact: Path, limits: Limits | None = None, api_key: str | None = None) -> Iterator[str]:
+def serving(
+    artifact: Path, limits: Limits | None = None, api_key: str | None = None, engine: str = "auto"
+) -> Iterator[str]:
     """A server on a free port of 127.0.0.1 in a thread, for the block; its base URL."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    server = Server(runtime.load(artifact), "tiny", limits or Limits(), api_key)
+    server = Server(runtime.load(artifact), "tiny", limits or Limits(), api_key, engine)
     config = uvicorn.Config(server.app(), host="127.0.0.1", port=port, log_level="warning")
     http = uvicorn.Server(config)
     thread = threading.Thread(target=http.run, daemon=True)
@@ -46,6 +48,25 @@ def serving(artifact: Path, limits: Limits | None = None, api_key: str | None = 
     finally:
         http.should_exit = True
         thread.join(10)
+
+
+def streamed(url: str, prompts: list[str], max_tokens: int) -> list[str]:
+    """Each prompt's greedy completion, all streamed at once from the server at `url`."""
+
+    async def ask(client: httpx.AsyncClient, prompt: str) -> str:
+        body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+        text = []
+        async with client.stream("POST", "/v1/completions", json=body) as answer:
+            async for line in answer.aiter_lines():
+                if line.startswith("data: {"):
+                    text.append(json.loads(line[6:])["choices"][0]["text"])
+        return "".join(text)
+
+    async def many() -> list[str]:
+        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            return list(await asyncio.gather(*(ask(client, p) for p in prompts)))
+
+    return asyncio.run(many())
 
 
 @pytest.fixture

@@ -297,14 +297,16 @@ class ContinuousBatching:
     server decodes with where OpenVINO GenAI is installed. Requests join and leave at any step; one
     `step()` advances every open request by a token, prefilling new prompts in the same pass, so
     concurrent streams share each read of the weights. The KV cache is paged, in OpenVINO's CPU
-    precision (u8, as the gate measured it), `cache_gb` of it; past `most` open sequences the
-    scheduler queues. Greedy tokens are LLMPipeline's (checked in test_openvino_genai)."""
+    precision the IR names (as the gate measured it), `cache_gb` of it, and blocks of a prompt
+    prefix another request already computed are reused; past `most` open sequences the scheduler
+    queues. Greedy tokens are LLMPipeline's (checked in test_openvino_genai)."""
 
     def __init__(self, folder: Path, threads: int | None, cache_gb: int = 1, most: int = 16):
         import openvino_genai
 
         scheduler = openvino_genai.SchedulerConfig()
         scheduler.cache_size, scheduler.max_num_seqs = cache_gb, most
+        scheduler.enable_prefix_caching = True  # a shared system prompt or chat history is prefilled once
         properties: dict[str, Any] = {"INFERENCE_NUM_THREADS": threads} if threads else {}
         self.genai, self.added = openvino_genai, 0
         self.pipeline = openvino_genai.ContinuousBatchingPipeline(str(folder), scheduler, "CPU", properties)

@@ -14,11 +14,11 @@ by length so padding is short, and the rows go back to their requests in order. 
 are batched by OpenVINO GenAI's continuous batching where the artifact has `openvino-genai/` and
 the package is installed (each step advances every open request a token; new prompts join the next
 step), or else interleaved a token at a time on that thread (every client streams while the others
-do); `--engine` chooses. A client that goes away is dropped at its next token. Past `max_queue`
-waiting requests the answer is 429 with Retry-After; longer than the model takes, 400; a body over
-`max_body` bytes, 413; over `timeout_s`, 504. Unknown request fields are ignored, wrong ones are a
-400 with an OpenAI-style error object; with an API key, a request without `Authorization: Bearer
-KEY` is a 401.
+do; llama.cpp, which keeps one sequence, serves them one after another); `--engine` chooses. A
+client that goes away is dropped at its next token. Past `max_queue` waiting requests the answer is
+429 with Retry-After; longer than the model takes, 400; a body over `max_body` bytes, 413; over
+`timeout_s`, 504. Unknown request fields are ignored, wrong ones are a 400 with an OpenAI-style
+error object; with an API key, a request without `Authorization: Bearer KEY` is a 401.
 """
 
 from __future__ import annotations
@@ -133,8 +133,16 @@ class Worker:
     batcher (every request it holds a token further), or one token of each open stream in turn, so
     no request waits for another's whole answer."""
 
-    def __init__(self, model: OnnxModel, limits: Limits, metrics: Metrics, batcher: ContinuousBatching | None = None):
+    def __init__(
+        self,
+        model: OnnxModel,
+        limits: Limits,
+        metrics: Metrics,
+        batcher: ContinuousBatching | None = None,
+        interleave: bool = True,
+    ):
         self.model, self.limits, self.metrics, self.batcher = model, limits, metrics, batcher
+        self.interleave = interleave  # False: one stream at a time, the next when it ends
         self.ends = model.ends()
         self.inbox: queue.Queue[_Job] = queue.Queue()
         self.waiting = 0  # requests not yet answered (bounded by limits.max_queue)
@@ -170,8 +178,9 @@ class Worker:
             if batched:
                 self._advance(batched)
                 time.sleep(0)
-            for job in list(streams):
-                if job.cancelled or not self._step(job):
+            streams = [j for j in streams if not j.cancelled]
+            for job in list(streams) if self.interleave else streams[:1]:
+                if not self._step(job):
                     streams.remove(job)
                 # onnxruntime-genai holds the GIL through a step: hand it to the event loop between
                 # steps, or tokens reach the client in bursts
@@ -273,7 +282,9 @@ class Server:
             engine = "openvino-genai" if "openvino-genai" in found else found[0]
         self.engine = model.generator(engine) if self.decoder or engine != "auto" else "auto"
         batcher = model.continuous_batching() if self.engine == "openvino-genai" else None
-        self.worker = Worker(model, limits, self.metrics, batcher)
+        # llama.cpp keeps one sequence per context: two streams interleaved on it would read each
+        # other's cache (measured: the first's answer changed); its streams take turns whole
+        self.worker = Worker(model, limits, self.metrics, batcher, interleave=self.engine != "llama.cpp")
         self.seq_len = int(model.tokenizer.seq_len)
         # The model thread pads and truncates with the model's tokenizer; counting on the event loop
         # uses its own (a tokenizer's padding settings are state).
