@@ -297,7 +297,8 @@ class ContinuousBatching:
     server decodes with where OpenVINO GenAI is installed. Requests join and leave at any step; one
     `step()` advances every open request by a token, prefilling new prompts in the same pass, so
     concurrent streams share each read of the weights. The KV cache is paged, in OpenVINO's CPU
-    precision the IR names (as the gate measured it), `cache_gb` of it, and blocks of a prompt
+    precision the IR names (as the gate measured it), `cache_gb` of it at most (its pages are
+    allocated as they are first used: the process grows to that and stays), and blocks of a prompt
     prefix another request already computed are reused; past `most` open sequences the scheduler
     queues. Greedy tokens are LLMPipeline's (checked in test_openvino_genai)."""
 
