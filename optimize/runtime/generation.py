@@ -331,7 +331,11 @@ class ContinuousBatching:
             for output in handle.read().values():
                 tokens += [int(t) for t in output.generated_ids]
         ended = next((i for i, t in enumerate(tokens) if t in eos), None)
-        return (tokens, done) if ended is None else (tokens[:ended], True)
+        if ended is None:
+            return tokens, done
+        if not done:  # an end of sequence it was not told of: its place is freed
+            handle.cancel()
+        return tokens[:ended], True
 
 
 class OpenVinoGenAIEngine:

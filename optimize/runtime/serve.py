@@ -173,7 +173,11 @@ class Worker:
                 self._embed(embeds)
             for job in jobs:
                 if job.prompt is not None and self.batcher is not None and not job.cancelled:
-                    job.handle = self.batcher.add(*job.prompt, self.ends)
+                    try:
+                        job.handle = self.batcher.add(*job.prompt, self.ends)
+                    except Exception as exc:  # the engine refused it: that request says so
+                        job.send(exc)
+                        continue
                     batched.append(job)
             if batched:
                 self._advance(batched)
