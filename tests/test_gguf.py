@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -85,6 +86,7 @@ def test_the_runtime_generates_from_the_gguf_and_says_so(artifact: Path, capsys:
     assert model.generators() == ["onnxruntime-genai", "llama.cpp"]
     genai = model.generate("The capital of France is", max_new_tokens=8, engine="onnxruntime-genai")
     assert model.generate("The capital of France is", max_new_tokens=8, engine="llama.cpp") == genai
+    assert model.engine("llama.cpp").llm.n_threads == os.cpu_count()  # as the gate ran it (not its half default)
     assert main([str(artifact), "generate", "--prompt", "Hi", "--engine", "llama.cpp", "--max-new-tokens", "2"]) == 0
     assert "generating with llama.cpp" in capsys.readouterr().err
 

@@ -5,6 +5,7 @@ the KV cache it keeps, and generated from by the runtime."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -211,3 +212,19 @@ def test_the_server_batches_concurrent_streams_through_openvino_genai(artifact: 
         assert again.status_code == 200 and again.json()["choices"][0]["text"] == expected[1]
     interleaved = Server(model, "tiny", Limits(), None, engine="onnxruntime-genai")
     assert interleaved.worker.batcher is None and interleaved.engine == "onnxruntime-genai"
+
+
+def test_a_folder_openvino_cannot_read_is_refused_in_one_line(artifact: Path, tmp_path: Path) -> None:
+    """What OpenVINO raises from C++ on a folder it cannot read (here a cut IR) is an ArtifactError
+    naming the engine and folder, which `generate` and `serve` print with exit 2."""
+    from optimize.runtime.generation import ContinuousBatching
+
+    folder = tmp_path / "openvino-genai"
+    shutil.copytree(artifact / "openvino-genai", folder)
+    xml = folder / "openvino_model.xml"
+    xml.write_bytes(xml.read_bytes()[:2000])
+    said = f"openvino-genai cannot load {folder}: .*Error parsing"
+    with pytest.raises(runtime.ArtifactError, match=said):
+        ContinuousBatching(folder, None)
+    with pytest.raises(runtime.ArtifactError, match=said):
+        OpenVinoGenAIEngine(folder, None).pipeline(lookup=False)

@@ -242,11 +242,15 @@ class OnnxModel:
         name = self.generator(engine)
         if name == "onnxruntime":
             return kv_loop(self._step, ids, sampling, ends)
+        return self.engine(name).tokens(ids, sampling, ends, speculate)
+
+    def engine(self, name: str) -> GenAIEngine | LlamaCppEngine | OpenVinoGenAIEngine:
+        """The engine `name` on its folder, loaded when first asked (an ArtifactError if it cannot)."""
         if name not in self._engines:
             folder = self.folder / ENGINE_FOLDERS[name]
             gpu = self.provider != "CPUExecutionProvider"
             self._engines[name] = open_engine(name, folder, self._threads, use_gpu=gpu)
-        return self._engines[name].tokens(ids, sampling, ends, speculate)
+        return self._engines[name]
 
     def ends(self) -> set[int]:
         """The end-of-sequence tokens (the config's)."""

@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(flush=True)
                 else:
                     print(json.dumps({"text": text, "generated": model.generate(text, **options)}), flush=True)
-    except ValueError as exc:  # the model does not do what was asked (e.g. generate on an encoder)
+    except (ArtifactError, ValueError) as exc:  # the model does not do what was asked, or its engine cannot load it
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

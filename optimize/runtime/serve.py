@@ -286,6 +286,8 @@ class Server:
             engine = "openvino-genai" if "openvino-genai" in found else found[0]
         self.engine = model.generator(engine) if self.decoder or engine != "auto" else "auto"
         batcher = model.continuous_batching() if self.engine == "openvino-genai" else None
+        if self.decoder and batcher is None and self.engine != "onnxruntime":
+            model.engine(self.engine)  # loaded now: a folder its engine cannot read stops the start, not a request
         # llama.cpp keeps one sequence per context: two streams interleaved on it would read each
         # other's cache (measured: the first's answer changed); its streams take turns whole
         self.worker = Worker(model, limits, self.metrics, batcher, interleave=self.engine != "llama.cpp")
