@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         choices=["auto", "onnxruntime-genai", "openvino-genai", "llama.cpp", "onnxruntime"],
         help="generate, serve: what runs the model (auto: of onnxruntime-genai, openvino-genai on openvino-genai/ "
         "and llama.cpp on gguf/model.gguf, the fastest the recipe measured that is installed here; serve: "
-        "openvino-genai first, its continuous batching serves concurrent streams together)",
+        "openvino-genai first, its continuous batching serves concurrent streams together; llama.cpp decodes one "
+        "stream fastest and serves streams one after another)",
     )
     parser.add_argument("--host", default="127.0.0.1", help="serve: the address to listen on")
     parser.add_argument("--port", type=int, default=8000, help="serve: the port")
