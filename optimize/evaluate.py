@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from optimize import costs, projection, runtime, tasks
+from optimize import costs, memory, projection, runtime, tasks
 from optimize.gguf_format import GgufModel
 from optimize.model import ModelHandle, load_torch
 from optimize.openvino_genai import OpenVinoDecoder
@@ -45,6 +45,7 @@ class TorchModel:
             for n in ("input_ids", "attention_mask", "token_type_ids")
             if n in inspect.signature(self.model.forward).parameters
         ]
+        self.caches = "use_cache" in inspect.signature(self.model.forward).parameters
         self.provider = "torch-cpu"
         self.projection = projection.read(handle.checkpoint) if tasks.embeds(handle.task) else None
         self.pooling = runtime.Pooling.of(handle.checkpoint)
@@ -52,8 +53,11 @@ class TorchModel:
     def run(self, inputs: Inputs) -> np.ndarray:
         import torch
 
+        feeds: dict[str, Any] = {n: torch.from_numpy(inputs[n]) for n in self.input_names}
+        if self.caches:
+            feeds["use_cache"] = False  # a window's keys and values are not read again: not kept
         with torch.inference_mode():
-            out = self.model(**{n: torch.from_numpy(inputs[n]) for n in self.input_names})
+            out = self.model(**feeds)
         first = np.asarray(out[0].float().numpy())
         return first if self.projection is None else projection.apply(first, self.projection)
 
@@ -289,6 +293,7 @@ class Evaluator:
         engine = handle.engine if handle.onnx_path or handle.engine != "onnxruntime" else "torch"
         with costs.step(f"measure {handle.checkpoint.name} ({engine})"):
             result = self._measure(handle)
+            memory.release()  # the model measured is dropped: its memory goes back before the next step
         if key is not None:
             self._cache[key] = result
         return result

@@ -9,6 +9,9 @@ measured have none and are not estimated.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -83,3 +86,14 @@ def check(checkpoint: Path, stages: Sequence[Estimated], force: bool) -> None:
         f"stage (measured peaks, optimize/stages/{kind}.py), and this machine has {have / 1024:.1f} GiB "
         "available. Try a machine with more memory, a smaller model, or --force to try anyway"
     )
+
+
+def release() -> None:
+    """Give memory the run has let go of back to the system: collect cycles (a torch model's modules
+    refer to each other, so dropping it frees nothing until then), then have glibc return its free
+    heap (tensors under its mmap threshold, 32 MB, are freed into the heap and kept there otherwise).
+    Measured after a 0.33B reference: 1,329 MB held when dropped, 1,233 after collecting, 492 after
+    trimming. Elsewhere than glibc, collecting only."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)

@@ -4,6 +4,7 @@ dies reported as what it is (exit 4), never as a traceback."""
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import struct
@@ -100,12 +101,13 @@ def test_a_killed_builder_is_reported_as_killed_with_exit_4(
 
 
 def test_the_lean_loader_fills_the_model_transformers_loads_and_steps_aside_when_names_differ(
-    tiny_llama: Path, tmp_path: Path
+    tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import torch
     from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM
 
+    from optimize import model
     from optimize.model import lean_torch
 
     ids = torch.tensor([list(range(3, 40))])
@@ -114,8 +116,22 @@ def test_the_lean_loader_fills_the_model_transformers_loads_and_steps_aside_when
     with torch.inference_mode():
         expected = AutoModelForCausalLM.from_pretrained(tiny_llama, attn_implementation="eager").eval()(ids).logits
         assert torch.equal(lean.eval()(ids).logits, expected)
+    weights = load_file(tiny_llama / "model.safetensors")
+    half = tmp_path / "bf16"  # kept in bf16, computed in fp32: transformers' fp32 load of it, exactly
+    shutil.copytree(tiny_llama, half)
+    save_file({k: v.bfloat16() for k, v in weights.items()}, half / "model.safetensors")
+    lean = lean_torch(AutoModelForCausalLM, half)
+    assert lean is not None
+    stored = {p.dtype for p in lean.parameters() if p.dim() == 2}
+    with torch.inference_mode():
+        wide = AutoModelForCausalLM.from_pretrained(half, attn_implementation="eager", dtype=torch.float32).eval()
+        assert stored == {torch.bfloat16} and {p.dtype for p in wide.parameters()} == {torch.float32}
+        assert torch.equal(lean.eval()(ids).logits, wide(ids).logits)
+        monkeypatch.setattr(model, "WIDENED_ROWS", 7)  # a head wider than that: widened 7 rows at a time
+        sliced = lean_torch(AutoModelForCausalLM, half)
+        assert sliced is not None and isinstance(sliced.lm_head.forward, functools.partial)
+        torch.testing.assert_close(sliced.eval()(ids).logits, wide(ids).logits, rtol=1e-6, atol=1e-6)
     renamed = tmp_path / "renamed"  # names transformers maps (a prefix) but the lean loader does not know
     shutil.copytree(tiny_llama, renamed)
-    weights = load_file(renamed / "model.safetensors")
     save_file({"base." + k: v for k, v in weights.items()}, renamed / "model.safetensors")
     assert lean_torch(AutoModelForCausalLM, renamed) is None
