@@ -58,12 +58,12 @@ def _eight_b(folder: Path, tiny_llama: Path) -> tuple[Path, int]:
 def test_an_8b_checkpoint_is_refused_from_its_header_with_the_estimate(
     tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(memory, "available_mb", lambda: 24 * 1024.0)  # this machine's, whatever runs the test
+    monkeypatch.setattr(memory, "available_mb", lambda: 12 * 1024.0)  # a 16 GB machine's, whatever runs the test
     checkpoint, count = _eight_b(tmp_path / "llama-8b", tiny_llama)
     assert memory.parameters(checkpoint) == count and 8.0e9 < count < 8.1e9
     need, kind = memory.estimate_mb(checkpoint, [genai.GenAIStage()])  # type: ignore[misc]
     base, per_byte = genai.GenAIStage().peak_memory()
-    assert kind == "genai" and need == pytest.approx(base + per_byte * count * 2 / 2**20) and need > 24 * 1024
+    assert kind == "genai" and need == pytest.approx(base + per_byte * count * 2 / 2**20) and need > 12 * 1024
     recipe = write_recipe(tmp_path, [{"kind": "genai"}], model=str(checkpoint))
     result = CliRunner().invoke(app, ["run", str(recipe), "-o", str(tmp_path / "out")])
     assert result.exit_code == 2, result.output
