@@ -36,7 +36,7 @@ class TorchModel:
         import torch
 
         torch.set_num_threads(threads())
-        self.model = load_torch(handle, lean=True)  # the reference: one fp32 copy, nothing beside it
+        self.model = load_torch(handle, lean=True)  # the reference: one copy, a 16-bit checkpoint kept in 16 bits
         self.tokenizer = runtime.Tokenizer(
             handle.checkpoint / "tokenizer.json", runtime.model_seq_len(handle.checkpoint, seq_len)
         )

@@ -356,9 +356,10 @@ def _artifact_engine(folder: Path) -> str:
 
 
 def load_torch(model: ModelHandle, lean: bool = False) -> torch.nn.Module:
-    """The checkpoint in torch (fp32, eval mode). `lean`: built empty and filled a tensor at a time
-    from plain reads (`lean_torch`), where transformers' loader holds the mapped file beside the
-    fp32 copy (1.5 times the fp32 model at its peak); the same weights either way."""
+    """The checkpoint in torch (computed in fp32, eval mode). `lean`: built empty and filled a tensor
+    at a time from plain reads (`lean_torch`, 16-bit weights kept in 16 bits), where transformers'
+    loader holds the mapped file beside the fp32 copy (1.5 times the fp32 model at its peak); the
+    same logits either way."""
     import transformers
 
     auto = getattr(transformers, tasks.TASKS[model.task].auto_class)
@@ -427,7 +428,7 @@ def lean_torch(auto: Any, checkpoint: Path) -> torch.nn.Module | None:
     import transformers
     from transformers.modeling_utils import no_init_weights
 
-    from optimize.safetensors_files import chunks, header, read_float
+    from optimize.safetensors_files import header, read_float, read_into
 
     files = sorted(checkpoint.glob("*.safetensors"))
     if not files:
@@ -451,10 +452,7 @@ def lean_torch(auto: Any, checkpoint: Path) -> torch.nn.Module | None:
             if leaf == "weight" and isinstance(layer, Widenable) and entry["dtype"] in narrow:
                 shape = [int(d) for d in entry["shape"]]  # type: ignore[attr-defined]
                 kept = torch.empty(shape, dtype=narrow[str(entry["dtype"])])
-                flat, at = kept.view(torch.uint8).numpy().reshape(-1), 0
-                for piece in chunks(path, start, entry):
-                    flat[at : at + len(piece)] = np.frombuffer(piece, dtype=np.uint8)
-                    at += len(piece)
+                read_into(path, start, entry, kept.view(torch.uint8).numpy().reshape(-1))
                 layer.weight = torch.nn.Parameter(kept, requires_grad=False)
             else:
                 module.load_state_dict({name: torch.from_numpy(np.array(read_float(path, start, entry)))}, strict=False)

@@ -1,6 +1,6 @@
 """Reading safetensors files without mapping them: the header (names, dtypes, shapes, offsets), a
-tensor's bytes in pieces, and a float tensor widened to fp32. What the memory estimate, the
-pre-quantizer and the lean reference loader read checkpoints with, a tensor at a time."""
+tensor's bytes in pieces or into a buffer, and a float tensor widened to fp32. What the memory
+estimate, the pre-quantizer and the lean reference loader read checkpoints with, a tensor at a time."""
 
 from __future__ import annotations
 
@@ -39,6 +39,14 @@ def chunks(path: Path, start: int, entry: dict[str, object]) -> Iterator[bytes]:
             piece = handle.read(min(BLOB, left))
             left -= len(piece)
             yield piece
+
+
+def read_into(path: Path, start: int, entry: dict[str, object], buffer: np.ndarray) -> None:
+    """A tensor's bytes as stored, into `buffer` (uint8, exactly its size): no copy beside it."""
+    at = 0
+    for piece in chunks(path, start, entry):
+        buffer[at : at + len(piece)] = np.frombuffer(piece, dtype=np.uint8)
+        at += len(piece)
 
 
 def copy(path: Path, start: int, entry: dict[str, object], sink: IO[bytes]) -> None:
