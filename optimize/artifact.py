@@ -157,6 +157,8 @@ SERVE_REQUIREMENTS = (
     "uvicorn>=0.30,<1",
     "prometheus-client>=0.20,<1",
     "jinja2>=3.1,<4  # chat templates",
+    "uvloop>=0.19,<1; sys_platform != 'win32'  # the event loop and HTTP parser uvicorn takes when installed",
+    "httptools>=0.6,<1",
 )
 OPENVINO_GENAI_REQUIREMENTS = (
     "# openvino-genai/ for `generate --engine openvino-genai`: the release of the openvino installed",

@@ -125,6 +125,16 @@ def test_concurrent_embedding_requests_are_batched_and_each_gets_its_own_rows(en
     assert 'optimize_requests_total{endpoint="embeddings",status="200"} 24.0' in metrics
 
 
+def test_a_request_alone_does_not_wait_for_others_to_batch_with(encoder: Path) -> None:
+    with serving(encoder, Limits(batch_wait_ms=2000)) as url:
+        httpx.post(url + "/v1/embeddings", json={"input": "warm up"})
+        start = time.perf_counter()
+        answer = httpx.post(url + "/v1/embeddings", json={"input": "a sentence on its own"}, timeout=30)
+        took = time.perf_counter() - start
+    assert answer.status_code == 200, answer.text
+    assert took < 1.0, f"{took:.2f} s: it waited for a batch nobody else was in"
+
+
 def test_completion_and_chat_match_the_runtime_streamed_or_not(decoder: Path) -> None:
     model = runtime.load(decoder)
     expected = model.generate("the model", max_new_tokens=12)
