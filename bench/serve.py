@@ -369,8 +369,9 @@ def main() -> None:
     parser.add_argument("--slo-ms", type=float, default=None, help="goodput counts answers within this (50 / 5000)")
     parser.add_argument(
         "--infinity",
-        help="the infinity_emb command, e.g. in its own venv (pip install 'infinity-emb[server,optimum,torch]==0.0.78' "
-        "'transformers<4.49' 'datasets<3.3' 'pyarrow<20'); default: the one on PATH",
+        help="the infinity_emb command, e.g. in its own venv (pip install torch==2.13.0, then pip install "
+        "'infinity-emb[server,optimum,torch]==0.0.78' 'transformers<4.49' 'datasets<3.3' 'pyarrow<20' "
+        "'optimum==1.26.1', pip uninstall optimum-onnx); default: the one on PATH",
     )
     parser.add_argument(
         "--llama-server",
