@@ -249,18 +249,18 @@ class Posts:
 def run_levels(url: str, model: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     import httpx
 
-    def client() -> Any:  # embeddings through aiohttp (light on the shared cores); streams through httpx
+    def connect() -> Any:  # embeddings through aiohttp (light on the shared cores); streams through httpx
         if args.mode == "embeddings":
             return Posts(url)
         limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
         return httpx.AsyncClient(base_url=url + "/v1", timeout=300, limits=limits)
 
     async def level(concurrency: int | None) -> dict[str, Any]:
-        async with client() as posts:
+        async with connect() as client:
             if args.mode == "embeddings":
-                send = embedding_sender(posts, model, await embeddings_of(posts, model))
+                send = embedding_sender(client, model, await embeddings_of(client, model))
             else:
-                send = generation_sender(posts, model, args.max_tokens)
+                send = generation_sender(client, model, args.max_tokens)
             await send(0)  # warm-up
             start = time.perf_counter()
             if concurrency is None:
