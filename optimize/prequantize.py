@@ -17,14 +17,19 @@ explicit zero points cost about 17% of decode speed on AVX2.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
-from optimize.safetensors_files import FLOATS, copy, header, read_float
+from optimize.safetensors_files import FLOATS, copy, header, read_float_transposed
 
+WORKERS = os.cpu_count() or 1
 LINEAR = re.compile(r"^model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight$")
 
 
@@ -40,8 +45,6 @@ def applies(checkpoint: Path, block_size: int) -> bool:
 def write(checkpoint: Path, out: Path, block_size: int) -> None:
     """`checkpoint`'s linear weights at 4 bits, symmetric, in blocks of `block_size` into `out`
     (one model.safetensors, config.json with its quantization_config, the other files copied)."""
-    from onnxruntime.capi._pybind_state import quantize_matmul_4bits
-
     out.mkdir(parents=True, exist_ok=True)
     planned: dict[str, dict[str, object]] = {}  # the output's header, in the order tensors are written
     sources: list[tuple[Path, int, str, dict[str, object]]] = []
@@ -69,21 +72,16 @@ def write(checkpoint: Path, out: Path, block_size: int) -> None:
                 plan(name, str(entry["dtype"]), shape, last - first)
     text = json.dumps({"__metadata__": {"format": "pt"}, **planned}, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
-    with (out / "model.safetensors").open("wb") as sink:
+
+    linear = [(path, start, entry) for path, start, name, entry in sources if LINEAR.match(name)]
+    with ThreadPoolExecutor(WORKERS) as pool, (out / "model.safetensors").open("wb") as sink:
+        quantized = _in_order(pool, linear, block_size)
         sink.write(len(text).to_bytes(8, "little") + text)
         for path, start, name, entry in sources:
             if not LINEAR.match(name):
                 copy(path, start, entry, sink)
                 continue
-            weight = np.ascontiguousarray(read_float(path, start, entry).T)  # (K, N), as MatMul reads it
-            k, n = weight.shape
-            blocks = -(-k // block_size)
-            packed = np.zeros((n, blocks, block_size // 2), dtype=np.uint8)
-            scales = np.zeros((n, blocks), dtype=np.float32)
-            zeros = np.zeros((n, (blocks + 1) // 2), dtype=np.uint8)
-            quantize_matmul_4bits(packed, weight, scales, zeros, block_size, n, k, True)
-            zeros[:] = 0x88  # 8 in both nibbles: what MatMulNBits assumes without zero points
-            for array in (packed, scales, zeros):
+            for array in next(quantized):
                 sink.write(array.tobytes())
     config = json.loads((checkpoint / "config.json").read_text())
     config.pop("torch_dtype", None)
@@ -92,6 +90,39 @@ def write(checkpoint: Path, out: Path, block_size: int) -> None:
     for path in checkpoint.iterdir():
         if path.is_file() and path.name != "config.json" and not path.name.endswith((".safetensors", ".index.json")):
             shutil.copyfile(path, out / path.name)
+
+
+Source = tuple[Path, int, dict[str, object]]  # a file, where its data starts, a tensor's header entry
+
+
+def _in_order(pool: ThreadPoolExecutor, linear: list[Source], block_size: int) -> Iterator[list[np.ndarray]]:
+    """Each linear weight quantized (`_quantized`), in order, by the pool's threads at once
+    (onnxruntime's quantizer and numpy's copies let go of the GIL), at most WORKERS + 1 ahead of
+    the writer, so that no more than a few weights are held in fp32."""
+    ahead: deque[Future[list[np.ndarray]]] = deque()
+    queued = iter(linear)
+    while True:
+        while len(ahead) <= WORKERS and (following := next(queued, None)) is not None:
+            ahead.append(pool.submit(_quantized, following, block_size))
+        if not ahead:
+            return
+        yield ahead.popleft().result()
+
+
+def _quantized(source: Source, block_size: int) -> list[np.ndarray]:
+    """One Linear weight at 4 bits, symmetric, as MatMulNBits reads it: its packed nibbles, scales
+    and zero points (all 8), from onnxruntime's own blockwise quantizer."""
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits
+
+    weight = read_float_transposed(*source)  # (K, N), as MatMul reads it
+    k, n = weight.shape
+    blocks = -(-k // block_size)
+    packed = np.zeros((n, blocks, block_size // 2), dtype=np.uint8)
+    scales = np.zeros((n, blocks), dtype=np.float32)
+    zeros = np.zeros((n, (blocks + 1) // 2), dtype=np.uint8)
+    quantize_matmul_4bits(packed, weight, scales, zeros, block_size, n, k, True)
+    zeros[:] = 0x88  # 8 in both nibbles: what MatMulNBits assumes without zero points
+    return [packed, scales, zeros]
 
 
 def drop_zero_points(model_path: Path) -> int:

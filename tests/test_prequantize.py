@@ -61,3 +61,18 @@ def test_checkpoints_the_writer_cannot_read_go_to_the_builder_as_they_are(tiny_l
     assert not Candidate(precision="int4", symmetric=False).prequantized("cpu")
     assert not Candidate(precision="int4", int8=["last_matmul"]).prequantized("cpu")
     assert not Candidate(precision="int4").prequantized("cuda")
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_a_weight_is_read_widened_and_transposed_band_by_band_exactly(dtype, tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from optimize.safetensors_files import ROWS, header, read_float_transposed
+
+    weight = torch.randn(ROWS * 2 + 17, 48).to(getattr(torch, dtype))  # three bands, the last one short
+    save_file({"w": weight}, tmp_path / "w.safetensors")
+    tensors, start = header(tmp_path / "w.safetensors")
+    read = read_float_transposed(tmp_path / "w.safetensors", start, tensors["w"])
+    assert read.dtype == np.float32 and read.flags.c_contiguous
+    assert np.array_equal(read, weight.float().T.numpy())
