@@ -37,16 +37,28 @@ def chunks(path: Path, start: int, entry: dict[str, object]) -> Iterator[bytes]:
         left = last - first
         while left:
             piece = handle.read(min(BLOB, left))
+            if not piece:
+                raise _truncated(path)
             left -= len(piece)
             yield piece
 
 
 def read_into(path: Path, start: int, entry: dict[str, object], buffer: np.ndarray) -> None:
-    """A tensor's bytes as stored, into `buffer` (uint8, exactly its size): no copy beside it."""
-    at = 0
-    for piece in chunks(path, start, entry):
-        buffer[at : at + len(piece)] = np.frombuffer(piece, dtype=np.uint8)
-        at += len(piece)
+    """A tensor's bytes as stored, into `buffer` (uint8, exactly its size): read straight into it,
+    no copy beside it (a 1.04B model's weights: 0.4 to 0.6 s so, 0.85 to 1.4 through pieces copied in)."""
+    first, _ = (int(x) for x in entry["data_offsets"])  # type: ignore[attr-defined]
+    view, at = memoryview(buffer.data).cast("B"), 0
+    with path.open("rb", buffering=0) as handle:
+        handle.seek(start + first)
+        while at < len(view):
+            got = handle.readinto(view[at : at + BLOB])
+            if not got:
+                raise _truncated(path)
+            at += got
+
+
+def _truncated(path: Path) -> UsageError:
+    return UsageError(f"model {path}: the file ends before the tensors its header lists (cut short while copied?)")
 
 
 def copy(path: Path, start: int, entry: dict[str, object], sink: IO[bytes]) -> None:

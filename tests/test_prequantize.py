@@ -76,3 +76,16 @@ def test_a_weight_is_read_widened_and_transposed_band_by_band_exactly(dtype, tmp
     read = read_float_transposed(tmp_path / "w.safetensors", start, tensors["w"])
     assert read.dtype == np.float32 and read.flags.c_contiguous
     assert np.array_equal(read, weight.float().T.numpy())
+
+
+def test_a_checkpoint_cut_short_is_bad_input_not_a_hang(tiny_llama, tmp_path):
+    from optimize.errors import UsageError
+    from optimize.safetensors_files import header, read_float_transposed
+
+    cut = tmp_path / "model.safetensors"
+    data = (tiny_llama / "model.safetensors").read_bytes()
+    cut.write_bytes(data[: len(data) // 2])
+    tensors, start = header(cut)
+    last = max(tensors.values(), key=lambda e: e["data_offsets"][1])
+    with pytest.raises(UsageError, match="ends before the tensors"):
+        read_float_transposed(cut, start, last)
