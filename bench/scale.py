@@ -30,9 +30,13 @@ SHAPES = {
 
 
 def make(billions: float, folder: Path) -> Path:
-    """A random Llama of that shape saved in bf16 with SmolLM2's tokenizer (made once)."""
+    """A random Llama of that shape in bf16 with SmolLM2's tokenizer (made once), written a tensor
+    at a time (an 8B model made whole in torch and then saved would hold it twice): transformers'
+    own initialization, normal(0, 0.02) weights and unit norms, in bf16."""
     if (folder / "config.json").is_file():
         return folder
+    import json
+
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -45,13 +49,30 @@ def make(billions: float, folder: Path) -> Path:
         num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=2048, tie_word_embeddings=True,
         torch_dtype="bfloat16",
     )  # fmt: skip
-    torch.manual_seed(0)
-    torch.set_default_dtype(torch.bfloat16)  # made in bf16: an fp32 copy of a 3B model is 12 GB
-    try:
-        model = LlamaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(torch.float32)
-    model.save_pretrained(folder, safe_serialization=True)
+    with torch.device("meta"):  # the shapes only
+        shapes = {name: list(t.shape) for name, t in LlamaForCausalLM(config).state_dict().items()}
+    shapes.pop("lm_head.weight")  # tied to the embedding, as save_pretrained leaves it out
+    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, shape in shapes.items():
+        size = 2 * int(torch.tensor(shape).prod())
+        header[name] = {"dtype": "BF16", "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    folder.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(0)
+    with (folder / "model.safetensors").open("wb") as sink:
+        sink.write(len(raw).to_bytes(8, "little") + raw)
+        for name, shape in shapes.items():
+            if name.endswith("norm.weight"):
+                sink.write(torch.ones(shape, dtype=torch.bfloat16).view(torch.int16).numpy().tobytes())
+                continue
+            for start in range(0, shape[0], 1024):  # rows at a time
+                rows = [min(1024, shape[0] - start), *shape[1:]]
+                part = (torch.randn(rows, generator=generator) * config.initializer_range).bfloat16()
+                sink.write(part.view(torch.int16).numpy().tobytes())
+    config.save_pretrained(folder)
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
         if (tokenizer / name).is_file():
             (folder / name).write_bytes((tokenizer / name).read_bytes())

@@ -29,6 +29,8 @@ class Estimated(Protocol):
 
     def peak_memory(self) -> tuple[float, float] | None: ...
 
+    def lower_memory(self) -> str: ...
+
 
 def parameters(checkpoint: Path) -> int:
     """The number of weights in the checkpoint's safetensors files, from their headers alone."""
@@ -40,23 +42,42 @@ def parameters(checkpoint: Path) -> int:
     return count
 
 
-def available_mb() -> float:
-    """Memory this process can still take: MemAvailable, or the cgroup's limit less its use if lower."""
+def available_mb(proc: Path = Path("/proc"), cgroups: Path = Path("/sys/fs/cgroup")) -> float:
+    """Memory this process can still take: MemAvailable, or less where its memory cgroup (a
+    container's limit: cgroup v2's memory.max, v1's memory.limit_in_bytes) leaves less."""
     found = float("inf")
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
+        for line in (proc / "meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
                 found = int(line.split()[1]) / 1024
     except OSError:
         pass
-    try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
-        if limit != "max":
+    for limit_file, used_file in _cgroup_files(proc, cgroups):
+        try:
+            limit, used = limit_file.read_text().strip(), int(used_file.read_text())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit() and int(limit) < 2**62:  # v2 says "max" for no limit, v1 a number near 2**63
             found = min(found, (int(limit) - used) / 2**20)
+    return found
+
+
+def _cgroup_files(proc: Path, cgroups: Path) -> list[tuple[Path, Path]]:
+    """The (limit, usage) files of this process's memory cgroup, v2 and v1: at the mount's root (what
+    a container with its own cgroup namespace sees) and at the path /proc/self/cgroup names."""
+    v2, v1 = [cgroups], [cgroups / "memory"]
+    try:
+        for line in (proc / "self" / "cgroup").read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            if not controllers:
+                v2.append(cgroups / path.lstrip("/"))
+            elif "memory" in controllers.split(","):
+                v1.append(cgroups / "memory" / path.lstrip("/"))
     except (OSError, ValueError):
         pass
-    return found
+    return [(d / "memory.max", d / "memory.current") for d in v2] + [
+        (d / "memory.limit_in_bytes", d / "memory.usage_in_bytes") for d in v1
+    ]
 
 
 def estimate_mb(checkpoint: Path, stages: Sequence[Estimated]) -> tuple[float, str] | None:
@@ -81,10 +102,11 @@ def check(checkpoint: Path, stages: Sequence[Estimated], force: bool) -> None:
     if need <= have:
         return
     billions = parameters(checkpoint) / 1e9
+    advice = "".join(s.lower_memory() for s in stages if s.kind == kind)
     raise UsageError(
         f"model {checkpoint} ({billions:.2f}B parameters) needs about {need / 1024:.1f} GiB for the {kind} "
         f"stage (measured peaks, optimize/stages/{kind}.py), and this machine has {have / 1024:.1f} GiB "
-        "available. Try a machine with more memory, a smaller model, or --force to try anyway"
+        f"available. {advice}Try a machine with more memory, a smaller model, or --force to try anyway"
     )
 
 

@@ -135,3 +135,49 @@ def test_the_lean_loader_fills_the_model_transformers_loads_and_steps_aside_when
     shutil.copytree(tiny_llama, renamed)
     save_file({"base." + k: v for k, v in weights.items()}, renamed / "model.safetensors")
     assert lean_torch(AutoModelForCausalLM, renamed) is None
+
+
+@pytest.mark.parametrize(
+    ("cgroup", "files", "expected"),
+    [
+        ("0::/job\n", {"job/memory.max": "4294967296", "job/memory.current": "1073741824"}, 3072.0),
+        ("0::/job\n", {"job/memory.max": "max", "job/memory.current": "1073741824"}, 20480.0),
+        ("4:memory:/box\n0::/\n", {"memory/box/memory.limit_in_bytes": "8589934592",
+                                   "memory/box/memory.usage_in_bytes": "1073741824"}, 7168.0),
+        ("4:memory:/box\n", {"memory/box/memory.limit_in_bytes": "9223372036854771712",
+                             "memory/box/memory.usage_in_bytes": "1073741824"}, 20480.0),
+        ("4:memory:/docker/x\n", {"memory/memory.limit_in_bytes": "2147483648",  # a container's own, at the root
+                                  "memory/memory.usage_in_bytes": "0"}, 2048.0),
+    ],
+)  # fmt: skip
+def test_what_is_available_is_the_containers_limit_where_its_cgroup_has_one(
+    tmp_path: Path, cgroup: str, files: dict[str, str], expected: float
+) -> None:
+    proc, cgroups = tmp_path / "proc", tmp_path / "cgroup"
+    (proc / "self").mkdir(parents=True)
+    (proc / "meminfo").write_text("MemTotal: 25165824 kB\nMemAvailable: 20971520 kB\n")
+    (proc / "self" / "cgroup").write_text(cgroup)
+    for name, text in files.items():
+        (cgroups / name).parent.mkdir(parents=True, exist_ok=True)
+        (cgroups / name).write_text(text + "\n")
+    assert memory.available_mb(proc, cgroups) == expected
+
+
+def test_a_refusal_says_what_in_the_recipe_needs_less(
+    tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from optimize.errors import UsageError
+
+    monkeypatch.setattr(memory, "available_mb", lambda: 12 * 1024.0)
+    checkpoint, count = _eight_b(tmp_path / "llama-8b", tiny_llama)
+    builders = genai.GenAIStage.model_validate({"candidates": [{"precision": "int4", "algorithm": "rtn"}]})
+    with pytest.raises(UsageError) as refused:
+        memory.check(checkpoint, [builders], force=False)
+    base, per_mb = genai.BUILDER_PEAK
+    said = str(refused.value)
+    assert f"needs about {(base + per_mb * count * 2 / 2**20) / 1024:.1f} GiB" in said
+    assert "with candidates: [{precision: int4}] alone" in said and "--force" in said
+    with pytest.raises(UsageError) as refused:  # the default candidate: nothing in the recipe needs less
+        memory.check(checkpoint, [genai.GenAIStage()], force=False)
+    assert "candidates" not in str(refused.value)
+    memory.check(checkpoint, [builders], force=True)  # --force: tried anyway

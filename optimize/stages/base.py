@@ -61,6 +61,10 @@ class StageBase(BaseModel):
         anything loads. None: not measured."""
         return None
 
+    def lower_memory(self) -> str:
+        """What in this stage's config would need less memory, said when a run is refused ('': nothing)."""
+        return ""
+
     def check_input(self, model: ModelHandle, base_dir: Path) -> None:
         """Raise `UsageError` for what this stage cannot do with the recipe's model (read from its
         config, no weights loaded): called before the reference is measured."""

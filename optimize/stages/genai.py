@@ -50,6 +50,9 @@ KEPT = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_co
 # about 600 MB beside it: the line through the upper two, raised by that. (The fp32 reference
 # peaked at 2,335, 5,087 and 11,808.)
 PREQUANTIZED_PEAK = (2150.0, 0.95)
+# The builder's own quantization, from the float checkpoint: 0.33B (636 MB bf16) peaked at 3,563 MB,
+# 1.04B (1,992 MB) at 9,706 MB, the builder's peak both times (a 2.77B one was killed at 23,761 MB).
+BUILDER_PEAK = (682.0, 4.53)
 
 
 class Candidate(BaseModel):
@@ -168,13 +171,21 @@ class GenAIStage(StageBase):
     )
 
     def peak_memory(self) -> tuple[float, float]:
-        # bench/scale.py here (one-stage int4 recipe, --no-cache, /usr/bin/time -v, random Llamas).
-        # The builder's own quantization: 0.33B (636 MB bf16) peaked at 3,563 MB, 1.04B (1,992 MB)
-        # at 9,706 MB, the builder's peak both times (a 2.77B one was killed at 23,761 MB). Quantized
-        # here first (optimize/prequantize.py): PREQUANTIZED_PEAK.
+        # bench/scale.py here (one-stage int4 recipe, --no-cache, /usr/bin/time -v, random Llamas):
+        # quantized here first (optimize/prequantize.py), PREQUANTIZED_PEAK; else BUILDER_PEAK.
         if all(c.prequantized(self.target) for c in self.candidates):
             return PREQUANTIZED_PEAK
-        return (682.0, 4.53)
+        return BUILDER_PEAK
+
+    def lower_memory(self) -> str:
+        if all(c.prequantized(self.target) for c in self.candidates):
+            return ""
+        base, per_mb = PREQUANTIZED_PEAK
+        return (
+            "The builder quantizes all but the default int4 candidate from an fp32 copy of the model; with "
+            "candidates: [{precision: int4}] alone (quantized here a tensor at a time) it needs about "
+            f"{base:,.0f} MB + {per_mb} x the bf16 checkpoint. "
+        )
 
     def check_input(self, model: ModelHandle, base_dir: Path) -> None:
         if model.task != tasks.GENERATION:
