@@ -72,6 +72,7 @@ def make(billions: float, folder: Path) -> Path:
                 rows = [min(1024, shape[0] - start), *shape[1:]]
                 part = (torch.randn(rows, generator=generator) * config.initializer_range).bfloat16()
                 sink.write(part.view(torch.int16).numpy().tobytes())
+    config.architectures = ["LlamaForCausalLM"]  # what save_pretrained writes, and the builder reads
     config.save_pretrained(folder)
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
         if (tokenizer / name).is_file():

@@ -252,3 +252,19 @@ def test_sampling_with_drafts_draws_from_the_distribution_plain_sampling_draws_f
     assert kept >= 10  # drafts were checked and kept while sampling
     assert min(p_values(ours, plain)) > 1e-3
     assert min(p_values(ours, draws(0.01, False)[0])) < 1e-3  # a sharper distribution is told apart
+
+
+def test_a_checkpoint_that_names_no_architecture_is_refused_before_the_reference_is_measured(tiny_llama, tmp_path):
+    import shutil
+
+    folder = tmp_path / "nameless"
+    shutil.copytree(tiny_llama, folder)
+    config = json.loads((folder / "config.json").read_text())
+    del config["architectures"]  # a config saved on its own (LlamaConfig.save_pretrained), not by the model
+    (folder / "config.json").write_text(json.dumps(config))
+    recipe = write_recipe(tmp_path, [{"kind": "genai"}], model=str(folder))
+    result = CliRunner().invoke(app, ["run", str(recipe), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    said = " ".join(result.output.split())
+    assert "names no `architectures`" in said and "Traceback" not in said and "reference" not in said
+    assert not (tmp_path / "out").exists()

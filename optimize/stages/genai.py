@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from optimize import costs, memory, prequantize, tasks
 from optimize.errors import ResourceError, UsageError
-from optimize.model import ModelHandle
+from optimize.model import ModelHandle, read_config
 from optimize.runtime import Tokenizer
 from optimize.runtime.generation import Sampling, open_engine
 from optimize.runtime.manifest import GateResult, JsonObject, RuntimeSettings
@@ -193,6 +193,12 @@ class GenAIStage(StageBase):
         if model.is_onnx or not any(model.checkpoint.glob("*.safetensors")):
             raise UsageError(
                 f"genai: the model builder reads a checkpoint with safetensors; {model.checkpoint} has none"
+            )
+        architectures = read_config(model.checkpoint).get("architectures")
+        if not architectures or not isinstance(architectures, list):  # what the builder picks its graph by
+            raise UsageError(
+                f'genai: {model.checkpoint / "config.json"} names no `architectures` (e.g. ["LlamaForCausalLM"]), '
+                "which the model builder chooses its graph by; save the checkpoint with save_pretrained"
             )
         for name in self.formats:
             found = _writer(name).problem(model.checkpoint)
