@@ -1,7 +1,9 @@
 """Cost growth with model size, measured the same way every time: random-weight Llamas of growing
 size (SmolLM2's tokenizer, bf16 safetensors) through a one-stage onnxruntime-genai int4 recipe,
 `--no-cache`, each run a process of its own under `/usr/bin/time -v` (wall time, peak RSS), beside
-the model builder alone on the same checkpoint, and the estimate `optimize` makes before loading.
+the model builder alone on the same checkpoint (its own int4, from the float checkpoint; not run
+where its estimate is more than the machine has, unless --force), and the estimate `optimize`
+makes before loading.
 
     python bench/scale.py [--sizes 0.37 1.17 3.12] [--work /tmp/scale] [--force]
 
@@ -80,7 +82,7 @@ def make(billions: float, folder: Path) -> Path:
     return folder
 
 
-def timed(command: list[str]) -> dict[str, float | int]:
+def timed(command: list[str]) -> dict[str, float | int | str]:
     """Wall seconds, peak RSS (MB) and exit status of a command under /usr/bin/time -v."""
     start = time.perf_counter()
     proc = subprocess.run(["/usr/bin/time", "-v", *command], capture_output=True, text=True)
@@ -148,8 +150,16 @@ def main() -> None:
             "-c",
             str(args.work / "hf"),
         ]
-        with console.status(f"{billions}B: the builder alone"):
-            alone = timed(builder) if whole["exit"] != 2 else {"wall_s": 0, "peak_rss_mb": 0}
+        # the builder's own int4 holds the model in fp32: past what the machine has, the out-of-memory
+        # killer stops it after minutes (a 2.77B Llama at 23,761 MB); not run unless --force
+        own = GenAIStage.model_validate({"candidates": [{"precision": "fp32"}]})
+        builder_mb = memory.estimate_mb(checkpoint, [own])
+        alone: dict[str, float | int | str] = {"wall_s": 0, "peak_rss_mb": 0, "exit": -1, "said": ""}
+        if builder_mb and builder_mb[0] > memory.available_mb() and not args.force:
+            alone["said"] = f"not run: needs about {builder_mb[0]:,.0f} MB by its estimate"
+        elif whole["exit"] != 2:
+            with console.status(f"{billions}B: the builder alone"):
+                alone = timed(builder)
         billions = round(memory.parameters(checkpoint) / 1e9, 2)
         measured = out / "measurements.json"
         steps = json.loads(measured.read_text()).get("costs", []) if whole["exit"] == 0 and measured.is_file() else []
@@ -166,14 +176,16 @@ def main() -> None:
         title_justify="left",
     )
     for column in ("params", "bf16 MB", "estimate MB", "wall s", "peak RSS MB", "x ckpt", "builder s", "builder MB",
-                   "exit", "said"):  # fmt: skip
+                   "x builder s", "exit", "said"):  # fmt: skip
         table.add_column(column, justify="left" if column == "said" else "right")
     for row in rows:
         run, alone = row["run"], row["builder"]
+        ratio = f"{run['wall_s'] / alone['wall_s']:.2f}" if alone["exit"] == 0 else ""
+        said = "; ".join(str(x) for x in (run["said"], alone["said"] and f"builder alone: {alone['said']}") if x)
         table.add_row(
             f"{row['billions']}B", str(row["checkpoint_mb"]), str(row["estimate_mb"]), str(run["wall_s"]),
             str(run["peak_rss_mb"]), f"{run['peak_rss_mb'] / row['checkpoint_mb']:.2f}", str(alone["wall_s"]),
-            str(alone["peak_rss_mb"]), str(run["exit"]), run["said"],
+            str(alone["peak_rss_mb"]), ratio, str(run["exit"]), said,
         )  # fmt: skip
     Console(width=220).print(table)
     for row in rows:  # where each run's time and memory went (the run's own costs, measurements.json)
