@@ -398,18 +398,17 @@ def _widened_as_they_run(module: Any) -> None:
     import torch
     from torch.nn.utils import parametrize
 
-    buffers: dict[tuple[int, ...], torch.Tensor] = {}
+    scratch = [torch.empty(0)]  # one fp32 buffer, as large as the largest weight widened so far
 
     def widen(weight: torch.Tensor) -> torch.Tensor:
-        """`weight` in fp32 (exact: every bf16 and fp16 is an fp32), in a buffer of its shape that
-        every layer of that shape reuses: a layer's output is computed before the next layer widens,
-        and no graph is kept (inference only). A fresh fp32 copy each call is memory the system maps
-        in anew (above glibc's 32 MB threshold): a 1.04B Llama's 64-token call took 2.2 to 2.4 s so,
-        1.4 to 1.7 with these, the same logits."""
-        shape = tuple(weight.shape)
-        if shape not in buffers:
-            buffers[shape] = torch.empty(shape, dtype=torch.float32)
-        return buffers[shape].copy_(weight)
+        """`weight` in fp32 (exact: every bf16 and fp16 is an fp32), in the one scratch buffer every
+        layer reuses: each layer reads its weight once and computes its output before the next layer
+        widens its own (eager inference; no graph keeps it). A fresh fp32 copy each call is memory the
+        system maps in anew (above glibc's 32 MB threshold): a 1.04B Llama's 64-token call took 2.2
+        to 2.4 s so, 1.4 to 1.7 with a reused buffer, the same logits."""
+        if scratch[0].numel() < weight.numel():
+            scratch[0] = torch.empty(weight.numel(), dtype=torch.float32)
+        return scratch[0][: weight.numel()].view(weight.shape).copy_(weight)
 
     class Widened(torch.nn.Module):
         """A 16-bit weight as fp32 where its layer reads it."""
