@@ -88,6 +88,9 @@ def timed(command: list[str]) -> dict[str, float | int | str]:
     proc = subprocess.run(["/usr/bin/time", "-v", *command], capture_output=True, text=True)
     rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
     tail = [line for line in proc.stdout.splitlines() + proc.stderr.splitlines() if "error" in line.lower()][-1:]
+    signal = re.search(r"Command terminated by signal (\d+)", proc.stderr)
+    if signal:  # what time(1) says of a command a signal ended (its exit is 128 + the signal)
+        tail = [f"killed by signal {signal.group(1)}" + (": SIGKILL, the out-of-memory killer?" * (signal[1] == "9"))]
     return {
         "wall_s": round(time.perf_counter() - start, 1),
         "peak_rss_mb": round(int(rss.group(1)) / 1024) if rss else -1,
