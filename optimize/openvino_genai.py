@@ -34,6 +34,7 @@ from optimize.errors import UsageError
 from optimize.gguf_format import per_sequence
 from optimize.minmax import BLOCK, eight_bit, four_bit
 from optimize.model import read_config
+from optimize.runtime.generation import openvino_properties
 
 FILE = "openvino_model.xml"
 BITS = (4, 8)  # tried smallest first; the first whose gate holds ships
@@ -97,6 +98,11 @@ def write(checkpoint: Path, out: Path, bits: int) -> dict[str, object]:
         # The IR's own runtime options are what every loader compiles with unless told otherwise
         # (optimum-intel's export says f16 here): the cache precision gated, for every path alike.
         model.set_rt_info(KV_CACHE, ["runtime_options", "KV_CACHE_PRECISION"])
+        # Activations quantized to int8 in groups as they run (the CPU plugin's default, 32, where the
+        # CPU has VNNI): a position then computes differently alone than among several, so prompt
+        # lookup's checked drafts left greedy decoding (a random Llama: token 3 of 24). Off, for
+        # every loader; the float ops' precision is not an IR option (`openvino_properties`).
+        model.set_rt_info("0", ["runtime_options", "DYNAMIC_QUANTIZATION_GROUP_SIZE"])
         _save(model, out / FILE)
         del model
     _tokenizer(checkpoint, out)
@@ -228,7 +234,7 @@ class OpenVinoDecoder:
 
         self.tokenizer = runtime.Tokenizer(folder / "tokenizer.json", seq_len)
         self.provider = loader()
-        properties: dict[str, object] = {"INFERENCE_NUM_THREADS": threads}
+        properties = openvino_properties(threads)  # f32, as the runtime's pipelines compile it
         if kv_cache:
             properties["KV_CACHE_PRECISION"] = kv_cache
         self.compiled = openvino.Core().compile_model(str(folder / FILE), "CPU", properties)

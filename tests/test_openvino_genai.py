@@ -126,9 +126,12 @@ def test_logits_are_the_checkpoints_with_a_full_precision_cache(
     u8 = openvino_genai.OpenVinoDecoder(first, 512, 2, kv_cache="u8").run(inputs)[0]
     f32 = openvino_genai.OpenVinoDecoder(first, 512, 2, kv_cache="f32").run(inputs)[0]
     assert np.abs(f32 - reference).max() < 1e-3
-    named = openvino.Core().compile_model(str(first / openvino_genai.FILE), "CPU").get_property("KV_CACHE_PRECISION")
-    assert named == getattr(openvino.Type, openvino_genai.KV_CACHE)
-    as_named = openvino_genai.OpenVinoDecoder(first, 512, 2).run(inputs)[0]  # what the gate runs
+    compiled = openvino.Core().compile_model(str(first / openvino_genai.FILE), "CPU")  # as any loader does
+    assert compiled.get_property("KV_CACHE_PRECISION") == getattr(openvino.Type, openvino_genai.KV_CACHE)
+    assert compiled.get_property("DYNAMIC_QUANTIZATION_GROUP_SIZE") == 0  # not the CPU's default
+    gated = openvino_genai.OpenVinoDecoder(first, 512, 2)  # f32 on every CPU (bf16 is some CPUs' default)
+    assert gated.compiled.get_property("INFERENCE_PRECISION_HINT") == openvino.Type.f32
+    as_named = gated.run(inputs)[0]  # what the gate runs
     assert np.array_equal(as_named, {"u8": u8, "f32": f32}[openvino_genai.KV_CACHE])
     assert 1e-3 < np.abs(u8 - reference).max() < 0.1 * np.abs(reference).max()
 
