@@ -45,11 +45,12 @@ KEPT = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_co
 
 
 # bench/scale.py, quantized here first, the reference kept in bf16: the largest process peaked at
-# 1,696 MB for 0.33B (636 MB bf16), 3,361 for 1.04B (1,992), 6,544 for 2.77B (5,280) and 15,269
-# for 7.18B (13,697), the model builder's in the first two, the reference's in the last two (the
-# builder's 6,362 and 12,748 beside them), while this process held about 600 MB beside the builder.
-# The line 2,150 + 0.95 x fell 107 MB short of the 7.18B reference, and a vocabulary of 128k (Llama
-# 3) adds logits the random Llamas (49k) do not have: a slope of 1, above each peak by 4 to 64%.
+# 1,693 MB for 0.33B (636 MB bf16), 3,357 for 1.04B (1,992), 6,358 for 2.77B (5,280) and 14,906
+# for 7.18B (13,697), the model builder's but in the last (the reference's; the builder's 12,752),
+# while this process held about 600 MB beside the builder. 2,150 + 0.95 x holds them all, by 256 MB
+# at 7.18B, but had fallen 107 MB short there while the reference kept a buffer per weight shape
+# (15,269), and a vocabulary of 128k (Llama 3) adds logits these random Llamas (49k) do not have:
+# a slope of 1, 941 MB above the 7.18B peak.
 PREQUANTIZED_PEAK = (2150.0, 1.0)
 # The builder's own quantization, from the float checkpoint: 0.33B (636 MB bf16) peaked at 3,563 MB,
 # 1.04B (1,992 MB) at 9,706 MB, the builder's peak both times (a 2.77B one was killed at 23,761 MB).
