@@ -13,6 +13,7 @@ import contextlib
 import ctypes
 import gc
 import math
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
@@ -30,6 +31,8 @@ class Estimated(Protocol):
     def peak_memory(self) -> tuple[float, float] | None: ...
 
     def lower_memory(self) -> str: ...
+
+    def scratch_disk(self) -> float | None: ...
 
 
 def parameters(checkpoint: Path) -> int:
@@ -108,6 +111,26 @@ def check(checkpoint: Path, stages: Sequence[Estimated], force: bool) -> None:
         f"stage (measured peaks, optimize/stages/{kind}.py), and this machine has {have / 1024:.1f} GiB "
         f"available. {advice}Try a machine with more memory, a smaller model, or --force to try anyway"
     )
+
+
+def free_mb(folder: Path) -> float:
+    return shutil.disk_usage(folder).free / 2**20
+
+
+def check_disk(checkpoint: Path, stages: Sequence[Estimated], scratch: Path, force: bool) -> None:
+    """Stop (exit 2) when the run's scratch folder has less room than its largest stage writes there
+    (measured per stage kind, `scratch_disk`), unless `force`."""
+    found = [(s.scratch_disk(), s.kind) for s in stages]
+    measured = [(factor, kind) for factor, kind in found if factor is not None]
+    if not measured or force:
+        return
+    factor, kind = max(measured)
+    need, have = factor * parameters(checkpoint) * 2 / 2**20, free_mb(scratch)
+    if need > have:
+        raise UsageError(
+            f"the {kind} stage writes about {need / 1024:.1f} GiB in the scratch folder {scratch}, which has "
+            f"{have / 1024:.1f} GiB free; point TMPDIR (or --cache-dir) at a larger disk, or --force to try anyway"
+        )
 
 
 def release() -> None:

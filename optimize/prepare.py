@@ -71,6 +71,7 @@ def prepare(loaded: LoadedRecipe, options: RunOptions, console: Console, workroo
     if recipe.task is not None and recipe.task != model.task:
         model = dataclasses.replace(model, task=recipe.task)
     memory.check(model.checkpoint, recipe.stages, options.force)  # from the headers: nothing loaded yet
+    memory.check_disk(model.checkpoint, recipe.stages, workroot, options.force)
     weights = [
         *model.checkpoint.glob("*.safetensors"),
         *model.checkpoint.glob("*.onnx*"),

@@ -181,3 +181,25 @@ def test_a_refusal_says_what_in_the_recipe_needs_less(
         memory.check(checkpoint, [genai.GenAIStage()], force=False)
     assert "candidates" not in str(refused.value)
     memory.check(checkpoint, [builders], force=True)  # --force: tried anyway
+
+
+def test_a_scratch_folder_too_small_for_the_build_is_refused_before_anything_loads(
+    tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[Path] = []
+
+    def free(folder: Path) -> float:
+        seen.append(folder)
+        return 0.0
+
+    monkeypatch.setattr(memory, "free_mb", free)
+    recipe = write_recipe(tmp_path, [{"kind": "genai"}], model=str(tiny_llama))
+    cache = tmp_path / "cache"
+    result = CliRunner().invoke(app, ["run", str(recipe), "-o", str(tmp_path / "out"), "--cache-dir", str(cache)])
+    assert result.exit_code == 2, result.output
+    said = " ".join(result.output.split())
+    assert "the genai stage writes about" in said and "scratch folder" in said and "TMPDIR" in said
+    assert seen and seen[0].parent == cache  # the run's own scratch folder, under --cache-dir
+    assert "Traceback" not in result.output and not (tmp_path / "out").exists()
+    assert [p.name for p in cache.iterdir() if p.name.startswith("optimize-")] == []  # removed again
+    memory.check_disk(tiny_llama, [genai.GenAIStage()], tmp_path, force=True)  # --force: tried anyway

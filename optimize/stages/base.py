@@ -61,6 +61,12 @@ class StageBase(BaseModel):
         anything loads. None: not measured."""
         return None
 
+    def scratch_disk(self) -> float | None:
+        """The measured size of what this stage writes in the run's scratch folder, in MB per MB of
+        the checkpoint at 2 bytes a weight: `memory.check_disk` refuses a run that cannot fit there.
+        None: not measured."""
+        return None
+
     def lower_memory(self) -> str:
         """What in this stage's config would need less memory, said when a run is refused ('': nothing)."""
         return ""
