@@ -3,8 +3,9 @@ headers (no tensor is read), each stage's measured peak memory per byte of it, a
 machine has. A run that cannot fit stops in seconds with exit 2 and the figures, unless `--force`.
 
 A stage's `peak_memory()` (StageBase) is its measured whole-process peak RSS as
-`base_mb + per_byte x (the checkpoint's parameters at 2 bytes each)`; kinds that have not been
-measured have none and are not estimated.
+`base_mb + per_byte x (the checkpoint's parameters at 2 bytes each)`, its `scratch_disk()` what it
+writes in the run's scratch folder per byte of the same; kinds that have not been measured have
+none and are not estimated.
 """
 
 from __future__ import annotations
