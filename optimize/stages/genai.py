@@ -175,9 +175,10 @@ class GenAIStage(StageBase):
     def peak_memory(self) -> tuple[float, float]:
         # bench/scale.py here (one-stage int4 recipe, --no-cache, /usr/bin/time -v, random Llamas):
         # quantized here first (optimize/prequantize.py), PREQUANTIZED_PEAK; else BUILDER_PEAK.
-        if all(c.prequantized(self.target) for c in self.candidates):
-            return PREQUANTIZED_PEAK
-        return BUILDER_PEAK
+        return PREQUANTIZED_PEAK if self._all_prequantized() else BUILDER_PEAK
+
+    def _all_prequantized(self) -> bool:
+        return all(c.prequantized(self.target) for c in self.candidates)
 
     def scratch_disk(self) -> float:
         # A candidate's build beside the pre-quantized checkpoint it reads (removed after): 0.33B
@@ -186,7 +187,7 @@ class GenAIStage(StageBase):
         return 0.8
 
     def lower_memory(self) -> str:
-        if all(c.prequantized(self.target) for c in self.candidates):
+        if self._all_prequantized():
             return ""
         base, per_mb = PREQUANTIZED_PEAK
         return (
