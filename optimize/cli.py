@@ -23,7 +23,7 @@ from rich.console import Console
 
 from optimize import cli_tools, paths, tasks
 from optimize.cli_common import GateOpt, ResumeOpt, RunFlags, SuiteOpt, console, emit, with_run_flags
-from optimize.errors import INTERRUPTED, GateFailed, ResourceError, UsageError
+from optimize.errors import INTERRUPTED, DependencyError, GateFailed, ResourceError, UsageError
 
 if TYPE_CHECKING:
     from optimize.recipe import LoadedRecipe
@@ -75,7 +75,7 @@ def _execute(
             force=flags.force,
         )
         result = run(loaded, options, run_console)
-    except (UsageError, ResourceError) as exc:
+    except (UsageError, ResourceError, DependencyError) as exc:
         console.print(f"[red]error:[/] {exc}", highlight=False)
         emit(flags.as_json, "error", error=str(exc))
         raise typer.Exit(exc.exit_code) from None
@@ -133,7 +133,7 @@ def _dry_run_text(loaded: LoadedRecipe, model: str | None) -> str:
     spec = model or recipe.model
     task = recipe.task or (peek_task(spec, loaded.base_dir) if spec else None)
     if task is not None:
-        return loaded.with_default_gates(task, loaded.suite_metrics).text
+        return loaded.with_default_gates(task, loaded.suite_metrics).text + _routes_text(loaded, spec, task)
     if all(stage.gate is not None for stage in recipe.stages):
         return loaded.text
     shown = {
@@ -147,6 +147,19 @@ def _dry_run_text(loaded: LoadedRecipe, model: str | None) -> str:
         loaded.text + "# stages without `gate` get the default gate for the task found at run time: "
         f"embeddings {shown['feature-extraction']}; logits {shown['text-generation']}\n"
     )
+
+
+def _routes_text(loaded: LoadedRecipe, spec: str | None, task: str) -> str:
+    """The pre-flight's routes for the model's architecture, as YAML comments (empty where the model's
+    config.json is not on this machine)."""
+    from optimize import routes
+    from optimize.model import peek_folder, read_config
+
+    folder = peek_folder(spec, loaded.base_dir) if spec else None
+    if folder is None:
+        return ""
+    lines = routes.describe(read_config(folder), task, [stage.kind for stage in loaded.recipe.stages])
+    return "# routes, " + "\n# ".join(lines) + "\n"
 
 
 @app.command("run")

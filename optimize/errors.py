@@ -2,8 +2,9 @@
 
 DESIGN.md: 0 done, 2 bad input or usage, 3 a gate failed, 1 anything else (a bug); and 4 the
 machine ran out (memory) or a worker process was killed. Code raises `UsageError` for anything the
-user can fix (a file, a key, a path), `GateFailed` when quality did not hold and `ResourceError`
-when the work died of what it was given to run on; everything else is a bug and keeps its traceback.
+user can fix (a file, a key, a path), `GateFailed` when quality did not hold, `ResourceError`
+when the work died of what it was given to run on and `DependencyError` when a library failed inside;
+everything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -28,6 +29,14 @@ class ResourceError(Exception):
     often): the message says what died, how, and what to try. Exit code 4."""
 
     exit_code = 4
+
+
+class DependencyError(Exception):
+    """A library we run failed inside (an exporter, the model builder): the message names it, its
+    version and the last line it said; no traceback. Exit code 1, as any failure that is not the
+    user's to fix."""
+
+    exit_code = 1
 
 
 class GateFailed(Exception):

@@ -148,6 +148,11 @@ def from_gguf(path: Path, root: Path | None = None) -> Path:
                 f"model {path}: transformers cannot read this GGUF file ({type(exc).__name__}: "
                 f"{str(exc)[:200]}); re-download it, or convert it with llama.cpp's tools"
             ) from None
+        # transformers 5 marks a model read from GGUF as quantized by its GGUF reader, which refuses
+        # to save; the weights are plain fp32 tensors by now, saved as any checkpoint's.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)  # type: ignore[no-untyped-call]
         tokenizer.save_pretrained(staging)
@@ -241,13 +246,25 @@ def peek_task(spec: str, base_dir: Path | None = None) -> str | None:
         path = base_dir / path
     if path.suffix == ".gguf" or (spec.startswith("package:") and _packaged_gguf(spec[8:]) is not None):
         return tasks.GENERATION
+    folder = peek_folder(spec, base_dir)
+    return detect_task(folder) if folder is not None else None
+
+
+def peek_folder(spec: str, base_dir: Path | None = None) -> Path | None:
+    """The local folder with `spec`'s config.json, found without loading or converting anything;
+    None for a hub id or a GGUF file."""
+    path = Path(spec).expanduser()
+    if base_dir is not None and not path.is_absolute() and (base_dir / path).exists():
+        path = base_dir / path
     folder = path.parent if path.suffix == ".onnx" else path
     if spec.startswith("package:"):
+        if _packaged_gguf(spec[8:]) is not None:
+            return None
         try:
             folder = resolve(spec)
         except UsageError:
             return None
-    return detect_task(folder) if (folder / "config.json").is_file() else None
+    return folder if (folder / "config.json").is_file() else None
 
 
 def check_weights(checkpoint: Path, allow_pickle: bool) -> None:
@@ -439,7 +456,7 @@ def lean_torch(auto: Any, checkpoint: Path) -> torch.nn.Module | None:
     import numpy as np
     import torch
     import transformers
-    from transformers.modeling_utils import no_init_weights
+    from transformers.initialization import no_init_weights
 
     from optimize.safetensors_files import header, read_float, read_into
 

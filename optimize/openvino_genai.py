@@ -2,8 +2,9 @@
 as it is (`openvino_model.xml/.bin`, stateful with its KV cache, `openvino_tokenizer.xml` and
 `openvino_detokenizer.xml`, the checkpoint's configs and tokenizer).
 
-The graph is optimum-intel's export in fp32; its weights are then put on the genai stage's grid
-here: int4 is each block of 32 input weights as `d * q + m` (q in 0..15, d and m per block, the
+The graph is our own ONNX export with its KV cache (`optimize/export.py`) in fp32, converted by
+OpenVINO and made stateful as OpenVINO GenAI runs it (the cache in the model's state, `beam_idx`
+choosing its rows); its weights are then put on the genai stage's grid here: int4 is each block of 32 input weights as `d * q + m` (q in 0..15, d and m per block, the
 minmax grid of `optimize/minmax.py`, so weights dequantized from a Q4_1 GGUF land back exactly),
 stored as OpenVINO's compressed-weight pattern (u4 weights, then Subtract a zero point, Multiply a
 scale) with the zero point `-m / d` in fp32: measured on SmolLM2, the CPU plugin fuses it into its
@@ -13,8 +14,8 @@ by 18. The token embedding and the LM head (one table when tied) are Q8_0 (int8,
 scale each) at either precision, and int8 is Q8_0 throughout, as in the GGUF.
 
 The gate is measured through the OpenVINO CPU plugin on this very file, the sequence fed in chunks
-so that later positions read the KV cache at the precision OpenVINO GenAI keeps it on the CPU (u8,
-its default), which is what the runtime's engine then runs.
+so that later positions read the KV cache at the precision the IR names (`KV_CACHE`), which is what
+the runtime's engine then runs.
 """
 
 from __future__ import annotations
@@ -38,7 +39,11 @@ from optimize.runtime.generation import openvino_properties
 
 FILE = "openvino_model.xml"
 BITS = (4, 8)  # tried smallest first; the first whose gate holds ships
-KV_CACHE = "u8"  # OpenVINO's CPU default for LLMs, so a user's LLMPipeline gets what was gated
+# Named in the IR, so a user's LLMPipeline gets what was gated. Not the CPU's u8 default: our graph's
+# cache is concatenated outside the fused attention, so the stateful pipeline keeps it in f32 whatever
+# is asked, while prompt lookup's paged pipeline would keep u8 (a random Llama then left greedy
+# decoding at token 22 of 24, the f32 logits 0.07 apart there): f32 on both paths.
+KV_CACHE = "f32"
 CHUNK = 128  # tokens per call when measuring: positions past the first chunk read the cache
 KEPT_FILES = (
     "config.json",
@@ -49,7 +54,6 @@ KEPT_FILES = (
     "chat_template.jinja",
 )
 NEEDS = {
-    "optimum.intel": "optimum-intel",
     "openvino_genai": "openvino-genai",
     "openvino_tokenizers": "openvino-tokenizers",
 }
@@ -92,11 +96,10 @@ def write(checkpoint: Path, out: Path, bits: int) -> dict[str, object]:
         raise UsageError(found)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="optimize-ov-") as tmp:
-        exported = _export(checkpoint, Path(tmp))
-        model = openvino.Core().read_model(str(exported / FILE))
+        model = _export(checkpoint, Path(tmp))
         written = requantize(model, bits, int(read_config(checkpoint).get("vocab_size") or 0))
-        # The IR's own runtime options are what every loader compiles with unless told otherwise
-        # (optimum-intel's export says f16 here): the cache precision gated, for every path alike.
+        # The IR's own runtime options are what every loader compiles with unless told otherwise:
+        # the cache precision gated, for every path alike.
         model.set_rt_info(KV_CACHE, ["runtime_options", "KV_CACHE_PRECISION"])
         # Activations quantized to int8 in groups as they run (the CPU plugin's default, 32, where the
         # CPU has VNNI): a position then computes differently alone than among several, so prompt
@@ -113,17 +116,59 @@ def write(checkpoint: Path, out: Path, bits: int) -> dict[str, object]:
     return written
 
 
-def _export(checkpoint: Path, out: Path) -> Path:
-    """optimum-intel's stateful fp32 export (no weight compression: the grid is put on after)."""
-    import warnings
+def _export(checkpoint: Path, out: Path) -> Any:
+    """The checkpoint's ONNX export with a KV cache, in OpenVINO, stateful: each `past_key_values.N.*`
+    input and its `present.N.*` output become one state, read through a Gather by `beam_idx` (the
+    inputs OpenVINO GenAI feeds: input_ids, attention_mask, position_ids, beam_idx)."""
+    import openvino
+    import openvino.opset13 as ops
+    from openvino._offline_transformations import apply_make_stateful_transformation
 
-    from optimum.intel import OVModelForCausalLM
+    from optimize import export, tasks
+    from optimize.model import ModelHandle, load_torch
+    from optimize.routes import ROUTE_CACHED
 
-    with warnings.catch_warnings():  # torch.jit's tracer warnings on transformers' masks: not the user's
-        warnings.simplefilter("ignore")
-        model = OVModelForCausalLM.from_pretrained(checkpoint, export=True, load_in_8bit=False, compile=False)
-    model.save_pretrained(out)
-    return out
+    module = load_torch(ModelHandle(checkpoint, tasks.GENERATION))
+    graph = export.build_graph(module, tasks.GENERATION)
+    if graph.route != ROUTE_CACHED:
+        raise UsageError(
+            f"format openvino-genai: {type(module).__name__}'s cache is not keys and values alone "
+            "(a recurrent or convolution state), which OpenVINO GenAI's stateful model needs; "
+            "ship formats: [onnx] (the runtime's loop over the whole sequence) for this architecture"
+        )
+    export.write(graph, out / "model.onnx", "torchscript")
+    del module
+    model = openvino.convert_model(str(out / "model.onnx"))
+    beam_idx = ops.parameter(openvino.PartialShape([-1]), openvino.Type.i32, name="beam_idx")
+    beam_idx.output(0).get_tensor().set_names({"beam_idx"})
+    pairs = {}
+    for param in model.get_parameters():
+        # the converter may give a tensor several names (`/Concat_output_0` beside the input's)
+        name = next((n for n in param.output(0).get_names() if n.startswith("past_key_values.")), None)
+        if name is None:
+            continue
+        readers = list(param.output(0).get_target_inputs())
+        chosen = ops.gather(param, beam_idx, ops.constant(np.int64(0)))
+        for reader in readers:
+            reader.replace_source_output(chosen.output(0))
+        param.output(0).get_tensor().set_names({name})
+        pairs[name] = name.replace("past_key_values", "present", 1)
+    model.add_parameters([beam_idx])
+    apply_make_stateful_transformation(model, pairs)
+    # Each state starts empty with the batch of the first call: batch x heads x 0 x head size
+    batch = ops.gather(
+        ops.shape_of(model.input("input_ids"), output_type="i64"),
+        ops.constant(np.array([0], np.int64)),
+        ops.constant(np.int64(0)),
+    )
+    for op in model.get_ops():
+        if op.get_type_name() == "ReadValue":
+            dims = [d.get_min_length() for d in op.get_output_partial_shape(0)]
+            shape = ops.concat([batch, ops.constant(np.array(dims[1:], np.int64))], axis=0)
+            zero = ops.constant(np.array(0, np.float32), dtype=op.get_output_element_type(0))
+            op.set_arguments([ops.broadcast(zero, shape).output(0)])
+    model.validate_nodes_and_infer_types()
+    return model
 
 
 def requantize(model: Any, bits: int, vocab: int) -> dict[str, object]:

@@ -1,5 +1,5 @@
 """The model tasks, in one table: what each outputs (sentence embeddings or logits), the class that
-loads it, the task the ONNX exporter takes. Every module asks this table instead of comparing task
+loads it. Every module asks this table instead of comparing task
 names; a new task is one line here (and whatever its outputs need where `embeds` is asked).
 """
 
@@ -20,15 +20,14 @@ class TaskInfo:
     name: Task
     embeds: bool  # outputs are sentence embeddings (fidelity by cosine); else logits (also top-1 and KL)
     auto_class: str  # the transformers class that loads a checkpoint of it
-    export_task: str  # the task optimum's ONNX exporter takes (decoders with their KV cache)
 
 
 TASKS: dict[str, TaskInfo] = {
     t.name: t
     for t in (
-        TaskInfo(EMBEDDING, True, "AutoModel", EMBEDDING),
-        TaskInfo(CLASSIFICATION, False, "AutoModelForSequenceClassification", CLASSIFICATION),
-        TaskInfo(GENERATION, False, "AutoModelForCausalLM", "text-generation-with-past"),
+        TaskInfo(EMBEDDING, True, "AutoModel"),
+        TaskInfo(CLASSIFICATION, False, "AutoModelForSequenceClassification"),
+        TaskInfo(GENERATION, False, "AutoModelForCausalLM"),
     )
 }
 

@@ -20,7 +20,6 @@ from optimize.runtime.generation import OpenVinoGenAIEngine, Sampling
 from tests.conftest import run_recipe
 
 pytest.importorskip("openvino_genai")
-pytest.importorskip("optimum.intel")
 pytest.importorskip("onnxruntime_genai")
 
 STAGE = {
@@ -43,7 +42,8 @@ def test_int4_on_the_q4_1_grid_is_shipped_and_gated_through_openvino(artifact: P
     tried = manifest["stages"][0]["details"]["formats"]
     assert [(t["format"], t["bits"], t["passed"]) for t in tried] == [("openvino-genai", 4, True)]
     assert tried[0]["loader"] == openvino_genai.loader()
-    assert tried[0]["written"]["tensors"] == {"Q4_1": 14, "Q8_0": 1}  # 7 per layer; the tied table
+    # 7 per layer; the tied table and the head (the ONNX export keeps the head as its own constant)
+    assert tried[0]["written"]["tensors"] == {"Q4_1": 14, "Q8_0": 2}
     assert tried[0]["written"]["max_error_4bit"] == 0.0 and tried[0]["written"]["max_error_8bit"] == 0.0
     listed = {e["engine"]: e for e in manifest["engines"]}
     assert listed["openvino-genai"]["file"] == "openvino-genai" and listed["openvino-genai"]["gate"]["passed"]
@@ -63,7 +63,7 @@ def test_int4_on_the_q4_1_grid_is_shipped_and_gated_through_openvino(artifact: P
 def test_the_runtime_generates_through_openvino_genai_with_and_without_prompt_lookup(artifact: Path) -> None:
     """Greedy: the same tokens with OpenVINO GenAI's prompt lookup as without, and the same first
     token as the artifact's onnxruntime-genai folder (its fp32 candidate: the same weights, the grid
-    being exact; after it the u8 KV cache may turn a close call of this random model)."""
+    being exact)."""
     model = runtime.load(artifact)
     assert "openvino-genai" in model.generators()
     engine = OpenVinoGenAIEngine(artifact / "openvino-genai", threads=2)
@@ -106,7 +106,7 @@ def test_logits_are_the_checkpoints_with_a_full_precision_cache(
     artifact: Path, tiny_gguf: Path, tmp_path: Path
 ) -> None:
     """The grid is exact: OpenVINO's logits with an fp32 KV cache are the checkpoint's within float
-    rounding; a u8 cache moves them by its rounding. The folder compiles with the cache precision it
+    rounding; a u8 cache within a tenth of their range. The folder compiles with the cache precision it
     names (what the gate measured, what any LLMPipeline gets). Written again (after another write in
     this process, the run's), the folder has the artifact's bytes."""
     import openvino
@@ -133,7 +133,7 @@ def test_logits_are_the_checkpoints_with_a_full_precision_cache(
     assert gated.compiled.get_property("INFERENCE_PRECISION_HINT") == openvino.Type.f32
     as_named = gated.run(inputs)[0]  # what the gate runs
     assert np.array_equal(as_named, {"u8": u8, "f32": f32}[openvino_genai.KV_CACHE])
-    assert 1e-3 < np.abs(u8 - reference).max() < 0.1 * np.abs(reference).max()
+    assert np.abs(u8 - reference).max() < 0.1 * np.abs(reference).max()
 
 
 def test_without_its_packages_the_format_is_refused_before_any_work(

@@ -117,6 +117,10 @@ class OnnxModel:
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.cache_inputs = [i for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
+        # A decoder exported without a cache (its cache is not keys and values): logits at every
+        # position, the whole sequence run again for each token (the slower route)
+        first = self.session.get_outputs()[0]
+        self.whole_sequence = not self.cache_inputs and first.name == "logits" and len(first.shape) == 3
         config_path = Path(model_path).parent / "config.json"
         self.config = json.loads(config_path.read_text()) if config_path.is_file() else {}
         self.pooling = Pooling.of(Path(tokenizer_path).parent)
@@ -184,7 +188,7 @@ class OnnxModel:
         first (`runtime.generators` in the manifest), the one `generate` uses first:
         onnxruntime-genai (its model builder's folder), OpenVINO GenAI (`openvino-genai/`, with
         openvino-genai), llama.cpp (`gguf/model.gguf`, with llama-cpp-python), onnxruntime (a graph
-        exported with past key values)."""
+        exported with past key values, or over the whole sequence)."""
         from importlib.util import find_spec
 
         found = []
@@ -195,7 +199,7 @@ class OnnxModel:
             found.append("openvino-genai")
         if (self.folder / GGUF_FILE).is_file() and find_spec("llama_cpp") is not None:
             found.append("llama.cpp")
-        if self.cache_inputs and not genai:
+        if (self.cache_inputs or self.whole_sequence) and not genai:
             found.append("onnxruntime")
         measured = list(self.settings.get("generators", []))  # the stage's timing, fastest first
         return sorted(found, key=lambda name: measured.index(name) if name in measured else len(measured))
@@ -241,7 +245,7 @@ class OnnxModel:
         ends = self.ends()
         name = self.generator(engine)
         if name == "onnxruntime":
-            return kv_loop(self._step, ids, sampling, ends)
+            return kv_loop(self._step_whole if self.whole_sequence else self._step, ids, sampling, ends)
         return self.engine(name).tokens(ids, sampling, ends, speculate)
 
     def engine(self, name: str) -> GenAIEngine | LlamaCppEngine | OpenVinoGenAIEngine:
@@ -283,7 +287,16 @@ class OnnxModel:
             raise ValueError(f"generating from this artifact needs {' or '.join(missing)} (pip install {missing[0]})")
         if engine in needs:
             raise ValueError(f"engine {engine}: this artifact has no {needs[engine][0]}")
-        raise ValueError("this model was not exported for generation (no past_key_values inputs)")
+        raise ValueError("this model was not exported for generation (it gives no logits per position)")
+
+    def _step_whole(
+        self, ids: np.ndarray, past: dict[str, np.ndarray] | None
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """One forward pass over every token so far (a graph without a cache): the new tokens'
+        logits, and the tokens so far as the "cache" the next step extends."""
+        seen = ids if past is None else np.concatenate([past["input_ids"], ids], axis=1)
+        logits = self.session.run(None, {"input_ids": seen, "attention_mask": np.ones_like(seen)})[0]
+        return logits[:, -ids.shape[1] :], {"input_ids": seen}
 
     def _step(self, ids: np.ndarray, past: dict[str, np.ndarray] | None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """One forward pass with the cache: logits, and the cache for the next step."""

@@ -362,7 +362,7 @@ class ContinuousBatching:
 
 class OpenVinoGenAIEngine:
     """The artifact's `openvino-genai/` folder through OpenVINO GenAI's LLMPipeline: its own loop,
-    sampler and KV cache (u8 on the CPU, as the gate measured it); with `speculate`, its prompt-lookup
+    sampler and KV cache (at the precision the IR names, as the gate measured it); with `speculate`, its prompt-lookup
     decoding (n-gram drafts checked in one pass: under greedy the same tokens). It is fed the
     artifact's tokens and hands tokens back through a streamer, on a thread of its own; one pipeline
     generates one sequence at a time, so concurrent streams take turns."""

@@ -28,8 +28,8 @@ from typing import ClassVar, Literal, TypedDict, cast
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from optimize import costs, memory, prequantize, tasks
-from optimize.errors import ResourceError, UsageError
+from optimize import costs, memory, prequantize, routes, tasks
+from optimize.errors import DependencyError, ResourceError, UsageError
 from optimize.model import ModelHandle, read_config
 from optimize.runtime import Tokenizer
 from optimize.runtime.generation import Sampling, open_engine
@@ -209,6 +209,9 @@ class GenAIStage(StageBase):
                 f'genai: {model.checkpoint / "config.json"} names no `architectures` (e.g. ["LlamaForCausalLM"]), '
                 "which the model builder chooses its graph by; save the checkpoint with save_pretrained"
             )
+        refused = routes.builder_refusal(str(architectures[0]))
+        if refused:
+            raise UsageError(refused)
         for name in self.formats:
             found = _writer(name).problem(model.checkpoint)
             if found:
@@ -271,11 +274,13 @@ def build(checkpoint: Path, out: Path, candidate: Candidate, target: str, cache:
             + f"{memory.available_mb() / 1024:.1f} GiB is available now. Try a machine with more memory"
         )
     if returncode != 0 or not (out / "genai_config.json").is_file():
-        tail = [line for line in log.splitlines() if line.strip()][-3:]
-        said = f"onnxruntime-genai's model builder failed for {candidate.label()}: {' | '.join(tail)}"
+        last = next((line.strip() for line in reversed(log.splitlines()) if line.strip()), "(no output)")
+        said = (
+            f"onnxruntime-genai {routes.builder_version()}'s model builder failed for {candidate.label()}: {last}"
+        )
         if any(sign in log for sign in OUT_OF_MEMORY):
             raise ResourceError(f"{said}. It ran out of memory: try a machine with more memory")
-        raise RuntimeError(said)
+        raise DependencyError(f"{said} (its whole log: {out.with_name(out.name + '-builder.log')})")
     for name in KEPT:
         if (checkpoint / name).is_file():
             shutil.copyfile(checkpoint / name, out / name)
