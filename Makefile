@@ -2,13 +2,26 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# The peers' environment (tests/peers.py): sentence-transformers' ONNX and OpenVINO backends and the
+# Optimum peer need optimum-onnx / optimum-intel, which hold transformers below 4.58: never in $(VENV).
+PEERS ?= .venv-peers
+PEER_PACKAGES = "sentence-transformers==5.7.0" "optimum-onnx==0.1.0" "optimum==2.1.0" \
+	"optimum-intel[openvino]==1.27.0" "transformers==4.57.6" "onnxruntime==1.31.1" "openvino==2026.4.1"
 OUT ?= artifacts/minilm-int8
 # Tested pins for Python 3.11 (numpy and others there need 3.11); other Pythons resolve the ranges.
 CONSTRAINTS = $(shell $(PYTHON) -c 'import sys; print("-c constraints.txt" if sys.version_info[:2] == (3, 11) else "")')
 
-.PHONY: setup demo test test-fast lint fmt bench clean
+.PHONY: setup peers demo test test-fast lint fmt bench clean
 
 setup: $(VENV)/.installed
+
+peers: $(PEERS)/.installed
+
+$(PEERS)/.installed: Makefile
+	$(PYTHON) -m venv $(PEERS)
+	if ! command -v nvidia-smi >/dev/null 2>&1; then $(PEERS)/bin/python -m pip install -q torch==2.13.0; fi
+	$(PEERS)/bin/python -m pip install -q $(PEER_PACKAGES)
+	touch $@
 
 # torch goes in first as the CPU build on machines without a GPU: a bare `torch` requirement would
 # pull a multi-GB CUDA build. GPU machines get their own build from the range in pyproject.toml.
@@ -28,7 +41,7 @@ demo: setup
 	$(VENV)/bin/optimize inspect $(OUT)
 	@echo; echo "artifact: $(OUT)"
 
-test: setup
+test: setup peers
 	$(PY) -m pytest -m "slow or not slow" --durations=25
 
 test-fast: setup
@@ -44,8 +57,8 @@ fmt: setup
 	$(VENV)/bin/ruff check --fix optimize tests bench
 	$(VENV)/bin/ruff format optimize tests bench
 
-bench: setup
-	$(PY) bench/compare.py $(wildcard artifacts/*)
+bench: setup peers
+	$(PY) bench/compare.py --peers-python $(PEERS)/bin/python $(wildcard artifacts/*)
 
 clean:
-	rm -rf $(VENV) artifacts .pytest_cache .ruff_cache .mypy_cache
+	rm -rf $(VENV) $(PEERS) artifacts .pytest_cache .ruff_cache .mypy_cache

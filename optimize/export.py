@@ -35,7 +35,7 @@ from optimize import projection, tasks
 from optimize.errors import DependencyError
 from optimize.evaluate import max_abs_diff
 from optimize.model import ModelHandle, load_torch
-from optimize.routes import ROUTE_CACHED, ROUTE_WHOLE
+from optimize.routes import ROUTE_CACHED, ROUTE_WHOLE, STEPPED
 
 if TYPE_CHECKING:
     import torch
@@ -45,7 +45,6 @@ OPSET = 18
 # states ~10), beyond which the export is wrong rather than rounded differently.
 TOLERANCE = 1e-4
 EXPORTERS = ("torchscript", "dynamo")
-STEPPED = 16  # tokens a cached export is checked on, the second half one at a time (past a small sliding window)
 
 
 def content_sha256(folder: Path) -> str:
@@ -138,7 +137,7 @@ def write(graph: Graph, path: Path, exporter: str) -> None:
                 graph.module, args, str(path), input_names=names, output_names=graph.outputs,
                 dynamic_axes={**graph.axes}, opset_version=OPSET, dynamo=False, do_constant_folding=True,
             )  # fmt: skip
-            _count_bools(path)
+            _tidy(path)
         else:
             dims = [{axis: torch.export.Dim.DYNAMIC for axis in graph.axes.get(name, {})} for name in names]
             # in the structure of the wrapper's forward: its named tensors, then one tuple for *rest
@@ -153,20 +152,22 @@ def write(graph: Graph, path: Path, exporter: str) -> None:
             program.save(str(path), external_data=False)
 
 
-def _count_bools(path: Path) -> None:
-    """TorchScript writes torch's count of a boolean tensor (CumSum, int64 in torch) as a CumSum of
-    booleans, which is no valid ONNX graph, and types what reads it as boolean: the count is made in
-    int64 and given on as "non-zero" (Llama 4's chunked attention mask counts left padding so, and
-    compares the count with zero)."""
+def _tidy(path: Path) -> None:
+    """Two fixes to a TorchScript graph. Node names lose the wrapper's `/model` scope, so they name
+    the model's own modules (`/embeddings/word_embeddings/Gather`), as precision plans and reports
+    show them. And torch's count of a boolean tensor (CumSum, int64 in torch), which TorchScript
+    writes as a CumSum of booleans (no valid ONNX graph) read as boolean, is made in int64 and given
+    on as "non-zero" (Llama 4's chunked attention mask counts left padding so, and compares the count
+    with zero)."""
     import onnx
 
-    model = onnx.load(str(path))
+    model = onnx.load(str(path), load_external_data=False)  # a large model's weights stay where they are
+    for node in model.graph.node:
+        if node.name.startswith("/model/"):
+            node.name = node.name.removeprefix("/model")
     inferred = onnx.shape_inference.infer_shapes(model)
     types = {v.name: v.type.tensor_type.elem_type for v in [*inferred.graph.value_info, *inferred.graph.input]}
-    nodes = list(model.graph.node)
-    bools = [n for n in nodes if n.op_type == "CumSum" and types.get(n.input[0]) == onnx.TensorProto.BOOL]
-    if not bools:
-        return
+    bools = [n for n in model.graph.node if n.op_type == "CumSum" and types.get(n.input[0]) == onnx.TensorProto.BOOL]
     for i, node in enumerate(bools):
         counted, total = f"{node.input[0]}_as_int64_{i}", f"{node.output[0]}_int64_{i}"
         before = onnx.helper.make_node("Cast", [node.input[0]], [counted], to=onnx.TensorProto.INT64)

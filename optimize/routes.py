@@ -22,6 +22,7 @@ from optimize import tasks
 
 ATTENTION_LAYERS = {"full_attention", "sliding_attention", "chunked_attention", "attention"}
 ROUTE_CACHED, ROUTE_WHOLE = "kv-cache", "whole-sequence"
+STEPPED = 16  # tokens a decoder graph is checked on as generation feeds it (the second half one at a time)
 
 
 def export_route(config: dict[str, Any]) -> str:

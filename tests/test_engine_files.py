@@ -1,6 +1,6 @@
 """One artifact, one file per engine, loaded as users load them: sentence-transformers with
-`backend="onnx"` (model.onnx) and `backend="openvino"` (openvino/openvino_model.xml) gives the
-runtime's embeddings."""
+`backend="onnx"` (model.onnx) and `backend="openvino"` (openvino/openvino_model.xml), in the peers'
+environment (tests/peers.py), gives the runtime's embeddings."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from optimize import cpu, runtime
 from optimize.cli import app
+from tests import peers
 from tests.conftest import write_recipe
 from tests.test_formulations import AVX2
 
@@ -21,13 +22,25 @@ TEXTS = ["a short sentence", "another, somewhat longer sentence than the first",
 
 @pytest.fixture(scope="module")
 def tiny_sentence_model(tiny_bert: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny BERT as a sentence-transformers model: mean pooling, then normalized."""
-    from sentence_transformers import SentenceTransformer, models
+    """The tiny BERT as a sentence-transformers model: mean pooling, then normalized, in the layout
+    every sentence-transformers release reads (5.x in the peers' environment, 6.x here)."""
+    import json
+    import shutil
 
     folder = tmp_path_factory.mktemp("tiny-st")
-    word = models.Transformer(str(tiny_bert), max_seq_length=32)
-    modules = [word, models.Pooling(word.get_word_embedding_dimension(), "mean"), models.Normalize()]
-    SentenceTransformer(modules=modules, device="cpu").save(str(folder))
+    for path in tiny_bert.iterdir():
+        shutil.copyfile(path, folder / path.name)
+    modules = [("", "Transformer"), ("1_Pooling", "Pooling"), ("2_Normalize", "Normalize")]
+    listed = [
+        {"idx": i, "name": str(i), "path": path, "type": f"sentence_transformers.models.{kind}"}
+        for i, (path, kind) in enumerate(modules)
+    ]
+    (folder / "modules.json").write_text(json.dumps(listed))
+    (folder / "1_Pooling").mkdir()
+    pooling = {"word_embedding_dimension": 32, "pooling_mode_mean_tokens": True}
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps(pooling))
+    (folder / "2_Normalize").mkdir()
+    (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 32}))
     return folder
 
 
@@ -61,22 +74,15 @@ def _runtime_embeddings(artifact: Path, openvino: bool) -> np.ndarray:
 
 
 def test_sentence_transformers_onnx_backend_loads_model_onnx_as_the_runtime_runs_it(artifact: Path) -> None:
-    from sentence_transformers import SentenceTransformer
-
-    model = SentenceTransformer(str(artifact), backend="onnx", device="cpu", model_kwargs={"file_name": "model.onnx"})
-    theirs = model.encode(TEXTS)
+    theirs = peers.st_encode(artifact, TEXTS, "onnx", {"file_name": "model.onnx"})
     ours = _runtime_embeddings(artifact, openvino=False)  # the runtime on onnxruntime runs model.onnx
     ours = ours / np.linalg.norm(ours, axis=1, keepdims=True)  # the artifact's Normalize module
     assert np.abs(theirs - ours).max() < 1e-4
 
 
 def test_sentence_transformers_openvino_backend_loads_the_openvino_file_as_the_runtime_runs_it(artifact: Path) -> None:
-    pytest.importorskip("optimum.intel")
-    from sentence_transformers import SentenceTransformer
-
     kwargs = {"file_name": "openvino/openvino_model.xml", "ov_config": {"INFERENCE_PRECISION_HINT": "f32"}}
-    model = SentenceTransformer(str(artifact), backend="openvino", device="cpu", model_kwargs=kwargs)
-    theirs = model.encode(TEXTS)
+    theirs = peers.st_encode(artifact, TEXTS, "openvino", kwargs)
     import openvino
 
     from optimize.runtime.session import OpenVINOSession

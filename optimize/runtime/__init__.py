@@ -289,6 +289,18 @@ class OnnxModel:
             raise ValueError(f"engine {engine}: this artifact has no {needs[engine][0]}")
         raise ValueError("this model was not exported for generation (it gives no logits per position)")
 
+    def stepped_logits(self, ids: Sequence[int]) -> np.ndarray:
+        """Logits at each of `ids` as generation computes them: the first half in one pass, then one
+        token at a time through the cache each pass returns (positions x vocabulary)."""
+        step = self._step_whole if self.whole_sequence else self._step
+        half = max(1, len(ids) // 2)
+        logits, past = step(np.array([ids[:half]], dtype=np.int64), None)
+        rows = [logits[0]]
+        for token in ids[half:]:
+            logits, past = step(np.array([[token]], dtype=np.int64), past)
+            rows.append(logits[0])
+        return np.concatenate(rows)
+
     def _step_whole(
         self, ids: np.ndarray, past: dict[str, np.ndarray] | None
     ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
