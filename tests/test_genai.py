@@ -268,3 +268,46 @@ def test_a_checkpoint_that_names_no_architecture_is_refused_before_the_reference
     said = " ".join(result.output.split())
     assert "names no `architectures`" in said and "Traceback" not in said and "reference" not in said
     assert not (tmp_path / "out").exists()
+
+
+def test_an_architecture_the_builder_does_not_build_is_refused_before_the_reference_naming_the_routes(
+    tiny_llama, tmp_path
+):
+    """GPT-2 is no architecture of the model builder's: exit 2 at the pre-flight, the compile route
+    named; `--dry-run` says the same per stage, and the compile route with its KV cache."""
+    import shutil
+
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    folder = tmp_path / "gpt2"
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=300, n_embd=32, n_layer=1, n_head=2)).save_pretrained(folder)
+    shutil.copyfile(tiny_llama / "tokenizer.json", folder / "tokenizer.json")
+    recipe = write_recipe(tmp_path, [{"kind": "genai"}, {"kind": "compile"}], model=str(folder))
+    result = CliRunner().invoke(app, ["run", str(recipe), "-o", str(tmp_path / "out")])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2 and "does not build GPT2LMHeadModel" in said and "`kind: compile`" in said
+    assert "Traceback" not in said and "reference" not in said and not (tmp_path / "out").exists()
+    dry = CliRunner().invoke(app, ["run", str(recipe), "--dry-run"])
+    assert dry.exit_code == 0, dry.output
+    assert "#   genai: refused: genai: onnxruntime-genai" in dry.output
+    assert "#   compile: torch.onnx export, kv-cache" in dry.output
+
+
+def test_a_builder_that_fails_inside_is_one_line_naming_it_and_its_version(tiny_llama, tmp_path, monkeypatch):
+    """The builder's own failure (here: a Phi-3 config it cannot read) is exit 1 with its version and
+    its last line, never a traceback."""
+    from optimize import routes
+    from optimize.stages import genai
+
+    def failing(command, log_path):
+        return 1, "Traceback (most recent call last):\n  File builder.py\nKeyError: 'multi_cache'\n", 0.1
+
+    monkeypatch.setattr(genai, "_builder", failing)
+    recipe = write_recipe(tmp_path, [{"kind": "genai", "candidates": [{"precision": "fp32"}]}], model=str(tiny_llama))
+    result = CliRunner().invoke(app, ["run", str(recipe), "-o", str(tmp_path / "out"), "--json"])
+    assert result.exit_code == 1
+    error = json.loads(result.stdout)["error"]
+    assert f"onnxruntime-genai {routes.builder_version()}'s model builder failed for fp32: KeyError: 'multi_cache'" in error
+    assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()

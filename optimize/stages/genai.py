@@ -280,7 +280,7 @@ def build(checkpoint: Path, out: Path, candidate: Candidate, target: str, cache:
         )
         if any(sign in log for sign in OUT_OF_MEMORY):
             raise ResourceError(f"{said}. It ran out of memory: try a machine with more memory")
-        raise DependencyError(f"{said} (its whole log: {out.with_name(out.name + '-builder.log')})")
+        raise DependencyError(f"{said}. `kind: compile` (our own ONNX export) is a route for every decoder")
     for name in KEPT:
         if (checkpoint / name).is_file():
             shutil.copyfile(checkpoint / name, out / name)
