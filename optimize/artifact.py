@@ -70,7 +70,8 @@ def versions() -> dict[str, str]:
         "onnxruntime": ["onnxruntime-gpu", "onnxruntime"],
         "numpy": ["numpy"],
         "tokenizers": ["tokenizers"],
-        "optimum-onnx": ["optimum-onnx"],
+        "onnxscript": ["onnxscript"],  # the dynamo exporter's writer
+        "onnxruntime-genai": ["onnxruntime-genai-cuda", "onnxruntime-genai"],
         "openvino": ["openvino"],
         "nncf": ["nncf"],
     }.items():

@@ -51,12 +51,14 @@ def graph_ports(model_file: Path) -> tuple[list[Port], list[Port]]:
     if model_file.suffix == ".xml":
         import openvino
 
+        from optimize.runtime.session import port_name
+
         model = openvino.Core().read_model(str(model_file))
 
         def ov(ports: Any) -> list[Port]:
             return [
                 (
-                    p.any_name,
+                    port_name(p),
                     OPENVINO_TYPES[p.get_element_type().get_type_name()],
                     [d.get_length() if d.is_static else -1 for d in p.get_partial_shape()][1:],
                 )

@@ -90,6 +90,13 @@ def family(engine: str) -> str:
     return "openvino" if on_openvino(engine) else engine
 
 
+def port_name(port: Any) -> str:
+    """An OpenVINO port's name as the graph named its input or output: the converter may give a
+    tensor the names of ops folded into it too (`/Concat_output_0` beside `past_key_values.0.key`),
+    and `any_name` can be either."""
+    return next((name for name in sorted(port.get_names()) if not name.startswith("/")), port.any_name)
+
+
 class OpenVINOSession:
     """OpenVINO's CPU plugin behind the part of onnxruntime's InferenceSession this runtime uses. It
     compiles the ONNX file itself (its own fusions and int8 kernels for the QDQ pairs NNCF wrote).
@@ -122,7 +129,7 @@ class OpenVINOSession:
         self.model = self.core.read_model(str(model_path))
         self.compiled = self.core.compile_model(self.model, "CPU", self.config)
         self.request = self.compiled.create_infer_request()
-        self.output_names = [port.any_name for port in self.compiled.outputs]
+        self.output_names = [port_name(port) for port in self.compiled.outputs]
         self.seen: dict[tuple[tuple[int, ...], ...], int] = {}
         self.weights: dict[tuple[tuple[int, ...], ...], tuple[float, int]] = {}  # shape: (weight, at call)
         self.calls = 0
@@ -145,7 +152,7 @@ class OpenVINOSession:
                 return self.request
             del self.specialized[coldest]
         model = self.model.clone()
-        model.reshape({port.any_name: list(feed[port.any_name].shape) for port in model.inputs})
+        model.reshape({port_name(port): list(feed[port_name(port)].shape) for port in model.inputs})
         self.specialized[shape] = self.core.compile_model(model, "CPU", self.config).create_infer_request()
         return self.specialized[shape]
 
@@ -157,7 +164,7 @@ class OpenVINOSession:
     @staticmethod
     def _port(port: Any) -> Port:
         shape = [d.get_length() if d.is_static else "?" for d in port.get_partial_shape()]
-        return Port(port.any_name, shape, f"tensor({port.get_element_type().to_string()})")
+        return Port(port_name(port), shape, f"tensor({port.get_element_type().to_string()})")
 
     def get_inputs(self) -> list[Port]:
         return [self._port(p) for p in self.compiled.inputs]
