@@ -98,7 +98,8 @@ model.save_pretrained(fp32)
 stored = np.load(feeds)
 rows = [{name: stored[name][i : i + 1] for name in stored.files} for i in range(len(stored["input_ids"]))]
 config = OVConfig(quantization_config=OVQuantizationConfig(num_samples=len(rows), model_type="transformer"))
-OVQuantizer.from_pretrained(model).quantize(calibration_dataset=nncf.Dataset(rows), save_directory=int8, ov_config=config)
+quantizer = OVQuantizer.from_pretrained(model)
+quantizer.quantize(calibration_dataset=nncf.Dataset(rows), save_directory=int8, ov_config=config)
 """
 
 

@@ -42,7 +42,7 @@ class TorchModel:
         )
         # A decoder is fed as generation feeds it, without token types: GPT-2 takes them and adds
         # the embedding of token 0 to every position when given zeros (its logits then moved by 1.3)
-        names = ("input_ids", "attention_mask") if handle.task == tasks.GENERATION else ("input_ids", "attention_mask", "token_type_ids")
+        names = ("input_ids", "attention_mask", *(() if handle.task == tasks.GENERATION else ("token_type_ids",)))
         self.input_names = [n for n in names if n in inspect.signature(self.model.forward).parameters]
         self.caches = "use_cache" in inspect.signature(self.model.forward).parameters
         self.provider = "torch-cpu"

@@ -27,7 +27,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -112,7 +112,8 @@ def export(
             info["route"] = graph.route
         return exported, info
     raise DependencyError(
-        f"torch {torch.__version__}'s ONNX exporters cannot export this {type(module).__name__}: " + "; ".join(passed_over)
+        f"torch {torch.__version__}'s ONNX exporters cannot export this {type(module).__name__}: "
+        + "; ".join(passed_over)
     )
 
 
@@ -149,7 +150,8 @@ def write(graph: Graph, path: Path, exporter: str) -> None:
                 graph.module, args, input_names=names, output_names=graph.outputs, dynamic_shapes=shapes,
                 opset_version=OPSET, dynamo=True, optimize=True, verbose=False,
             )  # fmt: skip
-            program.save(str(path), external_data=False)
+            assert program is not None  # the dynamo exporter returns its program
+            program.save(str(path))  # its weights in the file, or beside it past 2 GB
 
 
 def _tidy(path: Path) -> None:
@@ -260,7 +262,8 @@ def cached_step_diff(module: torch.nn.Module, path: Path, text: str) -> float:
         expected = module(input_ids=torch.from_numpy(ids), use_cache=False).logits.float().numpy()
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
-    past = {i.name: np.zeros([1, i.shape[1], 0, i.shape[3]], np.float32) for i in session.get_inputs() if "past" in i.name}
+    caches = [i for i in session.get_inputs() if i.name.startswith("past_key_values.")]
+    past = {i.name: np.zeros([1, i.shape[1], 0, i.shape[3]], np.float32) for i in caches}
     worst = 0.0
     for start, stop in _steps(ids.shape[1]):
         feed = {

@@ -90,7 +90,8 @@ def _llama4_real_rotary() -> Iterator[None]:
 
     def rotary(self: Any, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
-        return torch.stack((freqs.cos(), freqs.sin()), dim=-1) * self.attention_scaling
+        pairs: torch.Tensor = torch.stack((freqs.cos(), freqs.sin()), dim=-1) * self.attention_scaling
+        return pairs
 
     def apply(xq: torch.Tensor, xk: torch.Tensor, freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cos, sin = freqs[:, :, None, :, 0], freqs[:, :, None, :, 1]
@@ -102,8 +103,9 @@ def _llama4_real_rotary() -> Iterator[None]:
 
         return turn(xq), turn(xk)
 
-    with mock.patch.object(module, "apply_rotary_emb", apply), mock.patch.object(
-        module.Llama4TextRotaryEmbedding, "forward", rotary
+    with (
+        mock.patch.object(module, "apply_rotary_emb", apply),
+        mock.patch.object(module.Llama4TextRotaryEmbedding, "forward", rotary),
     ):
         yield
 

@@ -150,11 +150,11 @@ def from_gguf(path: Path, root: Path | None = None) -> Path:
             ) from None
         # transformers 5 marks a model read from GGUF as quantized by its GGUF reader, which refuses
         # to save; the weights are plain fp32 tensors by now, saved as any checkpoint's.
-        model.hf_quantizer = None
+        model.hf_quantizer = None  # type: ignore[assignment]
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.save_pretrained(staging, safe_serialization=True)
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)  # type: ignore[no-untyped-call]
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         tokenizer.save_pretrained(staging)
         save_gguf_header(path, staging)  # its tokenizer and hyperparameters, to write a GGUF again
         (staging / "SOURCE").write_text(

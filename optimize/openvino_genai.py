@@ -4,14 +4,16 @@ as it is (`openvino_model.xml/.bin`, stateful with its KV cache, `openvino_token
 
 The graph is our own ONNX export with its KV cache (`optimize/export.py`) in fp32, converted by
 OpenVINO and made stateful as OpenVINO GenAI runs it (the cache in the model's state, `beam_idx`
-choosing its rows); its weights are then put on the genai stage's grid here: int4 is each block of 32 input weights as `d * q + m` (q in 0..15, d and m per block, the
-minmax grid of `optimize/minmax.py`, so weights dequantized from a Q4_1 GGUF land back exactly),
-stored as OpenVINO's compressed-weight pattern (u4 weights, then Subtract a zero point, Multiply a
-scale) with the zero point `-m / d` in fp32: measured on SmolLM2, the CPU plugin fuses it into its
-int4 FullyConnected kernel as it does NNCF's integer zero points, and the logits stay within 1.2e-4
-of the fp32 model, where an fp16 zero point drifts by 0.11 and an integer one (NNCF's INT4_ASYM)
-by 18. The token embedding and the LM head (one table when tied) are Q8_0 (int8, blocks of 32, one
-scale each) at either precision, and int8 is Q8_0 throughout, as in the GGUF.
+choosing its rows); its weights are then put on the genai stage's grid here: int4 is each block
+of 32 input weights as `d * q + m` (q in 0..15, d and m per block, the minmax grid of
+`optimize/minmax.py`, so weights dequantized from a Q4_1 GGUF land back exactly), stored as
+OpenVINO's compressed-weight pattern (u4 weights, then Subtract a zero point, Multiply a scale)
+with the zero point `-m / d` in fp32: measured on SmolLM2, the CPU plugin fuses it into its int4
+FullyConnected kernel as it does NNCF's integer zero points, and the logits stay within 1.2e-4 of
+the fp32 model, where an fp16 zero point drifts by 0.11 and an integer one (NNCF's INT4_ASYM) by
+18. The token embedding and the LM head (two tables in the ONNX export even when tied) are Q8_0
+(int8, blocks of 32, one scale each) at either precision, and int8 is Q8_0 throughout, as in the
+GGUF.
 
 The gate is measured through the OpenVINO CPU plugin on this very file, the sequence fed in chunks
 so that later positions read the KV cache at the precision the IR names (`KV_CACHE`), which is what
@@ -89,7 +91,6 @@ def loader() -> str:
 def write(checkpoint: Path, out: Path, bits: int) -> dict[str, object]:
     """`out/` as OpenVINO GenAI loads it, its weights at `bits` on the grid above. Returns what the
     manifest records (tensor counts per type, the largest reconstruction errors, the KV cache)."""
-    import openvino
 
     found = problem(checkpoint)
     if found:
@@ -239,7 +240,7 @@ def _tokenizer(checkpoint: Path, out: Path) -> None:
         if level and not any("▁" in token or token.startswith("<0x") for token in vocab):
             spec["decoder"] = level[0]
             (Path(tmp) / "tokenizer.json").write_text(json.dumps(spec))
-        hf = AutoTokenizer.from_pretrained(tmp)  # type: ignore[no-untyped-call]
+        hf = AutoTokenizer.from_pretrained(tmp)
         try:
             encoder, decoder_model = convert_tokenizer(hf, with_detokenizer=True)
         except (RuntimeError, ValueError, KeyError) as exc:

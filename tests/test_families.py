@@ -112,9 +112,11 @@ def test_a_decoder_compiles_and_its_runtime_generates_what_transformers_generate
     ids = model.prompt_ids(PROMPT)
     generated = list(islice(model.tokens(ids, runtime.Sampling(max_new_tokens=12)), 12))
     with torch.inference_mode():
-        reference = AutoModelForCausalLM.from_pretrained(checkpoint).generate(
-            torch.tensor([ids]), max_new_tokens=12, do_sample=False
-        )[0, len(ids) :].tolist()
+        reference = (
+            AutoModelForCausalLM.from_pretrained(checkpoint)
+            .generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)[0, len(ids) :]
+            .tolist()
+        )
     expected = reference[: reference.index(1)] if 1 in reference else reference  # up to the end of sequence
     assert generated == expected
     exported = json.loads((out / "manifest.json").read_text())["stages"][0]

@@ -94,7 +94,7 @@ def port_name(port: Any) -> str:
     """An OpenVINO port's name as the graph named its input or output: the converter may give a
     tensor the names of ops folded into it too (`/Concat_output_0` beside `past_key_values.0.key`),
     and `any_name` can be either."""
-    return next((name for name in sorted(port.get_names()) if not name.startswith("/")), port.any_name)
+    return str(next((name for name in sorted(port.get_names()) if not name.startswith("/")), port.any_name))
 
 
 class OpenVINOSession:

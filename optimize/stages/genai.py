@@ -275,9 +275,7 @@ def build(checkpoint: Path, out: Path, candidate: Candidate, target: str, cache:
         )
     if returncode != 0 or not (out / "genai_config.json").is_file():
         last = next((line.strip() for line in reversed(log.splitlines()) if line.strip()), "(no output)")
-        said = (
-            f"onnxruntime-genai {routes.builder_version()}'s model builder failed for {candidate.label()}: {last}"
-        )
+        said = f"onnxruntime-genai {routes.builder_version()}'s model builder failed for {candidate.label()}: {last}"
         if any(sign in log for sign in OUT_OF_MEMORY):
             raise ResourceError(f"{said}. It ran out of memory: try a machine with more memory")
         raise DependencyError(f"{said}. `kind: compile` (our own ONNX export) is a route for every decoder")
