@@ -357,17 +357,3 @@ def bench(handle: ModelHandle, batch_size: int, seq_len: int, warmup: int, runs:
         "provider": model.provider,
     }
     return {"metrics": metrics, "spread": spread, "conditions": conditions}
-
-
-def max_abs_diff(a: ModelHandle, b: ModelHandle, texts: Sequence[str], seq_len: int) -> tuple[float, float]:
-    """Largest absolute difference of the raw outputs (last hidden states or logits) on real inputs,
-    at real tokens only (what a model computes at padding differs between runtimes), and the
-    largest absolute value of `a`'s outputs there, the scale a tolerance should be relative to."""
-    first, second = open_model(a, seq_len), open_model(b, seq_len)
-    inputs = first.tokenizer(texts)
-    reference = first.run(inputs)
-    diff = np.abs(reference - second.run(inputs))
-    if diff.ndim == 3:
-        real = inputs["attention_mask"].astype(bool)
-        diff, reference = diff[real], reference[real]
-    return float(diff.max()), float(np.abs(reference).max())

@@ -11,40 +11,30 @@ SkipLayerNormalization, BiasGelu, EmbedLayerNormalization), then the dynamo expo
 (`torch.export`), which traces models the tracer cannot. The export record names the one used and
 why the others were passed over.
 
-A decoder is exported with its KV cache when every layer's cache is plain keys and values (what
-`kv_cached` checks); a cache of another kind (linear attention's recurrent state, short convolutions)
-makes a graph over the whole sequence instead, which the runtime's loop runs again for each token:
-the slower route, named `route` in the record and the manifest. The stage cache keeps exports.
+The graphs themselves are `optimize/graphs.py`'s. A decoder is exported with its KV cache when
+every layer's cache is plain keys and values (what `graphs.kv_cached` checks); a cache of another
+kind (linear attention's recurrent state, short convolutions) makes a graph over the whole sequence
+instead, which the runtime's loop runs again for each token: the slower route, named `route` in the
+record and the manifest. The stage cache keeps exports.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import inspect
-import io
-import warnings
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from optimize import projection, tasks
 from optimize.errors import DependencyError
-from optimize.evaluate import max_abs_diff
+from optimize.graphs import EXPORTERS, OPSET, build_graph, cached_step_diff, write
 from optimize.model import ModelHandle, load_torch
-from optimize.routes import ROUTE_CACHED, ROUTE_WHOLE, STEPPED
+from optimize.routes import ROUTE_CACHED
 
-if TYPE_CHECKING:
-    import torch
-
-OPSET = 18
 # max |onnx - torch| on the outputs, per unit of their largest magnitude (logits reach ~40, hidden
 # states ~10), beyond which the export is wrong rather than rounded differently.
 TOLERANCE = 1e-4
-EXPORTERS = ("torchscript", "dynamo")
 
 
 def content_sha256(folder: Path) -> str:
@@ -58,24 +48,6 @@ def content_sha256(folder: Path) -> str:
     return digest.hexdigest()
 
 
-@dataclass
-class Graph:
-    """What one export traces: the module, its input and output names, example inputs, and which
-    axes of each are dynamic."""
-
-    module: torch.nn.Module
-    inputs: dict[str, torch.Tensor]
-    outputs: list[str]
-    axes: dict[str, dict[int, str]]
-    route: str | None = None  # a decoder's: ROUTE_CACHED or ROUTE_WHOLE
-
-    @property
-    def model(self) -> torch.nn.Module:
-        """The transformers model inside the wrapper."""
-        inner: torch.nn.Module = self.module.model  # type: ignore[assignment]
-        return inner
-
-
 def export(
     model: ModelHandle, workdir: Path, texts: Sequence[str], seq_len: int
 ) -> tuple[ModelHandle, dict[str, object]]:
@@ -83,6 +55,7 @@ def export(
     Reuse is the stage cache's business: the pipeline keeps this step like any other."""
     import torch
 
+    workdir.mkdir(parents=True, exist_ok=True)
     module = load_torch(model)
     graph = build_graph(module, model.task)
     passed_over: list[str] = []
@@ -117,169 +90,22 @@ def export(
     )
 
 
+def max_abs_diff(a: ModelHandle, b: ModelHandle, texts: Sequence[str], seq_len: int) -> tuple[float, float]:
+    """Largest absolute difference of the raw outputs (last hidden states or logits) on real inputs,
+    at real tokens only (what a model computes at padding differs between runtimes), and the
+    largest absolute value of `a`'s outputs there, the scale a tolerance should be relative to."""
+    from optimize.evaluate import open_model
+
+    first, second = open_model(a, seq_len), open_model(b, seq_len)
+    inputs = first.tokenizer(texts)
+    reference = first.run(inputs)
+    diff = np.abs(reference - second.run(inputs))
+    if diff.ndim == 3:
+        real = inputs["attention_mask"].astype(bool)
+        diff, reference = diff[real], reference[real]
+    return float(diff.max()), float(np.abs(reference).max())
+
+
 def _last_line(exc: BaseException) -> str:
     lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
     return lines[-1][:300] if lines else ""
-
-
-def write(graph: Graph, path: Path, exporter: str) -> None:
-    """`graph` as ONNX at `path` through `exporter` (one of EXPORTERS), its weights in the file."""
-    import torch
-
-    from optimize.export_modules import rewritten
-
-    names = list(graph.inputs)
-    args = tuple(graph.inputs.values())
-    quiet = contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO())
-    with warnings.catch_warnings(), quiet[0], quiet[1], rewritten(graph.model):
-        warnings.simplefilter("ignore")
-        if exporter == "torchscript":
-            torch.onnx.export(
-                graph.module, args, str(path), input_names=names, output_names=graph.outputs,
-                dynamic_axes={**graph.axes}, opset_version=OPSET, dynamo=False, do_constant_folding=True,
-            )  # fmt: skip
-            _tidy(path)
-        else:
-            dims = [{axis: torch.export.Dim.DYNAMIC for axis in graph.axes.get(name, {})} for name in names]
-            # in the structure of the wrapper's forward: its named tensors, then one tuple for *rest
-            params = list(inspect.signature(graph.module.forward).parameters.values())
-            fixed = sum(p.kind != p.VAR_POSITIONAL for p in params)
-            rest = (tuple(dims[fixed:]),) if len(params) > fixed else ()
-            shapes = (*dims[:fixed], *rest)
-            program = torch.onnx.export(
-                graph.module, args, input_names=names, output_names=graph.outputs, dynamic_shapes=shapes,
-                opset_version=OPSET, dynamo=True, optimize=True, verbose=False,
-            )  # fmt: skip
-            assert program is not None  # the dynamo exporter returns its program
-            program.save(str(path))  # its weights in the file, or beside it past 2 GB
-
-
-def _tidy(path: Path) -> None:
-    """Two fixes to a TorchScript graph. Node names lose the wrapper's `/model` scope, so they name
-    the model's own modules (`/embeddings/word_embeddings/Gather`), as precision plans and reports
-    show them. And torch's count of a boolean tensor (CumSum, int64 in torch), which TorchScript
-    writes as a CumSum of booleans (no valid ONNX graph) read as boolean, is made in int64 and given
-    on as "non-zero" (Llama 4's chunked attention mask counts left padding so, and compares the count
-    with zero)."""
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)  # a large model's weights stay where they are
-    for node in model.graph.node:
-        if node.name.startswith("/model/"):
-            node.name = node.name.removeprefix("/model")
-    inferred = onnx.shape_inference.infer_shapes(model)
-    types = {v.name: v.type.tensor_type.elem_type for v in [*inferred.graph.value_info, *inferred.graph.input]}
-    bools = [n for n in model.graph.node if n.op_type == "CumSum" and types.get(n.input[0]) == onnx.TensorProto.BOOL]
-    for i, node in enumerate(bools):
-        counted, total = f"{node.input[0]}_as_int64_{i}", f"{node.output[0]}_int64_{i}"
-        before = onnx.helper.make_node("Cast", [node.input[0]], [counted], to=onnx.TensorProto.INT64)
-        after = onnx.helper.make_node("Cast", [total], [node.output[0]], to=onnx.TensorProto.BOOL)
-        at = list(model.graph.node).index(node)
-        model.graph.node.insert(at + 1, after)
-        model.graph.node.insert(at, before)
-        node.input[0], node.output[0] = counted, total
-    onnx.save(model, str(path))
-
-
-def build_graph(module: torch.nn.Module, task: str) -> Graph:
-    """The wrapper and example inputs for a model of `task`."""
-    import torch
-
-    from optimize.export_modules import FirstOutput
-
-    if task != tasks.GENERATION:
-        takes_types = "token_type_ids" in inspect.signature(module.forward).parameters
-        names = ["input_ids", "attention_mask", *(["token_type_ids"] if takes_types else [])]
-        ids = torch.tensor([[5, 6, 7, 8, 9], [10, 11, 12, 0, 0]], dtype=torch.int64)
-        mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.int64)
-        inputs = {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
-        output = "last_hidden_state" if tasks.embeds(task) else "logits"
-        axes: dict[str, dict[int, str]] = {n: {0: "batch", 1: "sequence"} for n in names}
-        axes[output] = {0: "batch", 1: "sequence"} if tasks.embeds(task) else {0: "batch"}
-        return Graph(FirstOutput(module, names), {n: inputs[n] for n in names}, [output], axes)
-    return _decoder_graph(module)
-
-
-def kv_cached(module: torch.nn.Module) -> int | None:
-    """The number of layers whose keys and values make the decoder's whole cache, or None where
-    its cache holds anything else (a recurrent state, a convolution's window)."""
-    import torch
-    from transformers.cache_utils import DynamicCache, DynamicLayer
-
-    from optimize.export_modules import returned_cache
-
-    with torch.inference_mode():
-        cache = returned_cache(module(input_ids=torch.tensor([[3, 4, 5]]), use_cache=True))
-    if type(cache) is not DynamicCache or not cache.layers:
-        return None
-    # A sliding window's layer (a DynamicLayer that drops what falls out of the window) is exported
-    # whole: the window is the attention mask's work then, as in transformers' full-cache path.
-    if any(not isinstance(layer, DynamicLayer) or getattr(layer, "keys", None) is None for layer in cache.layers):
-        return None
-    return len(cache.layers)
-
-
-def _decoder_graph(module: torch.nn.Module) -> Graph:
-    import torch
-
-    from optimize.export_modules import WholeSequence, WithCache, returned_cache
-
-    layers = kv_cached(module)
-    past = 3
-    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]], dtype=torch.int64)
-    if layers is None:
-        mask = torch.ones_like(ids)
-        axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"}}
-        axes["logits"] = {0: "batch", 1: "sequence"}
-        return Graph(WholeSequence(module), {"input_ids": ids, "attention_mask": mask}, ["logits"], axes, ROUTE_WHOLE)
-    with torch.inference_mode():
-        prefix = returned_cache(module(input_ids=ids[:, :past], use_cache=True))
-    inputs = {
-        "input_ids": ids,
-        "attention_mask": torch.ones((2, past + ids.shape[1]), dtype=torch.int64),
-        "position_ids": torch.arange(past, past + ids.shape[1]).repeat(2, 1),
-    }
-    outputs = ["logits"]
-    axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "total"}}
-    axes |= {"position_ids": {0: "batch", 1: "sequence"}, "logits": {0: "batch", 1: "sequence"}}
-    for i, layer in enumerate(prefix.layers):
-        for kind, tensor in (("key", layer.keys), ("value", layer.values)):
-            inputs[f"past_key_values.{i}.{kind}"] = tensor.clone()
-            axes[f"past_key_values.{i}.{kind}"] = {0: "batch", 2: "past"}
-            outputs.append(f"present.{i}.{kind}")
-            axes[f"present.{i}.{kind}"] = {0: "batch", 2: "total"}
-    return Graph(WithCache(module, layers), inputs, outputs, axes, ROUTE_CACHED)
-
-
-def cached_step_diff(module: torch.nn.Module, path: Path, text: str) -> float:
-    """Largest |logits| difference between torch over a whole sequence and the graph fed its first
-    part, then the rest one token at a time through the cache it returned (what generation does)."""
-    import onnxruntime as ort
-    import torch
-
-    ids = np.arange(3, 3 + STEPPED, dtype=np.int64)[None, :]  # any vocabulary has them
-    with torch.inference_mode():
-        expected = module(input_ids=torch.from_numpy(ids), use_cache=False).logits.float().numpy()
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs()]
-    caches = [i for i in session.get_inputs() if i.name.startswith("past_key_values.")]
-    past = {i.name: np.zeros([1, i.shape[1], 0, i.shape[3]], np.float32) for i in caches}
-    worst = 0.0
-    for start, stop in _steps(ids.shape[1]):
-        feed = {
-            "input_ids": ids[:, start:stop],
-            "attention_mask": np.ones((1, stop), np.int64),
-            "position_ids": np.arange(start, stop, dtype=np.int64)[None, :],
-            **past,
-        }
-        outputs = dict(zip(names, session.run(None, feed), strict=True))
-        worst = max(worst, float(np.abs(outputs["logits"] - expected[:, start:stop]).max()))
-        past = {n.replace("present", "past_key_values", 1): v for n, v in outputs.items() if n.startswith("present")}
-    return worst
-
-
-def _steps(length: int) -> Iterator[tuple[int, int]]:
-    """The prompt (half the tokens), then one token at a time."""
-    yield 0, length // 2
-    for start in range(length // 2, length):
-        yield start, start + 1

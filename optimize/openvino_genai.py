@@ -2,7 +2,7 @@
 as it is (`openvino_model.xml/.bin`, stateful with its KV cache, `openvino_tokenizer.xml` and
 `openvino_detokenizer.xml`, the checkpoint's configs and tokenizer).
 
-The graph is our own ONNX export with its KV cache (`optimize/export.py`) in fp32, converted by
+The graph is our own ONNX export with its KV cache (`optimize/graphs.py`) in fp32, converted by
 OpenVINO and made stateful as OpenVINO GenAI runs it (the cache in the model's state, `beam_idx`
 choosing its rows); its weights are then put on the genai stage's grid here: int4 is each block
 of 32 input weights as `d * q + m` (q in 0..15, d and m per block, the minmax grid of
@@ -125,19 +125,19 @@ def _export(checkpoint: Path, out: Path) -> Any:
     import openvino.opset13 as ops
     from openvino._offline_transformations import apply_make_stateful_transformation
 
-    from optimize import export, tasks
+    from optimize import graphs, tasks
     from optimize.model import ModelHandle, load_torch
     from optimize.routes import ROUTE_CACHED
 
     module = load_torch(ModelHandle(checkpoint, tasks.GENERATION))
-    graph = export.build_graph(module, tasks.GENERATION)
+    graph = graphs.build_graph(module, tasks.GENERATION)
     if graph.route != ROUTE_CACHED:
         raise UsageError(
             f"format openvino-genai: {type(module).__name__}'s cache is not keys and values alone "
             "(a recurrent or convolution state), which OpenVINO GenAI's stateful model needs; "
             "ship formats: [onnx] (the runtime's loop over the whole sequence) for this architecture"
         )
-    export.write(graph, out / "model.onnx", "torchscript")
+    graphs.write(graph, out / "model.onnx", "torchscript")
     del module
     model = openvino.convert_model(str(out / "model.onnx"))
     beam_idx = ops.parameter(openvino.PartialShape([-1]), openvino.Type.i32, name="beam_idx")

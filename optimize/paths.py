@@ -61,7 +61,7 @@ def named(name: str | Path, folder: str, base_dir: Path | None = None) -> Path:
         return path
     for candidate in (str(name), f"{name}.yaml"):
         found = find(candidate, folder, base_dir)
-        if found.exists():
+        if found.is_file():  # a recipe or suite is a file (evals/stsb/ is the STS-B suite's data)
             return found
     matches = {p.name: p for p in shipped(folder) if p.name.startswith(str(name))}
     return next(iter(matches.values())) if len(matches) == 1 else path
