@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from optimize import runtime
 from optimize.cli import app
-from tests.conftest import ROOT, TOKENIZER_FILES, minilm_path
+from tests.conftest import ROOT, TOKENIZER_FILES, minilm_path, write_recipe
 
 SMALL = {
     "hidden_size": 64,
@@ -153,4 +153,6 @@ def test_quantize_takes_every_family_to_a_verdict(model_type: str, bpe_tokenizer
         checkpoint = tiny(model_type, tmp_path / "model", "AutoModel", 30522, **ENCODERS[model_type])
         for name in TOKENIZER_FILES:
             shutil.copyfile(minilm_path() / name, checkpoint / name)
-    invoke("quantize", str(checkpoint), "-o", str(tmp_path / "out"))
+    # the quantize stage's defaults, on the tests' small calibration set (32 texts of 32 tokens)
+    recipe = write_recipe(tmp_path, [{"kind": "quantize"}])
+    invoke("quantize", str(checkpoint), "-r", str(recipe), "-o", str(tmp_path / "out"))
