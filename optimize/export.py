@@ -28,6 +28,7 @@ import numpy as np
 
 from optimize import projection, tasks
 from optimize.errors import DependencyError
+from optimize.evaluate import open_model
 from optimize.graphs import EXPORTERS, OPSET, build_graph, cached_step_diff, write
 from optimize.model import ModelHandle, load_torch
 from optimize.routes import ROUTE_CACHED
@@ -74,7 +75,7 @@ def export(
         exported = model.with_onnx(path)
         diff, scale = max_abs_diff(model, exported, texts, seq_len)
         if graph.route == ROUTE_CACHED and diff <= TOLERANCE * max(scale, 1.0):
-            diff = max(diff, cached_step_diff(module, path, texts[0]))
+            diff = max(diff, cached_step_diff(module, path))
         if diff > TOLERANCE * max(scale, 1.0):
             passed_over.append(f"{exporter}: differs from torch by {diff:.2e} (> {TOLERANCE} x {scale:.1f})")
             continue
@@ -94,8 +95,6 @@ def max_abs_diff(a: ModelHandle, b: ModelHandle, texts: Sequence[str], seq_len: 
     """Largest absolute difference of the raw outputs (last hidden states or logits) on real inputs,
     at real tokens only (what a model computes at padding differs between runtimes), and the
     largest absolute value of `a`'s outputs there, the scale a tolerance should be relative to."""
-    from optimize.evaluate import open_model
-
     first, second = open_model(a, seq_len), open_model(b, seq_len)
     inputs = first.tokenizer(texts)
     reference = first.run(inputs)

@@ -173,7 +173,7 @@ def _decoder_graph(module: torch.nn.Module) -> Graph:
     return Graph(WithCache(module, layers), inputs, outputs, axes, ROUTE_CACHED)
 
 
-def cached_step_diff(module: torch.nn.Module, path: Path, text: str) -> float:
+def cached_step_diff(module: torch.nn.Module, path: Path) -> float:
     """Largest |logits| difference between torch over a whole sequence and the graph fed its first
     part, then the rest one token at a time through the cache it returned (what generation does)."""
     import onnxruntime as ort
