@@ -171,7 +171,10 @@ def run(config: CompileStage, model: ModelHandle, ctx: StageContext) -> StageRes
 
     texts = ctx.calibration_texts[:32]
     reference = _outputs(model, texts, ctx.seq_len)
-    stepped = _stepped(model, ctx.seq_len) if model.task == tasks.GENERATION else np.empty(0)
+    # a decoder's graph variants (onnxruntime's: another engine's model is kept as it is) are also
+    # checked as generation feeds them
+    checks_steps = model.task == tasks.GENERATION and model.engine == "onnxruntime"
+    stepped = _stepped(model, ctx.seq_len) if checks_steps else np.empty(0)
     tried: list[Tried] = []
     agreeing: list[tuple[Tried, ModelHandle]] = []
     variants = config.variants if model.engine == "onnxruntime" else ["as-is"]
@@ -183,7 +186,7 @@ def run(config: CompileStage, model: ModelHandle, ctx: StageContext) -> StageRes
         try:
             fused = build(variant, model, out)
             agreement = fidelity(_outputs(candidate, texts, ctx.seq_len), reference)["cosine_min"]
-            if model.task == tasks.GENERATION:  # and as generation runs it, through its cache
+            if checks_steps:  # and as generation runs it, through its cache
                 agreement = min(agreement, fidelity(_stepped(candidate, ctx.seq_len), stepped)["cosine_min"])
         except Exception as exc:  # a fusion that does not apply to this graph is a candidate that failed
             record["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
