@@ -20,6 +20,7 @@ from optimize import costs, memory, projection, runtime, tasks
 from optimize.gguf_format import GgufModel
 from optimize.model import ModelHandle, load_torch
 from optimize.openvino_genai import OpenVinoDecoder
+from optimize.routes import STEPPED_IDS
 from optimize.suites import LoadedSuite, run_suite, standard_error
 
 Inputs = dict[str, np.ndarray]
@@ -357,3 +358,12 @@ def bench(handle: ModelHandle, batch_size: int, seq_len: int, warmup: int, runs:
         "provider": model.provider,
     }
     return {"metrics": metrics, "spread": spread, "conditions": conditions}
+
+
+def stepped_logits(handle: ModelHandle, seq_len: int) -> np.ndarray:
+    """A decoder graph's logits on STEPPED_IDS fed as generation feeds it: the first half in one
+    pass, then one token at a time through its cache (`runtime.OnnxModel.stepped_logits`)."""
+    opened = open_model(handle, seq_len)
+    if not isinstance(opened, runtime.OnnxModel):
+        raise ValueError(f"{handle.onnx_path}: not a graph the runtime steps through")
+    return opened.stepped_logits(STEPPED_IDS)

@@ -9,15 +9,12 @@ import contextlib
 import inspect
 import io
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from optimize import tasks
-from optimize.routes import ROUTE_CACHED, ROUTE_WHOLE, STEPPED
+from optimize.routes import ROUTE_CACHED, ROUTE_WHOLE
 
 if TYPE_CHECKING:
     import torch
@@ -122,23 +119,16 @@ def build_graph(module: torch.nn.Module, task: str) -> Graph:
     return _decoder_graph(module)
 
 
-def kv_cached(module: torch.nn.Module) -> int | None:
-    """The number of layers whose keys and values make the decoder's whole cache, or None where
-    its cache holds anything else (a recurrent state, a convolution's window)."""
-    import torch
+def kv_cached(cache: object) -> bool:
+    """Whether a decoder's cache (as its forward pass returned it) is keys and values alone, layer by
+    layer, not a recurrent state or a convolution's window."""
     from transformers.cache_utils import DynamicCache, DynamicLayer
 
-    from optimize.export_modules import returned_cache
-
-    with torch.inference_mode():
-        cache = returned_cache(module(input_ids=torch.tensor([[3, 4, 5]]), use_cache=True))
     if type(cache) is not DynamicCache or not cache.layers:
-        return None
+        return False
     # A sliding window's layer (a DynamicLayer that drops what falls out of the window) is exported
     # whole: the window is the attention mask's work then, as in transformers' full-cache path.
-    if any(not isinstance(layer, DynamicLayer) or getattr(layer, "keys", None) is None for layer in cache.layers):
-        return None
-    return len(cache.layers)
+    return all(isinstance(layer, DynamicLayer) and getattr(layer, "keys", None) is not None for layer in cache.layers)
 
 
 def _decoder_graph(module: torch.nn.Module) -> Graph:
@@ -146,16 +136,15 @@ def _decoder_graph(module: torch.nn.Module) -> Graph:
 
     from optimize.export_modules import WholeSequence, WithCache, returned_cache
 
-    layers = kv_cached(module)
     past = 3
     ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]], dtype=torch.int64)
-    if layers is None:
+    with torch.inference_mode():
+        prefix = returned_cache(module(input_ids=ids[:, :past], use_cache=True))
+    if not kv_cached(prefix):
         mask = torch.ones_like(ids)
         axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"}}
         axes["logits"] = {0: "batch", 1: "sequence"}
         return Graph(WholeSequence(module), {"input_ids": ids, "attention_mask": mask}, ["logits"], axes, ROUTE_WHOLE)
-    with torch.inference_mode():
-        prefix = returned_cache(module(input_ids=ids[:, :past], use_cache=True))
     inputs = {
         "input_ids": ids,
         "attention_mask": torch.ones((2, past + ids.shape[1]), dtype=torch.int64),
@@ -170,38 +159,4 @@ def _decoder_graph(module: torch.nn.Module) -> Graph:
             axes[f"past_key_values.{i}.{kind}"] = {0: "batch", 2: "past"}
             outputs.append(f"present.{i}.{kind}")
             axes[f"present.{i}.{kind}"] = {0: "batch", 2: "total"}
-    return Graph(WithCache(module, layers), inputs, outputs, axes, ROUTE_CACHED)
-
-
-def cached_step_diff(module: torch.nn.Module, path: Path) -> float:
-    """Largest |logits| difference between torch over a whole sequence and the graph fed its first
-    part, then the rest one token at a time through the cache it returned (what generation does)."""
-    import onnxruntime as ort
-    import torch
-
-    ids = np.arange(3, 3 + STEPPED, dtype=np.int64)[None, :]  # any vocabulary has them
-    with torch.inference_mode():
-        expected = module(input_ids=torch.from_numpy(ids), use_cache=False).logits.float().numpy()
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs()]
-    caches = [i for i in session.get_inputs() if i.name.startswith("past_key_values.")]
-    past = {i.name: np.zeros([1, i.shape[1], 0, i.shape[3]], np.float32) for i in caches}
-    worst = 0.0
-    for start, stop in _steps(ids.shape[1]):
-        feed = {
-            "input_ids": ids[:, start:stop],
-            "attention_mask": np.ones((1, stop), np.int64),
-            "position_ids": np.arange(start, stop, dtype=np.int64)[None, :],
-            **past,
-        }
-        outputs = dict(zip(names, session.run(None, feed), strict=True))
-        worst = max(worst, float(np.abs(outputs["logits"] - expected[:, start:stop]).max()))
-        past = {n.replace("present", "past_key_values", 1): v for n, v in outputs.items() if n.startswith("present")}
-    return worst
-
-
-def _steps(length: int) -> Iterator[tuple[int, int]]:
-    """The prompt (half the tokens), then one token at a time."""
-    yield 0, length // 2
-    for start in range(length // 2, length):
-        yield start, start + 1
+    return Graph(WithCache(module, len(prefix.layers)), inputs, outputs, axes, ROUTE_CACHED)

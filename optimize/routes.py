@@ -22,7 +22,9 @@ from optimize import tasks
 
 ATTENTION_LAYERS = {"full_attention", "sliding_attention", "chunked_attention", "attention"}
 ROUTE_CACHED, ROUTE_WHOLE = "kv-cache", "whole-sequence"
-STEPPED = 16  # tokens a decoder graph is checked on as generation feeds it (the second half one at a time)
+# The 16 tokens a decoder graph is checked on as generation feeds it (the second half one at a time,
+# past a small sliding window); any vocabulary has them.
+STEPPED_IDS = list(range(3, 19))
 
 
 def export_route(config: dict[str, Any]) -> str:

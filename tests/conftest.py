@@ -112,22 +112,32 @@ def tiny_bert_artifact(tiny_bert: Path, tmp_path_factory: pytest.TempPathFactory
 
 
 @pytest.fixture(scope="session")
-def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 2-layer random Llama with a small BPE tokenizer trained on the shipped calibration texts."""
-    import torch
+def bpe_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 300-token byte-level BPE trained on the shipped calibration texts (`<unk>` 0, `<s>` 1)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    folder = tmp_path_factory.mktemp("tiny-llama")
+    path = tmp_path_factory.mktemp("bpe") / "tokenizer.json"
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    texts = [line for line in (ROOT / "calibration" / "default.jsonl").read_text().splitlines()]
+    texts = (ROOT / "calibration" / "default.jsonl").read_text().splitlines()
     tokenizer.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>"]))
-    tokenizer.save(str(folder / "tokenizer.json"))
+    tokenizer.save(str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(bpe_tokenizer: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer random Llama with the small BPE tokenizer above."""
+    import torch
+    from tokenizers import Tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    shutil.copyfile(bpe_tokenizer, folder / "tokenizer.json")
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=tokenizer.get_vocab_size(),
+        vocab_size=Tokenizer.from_file(str(bpe_tokenizer)).get_vocab_size(),
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=2,

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from optimize import runtime
 from optimize.cli import app
-from tests.conftest import ROOT, TOKENIZER_FILES, minilm_path, write_recipe
+from tests.conftest import TOKENIZER_FILES, minilm_path, write_recipe
 
 SMALL = {
     "hidden_size": 64,
@@ -65,29 +65,24 @@ ENCODERS: dict[str, dict[str, object]] = {
 PROMPT = "The capital of France is"
 
 
-@pytest.fixture(scope="session")
-def bpe_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 300-token byte-level BPE trained on the shipped calibration texts (`<unk>` 0, `<s>` 1)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    path = tmp_path_factory.mktemp("bpe") / "tokenizer.json"
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    texts = (ROOT / "calibration" / "default.jsonl").read_text().splitlines()
-    tokenizer.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>"]))
-    tokenizer.save(str(path))
-    return path
-
-
-def tiny(model_type: str, folder: Path, auto: str, vocab: int, **extra: object) -> Path:
-    """A random model of `model_type`, SMALL, saved as safetensors in `folder`."""
+def tiny(model_type: str, folder: Path, bpe_tokenizer: Path) -> Path:
+    """A random model of `model_type`, SMALL, saved as safetensors in `folder` with its tokenizer:
+    a decoder with the 300-token BPE, an encoder with MiniLM's WordPiece."""
     import torch
     import transformers
 
+    decoder = model_type in DECODERS
+    extra = DECODERS[model_type] if decoder else ENCODERS[model_type]
     torch.manual_seed(0)
-    config = transformers.AutoConfig.for_model(model_type, **{**SMALL, "vocab_size": vocab, **extra})
-    getattr(transformers, auto).from_config(config).save_pretrained(folder)
+    config = transformers.AutoConfig.for_model(
+        model_type, **{**SMALL, "vocab_size": 300 if decoder else 30522, **extra}
+    )
+    auto = transformers.AutoModelForCausalLM if decoder else transformers.AutoModel
+    auto.from_config(config).save_pretrained(folder)
+    if decoder:
+        shutil.copyfile(bpe_tokenizer, folder / "tokenizer.json")
+    for name in () if decoder else TOKENIZER_FILES:
+        shutil.copyfile(minilm_path() / name, folder / name)
     return folder
 
 
@@ -104,8 +99,7 @@ def test_a_decoder_compiles_and_its_runtime_generates_what_transformers_generate
     import torch
     from transformers import AutoModelForCausalLM
 
-    checkpoint = tiny(model_type, tmp_path / "model", "AutoModelForCausalLM", 300, **DECODERS[model_type])
-    shutil.copyfile(bpe_tokenizer, checkpoint / "tokenizer.json")
+    checkpoint = tiny(model_type, tmp_path / "model", bpe_tokenizer)
     out = tmp_path / "out"
     assert invoke("compile", str(checkpoint), "-o", str(out)) == 0
     model = runtime.load(out)
@@ -124,13 +118,11 @@ def test_a_decoder_compiles_and_its_runtime_generates_what_transformers_generate
 
 
 @pytest.mark.parametrize("model_type", sorted(ENCODERS))
-def test_an_encoder_compiles_and_embeds_as_torch_does(model_type: str, tmp_path: Path) -> None:
+def test_an_encoder_compiles_and_embeds_as_torch_does(model_type: str, bpe_tokenizer: Path, tmp_path: Path) -> None:
     import torch
     from transformers import AutoModel
 
-    checkpoint = tiny(model_type, tmp_path / "model", "AutoModel", 30522, **ENCODERS[model_type])
-    for name in TOKENIZER_FILES:
-        shutil.copyfile(minilm_path() / name, checkpoint / name)
+    checkpoint = tiny(model_type, tmp_path / "model", bpe_tokenizer)
     out = tmp_path / "out"
     assert invoke("compile", str(checkpoint), "-o", str(out)) == 0
     texts = ["a cat sat on the mat", "the weather is fine today, is it not?"]
@@ -146,13 +138,7 @@ def test_an_encoder_compiles_and_embeds_as_torch_does(model_type: str, tmp_path:
 @pytest.mark.slow
 @pytest.mark.parametrize("model_type", sorted(DECODERS) + sorted(ENCODERS))
 def test_quantize_takes_every_family_to_a_verdict(model_type: str, bpe_tokenizer: Path, tmp_path: Path) -> None:
-    if model_type in DECODERS:
-        checkpoint = tiny(model_type, tmp_path / "model", "AutoModelForCausalLM", 300, **DECODERS[model_type])
-        shutil.copyfile(bpe_tokenizer, checkpoint / "tokenizer.json")
-    else:
-        checkpoint = tiny(model_type, tmp_path / "model", "AutoModel", 30522, **ENCODERS[model_type])
-        for name in TOKENIZER_FILES:
-            shutil.copyfile(minilm_path() / name, checkpoint / name)
+    checkpoint = tiny(model_type, tmp_path / "model", bpe_tokenizer)
     # the quantize stage's defaults, on the tests' small calibration set (32 texts of 32 tokens)
     recipe = write_recipe(tmp_path, [{"kind": "quantize"}])
     invoke("quantize", str(checkpoint), "-r", str(recipe), "-o", str(tmp_path / "out"))

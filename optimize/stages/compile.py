@@ -31,8 +31,6 @@ from pydantic import Field
 from optimize import tasks
 from optimize.errors import GateFailed
 from optimize.model import ModelHandle
-from optimize.routes import STEPPED
-from optimize.runtime import OnnxModel
 from optimize.runtime.manifest import JsonObject
 from optimize.stages.base import Choice, StageBase, StageContext, StageResult
 
@@ -150,16 +148,6 @@ def _outputs(model: ModelHandle, texts: tuple[str, ...], seq_len: int) -> np.nda
     return outputs(open_model(model, seq_len), model.task, list(texts))
 
 
-def _stepped(model: ModelHandle, seq_len: int) -> np.ndarray:
-    """A decoder's logits fed as generation feeds it (a graph's fusions may break its cache path
-    where the whole sequence in one pass still agrees: GPT-2's fused attention did)."""
-    from optimize.evaluate import open_model
-
-    opened = open_model(model, seq_len)
-    assert isinstance(opened, OnnxModel)
-    return opened.stepped_logits(list(range(3, 3 + STEPPED)))
-
-
 def run(config: CompileStage, model: ModelHandle, ctx: StageContext) -> StageResult:
     if config.target != "cpu":
         from optimize.stages.fp16 import gpu_graph
@@ -167,14 +155,14 @@ def run(config: CompileStage, model: ModelHandle, ctx: StageContext) -> StageRes
         out = ctx.workdir / "model.onnx"
         build("basic", model, out)
         return gpu_graph(model, ctx, config.fp16, model.with_onnx(out))
-    from optimize.evaluate import fidelity, time_in_turns
+    from optimize.evaluate import fidelity, stepped_logits, time_in_turns
 
     texts = ctx.calibration_texts[:32]
     reference = _outputs(model, texts, ctx.seq_len)
     # a decoder's graph variants (onnxruntime's: another engine's model is kept as it is) are also
     # checked as generation feeds them
     checks_steps = model.task == tasks.GENERATION and model.engine == "onnxruntime"
-    stepped = _stepped(model, ctx.seq_len) if checks_steps else np.empty(0)
+    stepped = stepped_logits(model, ctx.seq_len) if checks_steps else np.empty(0)
     tried: list[Tried] = []
     agreeing: list[tuple[Tried, ModelHandle]] = []
     variants = config.variants if model.engine == "onnxruntime" else ["as-is"]
@@ -187,7 +175,7 @@ def run(config: CompileStage, model: ModelHandle, ctx: StageContext) -> StageRes
             fused = build(variant, model, out)
             agreement = fidelity(_outputs(candidate, texts, ctx.seq_len), reference)["cosine_min"]
             if checks_steps:  # and as generation runs it, through its cache
-                agreement = min(agreement, fidelity(_stepped(candidate, ctx.seq_len), stepped)["cosine_min"])
+                agreement = min(agreement, fidelity(stepped_logits(candidate, ctx.seq_len), stepped)["cosine_min"])
         except Exception as exc:  # a fusion that does not apply to this graph is a candidate that failed
             record["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
             continue
