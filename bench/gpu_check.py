@@ -4,7 +4,7 @@ STS-B test sentences, and its latency against the CPU. Without a GPU it says so 
 
     python bench/gpu_check.py [--runs 30]
 
-What it checks is what CI cannot: that the strongly typed fp16 graph (optimize/stages/fp16.py) builds
+What it checks is what CI cannot: that the strongly typed fp16 graph (optimize/stages/compile_fp16.py) builds
 a TensorRT engine, that the runtime picks TensorRT -> CUDA -> CPU as the manifest allows, and that the
 fidelity measured on the CPU holds on the GPU.
 """
@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from optimize import cpu, runtime
-from optimize.evaluate import fidelity
+from optimize.evaluate.measure import fidelity
+from optimize.evaluate.suites import load_suite
 from optimize.paths import find
-from optimize.suites import load_suite
 
 
 def gpu() -> str | None:

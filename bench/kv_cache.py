@@ -48,10 +48,10 @@ def measure(folder: Path, precision: str, contexts: list[int], new_tokens: int) 
     import openvino
     import openvino_genai as genai
 
-    from optimize import openvino_genai
-    from optimize.evaluate import threads
+    from optimize.evaluate.measure import threads
+    from optimize.evaluate.suites import load_suite, run_suite
+    from optimize.formats import openvino_genai
     from optimize.paths import find
-    from optimize.suites import load_suite, run_suite
 
     decoder = openvino_genai.OpenVinoDecoder(folder, 512, threads(), kv_cache=precision)
     suite = load_suite(find("wikitext2-test.yaml", "evals"))

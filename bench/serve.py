@@ -350,7 +350,7 @@ def _checkpoint_of(artifact: Path) -> str:
     """The checkpoint the artifact was made from: the recipe's `model`, resolved as optimize does."""
     import yaml
 
-    from optimize.model import resolve
+    from optimize.models.loading import resolve
 
     manifest = json.loads((artifact / "manifest.json").read_text())
     spec = yaml.safe_load(manifest["provenance"]["recipe"]).get("model")

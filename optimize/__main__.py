@@ -1,5 +1,5 @@
 """`python -m optimize` is the `optimize` command."""
 
-from optimize.cli import main
+from optimize.cli.commands import main
 
 main()

@@ -11,7 +11,7 @@ from optimize.runtime.manifest import EngineFile, GateResult, JsonObject, StageJ
 
 
 class LossPoint(TypedDict):
-    """One point of a training stage's `loss_curve` (written by `optimize.training`)."""
+    """One point of a training stage's `loss_curve` (written by `optimize.stages.distill_training`)."""
 
     step: int
     train_loss: float

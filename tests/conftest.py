@@ -96,7 +96,7 @@ def run_recipe(folder: Path, stages: list[dict], model: Path, *flags: str, out: 
     """`optimize run` of a recipe of these stages on `model` into `folder/out`, which must pass."""
     from typer.testing import CliRunner
 
-    from optimize.cli import app
+    from optimize.cli.commands import app
 
     recipe = write_recipe(folder, stages, model=str(model))
     result = CliRunner().invoke(app, ["run", str(recipe), "-o", str(folder / out), *flags])

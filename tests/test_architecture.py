@@ -1,4 +1,5 @@
-"""The shape of the code: no import cycle, and a stage kind is one class plus one registry entry."""
+"""The shape of the code: folders are layers (every import goes to its own layer or a lower one), no
+import cycle, and a stage kind is one class plus one registry entry."""
 
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ from typing import Annotated, ClassVar, Literal
 from pydantic import Field
 from typer.testing import CliRunner
 
-from optimize import recipe as recipes
-from optimize.cli import app
-from optimize.model import ModelHandle
+from optimize.cli.commands import app
+from optimize.models.handle import ModelHandle
+from optimize.pipeline import recipe as recipes
 from optimize.stages.base import StageBase, StageContext, StageResult
 from optimize.stages.compile import CompileStage
 from optimize.stages.quantize import QuantizeStage
@@ -34,10 +35,78 @@ def imports_of(path: Path, modules: set[str]) -> set[str]:
         if isinstance(node, ast.Import):
             found |= {a.name for a in node.names if a.name in modules}
         elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("optimize"):
-            found.add(node.module)
-            found |= {f"{node.module}.{a.name}" for a in node.names if f"{node.module}.{a.name}" in modules}
+            submodules = {f"{node.module}.{a.name}" for a in node.names} & modules
+            found |= submodules
+            if len(submodules) < len(node.names):  # names defined in the module (or package) itself
+                found.add(node.module)
     # the package's own __init__ imports nothing; naming it (`from optimize import x`) is no edge
     return found - {"optimize", module_name(path)}
+
+
+# Bottom to top: the shipped runtime (it imports nothing of ours), the base modules at the root, a
+# model as input, a model as output for another engine, measuring, the stages, the artifact, the
+# run, the command line. A module may import its own layer and the ones below it.
+LAYERS = (
+    ("runtime", ("optimize.runtime",)),
+    ("base", ("optimize.errors", "optimize.tasks", "optimize.metrics", "optimize.data", "optimize.cpu")),
+    ("base", ("optimize.paths", "optimize.records", "optimize.costs", "optimize")),
+    ("models", ("optimize.models",)),
+    ("formats", ("optimize.formats",)),
+    ("evaluate", ("optimize.evaluate",)),
+    ("stages", ("optimize.stages",)),
+    ("artifact", ("optimize.artifact",)),
+    ("pipeline", ("optimize.pipeline",)),
+    ("cli", ("optimize.cli", "optimize.__main__")),
+)
+RANKS = {name: rank for rank, name in enumerate(dict.fromkeys(name for name, _ in LAYERS))}
+
+
+def layer_of(module: str) -> str:
+    """The layer of a module: the longest prefix listed (a package holds its modules)."""
+    matches = [
+        (len(p), name) for name, prefixes in LAYERS for p in prefixes if module == p or module.startswith(p + ".")
+    ]
+    assert matches, f"{module}: in no layer; add its package to LAYERS"
+    return max(matches)[1]
+
+
+def upward(graph: dict[str, set[str]]) -> list[str]:
+    """Every import that goes to a higher layer, as `importer (layer) -> imported (layer)`."""
+    return [
+        f"{source} ({layer_of(source)}) -> {target} ({layer_of(target)})"
+        for source, targets in sorted(graph.items())
+        for target in sorted(targets)
+        if RANKS[layer_of(target)] > RANKS[layer_of(source)]
+    ]
+
+
+def package_graph() -> dict[str, set[str]]:
+    files = sorted(PACKAGE.rglob("*.py"))
+    modules = {module_name(f) for f in files}
+    return {module_name(f): imports_of(f, modules) for f in files}
+
+
+def test_every_import_goes_to_its_own_layer_or_a_lower_one():
+    graph = package_graph()
+    assert graph["optimize.pipeline.run"] >= {"optimize.stages.base", "optimize.artifact.write"}  # the walk sees
+    assert upward(graph) == []
+
+
+def test_the_layer_check_finds_a_lower_layer_importing_a_higher_one():
+    graph = package_graph()
+    graph["optimize.models.loading"] = graph["optimize.models.loading"] | {"optimize.evaluate.measure"}
+    graph["optimize.runtime.text"] = {"optimize.errors"}  # the shipped runtime may import nothing of ours
+    assert upward(graph) == [
+        "optimize.models.loading (models) -> optimize.evaluate.measure (evaluate)",
+        "optimize.runtime.text (runtime) -> optimize.errors (base)",
+    ]
+
+
+def test_the_root_holds_the_packages_and_at_most_ten_modules():
+    modules = sorted(p.name for p in PACKAGE.glob("*.py"))
+    packages = sorted(p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file())
+    assert len(modules) <= 10, modules
+    assert set(packages) == {name for name, _ in LAYERS} - {"base"}
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -63,10 +132,11 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 
 def test_the_import_graph_of_the_package_has_no_cycle():
-    files = sorted(PACKAGE.rglob("*.py"))
-    modules = {module_name(f) for f in files}
-    graph = {module_name(f): imports_of(f, modules) for f in files}
-    assert graph["optimize.prepare"] >= {"optimize.recipe", "optimize.evaluate"}  # the walk sees imports
+    graph = package_graph()
+    assert graph["optimize.pipeline.prepare"] >= {
+        "optimize.pipeline.recipe",
+        "optimize.evaluate.measure",
+    }  # the walk sees imports
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph) or [])
 
 

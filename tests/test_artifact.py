@@ -1,4 +1,4 @@
-"""optimize.artifact: timings kept out of the hashed manifest and put back exactly, and OUT replaced
+"""optimize.artifact.write: timings kept out of the hashed manifest and put back exactly, and OUT replaced
 only by a complete folder."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from optimize import artifact
+from optimize.artifact import write as artifact
 from optimize.runtime import merge_volatile
 
 MANIFEST = {

@@ -1,4 +1,4 @@
-"""optimize.cache: keys that chain, entries written whole or not at all, and what `cache list` shows."""
+"""optimize.pipeline.cache: keys that chain, entries written whole or not at all, and what `cache list` shows."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from optimize import cache
-from optimize.model import ModelHandle
+from optimize.models.handle import ModelHandle
+from optimize.pipeline import cache
 
 
 def test_a_key_hashes_every_part_and_their_order() -> None:

@@ -9,8 +9,8 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from optimize import runtime
-from optimize.cli import app
-from optimize.model import open_any
+from optimize.cli.commands import app
+from optimize.models.loading import open_any
 from optimize.stages import fp16
 from optimize.stages.base import StageContext
 

@@ -1,4 +1,4 @@
-"""optimize.compressed: a decoder's compressed-tensors folder (vLLM, SGLang), written beside the
+"""optimize.formats.compressed_tensors: a decoder's compressed-tensors folder (vLLM, SGLang), written beside the
 onnxruntime-genai folder at the smallest precision whose gate holds through transformers' loader."""
 
 from __future__ import annotations
@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from optimize import compressed, runtime
+from optimize import runtime
+from optimize.formats import compressed_tensors as compressed
 from tests.conftest import run_recipe
 
 pytest.importorskip("compressed_tensors")

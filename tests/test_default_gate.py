@@ -8,12 +8,12 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from optimize.gate import default_gate
+from optimize.evaluate.gate import default_gate
 from tests.conftest import write_recipe
 
 
 def invoke(*args: str):
-    from optimize.cli import app
+    from optimize.cli.commands import app
 
     return CliRunner().invoke(app, list(args))
 

@@ -12,8 +12,8 @@ import pytest
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from optimize.cli import app
-from optimize.training import batch_texts
+from optimize.cli.commands import app
+from optimize.stages.distill_training import batch_texts
 from tests.conftest import ROOT, write_recipe
 
 # bf16 off: these tests compare runs to rounding (resume, DDP); bf16 "auto" is tested on its own.
@@ -137,7 +137,7 @@ def test_a_narrower_feed_forward_keeps_the_strongest_neurons_of_a_reordering_tha
     import torch
     from transformers import AutoModel
 
-    from optimize.students import StudentConfig, build_student, ranked_by_strength
+    from optimize.stages.distill_students import StudentConfig, build_student, ranked_by_strength
 
     teacher = AutoModel.from_pretrained(deep_bert).eval()
     state = teacher.state_dict()
@@ -192,7 +192,8 @@ def test_hard_labels_teach_a_classifier_what_its_data_says(tmp_path):
 
 
 def test_bf16_auto_follows_the_cpu_and_the_run_records_it(deep_bert, tmp_path, monkeypatch):
-    from optimize import cpu, training
+    from optimize import cpu
+    from optimize.stages import distill_training as training
 
     monkeypatch.setattr(cpu, "current", lambda: cpu.CpuInfo("x", frozenset({"avx2", "avx512_bf16"})))
     assert training.bf16_supported()
@@ -283,7 +284,7 @@ def test_the_distill_command_builds_the_stage_from_its_options(deep_bert, tmp_pa
 
 
 def invoke_layers(text: str):
-    from optimize.cli import _parse_layers
+    from optimize.cli.commands import _parse_layers
 
     return _parse_layers(text)
 
@@ -318,8 +319,8 @@ def test_two_processes_under_torchrun_match_one_at_the_same_global_batch(deep_be
     # and its sentence embeddings to cosine 0.9999.
     one, two = (load_file(str(tmp_path / n / "model.safetensors")) for n in runs)
     assert max(float((one[k] - two[k]).abs().max()) for k in one) < 5e-3
-    from optimize.evaluate import fidelity, open_model, outputs
-    from optimize.model import ModelHandle
+    from optimize.evaluate.measure import fidelity, open_model, outputs
+    from optimize.models.handle import ModelHandle
 
     texts = [line for line in (ROOT / "calibration" / "default.jsonl").read_text().splitlines()][:32]
     embedded = [

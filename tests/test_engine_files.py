@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from optimize import cpu, runtime
-from optimize.cli import app
+from optimize.cli.commands import app
 from tests import peers
 from tests.conftest import write_recipe
 from tests.test_formulations import AVX2

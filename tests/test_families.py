@@ -16,7 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 from optimize import runtime
-from optimize.cli import app
+from optimize.cli.commands import app
 from tests.conftest import TOKENIZER_FILES, minilm_path, write_recipe
 
 SMALL = {

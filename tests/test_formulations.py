@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from optimize import cpu, runtime
-from optimize.cli import app
+from optimize.cli.commands import app
 from optimize.runtime import tuning_warning
 from optimize.stages import formulations
 from tests.conftest import write_recipe

@@ -3,7 +3,7 @@
 import pytest
 from pydantic import ValidationError
 
-from optimize.gate import GateCheck, judge, judge_all
+from optimize.evaluate.gate import GateCheck, judge, judge_all
 
 CASES = [
     # check, value, reference, passed, threshold

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from optimize.cli import app
+from optimize.cli.commands import app
 from optimize.runtime.generation import Drafts, GenAIEngine, Sampling, lookup, pick
 from tests.conftest import write_recipe
 
@@ -298,7 +298,7 @@ def test_an_architecture_the_builder_does_not_build_is_refused_before_the_refere
 def test_a_builder_that_fails_inside_is_one_line_naming_it_and_its_version(tiny_llama, tmp_path, monkeypatch):
     """The builder's own failure (here: a Phi-3 config it cannot read) is exit 1 with its version and
     its last line, never a traceback."""
-    from optimize import routes
+    from optimize.models import routes
     from optimize.stages import genai
 
     def failing(command, log_path):

@@ -1,4 +1,4 @@
-"""optimize.gguf_format: a decoder's GGUF (llama.cpp, Ollama) written beside the onnxruntime-genai
+"""optimize.formats.gguf: a decoder's GGUF (llama.cpp, Ollama) written beside the onnxruntime-genai
 folder, with the header of the GGUF the model came as, gated through the loader that reads it."""
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from optimize import gguf_format, runtime
-from optimize.cli import app
-from optimize.model import from_gguf
+from optimize import runtime
+from optimize.cli.commands import app
+from optimize.formats import gguf as gguf_format
+from optimize.models.gguf_input import from_gguf
 from tests.conftest import run_recipe, write_recipe
 
 gguf = pytest.importorskip("gguf")

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from optimize.cli import app
+from optimize.cli.commands import app
 from tests.conftest import write_recipe
 
 COMPILE = [{"kind": "compile", "target": "cpu", "variants": ["basic"]}]

@@ -18,9 +18,9 @@ import pytest
 from typer.testing import CliRunner
 
 from optimize import cpu
-from optimize.cli import app
-from optimize.stages.methods import int8_weight_range
+from optimize.cli.commands import app
 from optimize.stages.quantize import QuantizeStage
+from optimize.stages.quantize_methods import int8_weight_range
 from tests.conftest import TOKENIZER_FILES, minilm_path, write_recipe
 
 SMALL = {
@@ -111,7 +111,7 @@ def _saturating_matmul(path):
 def test_the_int8_weights_chosen_for_this_cpu_do_not_saturate(tmp_path):
     import onnxruntime as ort
 
-    from optimize.model import ModelHandle
+    from optimize.models.handle import ModelHandle
     from optimize.stages.quantize import build
 
     inputs = _saturating_matmul(tmp_path / "float.onnx")

@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from optimize import memory
-from optimize.cli import app
+from optimize.cli.commands import app
+from optimize.models import memory
 from optimize.stages import genai
 from tests.conftest import write_recipe
 
@@ -107,8 +107,8 @@ def test_the_lean_loader_fills_the_model_transformers_loads_and_steps_aside_when
     from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM
 
-    from optimize import model
-    from optimize.model import lean_torch
+    from optimize.models import loading as model
+    from optimize.models.lean import lean_torch
 
     ids = torch.tensor([list(range(3, 40))])
     lean = lean_torch(AutoModelForCausalLM, tiny_llama)

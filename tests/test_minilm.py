@@ -9,8 +9,8 @@ import pytest
 from typer.testing import CliRunner
 
 from optimize import runtime
-from optimize.cli import app
-from optimize.stages.formulations import FLOAT_LABEL
+from optimize.cli.commands import app
+from optimize.stages.quantize_formulations import FLOAT_LABEL
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow

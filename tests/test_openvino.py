@@ -13,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from optimize import cpu, runtime
-from optimize.cli import app
+from optimize.cli.commands import app
 from optimize.stages import formulations, quantize
 from tests.conftest import write_recipe
 from tests.test_formulations import AVX2, VNNI

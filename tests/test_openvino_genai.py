@@ -1,4 +1,4 @@
-"""optimize.openvino_genai: a decoder folder OpenVINO GenAI's LLMPipeline loads as it is, its
+"""optimize.formats.openvino_genai: a decoder folder OpenVINO GenAI's LLMPipeline loads as it is, its
 weights on the genai stage's grid (exact for a Q4_1 GGUF), gated through OpenVINO's CPU plugin with
 the KV cache it keeps, and generated from by the runtime."""
 
@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from optimize import openvino_genai, runtime
-from optimize.model import from_gguf
+from optimize import runtime
+from optimize.formats import openvino_genai
+from optimize.models.gguf_input import from_gguf
 from optimize.runtime.generation import OpenVinoGenAIEngine, Sampling
 from tests.conftest import run_recipe
 
@@ -141,7 +142,7 @@ def test_without_its_packages_the_format_is_refused_before_any_work(
 ) -> None:
     from typer.testing import CliRunner
 
-    from optimize.cli import app
+    from optimize.cli.commands import app
     from tests.conftest import write_recipe
 
     monkeypatch.setitem(openvino_genai.NEEDS, "openvino_genai_missing", "openvino-genai")

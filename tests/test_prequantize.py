@@ -1,4 +1,4 @@
-"""The builder's int4 from a checkpoint quantized here one tensor at a time (optimize/prequantize.py)
+"""The builder's int4 from a checkpoint quantized here one tensor at a time (optimize/formats/genai_prequantized.py)
 computes what the builder's own int4 computes from the float checkpoint."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from optimize import prequantize
+from optimize.formats import genai_prequantized as prequantize
 from optimize.stages.genai import Candidate, build
 
 pytest.importorskip("onnxruntime_genai")
@@ -68,7 +68,7 @@ def test_a_weight_is_read_widened_and_transposed_band_by_band_exactly(dtype, tmp
     import torch
     from safetensors.torch import save_file
 
-    from optimize.safetensors_files import ROWS, header, read_float_transposed
+    from optimize.models.safetensors import ROWS, header, read_float_transposed
 
     weight = torch.randn(ROWS * 2 + 17, 48).to(getattr(torch, dtype))  # three bands, the last one short
     save_file({"w": weight}, tmp_path / "w.safetensors")
@@ -80,7 +80,7 @@ def test_a_weight_is_read_widened_and_transposed_band_by_band_exactly(dtype, tmp
 
 def test_a_checkpoint_cut_short_is_bad_input_not_a_hang(tiny_llama, tmp_path):
     from optimize.errors import UsageError
-    from optimize.safetensors_files import header, read_float_transposed
+    from optimize.models.safetensors import header, read_float_transposed
 
     cut = tmp_path / "model.safetensors"
     data = (tiny_llama / "model.safetensors").read_bytes()

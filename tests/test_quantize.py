@@ -8,7 +8,7 @@ import onnx
 import pytest
 from typer.testing import CliRunner
 
-from optimize.cli import app
+from optimize.cli.commands import app
 from tests.conftest import write_recipe
 
 

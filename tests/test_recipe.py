@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from optimize import recipe as recipes
 from optimize.errors import UsageError
+from optimize.pipeline import recipe as recipes
 
 GOOD = """\
 version: 1
@@ -173,7 +173,7 @@ def test_recipe_validate_loads_no_model_and_no_heavy_library(tmp_path):
         .replace("EVALS", ""),
     )
     code = (
-        "import sys\nfrom typer.testing import CliRunner\nfrom optimize.cli import app\n"
+        "import sys\nfrom typer.testing import CliRunner\nfrom optimize.cli.commands import app\n"
         f"result = CliRunner().invoke(app, ['recipe', 'validate', {str(path)!r}])\n"
         "heavy = [m for m in ('torch', 'onnxruntime', 'transformers', 'onnx') if m in sys.modules]\n"
         "print(result.exit_code, heavy, result.stderr.replace(chr(10), ' '))\n"

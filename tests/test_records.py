@@ -1,4 +1,4 @@
-"""optimize.records and optimize.report: a stage's record survives the manifest, and each kind's
+"""optimize.records and optimize.artifact.report: a stage's record survives the manifest, and each kind's
 decisions are shown by the kind that wrote them."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from optimize import report
+from optimize.artifact import report
 from optimize.records import RunSummary, StageRecord
 from optimize.runtime.manifest import GateResult
 

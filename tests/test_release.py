@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from optimize import runtime
-from optimize.cli import app
+from optimize.cli.commands import app
 from tests.conftest import write_recipe
 
 COMPILE = [{"kind": "compile", "target": "cpu", "variants": ["basic"]}]

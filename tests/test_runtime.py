@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from optimize import runtime
-from optimize.cli import app
+from optimize.cli.commands import app
 from tests import peers
 from tests.conftest import ROOT, minilm_path, small_bert, write_recipe
 
@@ -121,8 +121,8 @@ def test_a_fresh_environment_with_only_the_requirements_runs_a_minilm_artifact(t
     proc = run_runtime(out, "embed", "--input", str(tmp_path / "texts.txt"), env=env, python=python)
     assert proc.returncode == 0, proc.stderr
     got = np.array([json.loads(line)["embedding"] for line in proc.stdout.splitlines()])
-    from optimize.evaluate import TorchModel, fidelity
-    from optimize.model import open_checkpoint
+    from optimize.evaluate.measure import TorchModel, fidelity
+    from optimize.models.loading import open_checkpoint
 
     reference = TorchModel(open_checkpoint(str(minilm_path()), None, None), 128).embed(texts)
     assert fidelity(got, reference)["cosine_min"] >= 0.9999
@@ -173,7 +173,7 @@ PLATFORMS = {  # (platform_system, platform_machine) -> the onnxruntime build pi
 def runtime_requirements() -> list:
     from packaging.requirements import Requirement
 
-    from optimize.artifact import RUNTIME_REQUIREMENTS
+    from optimize.artifact.write import RUNTIME_REQUIREMENTS
 
     return [Requirement(line) for line in RUNTIME_REQUIREMENTS if not line.startswith("#")]
 
@@ -193,7 +193,7 @@ def test_the_runtime_requirements_pick_one_onnxruntime_per_platform_as_pyproject
     picked = [r.name for r in ours if r.marker is None or r.marker.evaluate(env)]
     build = PLATFORMS[system, machine]  # and the decoder engine paired with it
     assert sorted(picked) == sorted([build, "onnxruntime-genai-cuda" if build.endswith("gpu") else "onnxruntime-genai"])
-    from optimize.artifact import GENAI_REQUIREMENTS
+    from optimize.artifact.write import GENAI_REQUIREMENTS
 
     engines = [Requirement(line) for line in GENAI_REQUIREMENTS]
     assert [r.name for r in engines if r.marker.evaluate(env)] == [n for n in picked if "genai" in n]
@@ -222,7 +222,7 @@ def test_a_cls_pooled_model_embeds_as_its_authors_shipped_it_from_runtime_and_se
     """The model's own pooling (CLS) and normalization, read from its sentence-transformers files,
     in the gate's reference, the runtime, and sentence-transformers loading the artifact."""
     st = pytest.importorskip("sentence_transformers")
-    from optimize.evaluate import fidelity
+    from optimize.evaluate.measure import fidelity
 
     checkpoint = tmp_path / "cls-model"  # laid out as sentence-transformers saves a model
     small_bert(checkpoint, initializer_range=0.3)

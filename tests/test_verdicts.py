@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from optimize.cli import app
+from optimize.cli.commands import app
 from optimize.metrics import METRICS
 from tests.conftest import write_recipe
 

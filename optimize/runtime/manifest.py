@@ -22,7 +22,8 @@ class _Check(TypedDict):
 
 
 class CheckResult(_Check, total=False):
-    """One check's row (DESIGN.md, written by `optimize.gate`); `reference` only where the bound is relative to it."""
+    """One check's row (DESIGN.md, written by `optimize.evaluate.gate`); `reference` only where the
+    bound is relative to it."""
 
     reference: float | None
     standard_error: float  # a perplexity's resolution on its tokens (paired with the reference's where relative)

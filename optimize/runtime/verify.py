@@ -7,12 +7,9 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import cast
 
 from .manifest import Manifest
-
-if TYPE_CHECKING:
-    pass
 
 
 class ArtifactError(Exception):

@@ -15,8 +15,8 @@ from typing import ClassVar
 from pydantic import BaseModel, ConfigDict, Field
 from rich.console import Console
 
-from optimize.gate import GateCheck, default_gate
-from optimize.model import ModelHandle
+from optimize.evaluate.gate import GateCheck, default_gate
+from optimize.models.handle import ModelHandle
 from optimize.runtime.manifest import GateResult, JsonObject, RuntimeSettings
 
 

@@ -30,7 +30,7 @@ from pydantic import Field
 
 from optimize import tasks
 from optimize.errors import GateFailed
-from optimize.model import ModelHandle
+from optimize.models.handle import ModelHandle
 from optimize.runtime.manifest import JsonObject
 from optimize.stages.base import Choice, StageBase, StageContext, StageResult
 
@@ -143,19 +143,19 @@ def build(variant: str, model: ModelHandle, out: Path) -> dict[str, int]:
 
 
 def _outputs(model: ModelHandle, texts: tuple[str, ...], seq_len: int) -> np.ndarray:
-    from optimize.evaluate import open_model, outputs
+    from optimize.evaluate.measure import open_model, outputs
 
     return outputs(open_model(model, seq_len), model.task, list(texts))
 
 
 def run(config: CompileStage, model: ModelHandle, ctx: StageContext) -> StageResult:
     if config.target != "cpu":
-        from optimize.stages.fp16 import gpu_graph
+        from optimize.stages.compile_fp16 import gpu_graph
 
         out = ctx.workdir / "model.onnx"
         build("basic", model, out)
         return gpu_graph(model, ctx, config.fp16, model.with_onnx(out))
-    from optimize.evaluate import fidelity, stepped_logits, time_in_turns
+    from optimize.evaluate.measure import fidelity, stepped_logits, time_in_turns
 
     texts = ctx.calibration_texts[:32]
     reference = _outputs(model, texts, ctx.seq_len)

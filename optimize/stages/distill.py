@@ -7,7 +7,7 @@ still fits. Losses, weighted in the recipe: sentence embeddings learn the teache
 embedding (MSE and 1 - cosine) and optionally its hidden states on the mapped layers; classifiers
 and causal LMs learn its logits (KL at a temperature). Training texts come from `data:` (never the
 eval suites), with `holdout` texts kept apart for the held-out loss curve. The loop is
-`optimize/training.py` (also under torchrun). The output is a Hugging Face checkpoint folder, with
+`optimize/stages/distill_training.py` (also under torchrun). The output is a Hugging Face checkpoint folder, with
 the teacher's tokenizer and sentence-transformers files, that quantize and compile take as is.
 """
 
@@ -26,13 +26,16 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from optimize import projection, tasks, training
+from optimize import tasks
 from optimize.data import Format, column_name, columns_of, load_rows
 from optimize.errors import UsageError
-from optimize.gate import GateCheck, student_gate
-from optimize.model import ModelHandle, load_torch
+from optimize.evaluate.gate import GateCheck, student_gate
+from optimize.models import projection
+from optimize.models.handle import ModelHandle
+from optimize.models.loading import load_torch
+from optimize.stages import distill_training as training
 from optimize.stages.base import StageBase, StageContext, StageResult
-from optimize.students import StudentConfig, build_student, chosen_layers, with_projection
+from optimize.stages.distill_students import StudentConfig, build_student, chosen_layers, with_projection
 
 if TYPE_CHECKING:
     import torch
@@ -403,7 +406,7 @@ def auto_steps(texts: int, batch_size: int) -> int:
 
 def save_student(student: Any, teacher_dir: Path, out: Path) -> None:
     """A checkpoint folder transformers and sentence-transformers load as they are."""
-    from optimize.artifact import copy_checkpoint_files
+    from optimize.models.checkpoint import copy_checkpoint_files
 
     student.save_pretrained(out, safe_serialization=True)
     config = (out / "config.json").read_text()

@@ -28,9 +28,12 @@ from typing import ClassVar, Literal, TypedDict, cast
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from optimize import costs, memory, prequantize, routes, tasks
+from optimize import costs, tasks
 from optimize.errors import DependencyError, ResourceError, UsageError
-from optimize.model import ModelHandle, read_config
+from optimize.formats import genai_prequantized as prequantize
+from optimize.models import memory, routes
+from optimize.models.checkpoint import read_config
+from optimize.models.handle import ModelHandle
 from optimize.runtime import Tokenizer
 from optimize.runtime.generation import Sampling, open_engine
 from optimize.runtime.manifest import GateResult, JsonObject, RuntimeSettings
@@ -65,7 +68,7 @@ class Candidate(BaseModel):
     accuracy_level: Literal[1, 2, 3, 4] = Field(4, description="int4/int8 activations: 4 int8, 3 bf16, 1 fp32")
     algorithm: Literal["default", "rtn", "k_quant", "minmax"] = Field(
         "default",
-        description="int4: the builder's (default, rtn, k_quant), or minmax (optimize/minmax.py: each block's "
+        description="int4: the builder's (default, rtn, k_quant), or minmax (optimize/formats/minmax.py: each block's "
         "own scale and float minimum; exact for weights dequantized from a Q4_1 GGUF)",
     )
     symmetric: bool = Field(True, description="int4/int8: signed weights around zero, or unsigned with a zero point")
@@ -89,7 +92,7 @@ class Candidate(BaseModel):
         return f"{self.precision} {self.algorithm}{asymmetric} b{self.block_size} a{self.accuracy_level}{kept}"
 
     def prequantized(self, target: str) -> bool:
-        """Quantized here a tensor at a time and handed to the builder so (optimize/prequantize.py):
+        """Quantized here a tensor at a time and handed to the builder so (optimize/formats/genai_prequantized.py):
         the builder's own default int4 (symmetric, its default), computed alike, in a fraction of
         its memory."""
         default_int4 = self.precision == "int4" and self.algorithm == "default" and self.symmetric and not self.int8
@@ -137,9 +140,9 @@ class FormatTried(GateResult):
 # tried smallest first, `write(checkpoint, out, bits)`, `problem(checkpoint)` and `loader()`) and the
 # engine its folder is for (`artifact.ENGINE_FILES` names the folder).
 FORMATS = {
-    "compressed-tensors": ("optimize.compressed", "compressed-tensors"),  # vLLM, SGLang
-    "gguf": ("optimize.gguf_format", "llama.cpp"),  # llama.cpp, Ollama, LM Studio
-    "openvino-genai": ("optimize.openvino_genai", "openvino-genai"),  # OpenVINO GenAI, optimum-intel
+    "compressed-tensors": ("optimize.formats.compressed_tensors", "compressed-tensors"),  # vLLM, SGLang
+    "gguf": ("optimize.formats.gguf", "llama.cpp"),  # llama.cpp, Ollama, LM Studio
+    "openvino-genai": ("optimize.formats.openvino_genai", "openvino-genai"),  # OpenVINO GenAI, optimum-intel
 }
 
 
@@ -174,7 +177,7 @@ class GenAIStage(StageBase):
 
     def peak_memory(self) -> tuple[float, float]:
         # bench/scale.py here (one-stage int4 recipe, --no-cache, /usr/bin/time -v, random Llamas):
-        # quantized here first (optimize/prequantize.py), PREQUANTIZED_PEAK; else BUILDER_PEAK.
+        # quantized here first (optimize/formats/genai_prequantized.py), PREQUANTIZED_PEAK; else BUILDER_PEAK.
         return PREQUANTIZED_PEAK if self._all_prequantized() else BUILDER_PEAK
 
     def _all_prequantized(self) -> bool:
@@ -287,7 +290,7 @@ def build(checkpoint: Path, out: Path, candidate: Candidate, target: str, cache:
         prequantize.drop_zero_points(out / "model.onnx")
     if not minmax:
         return {}
-    from optimize.minmax import requantize
+    from optimize.formats.minmax import requantize
 
     return requantize(out / "model.onnx", candidate.accuracy_level, "last_matmul" in candidate.int8)
 
@@ -396,7 +399,7 @@ def engine_speeds(folders: dict[str, Path], prompt: str) -> dict[str, EngineSpee
     prefill on AVX2 is several times OpenVINO's), so the request, not decode alone, decides."""
     from statistics import median
 
-    from optimize.evaluate import threads
+    from optimize.evaluate.measure import threads
 
     ids = Tokenizer(next(iter(folders.values())) / "tokenizer.json", 4096).ids(prompt, special=True)
     # a chat turn's length, within the smallest context (llama.cpp refuses more), cut mid-sentence so

@@ -19,7 +19,7 @@ dot products with 32-bit sums (VNNI, AMX, ARM dotprod), and 7-bit weights (`redu
 elsewhere, where onnxruntime's AVX2 kernel sums uint8 x int8 pairs in 16 bits and full-range
 weights saturate (see `optimize/cpu.py`). The choice and the CPU are recorded in the manifest.
 
-How layers are put in low precision is the stage's `method` (`optimize/stages/methods.py`):
+How layers are put in low precision is the stage's `method` (`optimize/stages/quantize_methods.py`):
 `dynamic` or `static` int8, `rtn` / `hqq` / `gptq` int4. Kept layers stay fp32 on CPU (fp16 is
 slower there).
 """
@@ -36,13 +36,13 @@ from pydantic import Field, model_validator
 
 from optimize import cpu
 from optimize.errors import UsageError
-from optimize.model import ModelHandle
+from optimize.models.handle import ModelHandle
 from optimize.runtime import on_openvino
 from optimize.runtime.manifest import JsonObject
 from optimize.stages.base import Choice, StageBase, StageContext, StageResult
-from optimize.stages.formulations import Decisions as FormulationDecisions
-from optimize.stages.formulations import choices as formulation_choices
-from optimize.stages.methods import (
+from optimize.stages.quantize_formulations import Decisions as FormulationDecisions
+from optimize.stages.quantize_formulations import choices as formulation_choices
+from optimize.stages.quantize_methods import (
     WEIGHT_INPUT,
     Dynamic,
     Method,
@@ -51,8 +51,8 @@ from optimize.stages.methods import (
     float_engine,
     openvino_available,
 )
-from optimize.stages.plans import FLOAT, PlanDecisions, Trials, fixed, search
-from optimize.stages.plans import choices as plan_choices
+from optimize.stages.quantize_plans import FLOAT, PlanDecisions, Trials, fixed, search
+from optimize.stages.quantize_plans import choices as plan_choices
 
 
 class QuantizeStage(StageBase):
@@ -69,7 +69,8 @@ class QuantizeStage(StageBase):
     formulations: Literal["auto"] | list[Method] | None = Field(
         None,
         description="measure these int8 formulations (auto: the list for this CPU) and fp32 in turns, and keep "
-        "the fastest that passes the gate; fp32 ships when int8 does not pay (optimize/stages/formulations.py). "
+        "the fastest that passes the gate; fp32 ships when int8 does not pay "
+        "(optimize/stages/quantize_formulations.py). "
         "With precision auto, a model no formulation holds the gate for gets the mixed-plan search",
     )
     min_gain: float = Field(0.05, ge=0, lt=1, description="formulations: how much faster a later one must be")
@@ -284,7 +285,7 @@ def _plans(config: QuantizeStage, model: ModelHandle, ctx: StageContext) -> Stag
 
 
 def _formulations(config: QuantizeStage, model: ModelHandle, ctx: StageContext) -> StageResult:
-    from optimize.stages.formulations import for_cpu, search
+    from optimize.stages.quantize_formulations import for_cpu, search
 
     methods = for_cpu(cpu.current()) if config.formulations == "auto" else config.formulations
     assert methods is not None

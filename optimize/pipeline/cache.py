@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import TypedDict, cast
 
 import optimize
-from optimize.artifact import copy_onnx
-from optimize.model import ModelHandle
+from optimize.artifact.write import copy_onnx
+from optimize.models.handle import ModelHandle
 from optimize.runtime.manifest import GateResult, JsonObject, RuntimeSettings, StageJson
 
 ENTRY = "entry.json"
@@ -76,7 +76,7 @@ PARTS = ("stages", "gguf", "export")
 
 
 def default_root() -> Path:
-    from optimize.model import cache_root
+    from optimize.models.handle import cache_root
 
     return cache_root() / "stages"
 

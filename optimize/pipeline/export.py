@@ -11,7 +11,7 @@ SkipLayerNormalization, BiasGelu, EmbedLayerNormalization), then the dynamo expo
 (`torch.export`), which traces models the tracer cannot. The export record names the one used and
 why the others were passed over.
 
-The graphs themselves are `optimize/graphs.py`'s. A decoder is exported with its KV cache when
+The graphs themselves are `optimize/formats/onnx_graph.py`'s. A decoder is exported with its KV cache when
 every layer's cache is plain keys and values (what `graphs.kv_cached` checks); a cache of another
 kind (linear attention's recurrent state, short convolutions) makes a graph over the whole sequence
 instead, which the runtime's loop runs again for each token: the slower route, named `route` in the
@@ -20,19 +20,20 @@ record and the manifest. The stage cache keeps exports.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from optimize import projection, tasks
+from optimize import tasks
 from optimize.errors import DependencyError
-from optimize.evaluate import open_model, stepped_logits
-from optimize.graphs import EXPORTERS, OPSET, build_graph, write
-from optimize.model import ModelHandle, load_torch
-from optimize.routes import ROUTE_CACHED, STEPPED_IDS
+from optimize.evaluate.measure import open_model, stepped_logits
+from optimize.formats.onnx_graph import EXPORTERS, OPSET, build_graph, write
+from optimize.models import projection
+from optimize.models.handle import ModelHandle
+from optimize.models.loading import load_torch
+from optimize.models.routes import ROUTE_CACHED, STEPPED_IDS
 
 if TYPE_CHECKING:
     import torch
@@ -40,17 +41,6 @@ if TYPE_CHECKING:
 # max |onnx - torch| on the outputs, per unit of their largest magnitude (logits reach ~40, hidden
 # states ~10), beyond which the export is wrong rather than rounded differently.
 TOLERANCE = 1e-4
-
-
-def content_sha256(folder: Path) -> str:
-    """One hash over every file of a checkpoint folder (names and bytes), in a stable order."""
-    digest = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and ".cache" not in p.parts):
-        digest.update(str(path.relative_to(folder)).encode())
-        with path.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
 
 
 def export(

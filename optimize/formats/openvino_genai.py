@@ -2,11 +2,11 @@
 as it is (`openvino_model.xml/.bin`, stateful with its KV cache, `openvino_tokenizer.xml` and
 `openvino_detokenizer.xml`, the checkpoint's configs and tokenizer).
 
-The graph is our own ONNX export with its KV cache (`optimize/graphs.py`) in fp32, converted by
+The graph is our own ONNX export with its KV cache (`optimize/formats/onnx_graph.py`) in fp32, converted by
 OpenVINO and made stateful as OpenVINO GenAI runs it (the cache in the model's state, `beam_idx`
 choosing its rows); its weights are then put on the genai stage's grid here: int4 is each block
 of 32 input weights as `d * q + m` (q in 0..15, d and m per block, the minmax grid of
-`optimize/minmax.py`, so weights dequantized from a Q4_1 GGUF land back exactly), stored as
+`optimize/formats/minmax.py`, so weights dequantized from a Q4_1 GGUF land back exactly), stored as
 OpenVINO's compressed-weight pattern (u4 weights, then Subtract a zero point, Multiply a scale)
 with the zero point `-m / d` in fp32: measured on SmolLM2, the CPU plugin fuses it into its int4
 FullyConnected kernel as it does NNCF's integer zero points, and the logits stay within 1.2e-4 of
@@ -34,9 +34,9 @@ import numpy as np
 
 from optimize import runtime
 from optimize.errors import UsageError
-from optimize.gguf_format import per_sequence
-from optimize.minmax import BLOCK, eight_bit, four_bit
-from optimize.model import read_config
+from optimize.formats.gguf import per_sequence
+from optimize.formats.minmax import BLOCK, eight_bit, four_bit
+from optimize.models.checkpoint import read_config
 from optimize.runtime.generation import openvino_properties
 
 FILE = "openvino_model.xml"
@@ -125,9 +125,11 @@ def _export(checkpoint: Path, out: Path) -> Any:
     import openvino.opset13 as ops
     from openvino._offline_transformations import apply_make_stateful_transformation
 
-    from optimize import graphs, tasks
-    from optimize.model import ModelHandle, load_torch
-    from optimize.routes import ROUTE_CACHED
+    from optimize import tasks
+    from optimize.formats import onnx_graph as graphs
+    from optimize.models.handle import ModelHandle
+    from optimize.models.loading import load_torch
+    from optimize.models.routes import ROUTE_CACHED
 
     module = load_torch(ModelHandle(checkpoint, tasks.GENERATION))
     graph = graphs.build_graph(module, tasks.GENERATION)

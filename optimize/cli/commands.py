@@ -21,12 +21,13 @@ import typer
 import yaml
 from rich.console import Console
 
-from optimize import cli_tools, paths, tasks
-from optimize.cli_common import GateOpt, ResumeOpt, RunFlags, SuiteOpt, console, emit, with_run_flags
+from optimize import paths, tasks
+from optimize.cli import tools as cli_tools
+from optimize.cli.common import GateOpt, ResumeOpt, RunFlags, SuiteOpt, console, emit, with_run_flags
 from optimize.errors import INTERRUPTED, DependencyError, GateFailed, ResourceError, UsageError
 
 if TYPE_CHECKING:
-    from optimize.recipe import LoadedRecipe
+    from optimize.pipeline.recipe import LoadedRecipe
 
 app = typer.Typer(
     name="optimize",
@@ -44,7 +45,7 @@ def _execute(
     build: Callable[[], LoadedRecipe], flags: RunFlags, *, model: str | None = None, resume: bool = False
 ) -> None:
     """Validate the recipe, run the pipeline, print the outcome and exit with DESIGN.md's code."""
-    from optimize.training import is_main
+    from optimize.stages.distill_training import is_main
 
     # Libraries (onnxruntime.quantization, optimum) log advice for every call; the run has its own report.
     logging.basicConfig(level=logging.ERROR, format="%(name)s: %(message)s")
@@ -60,8 +61,8 @@ def _execute(
             else:
                 print(text, end="")
             raise typer.Exit(0)
-        from optimize.pipeline import run
-        from optimize.prepare import RunOptions
+        from optimize.pipeline.prepare import RunOptions
+        from optimize.pipeline.run import run
 
         options = RunOptions(
             out=flags.out or Path("artifacts") / loaded.recipe.name,
@@ -126,8 +127,8 @@ def _interrupted(as_json: bool) -> NoReturn:
 def _dry_run_text(loaded: LoadedRecipe, model: str | None) -> str:
     """The resolved recipe with the gate in force on every stage: the default gate for the model's
     task where the recipe names none (found without loading the model when possible)."""
-    from optimize.gate import default_gate
-    from optimize.model import peek_task
+    from optimize.evaluate.gate import default_gate
+    from optimize.models.loading import peek_task
 
     recipe = loaded.recipe
     spec = model or recipe.model
@@ -152,8 +153,9 @@ def _dry_run_text(loaded: LoadedRecipe, model: str | None) -> str:
 def _routes_text(loaded: LoadedRecipe, spec: str | None, task: str) -> str:
     """The pre-flight's routes for the model's architecture, as YAML comments (empty where the model's
     config.json is not on this machine)."""
-    from optimize import routes
-    from optimize.model import peek_folder, read_config
+    from optimize.models import routes
+    from optimize.models.checkpoint import read_config
+    from optimize.models.loading import peek_folder
 
     folder = peek_folder(spec, loaded.base_dir) if spec else None
     if folder is None:
@@ -176,7 +178,7 @@ def run_cmd(
 
     Exits 0 with an artifact, 3 when a gate failed (no artifact), 2 on bad input.
     """
-    from optimize import recipe as recipes
+    from optimize.pipeline import recipe as recipes
 
     _execute(lambda: recipes.load(paths.named(recipe, "recipes"), overrides), flags, model=model, resume=resume)
 
@@ -190,7 +192,7 @@ def single_stage(
 ) -> LoadedRecipe:
     """The one-stage recipe a single-stage command runs: the stage of that kind from -r RECIPE
     (or a default one) with the command's options on top, and the recipe's calibration and evals."""
-    from optimize import recipe as recipes
+    from optimize.pipeline import recipe as recipes
 
     data: recipes.RecipeData = {}
     if recipe is not None:

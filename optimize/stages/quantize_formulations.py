@@ -22,11 +22,18 @@ from pathlib import Path
 from typing import TypedDict
 
 from optimize import cpu
-from optimize.model import ModelHandle
+from optimize.models.handle import ModelHandle
 from optimize.runtime import family
 from optimize.runtime.manifest import CheckResult, CpuSummary, GateResult, JsonObject, RuntimeSettings
 from optimize.stages.base import Choice, StageContext, StageResult
-from optimize.stages.methods import Dynamic, MethodBase, OpenVINOStatic, Static, WeightOnly8, openvino_available
+from optimize.stages.quantize_methods import (
+    Dynamic,
+    MethodBase,
+    OpenVINOStatic,
+    Static,
+    WeightOnly8,
+    openvino_available,
+)
 
 BATCHES = (1, 32)
 FLOAT_LABEL = "fp32 (no int8)"
@@ -194,7 +201,7 @@ def search(
     """Build, gate and time every formulation of `model` (all layers low) and, on each engine of
     `float_on`, the float model; keep the fastest for each engine family (`per_engine`): the fastest
     of them is the stage's model, the others its `alternates`."""
-    from optimize.evaluate import time_in_turns
+    from optimize.evaluate.measure import time_in_turns
 
     assert model.onnx_path is not None
     records: list[Tried] = []

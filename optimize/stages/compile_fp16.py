@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TypedDict
 
-from optimize.model import ModelHandle
+from optimize.models.handle import ModelHandle
 from optimize.runtime.manifest import CheckResult
 from optimize.stages.base import StageContext, StageResult
 

@@ -12,53 +12,19 @@ import os
 import platform
 import re
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from importlib import metadata
 from pathlib import Path
 from typing import cast
 
 from optimize import __version__
 from optimize.errors import UsageError
+from optimize.models.checkpoint import copy_checkpoint_files
 from optimize.runtime import on_openvino, sha256_file
 from optimize.runtime.manifest import Manifest
 
 SCHEMA_VERSION = 1
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "vocab.txt",
-    "merges.txt",
-    "vocab.json",
-    "tokenizer.model",
-    "config.json",
-    "generation_config.json",
-    "genai_config.json",  # an onnxruntime-genai model folder (optimize/stages/genai.py)
-    "chat_template.jinja",
-)
-# What sentence-transformers reads beside the weights (pooling, normalization, its own config).
-SENTENCE_TRANSFORMERS_FILES = (
-    "modules.json",
-    "sentence_bert_config.json",
-    "config_sentence_transformers.json",
-    "1_Pooling",
-    "2_Normalize",
-    "2_Dense",  # a distilled student's projection to its teacher's width (optimize/projection.py)
-)
 RUNTIME_SOURCE = Path(__file__).parent / "runtime"
-
-
-def copy_checkpoint_files(source: Path, target: Path, extra: Sequence[str] = ()) -> None:
-    """The tokenizer, config and sentence-transformers files of a checkpoint folder (and `extra`),
-    with every module folder its `modules.json` names (the runtime reads the pooling from there)."""
-    modules = source / "modules.json"
-    listed = [str(m["path"]) for m in json.loads(modules.read_text()) if m.get("path")] if modules.is_file() else []
-    for name in dict.fromkeys((*TOKENIZER_FILES, *SENTENCE_TRANSFORMERS_FILES, *listed, *extra)):
-        path = source / name
-        if path.is_dir():
-            shutil.copytree(path, target / name, dirs_exist_ok=True)
-        elif path.is_file():
-            shutil.copyfile(path, target / name)
 
 
 def versions() -> dict[str, str]:

@@ -1,6 +1,6 @@
-"""A model as the graph `torch.onnx` traces: one wrapper per task (optimize/export_modules.py) with
+"""A model as the graph `torch.onnx` traces: one wrapper per task (optimize/formats/onnx_modules.py) with
 the names the runtime feeds and reads, example inputs and dynamic axes, written by TorchScript's
-tracer or the dynamo exporter. `optimize/export.py` chooses between them and checks the result
+tracer or the dynamo exporter. `optimize/pipeline/export.py` chooses between them and checks the result
 against torch; the OpenVINO GenAI format converts the same graph."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from optimize import tasks
-from optimize.routes import ROUTE_CACHED, ROUTE_WHOLE
+from optimize.models.routes import ROUTE_CACHED, ROUTE_WHOLE
 
 if TYPE_CHECKING:
     import torch
@@ -45,7 +45,7 @@ def write(graph: Graph, path: Path, exporter: str) -> None:
     """`graph` as ONNX at `path` through `exporter` (one of EXPORTERS), its weights in the file."""
     import torch
 
-    from optimize.export_modules import rewritten
+    from optimize.formats.onnx_modules import rewritten
 
     names = list(graph.inputs)
     args = tuple(graph.inputs.values())
@@ -104,7 +104,7 @@ def build_graph(module: torch.nn.Module, task: str) -> Graph:
     """The wrapper and example inputs for a model of `task`."""
     import torch
 
-    from optimize.export_modules import FirstOutput
+    from optimize.formats.onnx_modules import FirstOutput
 
     if task != tasks.GENERATION:
         takes_types = "token_type_ids" in inspect.signature(module.forward).parameters
@@ -134,7 +134,7 @@ def kv_cached(cache: object) -> bool:
 def _decoder_graph(module: torch.nn.Module) -> Graph:
     import torch
 
-    from optimize.export_modules import WholeSequence, WithCache, returned_cache
+    from optimize.formats.onnx_modules import WholeSequence, WithCache, returned_cache
 
     past = 3
     ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]], dtype=torch.int64)

@@ -15,10 +15,10 @@ from typing import Protocol, TypedDict
 
 from optimize import cpu
 from optimize.errors import GateFailed, UsageError
-from optimize.model import ModelHandle
+from optimize.models.handle import ModelHandle
 from optimize.runtime.manifest import CheckResult, CpuSummary, JsonObject
 from optimize.stages.base import Choice, StageContext, StageResult
-from optimize.stages.methods import Dynamic, MethodBase, Static, int8_weight_range
+from optimize.stages.quantize_methods import Dynamic, MethodBase, Static, int8_weight_range
 
 FLOAT = "fp32"  # what a layer kept out of the low precision is
 
@@ -108,7 +108,7 @@ class Trials:
             self.info["int8_weights"] = int8_weight_range(method.weights, here)
 
     def evaluate(self, plan: dict[str, str], label: str) -> tuple[ModelHandle, PlanTried]:
-        from optimize.evaluate import time_in_turns
+        from optimize.evaluate.measure import time_in_turns
 
         config, ctx = self.config, self.ctx
         handle = self.build(self.model, plan, ctx.workdir / f"candidate-{len(self.candidates)}.onnx")

@@ -21,8 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from optimize import metrics, paths
 from optimize.data import Format
 from optimize.errors import UsageError
+from optimize.evaluate.suites import SUITE_TASKS, read_suite
 from optimize.stages import Stage
-from optimize.suites import SUITE_TASKS, read_suite
 from optimize.tasks import Task
 
 

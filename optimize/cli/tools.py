@@ -1,5 +1,5 @@
 """The commands around a run: measure a model (`eval`, `bench`), look into and package an artifact
-(`inspect`, `package`), and the `recipe` and `cache` groups. `optimize.cli` adds them to its app.
+(`inspect`, `package`), and the `recipe` and `cache` groups. `optimize.cli.commands` adds them to its app.
 Heavy libraries are imported inside the commands, so `--help` stays instant.
 """
 
@@ -13,7 +13,7 @@ import typer
 import yaml
 
 from optimize import paths
-from optimize.cli_common import CacheOpt, JsonOpt, PickleOpt, RemoteOpt, console, emit, measure_command, metrics_table
+from optimize.cli.common import CacheOpt, JsonOpt, PickleOpt, RemoteOpt, console, emit, measure_command, metrics_table
 from optimize.errors import UsageError
 
 tools = typer.Typer()
@@ -38,9 +38,9 @@ def eval_cmd(
     (cosine_mean, cosine_min) against the reference on the suites' texts is measured too."""
 
     def work() -> dict[str, Any]:
-        from optimize.evaluate import Evaluator
-        from optimize.model import open_any
-        from optimize.suites import load_suite
+        from optimize.evaluate.measure import Evaluator
+        from optimize.evaluate.suites import load_suite
+        from optimize.models.loading import open_any
 
         loaded = [load_suite(paths.named(path, "evals")) for path in suites]
         handle = open_any(model, allow_pickle, trust_remote_code)
@@ -79,8 +79,8 @@ def bench_cmd(
     length: latency percentiles, throughput, size and peak memory, with the thread count and spread."""
 
     def work() -> dict[str, Any]:
-        from optimize.evaluate import bench
-        from optimize.model import open_any
+        from optimize.evaluate.measure import bench
+        from optimize.models.loading import open_any
 
         result = bench(open_any(model, allow_pickle, trust_remote_code), batch_size, seq_len, warmup, runs)
         threads = result["conditions"]["threads"]
@@ -107,10 +107,10 @@ def inspect_cmd(
 
 
 def _inspect(artifact: Path, unpacked: Path, as_json: bool) -> None:
-    from optimize import artifact as artifacts
     from optimize import runtime
+    from optimize.artifact import write as artifacts
+    from optimize.artifact.report import decisions_table, print_stage
     from optimize.records import StageRecord
-    from optimize.report import decisions_table, print_stage
 
     try:
         if artifact.is_file() and artifact.name.endswith((".tar.gz", ".tgz", ".tar")):
@@ -163,8 +163,8 @@ def package_cmd(
     """Verify an artifact and pack it as a deterministic .tar.gz (sorted, fixed times and owners):
     the same artifact gives the same archive bytes, for release checksums. `--format triton` writes
     a Triton model repository instead (config.pbtxt checked against Triton's schema and the graph)."""
-    from optimize import artifact as artifacts
     from optimize import runtime
+    from optimize.artifact import write as artifacts
 
     if fmt == "triton":
         _triton(artifact, out or artifact.with_name(artifact.name + "-triton"), as_json)
@@ -188,7 +188,8 @@ def package_cmd(
 
 
 def _triton(artifact: Path, out: Path, as_json: bool) -> None:
-    from optimize import runtime, triton
+    from optimize import runtime
+    from optimize.artifact import triton
 
     try:
         model_dir = triton.write(artifact, out)
@@ -201,7 +202,7 @@ def _triton(artifact: Path, out: Path, as_json: bool) -> None:
 
 
 def _stage_cache(cache_dir: Path | None) -> Any:
-    from optimize import cache
+    from optimize.pipeline import cache
 
     return cache.StageCache(cache_dir / "stages" if cache_dir else cache.default_root())
 
@@ -225,8 +226,8 @@ def cache_list_cmd(cache_dir: CacheOpt = None, as_json: JsonOpt = False) -> None
 @cache_app.command("clear")
 def cache_clear_cmd(cache_dir: CacheOpt = None, as_json: JsonOpt = False) -> None:
     """Remove every cached step and GGUF conversion (a later run recomputes what it needs)."""
-    from optimize import cache
-    from optimize.model import cache_root
+    from optimize.models.handle import cache_root
+    from optimize.pipeline import cache
 
     root = cache_dir or cache_root()
     freed = cache.clear_all(root)
@@ -253,7 +254,7 @@ def validate_cmd(
     files: Annotated[list[Path], typer.Argument(help="Recipe files to check.")], as_json: JsonOpt = False
 ) -> None:
     """Check recipes without loading any model; exit 2 naming file, line and key on the first problem."""
-    from optimize import recipe as recipes
+    from optimize.pipeline import recipe as recipes
 
     errors = []
     for path in files:

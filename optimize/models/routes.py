@@ -1,7 +1,7 @@
 """Which road a model takes through each stage and format, known from its config.json before any
 weights load (the pre-flight; `--dry-run` prints it).
 
-- An ONNX export (the stages that need one): our own, `torch.onnx` (optimize/export.py). A decoder
+- An ONNX export (the stages that need one): our own, `torch.onnx` (optimize/pipeline/export.py). A decoder
   whose layers are all attention gets its KV cache as graph inputs and outputs; one with layers of
   another kind (linear attention, short convolutions, state-space mixers: their cache is a running
   state, not keys and values) is exported over the whole sequence, which the runtime's loop runs again

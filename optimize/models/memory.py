@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Protocol
 
 from optimize.errors import UsageError
-from optimize.safetensors_files import header
+from optimize.models.safetensors import header
 
 
 class Estimated(Protocol):

@@ -10,16 +10,19 @@ from pathlib import Path
 
 from rich.console import Console
 
-from optimize import artifact, memory, metrics
+from optimize import metrics
+from optimize.artifact import write as artifact
 from optimize.data import columns_of, load_rows, split_calibration
 from optimize.errors import UsageError
-from optimize.evaluate import Evaluator, SpeedSettings
-from optimize.gate import GateCheck
-from optimize.model import ModelHandle, cache_root, open_any
+from optimize.evaluate.gate import GateCheck
+from optimize.evaluate.measure import Evaluator, SpeedSettings
+from optimize.evaluate.suites import load_suite
+from optimize.models import memory
+from optimize.models.handle import ModelHandle, cache_root
+from optimize.models.loading import open_any
 from optimize.paths import named, recipe_data
-from optimize.recipe import LoadedRecipe
+from optimize.pipeline.recipe import LoadedRecipe
 from optimize.runtime.manifest import GateSource, JsonObject
-from optimize.suites import load_suite
 
 
 @dataclass(frozen=True, kw_only=True)  # six flags: a swapped pair must not type-check

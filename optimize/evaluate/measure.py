@@ -16,12 +16,14 @@ from typing import Any
 
 import numpy as np
 
-from optimize import costs, memory, projection, runtime, tasks
-from optimize.gguf_format import GgufModel
-from optimize.model import ModelHandle, load_torch
-from optimize.openvino_genai import OpenVinoDecoder
-from optimize.routes import STEPPED_IDS
-from optimize.suites import LoadedSuite, run_suite, standard_error
+from optimize import costs, runtime, tasks
+from optimize.evaluate.suites import LoadedSuite, run_suite, standard_error
+from optimize.formats.gguf import GgufModel
+from optimize.formats.openvino_genai import OpenVinoDecoder
+from optimize.models import memory, projection
+from optimize.models.handle import ModelHandle
+from optimize.models.loading import load_torch
+from optimize.models.routes import STEPPED_IDS
 
 Inputs = dict[str, np.ndarray]
 

@@ -122,7 +122,7 @@ def choices(stage: StageRecord) -> str | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from optimize.report import stage_choices
+    from optimize.artifact.report import stage_choices
 
     bars = stage_choices(stage)
     if len(bars) < 2:

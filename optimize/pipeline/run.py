@@ -25,17 +25,21 @@ from pathlib import Path
 import numpy as np
 from rich.console import Console
 
-from optimize import artifact, costs, report, report_html, runtime, training
-from optimize import cache as stage_cache
+from optimize import costs, runtime
+from optimize.artifact import report, report_html
+from optimize.artifact import write as artifact
 from optimize.data import texts_sha256
 from optimize.errors import INTERRUPTED, GateFailed, stop_if_interrupted
-from optimize.export import content_sha256, export
-from optimize.gate import GateCheck, default_gate, judge_all
-from optimize.model import ModelHandle
-from optimize.prepare import Prepared, RunOptions, prepare
-from optimize.recipe import LoadedRecipe
+from optimize.evaluate.gate import GateCheck, default_gate, judge_all
+from optimize.models.checkpoint import content_sha256
+from optimize.models.handle import ModelHandle
+from optimize.pipeline import cache as stage_cache
+from optimize.pipeline.export import export
+from optimize.pipeline.prepare import Prepared, RunOptions, prepare
+from optimize.pipeline.recipe import LoadedRecipe
 from optimize.records import RunSummary, StageRecord, failed_checks
 from optimize.runtime.manifest import EngineFile, GateResult, GateSource, JsonObject, Manifest, RuntimeSettings
+from optimize.stages import distill_training as training
 from optimize.stages.base import StageBase, StageContext
 
 

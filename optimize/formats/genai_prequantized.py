@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from optimize.safetensors_files import FLOATS, copy, header, read_float_transposed
+from optimize.models.safetensors import FLOATS, copy, header, read_float_transposed
 
 WORKERS = os.cpu_count() or 1
 LINEAR = re.compile(r"^model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight$")

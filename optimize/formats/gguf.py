@@ -23,7 +23,8 @@ import numpy as np
 
 from optimize import runtime
 from optimize.errors import UsageError
-from optimize.model import GGUF_HEADER, copy_header, read_config
+from optimize.models.checkpoint import read_config
+from optimize.models.gguf_input import GGUF_HEADER, copy_header
 
 if TYPE_CHECKING:
     import gguf

@@ -20,8 +20,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from optimize import artifact as artifact_files
 from optimize import tasks
+from optimize.artifact import write as artifact_files
 from optimize.errors import UsageError
 from optimize.runtime import on_openvino, openvino_file_of, verify
 

@@ -1,0 +1,76 @@
+"""TODO"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from optimize.errors import UsageError
+
+
+def read_config(checkpoint: Path) -> dict[str, Any]:
+    """config.json as a dict, or one clear error naming the file."""
+    path = checkpoint / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UsageError(f"model {checkpoint}: no config.json; give a folder written by save_pretrained") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UsageError(f"model {checkpoint}: config.json is not readable JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise UsageError(f"model {checkpoint}: config.json holds {type(config).__name__}, not an object")
+    return config
+
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+    "merges.txt",
+    "vocab.json",
+    "tokenizer.model",
+    "config.json",
+    "generation_config.json",
+    "genai_config.json",  # an onnxruntime-genai model folder (optimize/stages/genai.py)
+    "chat_template.jinja",
+)
+
+
+# What sentence-transformers reads beside the weights (pooling, normalization, its own config).
+SENTENCE_TRANSFORMERS_FILES = (
+    "modules.json",
+    "sentence_bert_config.json",
+    "config_sentence_transformers.json",
+    "1_Pooling",
+    "2_Normalize",
+    "2_Dense",  # a distilled student's projection to its teacher's width (optimize/models/projection.py)
+)
+
+
+def copy_checkpoint_files(source: Path, target: Path, extra: Sequence[str] = ()) -> None:
+    """The tokenizer, config and sentence-transformers files of a checkpoint folder (and `extra`),
+    with every module folder its `modules.json` names (the runtime reads the pooling from there)."""
+    modules = source / "modules.json"
+    listed = [str(m["path"]) for m in json.loads(modules.read_text()) if m.get("path")] if modules.is_file() else []
+    for name in dict.fromkeys((*TOKENIZER_FILES, *SENTENCE_TRANSFORMERS_FILES, *listed, *extra)):
+        path = source / name
+        if path.is_dir():
+            shutil.copytree(path, target / name, dirs_exist_ok=True)
+        elif path.is_file():
+            shutil.copyfile(path, target / name)
+
+
+def content_sha256(folder: Path) -> str:
+    """One hash over every file of a checkpoint folder (names and bytes), in a stable order."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and ".cache" not in p.parts):
+        digest.update(str(path.relative_to(folder)).encode())
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
