@@ -55,7 +55,7 @@ def passage(words: int = 110) -> str:
 def workloads(checkpoint: Path) -> dict[str, str]:
     """Chat turns in the model's template: one that copies (a passage to repeat), a code edit (most
     of the answer is the code given), and an open question (nothing to copy)."""
-    from optimize.runtime.generation import chat_prompt
+    from optimize.runtime.decoding import chat_prompt
 
     return {
         "copy": chat_prompt(checkpoint, "Repeat this passage word for word:\n\n" + passage()),
@@ -137,7 +137,8 @@ def llama_system(spec: str, lookup: bool) -> System:
 
 def openvino_system(spec: str, lookup: bool) -> System:
     """The runtime's OpenVinoGenAIEngine (what `generate --engine openvino-genai` runs)."""
-    from optimize.runtime.generation import OpenVinoGenAIEngine, Sampling
+    from optimize.runtime.decoding import Sampling
+    from optimize.runtime.engine_openvino_genai import OpenVinoGenAIEngine
 
     engine, tokenizer = OpenVinoGenAIEngine(Path(spec), os.cpu_count()), _tokenizer(spec)
 
@@ -199,7 +200,8 @@ def onnx_system(spec: str, lookup: bool) -> System:
     """An optimize or peer folder through the runtime: onnxruntime-genai's own loop (what `generate`
     runs), or with `lookup` the runtime's prompt-lookup loop; the KV-cache loop for exported graphs."""
     from optimize import runtime
-    from optimize.runtime.generation import Drafts, GenAIEngine, Sampling, kv_loop
+    from optimize.runtime.decoding import Drafts, Sampling, kv_loop
+    from optimize.runtime.engine_onnxruntime_genai import GenAIEngine
 
     folder = Path(spec)
     onnx = runtime.OnnxModel(folder / "model.onnx", folder / "tokenizer.json", seq_len=4096)

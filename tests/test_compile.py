@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from optimize import runtime
 from optimize.cli.commands import app
 from optimize.models.loading import open_any
-from optimize.stages import fp16
+from optimize.stages import compile_fp16 as fp16
 from optimize.stages.base import StageContext
 
 

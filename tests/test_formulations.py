@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from optimize import cpu, runtime
 from optimize.cli.commands import app
 from optimize.runtime import tuning_warning
-from optimize.stages import formulations
+from optimize.stages import quantize_formulations as formulations
 from tests.conftest import write_recipe
 
 AVX2 = cpu.CpuInfo("AVX2-only test CPU", frozenset({"avx2", "fma"}))

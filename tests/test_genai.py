@@ -11,7 +11,8 @@ import pytest
 from typer.testing import CliRunner
 
 from optimize.cli.commands import app
-from optimize.runtime.generation import Drafts, GenAIEngine, Sampling, lookup, pick
+from optimize.runtime.decoding import Drafts, Sampling, lookup, pick
+from optimize.runtime.engine_onnxruntime_genai import GenAIEngine
 from tests.conftest import write_recipe
 
 pytest.importorskip("onnxruntime_genai")
@@ -41,8 +42,8 @@ def load(artifact):
         return runtime.load(artifact, available=["CPUExecutionProvider"])
     finally:
         sys.path.remove(str(artifact))
-        sys.modules.pop("runtime", None)
-        sys.modules.pop("runtime.generation", None)
+        for name in [m for m in sys.modules if m == "runtime" or m.startswith("runtime.")]:
+            sys.modules.pop(name)
 
 
 def test_the_builder_search_records_every_candidate_and_keeps_the_first_that_holds(built):
@@ -113,7 +114,7 @@ def test_the_sampler_follows_temperature_top_k_and_top_p():
 
 
 def test_a_chat_prompt_is_rendered_by_the_models_template_and_refused_without_one(built, tmp_path):
-    from optimize.runtime.generation import chat_prompt
+    from optimize.runtime.decoding import chat_prompt
 
     template = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{{ eos_token }}{% endfor %}"
     template += "{% if add_generation_prompt %}<|assistant|>{% endif %}"

@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 
 from optimize import cpu, runtime
 from optimize.cli.commands import app
-from optimize.stages import formulations, quantize
+from optimize.stages import quantize
+from optimize.stages import quantize_formulations as formulations
 from tests.conftest import write_recipe
 from tests.test_formulations import AVX2, VNNI
 

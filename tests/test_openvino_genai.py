@@ -17,7 +17,8 @@ import pytest
 from optimize import runtime
 from optimize.formats import openvino_genai
 from optimize.models.gguf_input import from_gguf
-from optimize.runtime.generation import OpenVinoGenAIEngine, Sampling
+from optimize.runtime.decoding import Sampling
+from optimize.runtime.engine_openvino_genai import OpenVinoGenAIEngine
 from tests.conftest import run_recipe
 
 pytest.importorskip("openvino_genai")
@@ -221,7 +222,7 @@ def test_the_server_batches_concurrent_streams_through_openvino_genai(artifact: 
 def test_a_folder_openvino_cannot_read_is_refused_in_one_line(artifact: Path, tmp_path: Path) -> None:
     """What OpenVINO raises from C++ on a folder it cannot read (here a cut IR) is an ArtifactError
     naming the engine and folder, which `generate` and `serve` print with exit 2."""
-    from optimize.runtime.generation import ContinuousBatching
+    from optimize.runtime.engine_openvino_genai import ContinuousBatching
 
     folder = tmp_path / "openvino-genai"
     shutil.copytree(artifact / "openvino-genai", folder)

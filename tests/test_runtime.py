@@ -173,7 +173,7 @@ PLATFORMS = {  # (platform_system, platform_machine) -> the onnxruntime build pi
 def runtime_requirements() -> list:
     from packaging.requirements import Requirement
 
-    from optimize.artifact.write import RUNTIME_REQUIREMENTS
+    from optimize.runtime.engines import BASE_REQUIREMENTS as RUNTIME_REQUIREMENTS
 
     return [Requirement(line) for line in RUNTIME_REQUIREMENTS if not line.startswith("#")]
 
@@ -193,9 +193,9 @@ def test_the_runtime_requirements_pick_one_onnxruntime_per_platform_as_pyproject
     picked = [r.name for r in ours if r.marker is None or r.marker.evaluate(env)]
     build = PLATFORMS[system, machine]  # and the decoder engine paired with it
     assert sorted(picked) == sorted([build, "onnxruntime-genai-cuda" if build.endswith("gpu") else "onnxruntime-genai"])
-    from optimize.artifact.write import GENAI_REQUIREMENTS
+    from optimize.runtime.engines import ENGINES
 
-    engines = [Requirement(line) for line in GENAI_REQUIREMENTS]
+    engines = [Requirement(line) for line in ENGINES["onnxruntime-genai"].requirements]
     assert [r.name for r in engines if r.marker.evaluate(env)] == [n for n in picked if "genai" in n]
 
 

@@ -24,6 +24,7 @@ from optimize import tasks
 from optimize.artifact import write as artifact_files
 from optimize.errors import UsageError
 from optimize.runtime import on_openvino, openvino_file_of, verify
+from optimize.runtime.engines import DEFAULT_ENGINE, ENGINES, openvino_engine
 
 MAX_BATCH = 32  # the largest batch the gates timed
 QUEUE_DELAY_US = 2000  # dynamic batching waits this long to fill a batch
@@ -121,11 +122,11 @@ def write(artifact: Path, out: Path) -> Path:
             source = artifact / openvino
             shutil.copyfile(source, version / "model.xml")
             shutil.copyfile(source.with_suffix(".bin"), version / "model.bin")
-            model_file, backend = version / "model.xml", "openvino"
+            model_file, backend = version / "model.xml", str(ENGINES[openvino_engine(False)].triton)
         else:
             for path in artifact.glob("model.onnx*"):
                 shutil.copyfile(path, version / path.name)
-            model_file, backend = version / "model.onnx", "onnxruntime"
+            model_file, backend = version / "model.onnx", str(ENGINES[DEFAULT_ENGINE].triton)
         for extra in ("tokenizer.json", "manifest.json"):
             shutil.copyfile(artifact / extra, staging / name / extra)
         inputs, outputs = graph_ports(model_file)
@@ -149,7 +150,9 @@ def check(model_dir: Path) -> None:
         config = text_format.Parse(path.read_text(), pb.ModelConfig())
     except text_format.ParseError as exc:
         raise UsageError(f"{path}: not a Triton model config: {exc}") from None
-    model_file = model_dir / "1" / ("model.xml" if config.backend == "openvino" else "model.onnx")
+    model_file = (
+        model_dir / "1" / ("model.xml" if config.backend == ENGINES[openvino_engine(False)].triton else "model.onnx")
+    )
     if not model_file.is_file():
         raise UsageError(f"{path}: backend {config.backend!r} needs {model_file.relative_to(model_dir)}")
     expected = graph_ports(model_file)

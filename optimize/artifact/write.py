@@ -20,11 +20,21 @@ from typing import cast
 from optimize import __version__
 from optimize.errors import UsageError
 from optimize.models.checkpoint import copy_checkpoint_files
-from optimize.runtime import on_openvino, sha256_file
+from optimize.runtime import sha256_file
+from optimize.runtime.engines import BASE_REQUIREMENTS, BUILDER, DEFAULT_ENGINE, ENGINES
 from optimize.runtime.manifest import Manifest
 
 SCHEMA_VERSION = 1
-RUNTIME_SOURCE = Path(__file__).parent / "runtime"
+RUNTIME_SOURCE = Path(__file__).parent.parent / "runtime"
+# `python -m runtime ART serve` (with requirements.txt): the ASGI stack and Prometheus' client.
+SERVE_REQUIREMENTS = (
+    "starlette>=0.37,<2",
+    "uvicorn>=0.30,<1",
+    "prometheus-client>=0.20,<1",
+    "jinja2>=3.1,<4  # chat templates",
+    "uvloop>=0.19,<1; sys_platform != 'win32'  # the event loop and HTTP parser uvicorn takes when installed",
+    "httptools>=0.6,<1",
+)
 
 
 def versions() -> dict[str, str]:
@@ -33,12 +43,10 @@ def versions() -> dict[str, str]:
         "torch": ["torch"],
         "transformers": ["transformers"],
         "onnx": ["onnx"],
-        "onnxruntime": ["onnxruntime-gpu", "onnxruntime"],
         "numpy": ["numpy"],
         "tokenizers": ["tokenizers"],
         "onnxscript": ["onnxscript"],  # the dynamo exporter's writer
-        "onnxruntime-genai": ["onnxruntime-genai-cuda", "onnxruntime-genai"],
-        "openvino": ["openvino"],
+        **{e.name: list(e.dists) for e in ENGINES.values() if e.dists},  # the engines' libraries
         "nncf": ["nncf"],
     }.items():
         for dist in dists:
@@ -99,44 +107,6 @@ def staging_dir(out: Path) -> Path:
     return staging
 
 
-# The runtime's requirements: ranges that install on Python 3.10+ (the versions this run measured
-# are in the manifest's provenance), and one onnxruntime per platform, with pyproject.toml's markers:
-# the GPU build (it also runs on CPU) where it is published, the plain one elsewhere (macOS, ARM).
-GPU_BUILD_PLATFORMS = "(platform_system == 'Linux' and platform_machine == 'x86_64') or platform_system == 'Windows'"
-OTHER_PLATFORMS = "(platform_system != 'Linux' or platform_machine != 'x86_64') and platform_system != 'Windows'"
-RUNTIME_REQUIREMENTS = (
-    "# The runtime of this artifact: numpy, tokenizers and one onnxruntime build (never both).",
-    "# On a GPU machine, `pip install 'onnxruntime-gpu[cuda,cudnn]'` also brings the CUDA libraries.",
-    f"onnxruntime-gpu>=1.20,<2; {GPU_BUILD_PLATFORMS}",
-    f"onnxruntime>=1.20,<2; {OTHER_PLATFORMS}",
-    "numpy>=1.26,<3",
-    "tokenizers>=0.19,<1",
-)
-
-
-GENAI_REQUIREMENTS = (
-    f"onnxruntime-genai-cuda>=0.12,<0.16; {GPU_BUILD_PLATFORMS}",
-    f"onnxruntime-genai>=0.12,<0.16; {OTHER_PLATFORMS}",
-)
-# `python -m runtime ART serve` (with requirements.txt): the ASGI stack and Prometheus' client.
-SERVE_REQUIREMENTS = (
-    "starlette>=0.37,<2",
-    "uvicorn>=0.30,<1",
-    "prometheus-client>=0.20,<1",
-    "jinja2>=3.1,<4  # chat templates",
-    "uvloop>=0.19,<1; sys_platform != 'win32'  # the event loop and HTTP parser uvicorn takes when installed",
-    "httptools>=0.6,<1",
-)
-OPENVINO_GENAI_REQUIREMENTS = (
-    "# openvino-genai/ for `generate --engine openvino-genai`: the release of the openvino installed",
-    "openvino-genai>=2025.0",
-)
-GGUF_REQUIREMENTS = (
-    "# gguf/model.gguf runs in llama.cpp itself, Ollama or LM Studio; for `generate --engine llama.cpp`:",
-    "# pip install llama-cpp-python  (builds llama.cpp from source: a few minutes)",
-)
-
-
 # What varies from one run to the next (timings and what is derived from them) is kept out of the
 # manifest, in measurements.json, so the same recipe, inputs and seed give byte-identical files.
 VOLATILE = {
@@ -174,34 +144,25 @@ def split_volatile(value: object) -> tuple[object, object]:
     return value, None
 
 
-# The OpenVINO engine (an int8 graph NNCF quantized for its kernels); onnxruntime runs it without.
-OPENVINO_REQUIREMENTS = ("openvino>=2024.4",)
-
-
 def write_runtime(folder: Path, *engines: str) -> None:
+    """The runtime's source and its requirements: the base lines, then each engine's own row's
+    (`runtime.ENGINES`), once each, for the engines the artifact names."""
     runtime = folder / "runtime"
     runtime.mkdir()
     for source in sorted(RUNTIME_SOURCE.glob("*.py")):
         shutil.copyfile(source, runtime / source.name)
-    genai = GENAI_REQUIREMENTS if (folder / "genai_config.json").is_file() else ()  # a decoder engine folder
-    openvino = OPENVINO_REQUIREMENTS if any(on_openvino(e) for e in engines) else ()
     (runtime / "requirements-serve.txt").write_text("\n".join(SERVE_REQUIREMENTS) + "\n")
-    gguf = GGUF_REQUIREMENTS if "llama.cpp" in engines else ()
-    ov_genai = OPENVINO_GENAI_REQUIREMENTS if "openvino-genai" in engines else ()
-    listed = (*RUNTIME_REQUIREMENTS, *genai, *openvino, *ov_genai, *gguf)
+    named = {ENGINES[e].library for e in engines if e in ENGINES}
+    if (folder / ENGINES[BUILDER].opens).is_file():  # the artifact is the model builder's folder
+        named.add(BUILDER)
+    rows = [e.requirements for e in ENGINES.values() if e.name == e.library and e.name in named]
+    listed = [*BASE_REQUIREMENTS, *(line for lines in rows for line in lines)]
     (runtime / "requirements.txt").write_text("\n".join(listed) + "\n")
 
 
-# Each engine family's file, in sentence-transformers' layout (`SentenceTransformer(OUT, backend=...)`
-# finds them by these names); anything else runs model.onnx.
-# A folder format (a checkpoint for vLLM) is a folder of that name.
-ENGINE_FILES = {
-    "onnxruntime": "model.onnx",
-    "openvino": "openvino/openvino_model.xml",
-    "compressed-tensors": "compressed-tensors",
-    "openvino-genai": "openvino-genai",  # LLMPipeline(OUT/openvino-genai, "CPU") loads it as it is
-    "llama.cpp": "gguf",  # gguf/model.gguf (llama.cpp -m, Ollama's FROM) with the tokenizer it was measured with
-}
+# Each engine family's file (`runtime.ENGINES`' path), in sentence-transformers' layout
+# (`SentenceTransformer(OUT, backend=...)` finds them by these names); anything else runs model.onnx.
+ENGINE_FILES = {e.library: e.path for e in ENGINES.values() if e.path != "."}
 
 
 def write_model_file(source: Path, staging: Path, name: str) -> None:
@@ -257,7 +218,7 @@ def write(
     # and by sentence-transformers loading the artifact), and the weights of a model this run trained.
     weights = [p.name for p in sorted(checkpoint.glob("*.safetensors"))] if with_weights else []
     copy_checkpoint_files(checkpoint, staging, weights)
-    engines = [str(manifest.get("runtime", {}).get("engine", "onnxruntime"))]
+    engines = [str(manifest.get("runtime", {}).get("engine", DEFAULT_ENGINE))]
     write_runtime(staging, *engines, *(e["engine"] for e in manifest.get("engines", [])))
     (staging / "report.md").write_text(report_md)
     if report_html is not None:

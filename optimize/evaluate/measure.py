@@ -18,12 +18,12 @@ import numpy as np
 
 from optimize import costs, runtime, tasks
 from optimize.evaluate.suites import LoadedSuite, run_suite, standard_error
-from optimize.formats.gguf import GgufModel
-from optimize.formats.openvino_genai import OpenVinoDecoder
+from optimize.formats.table import BY_ENGINE, Measured
 from optimize.models import memory, projection
 from optimize.models.handle import ModelHandle
 from optimize.models.loading import load_torch
 from optimize.models.routes import STEPPED_IDS
+from optimize.runtime.engines import DEFAULT_ENGINE
 
 Inputs = dict[str, np.ndarray]
 
@@ -67,16 +67,15 @@ class TorchModel:
         return runtime.embed(self.run, self.tokenizer, texts, batch_size, self.pooling)
 
 
-Opened = TorchModel | runtime.OnnxModel | GgufModel | OpenVinoDecoder
+Opened = TorchModel | runtime.OnnxModel | Measured
 
 
 def open_model(handle: ModelHandle, seq_len: int) -> Opened:
     """`handle` in the engine that runs it: the runtime for ONNX, llama.cpp (or transformers) for a
     GGUF folder, transformers for a checkpoint."""
-    if handle.engine == "llama.cpp":
-        return GgufModel(handle.checkpoint, seq_len)
-    if handle.engine == "openvino-genai":
-        return OpenVinoDecoder(handle.checkpoint, seq_len, threads())
+    written = BY_ENGINE.get(handle.engine)
+    if written is not None and written.measure is not None:
+        return written.measure(handle.checkpoint, seq_len, threads())
     if handle.onnx_path is not None:
         return runtime.OnnxModel(
             handle.onnx_path,
@@ -296,7 +295,7 @@ class Evaluator:
         key = _identity(handle) if handle.onnx_path is not None else None
         if key is not None and key in self._cache:
             return self._cache[key]
-        engine = handle.engine if handle.onnx_path or handle.engine != "onnxruntime" else "torch"
+        engine = handle.engine if handle.onnx_path or handle.engine != DEFAULT_ENGINE else "torch"
         with costs.step(f"measure {handle.checkpoint.name} ({engine})"):
             result = self._measure(handle)
             memory.release()  # the model measured is dropped: its memory goes back before the next step

@@ -21,6 +21,7 @@ from pathlib import Path
 from optimize.errors import UsageError
 
 GROUP = 32  # int4 inputs per scale: divides every hidden size in the Llama family we run (576 = 18 x 32)
+ENGINE = "compressed-tensors"  # what runs the folder (runtime.ENGINES)
 BITS = (4, 8)  # tried smallest first; the first whose gate holds ships
 KEPT_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 # vLLM loads a layer's q/k/v (and gate/up) as one fused shard: they must share a precision.

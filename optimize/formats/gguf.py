@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     import torch
 
 FILE = "model.gguf"
+ENGINE = "llama.cpp"  # what runs the folder (runtime.ENGINES)
 BITS = (4, 8)  # tried smallest first; the first whose gate holds ships
 ARCHITECTURES = {"LlamaForCausalLM": "llama"}  # transformers' class -> the GGUF architecture written
 KEPT_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "config.json")
@@ -150,7 +151,7 @@ class GgufModel:
         self.provider = loader()
         threads = os.cpu_count() or 1
         self.torch: torch.nn.Module | None = None  # transformers' reader, where llama.cpp is not installed
-        if self.provider.startswith("llama.cpp"):
+        if self.provider.startswith(ENGINE):
             import llama_cpp
 
             self.llm = llama_cpp.Llama(

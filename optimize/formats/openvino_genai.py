@@ -37,9 +37,10 @@ from optimize.errors import UsageError
 from optimize.formats.gguf import per_sequence
 from optimize.formats.minmax import BLOCK, eight_bit, four_bit
 from optimize.models.checkpoint import read_config
-from optimize.runtime.generation import openvino_properties
+from optimize.runtime.engine_openvino_genai import openvino_properties
 
 FILE = "openvino_model.xml"
+ENGINE = "openvino-genai"  # what runs the folder (runtime.ENGINES)
 BITS = (4, 8)  # tried smallest first; the first whose gate holds ships
 # Named in the IR, so a user's LLMPipeline gets what was gated. Not the CPU's u8 default: our graph's
 # cache is concatenated outside the fused attention, so the stateful pipeline keeps it in f32 whatever

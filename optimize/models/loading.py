@@ -20,6 +20,7 @@ from optimize.models.checkpoint import read_config
 from optimize.models.gguf_input import from_gguf, packaged_gguf
 from optimize.models.handle import ModelHandle
 from optimize.models.lean import lean_torch
+from optimize.runtime.engines import DEFAULT_ENGINE
 from optimize.tasks import Task
 
 if TYPE_CHECKING:
@@ -234,9 +235,9 @@ def _artifact_engine(folder: Path) -> str:
     try:
         manifest = json.loads((folder / "manifest.json").read_text())
         listed = {e["file"]: e["engine"] for e in manifest.get("engines", [])}
-        return str(listed.get("model.onnx") or manifest.get("runtime", {}).get("engine", "onnxruntime"))
+        return str(listed.get("model.onnx") or manifest.get("runtime", {}).get("engine", DEFAULT_ENGINE))
     except (OSError, ValueError, AttributeError, KeyError, TypeError):
-        return "onnxruntime"
+        return DEFAULT_ENGINE
 
 
 def load_torch(model: ModelHandle, lean: bool = False) -> torch.nn.Module:

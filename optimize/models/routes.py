@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from optimize import tasks
+from optimize.runtime.engines import BUILDER, ENGINES
 
 ATTENTION_LAYERS = {"full_attention", "sliding_attention", "chunked_attention", "attention"}
 ROUTE_CACHED, ROUTE_WHOLE = "kv-cache", "whole-sequence"
@@ -51,15 +52,21 @@ def builder_architectures() -> frozenset[str] | None:
     return found or None
 
 
-def builder_version() -> str:
+def builder_release() -> tuple[str, str] | None:
+    """The installed onnxruntime-genai build that holds the model builder: (distribution, version)."""
     from importlib.metadata import PackageNotFoundError, version
 
-    for name in ("onnxruntime-genai", "onnxruntime-genai-cuda"):
+    for name in ENGINES[BUILDER].dists:
         try:
-            return version(name)
+            return name, version(name)
         except PackageNotFoundError:
             continue
-    return "not installed"
+    return None
+
+
+def builder_version() -> str:
+    release = builder_release()
+    return release[1] if release else "not installed"
 
 
 def builder_refusal(architecture: str) -> str | None:

@@ -30,6 +30,7 @@ from typing import TypedDict, cast
 import optimize
 from optimize.artifact.write import copy_onnx
 from optimize.models.handle import ModelHandle
+from optimize.runtime.engines import DEFAULT_ENGINE
 from optimize.runtime.manifest import GateResult, JsonObject, RuntimeSettings, StageJson
 
 ENTRY = "entry.json"
@@ -269,7 +270,7 @@ class RunCache:
         checkpoint = folder / stored_checkpoint if stored_checkpoint else source.checkpoint
         onnx = folder / stored_onnx if stored_onnx else None
         self.key = step_key
-        engine = entry.get("engine", "onnxruntime")
+        engine = entry.get("engine", DEFAULT_ENGINE)
         return dataclasses.replace(source, checkpoint=checkpoint, onnx_path=onnx, engine=engine)
 
     def alternates(self, found: tuple[Path, Entry], source: ModelHandle) -> dict[str, ModelHandle]:

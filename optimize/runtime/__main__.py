@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from . import ArtifactError, load
+from .engines import GENERATING, OWN_LOOP
 
 
 def _texts(source: str) -> list[str]:
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--engine",
         default="auto",
-        choices=["auto", "onnxruntime-genai", "openvino-genai", "llama.cpp", "onnxruntime"],
+        choices=["auto", *GENERATING, OWN_LOOP],
         help="generate, serve: what runs the model (auto: of onnxruntime-genai, openvino-genai on openvino-genai/ "
         "and llama.cpp on gguf/model.gguf, the fastest the recipe measured that is installed here; serve: "
         "openvino-genai first, its continuous batching serves concurrent streams together; llama.cpp decodes one "

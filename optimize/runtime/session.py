@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .engines import DEFAULT_ENGINE, ENGINES
 from .manifest import RuntimeSettings
 
 if TYPE_CHECKING:
@@ -62,32 +63,6 @@ class Port:
     name: str
     shape: list[int | str]
     type: str
-
-
-# What runs model.onnx (the manifest's `runtime.engine`) -> OpenVINO's precision for the ops left in
-# float, or None where onnxruntime runs it: onnxruntime; OpenVINO in fp32; OpenVINO in bf16 (chosen
-# on a CPU that computes bf16 natively); onnxruntime-genai for a decoder folder its model builder
-# made (genai_config.json). Every question about an engine is asked of this table.
-ENGINES: dict[str, str | None] = {
-    "onnxruntime": None,
-    "openvino": "f32",
-    "openvino-bf16": "bf16",
-    "onnxruntime-genai": None,
-    "compressed-tensors": None,  # a checkpoint for vLLM, SGLang or transformers: shipped, not run here
-    "llama.cpp": None,  # gguf/model.gguf: generated through llama-cpp-python where installed
-    "openvino-genai": None,  # openvino-genai/: a stateful IR OpenVINO GenAI's LLMPipeline generates from
-}
-
-
-def on_openvino(engine: str) -> bool:
-    """Whether OpenVINO runs the graph for this engine (an unknown name: no)."""
-    return ENGINES.get(engine) is not None
-
-
-def family(engine: str) -> str:
-    """The library an engine's file is for, one file each in an artifact: `openvino` for both
-    OpenVINO precisions (the same IR; the precision is a runtime setting), else the engine."""
-    return "openvino" if on_openvino(engine) else engine
 
 
 def port_name(port: Any) -> str:
@@ -211,8 +186,8 @@ def make_session(
 
     notes: list[str] = []
     threads = threads or os.cpu_count() or 1
-    engine = str((settings or {}).get("engine", "onnxruntime"))
-    precision = ENGINES.get(engine)
+    row = ENGINES.get(str((settings or {}).get("engine", DEFAULT_ENGINE)))
+    precision = row.float_ops if row else None
     if precision is not None:
         try:
             return OpenVINOSession(openvino_path or model_path, threads, precision), notes

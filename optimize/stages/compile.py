@@ -31,6 +31,7 @@ from pydantic import Field
 from optimize import tasks
 from optimize.errors import GateFailed
 from optimize.models.handle import ModelHandle
+from optimize.runtime.engines import DEFAULT_ENGINE
 from optimize.runtime.manifest import JsonObject
 from optimize.stages.base import Choice, StageBase, StageContext, StageResult
 
@@ -161,11 +162,11 @@ def run(config: CompileStage, model: ModelHandle, ctx: StageContext) -> StageRes
     reference = _outputs(model, texts, ctx.seq_len)
     # a decoder's graph variants (onnxruntime's: another engine's model is kept as it is) are also
     # checked as generation feeds them
-    checks_steps = model.task == tasks.GENERATION and model.engine == "onnxruntime"
+    checks_steps = model.task == tasks.GENERATION and model.engine == DEFAULT_ENGINE
     stepped = stepped_logits(model, ctx.seq_len) if checks_steps else np.empty(0)
     tried: list[Tried] = []
     agreeing: list[tuple[Tried, ModelHandle]] = []
-    variants = config.variants if model.engine == "onnxruntime" else ["as-is"]
+    variants = config.variants if model.engine == DEFAULT_ENGINE else ["as-is"]
     for variant in dict.fromkeys(variants):
         out = ctx.workdir / f"{variant}.onnx"
         record: Tried = {"variant": variant}
@@ -203,6 +204,6 @@ def run(config: CompileStage, model: ModelHandle, ctx: StageContext) -> StageRes
 
     tuned_on = cpu.current().summary()  # the variant was chosen by timing on this CPU
     decisions: Decisions = {"variant": best[2], "candidates": tried}
-    if model.engine != "onnxruntime":
+    if model.engine != DEFAULT_ENGINE:
         decisions["why"] = f"the {model.engine} engine compiles the graph when it loads it: kept as it is"
     return StageResult(best[1], decisions, runtime={"tuned_on": tuned_on})

@@ -24,6 +24,7 @@ from typing import TypedDict
 from optimize import cpu
 from optimize.models.handle import ModelHandle
 from optimize.runtime import family
+from optimize.runtime.engines import DEFAULT_ENGINE
 from optimize.runtime.manifest import CheckResult, CpuSummary, GateResult, JsonObject, RuntimeSettings
 from optimize.stages.base import Choice, StageContext, StageResult
 from optimize.stages.quantize_methods import (
@@ -104,12 +105,12 @@ def per_engine(
     ships, by `choose` against the family's own float model (`floats[i]`: formulation i is it): None
     for onnxruntime's, the stage's input. A family without a float model of its own keeps its
     fastest formulation."""
-    found: dict[str, int | None] = {"onnxruntime": None}
+    found: dict[str, int | None] = {DEFAULT_ENGINE: None}
     for engine in dict.fromkeys(engines):
         members = [i for i, e in enumerate(engines) if e == engine and not floats[i]]
         base = next((i for i, e in enumerate(engines) if e == engine and floats[i]), None)
         baseline = float_ms if base is None else timed[base]
-        speedup = min_speedup if engine == "onnxruntime" or base is not None else -math.inf
+        speedup = min_speedup if engine == DEFAULT_ENGINE or base is not None else -math.inf
         chosen, _ = choose(baseline, [timed[i] for i in members], speedup, min_gain)
         if chosen is not None:
             found[engine] = members[chosen]

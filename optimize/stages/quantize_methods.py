@@ -20,6 +20,7 @@ from typing import Annotated, Any, ClassVar, Literal, Protocol
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from optimize import cpu
+from optimize.runtime.engines import DEFAULT_ENGINE, ENGINES, openvino_engine
 
 
 class CalibrationReader(Protocol):
@@ -38,7 +39,7 @@ class MethodBase(BaseModel):
     @property
     def engine(self) -> str:
         """What runs the graph this method writes (`runtime.ENGINES`)."""
-        return "onnxruntime"
+        return DEFAULT_ENGINE
 
     def label(self) -> str:
         return str(getattr(self, "name", type(self).__name__))
@@ -245,7 +246,7 @@ class OpenVINOStatic(MethodBase):
     def engine(self) -> str:
         if self.float_ops == "auto":
             return float_engine()
-        return "openvino-bf16" if self.float_ops == "bf16" else "openvino"
+        return openvino_engine(self.float_ops == "bf16")
 
     def label(self) -> str:
         floats = "bf16" if self.engine.endswith("bf16") else "f32"
@@ -337,14 +338,14 @@ def _quantize_attention_output(graph: Any, path: Path, float_path: Path, reader:
 
 def float_engine() -> str:
     """OpenVINO running a float graph: in bf16 where this CPU computes bf16 natively, else fp32."""
-    return "openvino-bf16" if cpu.current().bf16_math else "openvino"
+    return openvino_engine(cpu.current().bf16_math)
 
 
 def openvino_available() -> bool:
     """True when OpenVINO and NNCF are installed (the `openvino` method can be built and run)."""
     import importlib.util
 
-    return all(importlib.util.find_spec(name) is not None for name in ("openvino", "nncf"))
+    return all(importlib.util.find_spec(name) is not None for name in (str(ENGINES[float_engine()].module), "nncf"))
 
 
 # The table of methods: one entry per class above.

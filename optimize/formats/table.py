@@ -1,0 +1,70 @@
+"""The decoder formats an artifact can carry beside onnxruntime-genai's folder, one row each: the
+engine its folder is for (`runtime.ENGINES` names its place in the artifact), the precisions tried
+(smallest first), the writer, the check that can refuse a checkpoint before any work, the loader that
+names what measures it, and the model that measures it through that engine (None: transformers reads
+the folder). The genai stage writes and gates each; the evaluator opens each through its row. A new
+format is one module with these functions and one row here."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Protocol, get_args
+
+import numpy as np
+
+from optimize.formats import compressed_tensors, gguf, openvino_genai
+from optimize.runtime import Tokenizer
+from optimize.runtime.manifest import JsonObject
+
+
+class Measured(Protocol):
+    """A written format as the evaluator measures it: logits for tokenized inputs, in its engine."""
+
+    @property
+    def tokenizer(self) -> Tokenizer: ...
+
+    @property
+    def provider(self) -> str: ...  # the engine and its version
+
+    def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray: ...
+
+    def embed(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class Format:
+    engine: str  # what runs the folder (a row of runtime.ENGINES)
+    bits: tuple[int, ...]  # tried smallest first; the first whose gate holds ships
+    write: Callable[[Path, Path, int], JsonObject]  # (checkpoint, out, bits) -> what the manifest records
+    problem: Callable[[Path], str | None]  # why a checkpoint cannot be written here, or None
+    loader: Callable[[], str]  # what measures the gate, with its version
+    measure: Callable[[Path, int, int], Measured] | None  # (folder, seq_len, threads); None: transformers
+
+
+FormatName = Literal["compressed-tensors", "gguf", "openvino-genai"]  # as a recipe's `formats` lists them
+FORMATS: dict[FormatName, Format] = {
+    # vLLM, SGLang: measured by transformers decompressing it on the CPU
+    "compressed-tensors": Format(
+        compressed_tensors.ENGINE,
+        compressed_tensors.BITS,
+        compressed_tensors.write,
+        compressed_tensors.problem,
+        compressed_tensors.loader,
+        None,
+    ),
+    # llama.cpp, Ollama, LM Studio: measured in llama.cpp where installed
+    "gguf": Format(gguf.ENGINE, gguf.BITS, gguf.write, gguf.problem, gguf.loader, lambda f, n, t: gguf.GgufModel(f, n)),
+    # OpenVINO GenAI's LLMPipeline: measured through OpenVINO's stateful graph
+    "openvino-genai": Format(
+        openvino_genai.ENGINE,
+        openvino_genai.BITS,
+        openvino_genai.write,
+        openvino_genai.problem,
+        openvino_genai.loader,
+        openvino_genai.OpenVinoDecoder,
+    ),
+}
+BY_ENGINE = {f.engine: f for f in FORMATS.values()}
+assert set(FORMATS) == set(get_args(FormatName)), "a format is one row of FORMATS and one name of FormatName"
