@@ -94,6 +94,15 @@ def markdown(run: RunSummary) -> str:
     ]
     for stage in run.stages:
         lines.append(f"| {stage.name} | " + " | ".join(_fmt(stage.metrics.get(n)) for n in names) + " |")
+    lines += [*_gates(run), *_losses(run), *_engines(run, names), *_costs(run)]
+    if run.failure:
+        lines += ["", "## Why it failed", "", run.failure]
+    return "\n".join(lines) + "\n"
+
+
+def _gates(run: RunSummary) -> list[str]:
+    """Every gate check, marked when it is the default gate, and the ungated stages."""
+    lines: list[str] = []
     lines += ["", "## Gates", ""]
     for stage in run.stages:
         source = stage.gate.get("source", "recipe")
@@ -115,6 +124,12 @@ def markdown(run: RunSummary) -> str:
                 f"- {stage.name}: **ungated** (`gate: []` in the recipe): its output was not checked "
                 "against the input model"
             )
+    return lines
+
+
+def _losses(run: RunSummary) -> list[str]:
+    """Each distill stage's loss curve, at most a dozen points."""
+    lines: list[str] = []
     for stage in run.stages:
         curve = stage.loss_curve()
         if curve:
@@ -131,6 +146,12 @@ def markdown(run: RunSummary) -> str:
                 f"| {p['step']} | {_fmt(p['train_loss'])} | {_fmt(p['heldout_loss'])} | {p['lr']:.2e} |"
                 for p in points.values()
             ]
+    return lines
+
+
+def _engines(run: RunSummary, names: list[str]) -> list[str]:
+    """Each engine's file and what it measured, where there are several."""
+    lines: list[str] = []
     if len(run.engines) > 1:
         lines += ["", "## Files per engine (fastest first, each held to the last stage's gate)", ""]
         lines += ["| engine | file | gate | " + " | ".join(names) + " |", "|---" * (len(names) + 3) + "|"]
@@ -140,6 +161,12 @@ def markdown(run: RunSummary) -> str:
             + " |"
             for e in run.engines
         ]
+    return lines
+
+
+def _costs(run: RunSummary) -> list[str]:
+    """Each step's time and memory."""
+    lines: list[str] = []
     if run.costs:
         lines += ["", "## Cost per step (a step reused from the cache shows what it cost when it ran)", ""]
         lines += ["| step | seconds | peak RSS MB | worker's peak RSS MB |", "|---|---|---|---|"]
@@ -147,9 +174,7 @@ def markdown(run: RunSummary) -> str:
             f"| {row['step']} | {row['seconds']} | {row.get('peak_rss_mb', '')} | {row.get('worker_peak_rss_mb', '')} |"
             for row in run.costs
         ]
-    if run.failure:
-        lines += ["", "## Why it failed", "", run.failure]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def to_job_summary(text: str) -> None:

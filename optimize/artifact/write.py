@@ -9,22 +9,17 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import re
 import shutil
 from collections.abc import Mapping
-from importlib import metadata
 from pathlib import Path
-from typing import cast
 
-from optimize import __version__
+from optimize.artifact.manifest import seal
 from optimize.errors import UsageError
 from optimize.models.checkpoint import copy_checkpoint_files
-from optimize.runtime import sha256_file
 from optimize.runtime.engines import BASE_REQUIREMENTS, BUILDER, DEFAULT_ENGINE, ENGINES
 from optimize.runtime.manifest import Manifest
 
-SCHEMA_VERSION = 1
 RUNTIME_SOURCE = Path(__file__).parent.parent / "runtime"
 # `python -m runtime ART serve` (with requirements.txt): the ASGI stack and Prometheus' client.
 SERVE_REQUIREMENTS = (
@@ -35,27 +30,6 @@ SERVE_REQUIREMENTS = (
     "uvloop>=0.19,<1; sys_platform != 'win32'  # the event loop and HTTP parser uvicorn takes when installed",
     "httptools>=0.6,<1",
 )
-
-
-def versions() -> dict[str, str]:
-    found = {"python": platform.python_version(), "optimize": __version__}
-    for name, dists in {
-        "torch": ["torch"],
-        "transformers": ["transformers"],
-        "onnx": ["onnx"],
-        "numpy": ["numpy"],
-        "tokenizers": ["tokenizers"],
-        "onnxscript": ["onnxscript"],  # the dynamo exporter's writer
-        **{e.name: list(e.dists) for e in ENGINES.values() if e.dists},  # the engines' libraries
-        "nncf": ["nncf"],
-    }.items():
-        for dist in dists:
-            try:
-                found[name] = metadata.version(dist)
-                break
-            except metadata.PackageNotFoundError:
-                continue
-    return found
 
 
 def check_destination(out: Path, overwrite: bool) -> None:
@@ -105,43 +79,6 @@ def staging_dir(out: Path) -> Path:
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     return staging
-
-
-# What varies from one run to the next (timings and what is derived from them) is kept out of the
-# manifest, in measurements.json, so the same recipe, inputs and seed give byte-identical files.
-VOLATILE = {
-    *("throughput_per_s", "seconds", "speed", "worst_ratio_to_fp32", "peak_rss_mb", "created", "decode_tok_s"),
-    "costs",  # each step's time and memory; a warm run has fewer steps
-}
-# Files that carry timings: written beside the model, listed in the manifest, not hashed.
-MEASUREMENT_FILES = ("measurements.json", "report.md", "report.json", "report.html")
-
-
-def _volatile(key: str) -> bool:
-    return key.endswith("_ms") or key in VOLATILE
-
-
-def split_volatile(value: object) -> tuple[object, object]:
-    """(value without timings, the timings at the same paths): keys ending in `_ms`, throughput,
-    seconds, speed details, and the value, threshold and reference of a gate check on a timing."""
-    if isinstance(value, dict):
-        stable: dict[object, object] = {}
-        moved: dict[object, object] = {}
-        metric = value.get("metric")
-        timing_check = isinstance(metric, str) and _volatile(metric)
-        for k, v in value.items():
-            if _volatile(str(k)) or (timing_check and k in ("value", "threshold", "reference")):
-                moved[k] = v
-                continue
-            stable[k], inner = split_volatile(v)
-            if inner:
-                moved[k] = inner
-        return stable, moved
-    if isinstance(value, list):
-        pairs = [split_volatile(v) for v in value]
-        moved_items = [m for _, m in pairs]
-        return [s for s, _ in pairs], (moved_items if any(moved_items) else None)
-    return value, None
 
 
 def write_runtime(folder: Path, *engines: str) -> None:
@@ -224,17 +161,7 @@ def write(
     if report_html is not None:
         (staging / "report.html").write_text(report_html)
     (staging / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
-    stable, measurements = split_volatile(manifest)
-    manifest = cast(Manifest, stable)  # the same keys, without the timings
-    (staging / "measurements.json").write_text(json.dumps(measurements or {}, indent=2, sort_keys=True) + "\n")
-    files = sorted(p for p in staging.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
-    manifest["files"] = {
-        str(p.relative_to(staging)): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-        for p in files
-        if str(p.relative_to(staging)) not in MEASUREMENT_FILES
-    }
-    manifest["measurement_files"] = [name for name in MEASUREMENT_FILES if (staging / name).is_file()]
-    (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    seal(manifest, staging)
     swap_into_place(staging, out, overwrite)
 
 

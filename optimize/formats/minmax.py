@@ -14,16 +14,16 @@ from typing import Any
 
 import numpy as np
 
+OnnxProto = Any  # onnx's ModelProto, NodeProto (untyped protobuf)
+
 BLOCK = 32
 
 
 def requantize(model_path: Path, accuracy_level: int, int8_head: bool) -> dict[str, float]:
     """Rewrite every MatMul with a constant weight in place; returns the largest reconstruction error
     of the 4-bit and of the 8-bit weights (0 for weights dequantized from Q4_1 / Q8_0)."""
-    # ~80 lines on purpose: one graph rewrite read top to bottom (find each weight MatMul, encode its
-    # blocks, add the minimum's correction); split, its steps would pass the half-built graph around.
     import onnx
-    from onnx import helper, numpy_helper
+    from onnx import numpy_helper
 
     model = onnx.load(str(model_path))
     weights = {i.name: i for i in model.graph.initializer}
@@ -35,56 +35,15 @@ def requantize(model_path: Path, accuracy_level: int, int8_head: bool) -> dict[s
             nodes.append(node)
             continue
         w = numpy_helper.to_array(init).astype(np.float32)
-        k, n = w.shape
-        blocks = w.T.reshape(n, k // BLOCK, BLOCK)
-        name, base = init.name, node.name
-        replaced.add(name)
-        if int8_head and base.startswith("/lm_head/"):
-            q8, scale, error = eight_bit(blocks)
+        blocks = w.T.reshape(w.shape[1], w.shape[0] // BLOCK, BLOCK)
+        replaced.add(init.name)
+        if int8_head and node.name.startswith("/lm_head/"):
+            made, error = _eight_bit_matmul(model, node, init.name, blocks, accuracy_level)
             worst8 = max(worst8, error)
-            model.graph.initializer.extend(
-                [
-                    numpy_helper.from_array(q8, name + "_Q8"),
-                    numpy_helper.from_array(scale, name + "_scales"),
-                ]
-            )
-            attributes = {"K": k, "N": n, "bits": 8, "block_size": BLOCK, "accuracy_level": accuracy_level}
-            inputs = [node.input[0], name + "_Q8", name + "_scales"]
-            nodes.append(
-                helper.make_node(
-                    "MatMulNBits", inputs, list(node.output), base + "_Q8", domain="com.microsoft", **attributes
-                )
-            )
-            continue
-        q, scale, low, error = four_bit(blocks)
-        worst4 = max(worst4, error)
-        count = k // BLOCK
-        # No zero-point input: MatMulNBits then reads q as q - 8 (its default), so each block's offset
-        # is its minimum plus 8 steps: d * q + m = d * (q - 8) + (m + 8 d).
-        offset = (low + 8 * scale).T.astype(np.float32)
-        model.graph.initializer.extend(
-            [
-                numpy_helper.from_array((q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8), name + "_Q4"),
-                numpy_helper.from_array(scale, name + "_scales"),
-                numpy_helper.from_array(np.ascontiguousarray(offset), name + "_minimums"),
-            ]
-        )
-        attributes = {"K": k, "N": n, "bits": 4, "block_size": BLOCK, "accuracy_level": accuracy_level}
-        nodes += [
-            helper.make_node(
-                "MatMulNBits",
-                [node.input[0], name + "_Q4", name + "_scales"],
-                [base + "/q4"],
-                base + "_Q4",
-                domain="com.microsoft",
-                **attributes,
-            ),
-            *_block_sums(model, node.input[0], count, sums),
-            helper.make_node(
-                "MatMul", [sums[node.input[0]], name + "_minimums"], [base + "/offset"], base + "/Minimums"
-            ),
-            helper.make_node("Add", [base + "/q4", base + "/offset"], list(node.output), base + "/Add"),
-        ]
+        else:
+            made, error = _four_bit_matmul(model, node, init.name, blocks, accuracy_level, sums)
+            worst4 = max(worst4, error)
+        nodes += made
     nodes, worst_embedding = _embedding_8bit(model, nodes)
     used = {i for node in nodes for i in node.input}
     kept = [i for i in model.graph.initializer if i.name not in replaced or i.name in used]
@@ -98,7 +57,63 @@ def requantize(model_path: Path, accuracy_level: int, int8_head: bool) -> dict[s
     return {"max_error_4bit": worst4, "max_error_8bit": worst8, "max_error_embedding": worst_embedding}
 
 
-def _block_sums(model: Any, source: str, count: int, sums: dict[str, str]) -> list[Any]:
+def _eight_bit_matmul(
+    model: OnnxProto, node: OnnxProto, name: str, blocks: np.ndarray, accuracy_level: int
+) -> tuple[list[OnnxProto], float]:
+    """The MatMul as MatMulNBits over 8-bit blocks (the LM head); its weights added to the graph."""
+    from onnx import helper, numpy_helper
+
+    n, count, _ = blocks.shape
+    q8, scale, error = eight_bit(blocks)
+    model.graph.initializer.extend(
+        [numpy_helper.from_array(q8, name + "_Q8"), numpy_helper.from_array(scale, name + "_scales")]
+    )
+    attributes = {"K": count * BLOCK, "N": n, "bits": 8, "block_size": BLOCK, "accuracy_level": accuracy_level}
+    inputs = [node.input[0], name + "_Q8", name + "_scales"]
+    made = helper.make_node(
+        "MatMulNBits", inputs, list(node.output), node.name + "_Q8", domain="com.microsoft", **attributes
+    )
+    return [made], error
+
+
+def _four_bit_matmul(
+    model: OnnxProto, node: OnnxProto, name: str, blocks: np.ndarray, accuracy_level: int, sums: dict[str, str]
+) -> tuple[list[OnnxProto], float]:
+    """The MatMul as MatMulNBits over 4-bit blocks plus each block's minimum (a MatMul of the input's
+    block sums with the minimums, added); its weights added to the graph."""
+    from onnx import helper, numpy_helper
+
+    n, count, _ = blocks.shape
+    base = node.name
+    q, scale, low, error = four_bit(blocks)
+    # No zero-point input: MatMulNBits then reads q as q - 8 (its default), so each block's offset
+    # is its minimum plus 8 steps: d * q + m = d * (q - 8) + (m + 8 d).
+    offset = (low + 8 * scale).T.astype(np.float32)
+    model.graph.initializer.extend(
+        [
+            numpy_helper.from_array((q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8), name + "_Q4"),
+            numpy_helper.from_array(scale, name + "_scales"),
+            numpy_helper.from_array(np.ascontiguousarray(offset), name + "_minimums"),
+        ]
+    )
+    attributes = {"K": count * BLOCK, "N": n, "bits": 4, "block_size": BLOCK, "accuracy_level": accuracy_level}
+    made = [
+        helper.make_node(
+            "MatMulNBits",
+            [node.input[0], name + "_Q4", name + "_scales"],
+            [base + "/q4"],
+            base + "_Q4",
+            domain="com.microsoft",
+            **attributes,
+        ),
+        *_block_sums(model, node.input[0], count, sums),
+        helper.make_node("MatMul", [sums[node.input[0]], name + "_minimums"], [base + "/offset"], base + "/Minimums"),
+        helper.make_node("Add", [base + "/q4", base + "/offset"], list(node.output), base + "/Add"),
+    ]
+    return made, error
+
+
+def _block_sums(model: OnnxProto, source: str, count: int, sums: dict[str, str]) -> list[OnnxProto]:
     """The nodes that sum `source` over each block of 32 (none when an earlier MatMul already did)."""
     from onnx import helper, numpy_helper
 
@@ -138,7 +153,7 @@ def eight_bit(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
     return (q + 128).astype(np.uint8), scale, error
 
 
-def _embedding_8bit(model: Any, nodes: list[Any]) -> tuple[list[Any], float]:
+def _embedding_8bit(model: OnnxProto, nodes: list[OnnxProto]) -> tuple[list[OnnxProto], float]:
     """The token embedding as an 8-bit table (GatherBlockQuantized, blocks of 32 along the hidden size;
     exact for Q8_0): the Gather of a float table, or of the transposed LM head of a tied model, which
     otherwise keeps a full fp32 copy of the largest matrix."""

@@ -18,27 +18,38 @@ import dataclasses
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from rich.console import Console
 
-from optimize import costs, runtime
+from optimize import costs
+from optimize.artifact import manifest as manifests
 from optimize.artifact import report, report_html
 from optimize.artifact import write as artifact
 from optimize.data import texts_sha256
 from optimize.errors import INTERRUPTED, GateFailed, stop_if_interrupted
-from optimize.evaluate.gate import GateCheck, default_gate, judge_all
+from optimize.evaluate.gate import default_gate
 from optimize.models.checkpoint import content_sha256
 from optimize.models.handle import ModelHandle
 from optimize.pipeline import cache as stage_cache
+from optimize.pipeline.alternates import Alternates
 from optimize.pipeline.export import export
+from optimize.pipeline.judging import Judging
 from optimize.pipeline.prepare import Prepared, RunOptions, prepare
 from optimize.pipeline.recipe import LoadedRecipe
-from optimize.records import RunSummary, StageRecord, failed_checks
-from optimize.runtime.manifest import EngineFile, GateResult, GateSource, JsonObject, Manifest, RuntimeSettings
+from optimize.records import RunSummary, StageRecord
+from optimize.runtime.manifest import (
+    EngineFile,
+    GateResult,
+    GateSource,
+    JsonObject,
+    Manifest,
+    Reference,
+    RuntimeSettings,
+)
 from optimize.stages import distill_training as training
 from optimize.stages.base import StageBase, StageContext
 
@@ -56,18 +67,12 @@ class _Run:
     def __init__(self, prepared: Prepared, options: RunOptions, console: Console, workroot: Path):
         self.prepared, self.options, self.console, self.workroot = prepared, options, console, workroot
         self.evaluator = prepared.evaluator
+        self.judging = Judging(prepared.evaluator, prepared.spec)  # the reference, and what gates compare to
         self.stages: list[StageRecord] = []
-        self.reference: dict[str, float] = {}
         self.reference_details: JsonObject = {}
         self.plan: dict[str, str] = {}
         self.runtime: RuntimeSettings = {}
-        self.alternates: dict[str, ModelHandle] = {}  # engine family -> its file's model, beside the run's
-        self.judged: dict[str, tuple[dict[str, float], GateResult]] = {}  # what the last stage measured of them
-        # What default gates measure fidelity against: the reference (None) until a stage changes the
-        # weights (distillation); from then on the newest trained model, so a later stage is judged on
-        # what it changed, not on the distance the student already is from its teacher.
-        self.anchor: ModelHandle | None = None
-        self.anchor_name = ""  # which stage made it, for the records
+        self.alternates = Alternates()  # the other engines' files, beside the run's model
         # The stage cache and the key of the run so far (each step chains its own onto it).
         use_cache = not options.no_cache and training.world_size() == 1
         root = options.cache_dir / "stages" if options.cache_dir else stage_cache.default_root()
@@ -83,7 +88,7 @@ class _Run:
             cal.seq_len,
             recipe.seed,
             prepared.data,
-            artifact.versions(),
+            manifests.versions(),
             stage_cache.source_sha256() if store else "",
         )
         self.cache = stage_cache.RunCache(store, base, recipe.name)
@@ -100,52 +105,14 @@ class _Run:
         self.record(StageRecord.of(found[1]["record"]))
         return self.cache.reuse(step_key, found, source)
 
-    def judge(
-        self, checks: list[GateCheck], measured: dict[str, float], source: GateSource, handle: ModelHandle
-    ) -> GateResult:
-        """The gate result, with the model its fidelity values were measured against (`against`)."""
-        values = measured
-        if source == "default" and self.anchor is not None:
-            values = {**measured, **self.evaluator.agreement(handle, self.anchor)}
-        judged = judge_all(checks, values, self.reference, source)
-        resolution = self.evaluator.resolution(handle)
-        for row in judged["checks"]:  # how finely the tokens it was measured on resolve it
-            found = resolution.get(row["metric"])
-            if found:
-                relative = row.get("reference") is not None and "ratio_standard_error" in found
-                error = (
-                    found["ratio_standard_error"] * float(row["reference"] or 0)
-                    if relative
-                    else found["standard_error"]
-                )
-                row["standard_error"], row["tokens"] = round(error, 6), int(found["tokens"])
-        return {**judged, "against": self.against(source)}
-
-    def against(self, source: GateSource) -> str:
-        """The model a gate's fidelity values are measured against: the input model, except for a
-        default gate after distillation (the newest trained model)."""
-        if source == "default" and self.anchor is not None:
-            return self.anchor_name
-        return f"input model ({self.prepared.spec})"
-
-    def adopt_anchor(self, handle: ModelHandle, index: int, name: str) -> None:
-        """New weights (a trained student): later default gates compare against them."""
-        self.anchor, self.anchor_name = handle, f"stage {index} ({name}) output"
-
-    def probe(self, handle: ModelHandle) -> dict[str, float]:
-        if self.anchor is None:
-            return self.evaluator.probe(handle)
-        return self.evaluator.agreement(handle, self.anchor)
-
     def workdir(self, name: str) -> Path:
         path = self.workroot / f"{len(self.stages)}-{name}"
         path.mkdir()
         return path
 
     def summary(self, status: str, failure: str | None = None) -> RunSummary:
-        return RunSummary(
-            self.prepared.loaded.recipe.name, status, self.reference, self.stages, self.evaluator.conditions, failure
-        )
+        recipe, reference = self.prepared.loaded.recipe, self.judging.reference
+        return RunSummary(recipe.name, status, reference, self.stages, self.evaluator.conditions, failure)
 
     def fail(self, message: str) -> GateFailed:
         """A failed gate emits no artifact, but leaves its report beside where OUT would have been."""
@@ -158,7 +125,7 @@ class _Run:
 
     def record(self, record: StageRecord) -> StageRecord:
         self.stages.append(record)
-        report.print_stage(self.console, record, self.reference)
+        report.print_stage(self.console, record, self.judging.reference)
         return record
 
     def export(self, model: ModelHandle) -> ModelHandle:
@@ -170,7 +137,7 @@ class _Run:
         with self.console.status("exporting to ONNX"), contextlib.redirect_stdout(sys.stderr), costs.step("export"):
             exported, info = export(model, self.workdir("export"), self.prepared.holdout, cal.seq_len)
             measured, details = self.evaluator.measure(exported)
-        gate = self.judge(default_gate(model.task), measured, "default", exported)
+        gate = self.judging.judge(default_gate(model.task), measured, "default", exported)
         record = self.record(StageRecord("export", "export", info, measured, gate, details))
         if not record.passed:
             raise self.fail(f"export: the ONNX model does not agree with the checkpoint: {record.failed_checks()}")
@@ -192,7 +159,7 @@ class _Run:
 
         def judge(handle: ModelHandle) -> tuple[dict[str, float], GateResult]:
             measured, _ = self.evaluator.measure(handle)
-            return measured, self.judge(checks, measured, source, handle)
+            return measured, self.judging.judge(checks, measured, source, handle)
 
         ctx, start = self.context(index, stage, judge), costs.mark()
         try:
@@ -204,18 +171,10 @@ class _Run:
             ):
                 result = stage.run(model, ctx)
         except GateFailed as exc:  # a search that found nothing: its record shows what it measured
-            gate: GateResult = {
-                "passed": False,
-                "source": source,
-                "checks": exc.checks,
-                "against": self.against(source),
-            }
-            fields = stage.model_dump(mode="json", exclude={"gate", "name"})
-            self.record(StageRecord(name, stage.kind, fields, exc.metrics, gate, dict(exc.details)))
-            raise self.fail(f"stage {index} ({name}): {exc}") from None
+            raise self.search_failed(exc, index, stage, source) from None
         self.plan.update(result.precision_plan)
         self.runtime.update(result.runtime)
-        self.adopt_alternates(stage, result.model, result.alternates, result.judged)
+        self.alternates.adopt(stage.keeps_alternates, result.model, result.alternates, result.judged)
         with self.console.status(f"stage {index} ({name}): measuring"), costs.step(f"{step}: its output"):
             measured, speed = self.evaluator.measure(result.model)
         record = self.record(
@@ -224,12 +183,12 @@ class _Run:
                 stage.kind,
                 stage.model_dump(mode="json", exclude={"gate", "name"}),
                 measured,
-                self.judge(checks, measured, source, result.model),
+                self.judging.judge(checks, measured, source, result.model),
                 {**result.decisions, "speed": speed},
             )
         )
         if result.model.checkpoint != model.checkpoint:
-            self.adopt_anchor(result.model, index, name)
+            self.judging.adopt_anchor(result.model, index, name)
         if not record.passed:
             advice = f"; {result.advice}" if result.advice else ""
             raise self.fail(f"stage {index} ({name}): gate failed: {record.failed_checks()}{advice}")
@@ -242,58 +201,29 @@ class _Run:
         self.cache.keep(step_key, step, entry, result.model, model, result.alternates)
         return result.model
 
-    def adopt_alternates(
-        self,
-        stage: StageBase,
-        model: ModelHandle,
-        alternates: Mapping[str, ModelHandle],
-        judged: Mapping[str, tuple[dict[str, float], GateResult]],
-    ) -> None:
-        """The other engines' files after `stage` made `model`: its own, and an earlier stage's where
-        this kind keeps them (compile); never one for the family `model` itself runs on. What this
-        stage measured of them (`judged`) stands for its gate; an earlier stage's does not."""
-        if not stage.keeps_alternates:
-            self.alternates = {}
-        self.alternates.update(alternates)
-        self.alternates.pop(runtime.family(model.engine), None)
-        self.judged = dict(judged)
+    def search_failed(self, exc: GateFailed, index: int, stage: StageBase, source: GateSource) -> GateFailed:
+        """A stage whose search found nothing: recorded with what its closest candidate measured."""
+        name = stage.name or stage.kind
+        gate: GateResult = {
+            "passed": False,
+            "source": source,
+            "checks": exc.checks,
+            "against": self.judging.against(source),
+        }
+        fields = stage.model_dump(mode="json", exclude={"gate", "name"})
+        self.record(StageRecord(name, stage.kind, fields, exc.metrics, gate, dict(exc.details)))
+        return self.fail(f"stage {index} ({name}): {exc}")
 
-    def engine_files(self, model: ModelHandle) -> tuple[list[EngineFile], dict[str, Path]]:
-        """Each engine's file, fastest first (the run's model, then the other engines' alternates),
-        each held to the last stage's gate through its engine: one that fails is reported, not
-        shipped. Returns the manifest's `engines` and, per artifact file, the ONNX file it is made from."""
+    def shipped(self, model: ModelHandle) -> tuple[list[EngineFile], dict[str, Path]]:
+        """Each engine's file held to the last stage's gate (`Alternates.shipped`)."""
         last = self.stages[-1]
-        found = [(model, last.metrics, last.gate)]
         checks, source = list(self.prepared.loaded.recipe.stages[-1].gate or []), self.prepared.sources[-1]
-        for engine, handle in sorted(self.alternates.items()):
-            step_key, cached = self.cached(f"{engine} file")
-            start = costs.mark()
-            if cached is None:
-                if engine in self.judged:  # the last stage judged it against this same gate
-                    measured, gate = self.judged[engine]
-                else:
-                    with self.console.status(f"measuring the {engine} file"):
-                        measured, _ = self.evaluator.measure(handle)
-                    gate = self.judge(checks, measured, source, handle)
-                entry: stage_cache.Entry = {"step": f"{engine} file", "metrics": measured, "gate": gate}
-                self.cache.put(step_key, {**entry, "costs": costs.since(start)})
-            else:
-                measured, gate = cached[1]["metrics"], cached[1]["gate"]
-                costs.replay(cached[1].get("costs", []))
-            if gate["passed"]:
-                found.append((handle, measured, gate))
-            else:
-                failed = failed_checks(gate)
-                self.console.print(f"[yellow]warning:[/] the {engine} file is not shipped: {failed}", highlight=False)
-        engines: list[EngineFile] = []
-        shipped: dict[str, Path] = {}
-        for handle, measured, gate in found:
-            name = artifact.ENGINE_FILES.get(runtime.family(handle.engine), "model.onnx")
-            engines.append({"engine": handle.engine, "file": name, "metrics": measured, "gate": gate})
-            shipped[name] = handle.onnx_path or handle.checkpoint  # a file, or a folder format
-        assert model.onnx_path is not None
-        shipped.setdefault("model.onnx", model.onnx_path)  # where no onnxruntime file holds: the run's graph
-        return engines, shipped
+
+        def measure(handle: ModelHandle) -> tuple[dict[str, float], GateResult]:
+            measured, _ = self.evaluator.measure(handle)
+            return measured, self.judging.judge(checks, measured, source, handle)
+
+        return self.alternates.shipped(model, (last.metrics, last.gate), self.cache, measure, self.console)
 
     def reuse_stage(
         self,
@@ -308,9 +238,9 @@ class _Run:
         reused = self.reuse(step_key, found, model)
         self.plan.update(found[1]["plan"])
         self.runtime.update(found[1]["runtime"])
-        self.adopt_alternates(stage, reused, self.cache.alternates(found, model), {})
+        self.alternates.adopt(stage.keeps_alternates, reused, self.cache.alternates(found, model), {})
         if reused.checkpoint != model.checkpoint:
-            self.adopt_anchor(reused, index, name)
+            self.judging.adopt_anchor(reused, index, name)
         return reused
 
     def context(
@@ -323,53 +253,49 @@ class _Run:
             loaded.recipe.calibration.seq_len,
             loaded.recipe.seed,
             judge,
-            self.probe,
+            self.judging.probe,
             self.console,
             loaded.base_dir,
             checkpoints=_checkpoints(self.options.out) / f"stage-{index}",
             resume=self.options.resume,
         )
 
-    def manifest(self, model: ModelHandle) -> Manifest:
+    def manifest(self, model: ModelHandle, engines: list[EngineFile]) -> Manifest:
+        """The artifact's manifest, from what the run read, measured and decided."""
         prepared, loaded = self.prepared, self.prepared.loaded
         recipe, cal = loaded.recipe, loaded.recipe.calibration
-        return {
-            "schema_version": artifact.SCHEMA_VERSION,
-            "name": recipe.name,
-            "task": model.task,
-            "provenance": {
-                "source": prepared.spec,
-                "source_sha256": self.source_sha256
-                if model.checkpoint == prepared.model.checkpoint
-                else content_sha256(model.checkpoint),
-                "recipe": loaded.text,
-                "recipe_sha256": loaded.sha256,
-                "seed": recipe.seed,
-                "calibration": {
-                    "data": str(cal.data),
-                    "sha256": texts_sha256(prepared.calibration),
-                    "samples": len(prepared.calibration),
-                    "holdout": len(prepared.holdout),
-                },
-                "data": prepared.data,
-                "versions": artifact.versions(),
+        trained = model.checkpoint != prepared.model.checkpoint
+        source = manifests.provenance(
+            prepared.spec,
+            content_sha256(model.checkpoint) if trained else self.source_sha256,
+            loaded.text,
+            loaded.sha256,
+            recipe.seed,
+            {
+                "data": str(cal.data),
+                "sha256": texts_sha256(prepared.calibration),
+                "samples": len(prepared.calibration),
+                "holdout": len(prepared.holdout),
             },
-            "reference": {
-                "metrics": self.reference,
-                "details": self.reference_details,
-                "conditions": self.evaluator.conditions,
-            },
-            "stages": [s.to_json() for s in self.stages],
-            "precision_plan": self.plan,
-            "runtime": {
-                "target": recipe.target,
-                "seq_len": cal.seq_len,
-                "task": model.task,
-                "int8": "int8" in self.plan.values(),
-                "engine": model.engine,  # what runs model.onnx (runtime.ENGINES); the genai stage names its own
-                **self.runtime,
-            },
+            prepared.data,
+        )
+        reference: Reference = {
+            "metrics": self.judging.reference,
+            "details": self.reference_details,
+            "conditions": self.evaluator.conditions,
         }
+        runtime: RuntimeSettings = {
+            "target": recipe.target,
+            "seq_len": cal.seq_len,
+            "task": model.task,
+            "int8": "int8" in self.plan.values(),
+            "engine": model.engine,  # what runs model.onnx (runtime.ENGINES); the genai stage names its own
+            **self.runtime,
+        }
+        stages = [s.to_json() for s in self.stages]
+        return manifests.build(
+            recipe.name, model.task, source, reference, stages, self.plan, runtime, engines, costs.rows()
+        )
 
 
 def run(loaded: LoadedRecipe, options: RunOptions, console: Console) -> RunResult:
@@ -385,23 +311,21 @@ def run(loaded: LoadedRecipe, options: RunOptions, console: Console) -> RunResul
         if not training.is_main():
             return _train_only(state)
         model = prepared.model
-        state.reference, state.reference_details = _reference(state)
+        state.judging.reference, state.reference_details = _reference(state)
         console.print(f"reference: {model.checkpoint} ({model.task})")
         for index, stage in enumerate(prepared.loaded.recipe.stages):
             model = state.stage(index, stage, model)
         if not model.is_onnx:
             model = state.export(model)
         assert model.onnx_path is not None
-        engines, shipped = state.engine_files(model)
+        engines, shipped = state.shipped(model)
         stop_if_interrupted()
         staging = artifact.staging_dir(options.out)
         summary = dataclasses.replace(state.summary("passed"), engines=engines, costs=costs.rows())
         # A trained student ships its weights too, so the artifact is also a checkpoint folder that
         # transformers, sentence-transformers and a later `optimize quantize` take as it is.
         trained = model.checkpoint != prepared.model.checkpoint
-        manifest = state.manifest(model)
-        manifest["engines"] = engines
-        manifest["costs"] = costs.rows()  # measurements.json only (artifact.VOLATILE)
+        manifest = state.manifest(model, engines)
         artifact.write(
             options.out,
             staging,

@@ -17,7 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-from . import ArtifactError, load
+from . import ArtifactError, OnnxModel, load
 from .engines import GENERATING, OWN_LOOP
 
 
@@ -37,7 +37,7 @@ def _texts(source: str) -> list[str]:
     return texts
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m runtime", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -78,7 +78,11 @@ def main(argv: list[str] | None = None) -> int:
         default=os.environ.get("OPTIMIZE_API_KEY"),
         help="serve: every request needs Authorization: Bearer KEY (default: $OPTIMIZE_API_KEY; none: open)",
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     if args.command == "serve":
         from .serve import serve
 
@@ -102,28 +106,32 @@ def main(argv: list[str] | None = None) -> int:
             for text, result in zip(texts, model.classify(texts, args.batch_size), strict=True):
                 print(json.dumps({"text": text, **result}))
         else:
-            options = dict(
-                max_new_tokens=args.max_new_tokens,
-                temperature=args.temperature,
-                top_k=args.top_k,
-                top_p=args.top_p,
-                seed=args.seed,
-                stop=args.stop,
-                chat=args.chat,
-                engine=model.generator(args.engine),
-                speculate=args.speculate,
-            )
-            print(f"generating with {options['engine']}", file=sys.stderr)
-            for text in texts:
-                if args.stream:
-                    model.generate(text, **options, on_text=lambda piece: print(piece, end="", flush=True))
-                    print(flush=True)
-                else:
-                    print(json.dumps({"text": text, "generated": model.generate(text, **options)}), flush=True)
+            _generate(model, texts, args)
     except (ArtifactError, ValueError) as exc:  # the model does not do what was asked, or its engine cannot load it
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _generate(model: OnnxModel, texts: list[str], args: argparse.Namespace) -> None:
+    options = dict(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop=args.stop,
+        chat=args.chat,
+        engine=model.generator(args.engine),
+        speculate=args.speculate,
+    )
+    print(f"generating with {options['engine']}", file=sys.stderr)
+    for text in texts:
+        if args.stream:
+            model.generate(text, **options, on_text=lambda piece: print(piece, end="", flush=True))
+            print(flush=True)
+        else:
+            print(json.dumps({"text": text, "generated": model.generate(text, **options)}), flush=True)
 
 
 if __name__ == "__main__":

@@ -62,7 +62,7 @@ class RuntimeSettings(TypedDict, total=False):
     task: str
     int8: bool  # some layer is int8 (TensorRT's int8 flag)
     fp16: bool  # cuda/tensorrt: float layers may run in fp16
-    engine: str  # what runs model.onnx (ENGINES in session.py); onnxruntime-genai for decoder folders
+    engine: str  # what runs model.onnx (runtime.ENGINES); the builder's engine for a decoder folder
     tuned_on: CpuSummary
     context_length: int | None
     generators: list[str]  # a decoder's engines, the fastest measured first (the runtime's `auto` order)

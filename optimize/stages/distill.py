@@ -17,17 +17,14 @@ import hashlib
 import inspect
 import json
 import math
-import random
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from optimize import tasks
-from optimize.data import Format, column_name, columns_of, load_rows
 from optimize.errors import UsageError
 from optimize.evaluate.gate import GateCheck, student_gate
 from optimize.models import projection
@@ -35,36 +32,12 @@ from optimize.models.handle import ModelHandle
 from optimize.models.loading import load_torch
 from optimize.stages import distill_training as training
 from optimize.stages.base import StageBase, StageContext, StageResult
+from optimize.stages.distill_data import DataSource, label_ids, load_texts
+from optimize.stages.distill_losses import Losses, loss_function
 from optimize.stages.distill_students import StudentConfig, build_student, chosen_layers, with_projection
 
 if TYPE_CHECKING:
     import torch
-
-
-class DataSource(BaseModel):
-    """Unlabeled training text: a SPEC (a file found like calibration files, then in the data roots;
-    or a hub dataset `name[:config][:split]`)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    path: str
-    format: Format = "auto"
-    columns: list[str] = Field(default_factory=list, description="text columns to take (default: the text one)")
-    label: str | None = Field(None, description="classifiers: the column of hard labels (ids or label names)")
-    limit: int | None = Field(None, gt=0, description="at most this many texts (seeded sample)")
-
-
-class Losses(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    embedding_mse: float = Field(1.0, ge=0, description="embeddings: MSE of mean-pooled embeddings")
-    embedding_cosine: float = Field(1.0, ge=0, description="embeddings: 1 - cosine of mean-pooled embeddings")
-    hidden_mse: float = Field(0.0, ge=0, description="embeddings: MSE of hidden states on the mapped layers")
-    logit_kl: float = Field(1.0, ge=0, description="classifiers and LMs: KL of logits at the temperature")
-    hard_label: float = Field(
-        0.0, ge=0, description="classifiers: cross-entropy on the data's `label` column; LMs: on the next token"
-    )
-    temperature: float = Field(2.0, gt=0)
 
 
 class DistillStage(StageBase):
@@ -173,121 +146,6 @@ def check_data(source: DataSource, base_dir: Path) -> None:
         )
 
 
-@dataclass
-class Texts:
-    train: list[str]
-    heldout: list[str]
-    sources: list[str]
-    labels: dict[str, str]  # text -> its hard label, where the data gives one
-
-
-def load_texts(config: DistillStage, ctx: StageContext) -> Texts:
-    """Training texts, held-out texts, where they came from and their labels; bad or empty data is exit 2."""
-    from optimize.paths import recipe_data
-
-    texts: list[str] = []
-    sources: list[str] = []
-    labels: dict[str, str] = {}
-    if not config.data:
-        texts = list(ctx.calibration_texts)
-        sources.append("calibration texts")
-    for source in config.data:
-        loaded = load_rows(source.path, recipe_data(source.path, ctx.base_dir), source.format, "distill: data")
-        rows, path = loaded.rows, Path(loaded.source)
-        names: list[str | None] = list(source.columns) or [None]
-        found = columns_of(rows, names, loaded.source)
-        if source.label is not None:
-            label = column_name(rows, source.label, path)
-            for key in (column_name(rows, name, path) for name in names):
-                for row in rows:
-                    labels.setdefault(str(row.get(key) or "").strip(), str(row[label]).strip())
-        if source.limit is not None and len(found) > source.limit:
-            found = random.Random(ctx.seed).sample(found, source.limit)
-        texts += found
-        sources.append(f"{source.path} ({len(found)} texts, from {loaded.source})")
-    texts = list(dict.fromkeys(texts))  # a sentence seen twice is trained on once
-    random.Random(ctx.seed).shuffle(texts)
-    if len(texts) <= config.holdout:
-        raise UsageError(f"distill: data: {len(texts)} texts, no more than holdout={config.holdout}; give more data")
-    return Texts(texts[config.holdout :], texts[: config.holdout], sources, labels)
-
-
-def label_ids(labels: dict[str, str], label2id: dict[str, int], classes: int) -> dict[str, int]:
-    """Hard labels as class ids: numbers as they are, names through the model's `label2id`."""
-    ids: dict[str, int] = {}
-    for text, label in labels.items():
-        value = int(label) if label.lstrip("-").isdigit() else label2id.get(label)
-        if value is None or not 0 <= value < classes:
-            raise UsageError(
-                f"distill: label {label!r} is not a class of the model ({classes} classes: {', '.join(label2id)})"
-            )
-        ids[text] = value
-    return ids
-
-
-def pooled(states: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
-    """The sentence vector the model's own pooling makes (`runtime.Pooling`, before any normalization)."""
-    import torch
-
-    if mode == "cls":
-        return states[:, 0]
-    if mode == "lasttoken":
-        return states[torch.arange(len(states)), (mask.sum(1) - 1).clamp(min=0)]
-    weights = mask.unsqueeze(-1).to(states.dtype)
-    if mode == "max":
-        return states.masked_fill(weights == 0, -1e9).max(1).values
-    count = weights.sum(1).clamp(min=1e-9)
-    return (states * weights).sum(1) / (count.sqrt() if mode == "mean_sqrt_len" else count)
-
-
-def loss_function(config: DistillStage, task: str, layers: list[int], pooling: str = "mean") -> training.LossFn:
-    import torch
-    import torch.nn.functional as F
-
-    weights = config.losses
-
-    def embeddings(student: torch.nn.Module, teacher: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        hidden = weights.hidden_mse > 0
-        with torch.no_grad():
-            t = teacher(**batch, output_hidden_states=hidden)
-        s = student(**batch, output_hidden_states=hidden)
-        mask = batch["attention_mask"].unsqueeze(-1).to(s[0].dtype)
-        a = pooled(s[0], batch["attention_mask"], pooling)
-        b = pooled(t[0].to(s[0].dtype), batch["attention_mask"], pooling)
-        loss = weights.embedding_mse * F.mse_loss(a, b)
-        loss = loss + weights.embedding_cosine * (1 - F.cosine_similarity(a, b, dim=-1)).mean()
-        if hidden:
-            pairs = [(s.hidden_states[i + 1], t.hidden_states[j + 1]) for i, j in enumerate(layers)]
-            loss = loss + weights.hidden_mse * sum(F.mse_loss(x * mask, y * mask) for x, y in pairs) / len(pairs)
-        return loss
-
-    def logits(student: torch.nn.Module, teacher: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        temperature = weights.temperature
-        labels = batch.pop("labels", None)
-        with torch.no_grad():
-            t = teacher(**batch).logits
-        s = student(**batch).logits
-        hard = s.new_zeros(())
-        if s.ndim == 3:  # causal LM: every real token is a row; the hard label is the next token
-            real = batch["attention_mask"].bool()
-            if weights.hard_label > 0:
-                targets = batch["input_ids"][:, 1:].masked_fill(~real[:, 1:], -100)
-                hard = F.cross_entropy(s[:, :-1].flatten(0, 1), targets.flatten(), ignore_index=-100)
-            s, t = s[real], t[real]
-        elif labels is not None and bool((labels >= 0).any()):
-            hard = F.cross_entropy(s, labels, ignore_index=-100)
-        kl = F.kl_div(
-            F.log_softmax(s / temperature, -1),
-            F.log_softmax(t / temperature, -1),
-            log_target=True,
-            reduction="batchmean",
-        )
-        loss: torch.Tensor = weights.logit_kl * kl * temperature**2 + weights.hard_label * hard
-        return loss
-
-    return embeddings if tasks.embeds(task) else logits
-
-
 def run(config: DistillStage, model: ModelHandle, ctx: StageContext) -> StageResult:
     import torch
 
@@ -303,24 +161,19 @@ def run(config: DistillStage, model: ModelHandle, ctx: StageContext) -> StageRes
     width, teacher_width = int(student_config.hidden_size), int(teacher_config.hidden_size)
     projected = width != teacher_width and config.student.projection
     trainee = with_projection(student, width, teacher_width, len(layers)) if projected else student
-    data = load_texts(config, ctx)
+    data = load_texts(config.data, config.holdout, ctx)
     labels: dict[str, int] = {}
     if model.task == tasks.CLASSIFICATION and config.losses.hard_label > 0:
         labels = label_ids(data.labels, dict(teacher_config.label2id), int(teacher_config.num_labels))
     settings = training_settings(config, len(data.train), ctx.seed)
-    key = hashlib.sha256(
-        json.dumps(
-            [config.model_dump(mode="json", exclude={"gate", "name"}), str(model.checkpoint), data.sources, ctx.seed],
-            sort_keys=True,
-        ).encode()
-    ).hexdigest()  # a resumed run continues only the training it would have done
+    key = _resume_key(config, model, data.sources, ctx.seed)
     checkpoints = training.Checkpoints(ctx.checkpoints, key) if ctx.checkpoints else None
     began = time.perf_counter()
     history = training.train(
         trainee,
         teacher,
         _tokenize(model.checkpoint, config.seq_len, student, labels),
-        loss_function(config, model.task, layers, Pooling.of(model.checkpoint).mode),
+        loss_function(config.losses, model.task, layers, Pooling.of(model.checkpoint).mode),
         data.train,
         data.heldout,
         settings,
@@ -352,6 +205,12 @@ def run(config: DistillStage, model: ModelHandle, ctx: StageContext) -> StageRes
         "loss_curve": history,
     }
     return StageResult(model.with_checkpoint(out), decisions)
+
+
+def _resume_key(config: DistillStage, model: ModelHandle, sources: object, seed: int) -> str:
+    """What the training depends on, hashed: a resumed run continues only the training it would have done."""
+    parts = [config.model_dump(mode="json", exclude={"gate", "name"}), str(model.checkpoint), sources, seed]
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
 def _tokenize(checkpoint: Path, seq_len: int, student: torch.nn.Module, labels: dict[str, int]) -> training.Tokenize:

@@ -194,6 +194,19 @@ def run(config: GenAIStage, model: ModelHandle, ctx: StageContext) -> StageResul
             found = write_format(name, model, ctx, decisions["formats"])
             if found is not None:
                 alternates[found[0].engine], judged[found[0].engine] = found[0], found[1:]
+    _order_engines(handle, alternates, ctx, decisions, runtime)
+    return StageResult(handle, decisions, runtime=runtime, advice=advice, alternates=alternates, judged=judged)
+
+
+def _order_engines(
+    handle: ModelHandle,
+    alternates: dict[str, ModelHandle],
+    ctx: StageContext,
+    decisions: Decisions,
+    runtime: RuntimeSettings,
+) -> None:
+    """One request timed on the builder's folder and each other format's engine that generates here,
+    in turns: the runtime generates with the fastest (`runtime.generators`, recorded in `decisions`)."""
     engines = {ENGINE: handle.checkpoint}
     engines |= {  # the other formats' engines that generate here, timed against the builder's folder
         name: handle.checkpoint
@@ -212,4 +225,3 @@ def run(config: GenAIStage, model: ModelHandle, ctx: StageContext) -> StageResul
             for name, row in timed.items()
         )
         ctx.console.print(f"genai: one request: {shown}: the runtime generates with {runtime['generators'][0]}")
-    return StageResult(handle, decisions, runtime=runtime, advice=advice, alternates=alternates, judged=judged)

@@ -190,6 +190,50 @@ def _summary(records: list[Tried], float_ms: dict[int, float], label: str) -> st
     return f"quantize: formulations on this CPU (latency vs fp32, batch {batches}): {shown}; kept: {label}"
 
 
+def _build_and_judge(
+    made: list[tuple[Tried, Callable[[], ModelHandle]]], ctx: StageContext, records: list[Tried]
+) -> tuple[list[tuple[Tried, ModelHandle]], list[tuple[dict[str, float], GateResult]]]:
+    """Each formulation built and held to the gate, recorded in `records` (a build that fails is
+    recorded with its error); returns those that pass and what `ctx.judge` measured of each."""
+    passing: list[tuple[Tried, ModelHandle]] = []
+    gates: list[tuple[dict[str, float], GateResult]] = []
+    for record, make in made:
+        records.append(record)
+        with ctx.console.status(f"quantize: building {record['formulation']}"):
+            try:
+                handle = make()
+            except Exception as exc:  # a formulation onnxruntime cannot make of this graph is recorded
+                record["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+                continue
+            metrics, gate = ctx.judge(handle)
+        record["metrics"], record["gate_passed"], record["checks"] = metrics, gate["passed"], gate["checks"]
+        if gate["passed"]:
+            passing.append((record, handle))
+            gates.append((metrics, gate))
+    return passing, gates
+
+
+def _timed(
+    model: ModelHandle, passing: list[ModelHandle], ctx: StageContext
+) -> tuple[dict[int, float], list[dict[int, float]]]:
+    """fp32's latency and each passing formulation's, per batch size, measured in turns."""
+    from optimize.evaluate.measure import time_in_turns
+
+    timings: dict[int, list[float]] = {}
+    with ctx.console.status(f"quantize: timing {len(passing)} formulations and fp32 in turns"):
+        for batch in BATCHES:
+            timings[batch] = time_in_turns([model, *passing], ctx.calibration_texts, ctx.seq_len, batch_size=batch)
+    return {b: timings[b][0] for b in BATCHES}, [{b: timings[b][i + 1] for b in BATCHES} for i in range(len(passing))]
+
+
+def _float_ships(min_speedup: float) -> str:
+    batches = " and ".join(map(str, BATCHES))
+    return (
+        f"no int8 formulation passed the gate and was {min_speedup:.0%} faster than fp32 at batch {batches} "
+        "on this CPU: the float model ships"
+    )
+
+
 def search(
     methods: Sequence[MethodBase],
     model: ModelHandle,
@@ -202,12 +246,9 @@ def search(
     """Build, gate and time every formulation of `model` (all layers low) and, on each engine of
     `float_on`, the float model; keep the fastest for each engine family (`per_engine`): the fastest
     of them is the stage's model, the others its `alternates`."""
-    from optimize.evaluate.measure import time_in_turns
 
     assert model.onnx_path is not None
     records: list[Tried] = []
-    passing: list[tuple[Tried, ModelHandle]] = []
-    gates: list[tuple[dict[str, float], GateResult]] = []  # what ctx.judge measured of each passing one
     made: list[tuple[Tried, Callable[[], ModelHandle]]] = [
         (
             {"formulation": method.label(), "method": method.model_dump(mode="json")},
@@ -224,27 +265,8 @@ def search(
         )
         for engine in float_on
     ]
-    for record, make in made:
-        records.append(record)
-        with ctx.console.status(f"quantize: building {record['formulation']}"):
-            try:
-                handle = make()
-            except Exception as exc:  # a formulation onnxruntime cannot make of this graph is recorded
-                record["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
-                continue
-            metrics, gate = ctx.judge(handle)
-        record["metrics"], record["gate_passed"], record["checks"] = metrics, gate["passed"], gate["checks"]
-        if gate["passed"]:
-            passing.append((record, handle))
-            gates.append((metrics, gate))
-    timings: dict[int, list[float]] = {}
-    with ctx.console.status(f"quantize: timing {len(passing)} formulations and fp32 in turns"):
-        for batch in BATCHES:
-            timings[batch] = time_in_turns(
-                [model, *(h for _, h in passing)], ctx.calibration_texts, ctx.seq_len, batch_size=batch
-            )
-    float_ms = {b: timings[b][0] for b in BATCHES}
-    timed = [{b: timings[b][i + 1] for b in BATCHES} for i in range(len(passing))]
+    passing, gates = _build_and_judge(made, ctx, records)
+    float_ms, timed = _timed(model, [h for _, h in passing], ctx)
     scores = [score(ms, float_ms) for ms in timed]
     for (record, _), ms, ratio in zip(passing, timed, scores, strict=True):
         record["latency_ms"], record["worst_ratio_to_fp32"] = {f"b{b}": v for b, v in ms.items()}, ratio
@@ -268,11 +290,7 @@ def search(
     alternates = {e: h for e, h in handles.items() if e != main}
     judged = {e: gates[i] for e, i in winners.items() if e != main and i is not None}
     if winners[main] is None:
-        decisions["why"] = (
-            f"no int8 formulation passed the gate and was {min_speedup:.0%} faster than fp32 at batch "
-            + " and ".join(map(str, BATCHES))
-            + " on this CPU: the float model ships"
-        )
+        decisions["why"] = _float_ships(min_speedup)
         ctx.console.print(f"quantize: {decisions['why']}")
         return StageResult(model, decisions, precision_plan={}, runtime=runtime, alternates=alternates, judged=judged)
     return StageResult(handles[main], decisions, runtime=runtime, alternates=alternates, judged=judged)
