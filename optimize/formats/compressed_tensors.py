@@ -19,11 +19,12 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from optimize.errors import UsageError
+from optimize.models.checkpoint import TOKENIZER
 
 GROUP = 32  # int4 inputs per scale: divides every hidden size in the Llama family we run (576 = 18 x 32)
 ENGINE = "compressed-tensors"  # what runs the folder (runtime.ENGINES)
 BITS = (4, 8)  # tried smallest first; the first whose gate holds ships
-KEPT_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+KEPT_FILES = (*TOKENIZER, "generation_config.json")
 # vLLM loads a layer's q/k/v (and gate/up) as one fused shard: they must share a precision.
 FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 # vLLM's int4 GPU kernels (Marlin, Machete) take groups of 32, 64 or 128 and, per shard, an input

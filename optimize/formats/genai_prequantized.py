@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from optimize.models.checkpoint import read_config
 from optimize.models.safetensors import FLOATS, copy, header, read_float_transposed
 
 WORKERS = os.cpu_count() or 1
@@ -83,7 +84,7 @@ def write(checkpoint: Path, out: Path, block_size: int) -> None:
                 continue
             for array in next(quantized):
                 sink.write(array.tobytes())
-    config = json.loads((checkpoint / "config.json").read_text())
+    config = read_config(checkpoint)
     config.pop("torch_dtype", None)
     config["quantization_config"] = {"quant_method": "olive", "bits": 4, "group_size": block_size, "overrides": None}
     (out / "config.json").write_text(json.dumps(config, indent=2))

@@ -23,7 +23,7 @@ import numpy as np
 
 from optimize import runtime
 from optimize.errors import UsageError
-from optimize.models.checkpoint import read_config
+from optimize.models.checkpoint import TOKENIZER, read_config
 from optimize.models.gguf_input import GGUF_HEADER, copy_header
 
 if TYPE_CHECKING:
@@ -34,7 +34,7 @@ FILE = "model.gguf"
 ENGINE = "llama.cpp"  # what runs the folder (runtime.ENGINES)
 BITS = (4, 8)  # tried smallest first; the first whose gate holds ships
 ARCHITECTURES = {"LlamaForCausalLM": "llama"}  # transformers' class -> the GGUF architecture written
-KEPT_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "config.json")
+KEPT_FILES = (*TOKENIZER, "config.json")
 CONTEXT = 2048  # llama.cpp's context when measuring: the longest window a suite scores
 
 

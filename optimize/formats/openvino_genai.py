@@ -36,7 +36,7 @@ from optimize import runtime
 from optimize.errors import UsageError
 from optimize.formats.gguf import per_sequence
 from optimize.formats.minmax import BLOCK, eight_bit, four_bit
-from optimize.models.checkpoint import read_config
+from optimize.models.checkpoint import CONFIG, TOKENIZER, read_config
 from optimize.runtime.engine_openvino_genai import openvino_properties
 
 FILE = "openvino_model.xml"
@@ -48,14 +48,7 @@ BITS = (4, 8)  # tried smallest first; the first whose gate holds ships
 # decoding at token 22 of 24, the f32 logits 0.07 apart there): f32 on both paths.
 KV_CACHE = "f32"
 CHUNK = 128  # tokens per call when measuring: positions past the first chunk read the cache
-KEPT_FILES = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-)
+KEPT_FILES = (*CONFIG, *TOKENIZER, "chat_template.jinja")
 NEEDS = {
     "openvino_genai": "openvino-genai",
     "openvino_tokenizers": "openvino-tokenizers",
@@ -233,7 +226,7 @@ def _tokenizer(checkpoint: Path, out: Path) -> None:
     from transformers import AutoTokenizer
 
     with tempfile.TemporaryDirectory(prefix="optimize-ov-tok-") as tmp:
-        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        for name in TOKENIZER:
             if (checkpoint / name).is_file():
                 shutil.copyfile(checkpoint / name, Path(tmp) / name)
         spec = json.loads((Path(tmp) / "tokenizer.json").read_text())

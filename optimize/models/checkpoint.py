@@ -1,4 +1,5 @@
-"""TODO"""
+"""A checkpoint folder's files: its config.json (the one reader), the tokenizer, config and
+sentence-transformers files that travel with a model (listed once), and the one hash of a folder."""
 
 from __future__ import annotations
 
@@ -26,10 +27,13 @@ def read_config(checkpoint: Path) -> dict[str, Any]:
     return config
 
 
+# A fast tokenizer as transformers saves it: what every format written from a checkpoint keeps.
+TOKENIZER = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# Beside it: the config, how it generates, and its chat template.
+CONFIG = ("config.json", "generation_config.json")
+# Everything an artifact copies from its checkpoint: the tokenizer in any of its forms, the config.
 TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
+    *TOKENIZER,
     "vocab.txt",
     "merges.txt",
     "vocab.json",
@@ -65,10 +69,11 @@ def copy_checkpoint_files(source: Path, target: Path, extra: Sequence[str] = ())
             shutil.copyfile(path, target / name)
 
 
-def content_sha256(folder: Path) -> str:
-    """One hash over every file of a checkpoint folder (names and bytes), in a stable order."""
+def folder_sha256(folder: Path, pattern: str = "*") -> str:
+    """One hash over the files of a folder matching `pattern` (their names and bytes), in a stable
+    order: a checkpoint's content (the cache key and the manifest's provenance), optimize's source."""
     digest = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and ".cache" not in p.parts):
+    for path in sorted(p for p in folder.rglob(pattern) if p.is_file() and ".cache" not in p.parts):
         digest.update(str(path.relative_to(folder)).encode())
         with path.open("rb") as handle:
             for block in iter(lambda: handle.read(1 << 20), b""):

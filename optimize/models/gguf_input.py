@@ -1,8 +1,8 @@
-"""TODO"""
+"""A model that comes as a GGUF file (a path, or a Python package that ships one): converted once by
+transformers into a safetensors checkpoint in the cache, with the file's header kept beside it."""
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import importlib.util
 import os
@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from optimize.errors import UsageError
 from optimize.models.handle import cache_root
+from optimize.runtime import sha256_file
 
 if TYPE_CHECKING:
     import gguf
@@ -40,11 +41,8 @@ def from_gguf(path: Path, root: Path | None = None) -> Path:
     transformers (which dequantizes the weights to fp32) into `root` (default: the cache's `gguf/`
     folder, which `optimize cache clear` empties) under the file's hash. GGUF holds no code, so no
     flag is needed to load it."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    folder = (root or cache_root() / "gguf") / digest.hexdigest()[:24]
+    digest = sha256_file(path)
+    folder = (root or cache_root() / "gguf") / digest[:24]
     if (folder / "config.json").is_file():
         if not (folder / GGUF_HEADER).is_file():  # converted before the header was kept
             save_gguf_header(path, folder)
@@ -74,8 +72,7 @@ def from_gguf(path: Path, root: Path | None = None) -> Path:
         tokenizer.save_pretrained(staging)
         save_gguf_header(path, staging)  # its tokenizer and hyperparameters, to write a GGUF again
         (staging / "SOURCE").write_text(
-            f"converted from {path.name} (sha256 {digest.hexdigest()}); "
-            "the weights are the GGUF's, dequantized to fp32\n"
+            f"converted from {path.name} (sha256 {digest}); the weights are the GGUF's, dequantized to fp32\n"
         )
         staging.replace(folder)
     finally:

@@ -1,4 +1,5 @@
-"""TODO"""
+"""The model handle a stage takes and returns: a checkpoint folder (Hugging Face `save_pretrained`
+layout), its task and, once exported, an ONNX file and the engine that runs it."""
 
 from __future__ import annotations
 

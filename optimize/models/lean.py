@@ -1,4 +1,5 @@
-"""TODO"""
+"""Loading a checkpoint in torch without transformers' peak: built empty and filled a tensor at a time,
+16-bit weights kept in 16 bits and widened to fp32 as each layer runs."""
 
 from __future__ import annotations
 

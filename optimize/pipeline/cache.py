@@ -29,6 +29,7 @@ from typing import TypedDict, cast
 
 import optimize
 from optimize.artifact.write import copy_onnx
+from optimize.models.checkpoint import folder_sha256
 from optimize.models.handle import ModelHandle
 from optimize.runtime.engines import DEFAULT_ENGINE
 from optimize.runtime.manifest import GateResult, JsonObject, RuntimeSettings, StageJson
@@ -95,12 +96,7 @@ def key(*parts: object) -> str:
 
 def source_sha256() -> str:
     """optimize's own source: a change to the code that made an entry invalidates it."""
-    digest = hashlib.sha256()
-    package = Path(optimize.__file__).parent
-    for path in sorted(package.rglob("*.py")):
-        digest.update(str(path.relative_to(package)).encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()
+    return folder_sha256(Path(optimize.__file__).parent, "*.py")
 
 
 def referenced_files(config: object, base_dir: Path) -> dict[str, str]:

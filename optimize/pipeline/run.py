@@ -32,7 +32,7 @@ from optimize.artifact import write as artifact
 from optimize.data import texts_sha256
 from optimize.errors import INTERRUPTED, GateFailed, stop_if_interrupted
 from optimize.evaluate.gate import default_gate
-from optimize.models.checkpoint import content_sha256
+from optimize.models.checkpoint import folder_sha256
 from optimize.models.handle import ModelHandle
 from optimize.pipeline import cache as stage_cache
 from optimize.pipeline.alternates import Alternates
@@ -78,7 +78,7 @@ class _Run:
         root = options.cache_dir / "stages" if options.cache_dir else stage_cache.default_root()
         store = stage_cache.StageCache(root) if use_cache else None
         recipe, cal = prepared.loaded.recipe, prepared.loaded.recipe.calibration
-        self.source_sha256 = content_sha256(prepared.model.checkpoint)  # hashed once: the key and the manifest
+        self.source_sha256 = folder_sha256(prepared.model.checkpoint)  # hashed once: the key and the manifest
         base = stage_cache.key(
             "run",
             self.source_sha256,
@@ -267,7 +267,7 @@ class _Run:
         trained = model.checkpoint != prepared.model.checkpoint
         source = manifests.provenance(
             prepared.spec,
-            content_sha256(model.checkpoint) if trained else self.source_sha256,
+            folder_sha256(model.checkpoint) if trained else self.source_sha256,
             loaded.text,
             loaded.sha256,
             recipe.seed,

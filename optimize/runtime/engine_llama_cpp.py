@@ -1,4 +1,5 @@
-"""TODO"""
+"""llama.cpp's engine: generates from an artifact's gguf/model.gguf through llama-cpp-python, fed
+the artifact's own tokens (one sequence per context)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""TODO"""
+"""onnxruntime-genai's engine: generates from the model builder's folder (genai_config.json) in its C++
+loop, which keeps the KV cache in place and samples; prompt-lookup drafts checked several tokens per
+pass where asked (`speculate`)."""
 
 from __future__ import annotations
 

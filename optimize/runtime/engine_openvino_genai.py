@@ -1,4 +1,5 @@
-"""TODO"""
+"""OpenVINO GenAI's engine: generates from an artifact's `openvino-genai/` folder (a stateful IR)
+through LLMPipeline, and its continuous batching, which `serve` decodes concurrent streams with."""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""TODO"""
+"""The server's model thread and what it shares with the event loop: the request limits, the API's
+errors, the Prometheus metrics, and the worker that batches embedding requests and steps decoding
+streams (interleaved a token at a time, or through OpenVINO GenAI's continuous batching)."""
 
 from __future__ import annotations
 

@@ -30,6 +30,7 @@ from pydantic import Field
 
 from optimize import tasks
 from optimize.errors import GateFailed
+from optimize.models.checkpoint import read_config
 from optimize.models.handle import ModelHandle
 from optimize.runtime.engines import DEFAULT_ENGINE
 from optimize.runtime.manifest import JsonObject
@@ -111,11 +112,10 @@ def _optimize(source: Path, out: Path, level: str) -> None:
 def fuse(source: Path, out: Path, checkpoint: Path) -> dict[str, int]:
     """onnxruntime.transformers' fusions (Attention, SkipLayerNormalization, BiasGelu,
     EmbedLayerNormalization) for the model type in config.json; returns the fused-op counts."""
-    import json
 
     from onnxruntime.transformers import optimizer
 
-    config = json.loads((checkpoint / "config.json").read_text())
+    config = read_config(checkpoint)
     model_type = config.get("model_type", "bert")
     if model_type not in optimizer.MODEL_TYPES:
         raise ValueError(f"onnxruntime has no transformer fusions for model type {model_type!r}")

@@ -28,6 +28,7 @@ from optimize import tasks
 from optimize.errors import UsageError
 from optimize.evaluate.gate import GateCheck, student_gate
 from optimize.models import projection
+from optimize.models.checkpoint import read_config
 from optimize.models.handle import ModelHandle
 from optimize.models.loading import load_torch
 from optimize.stages import distill_training as training
@@ -89,7 +90,7 @@ class DistillStage(StageBase):
                 f"distill: the teacher must be a checkpoint with weights (safetensors); {model.checkpoint} has "
                 "none (an ONNX model cannot be trained)"
             )
-        config = json.loads((model.checkpoint / "config.json").read_text())
+        config = read_config(model.checkpoint)
         count = config.get("num_hidden_layers", config.get("n_layers", config.get("n_layer")))
         if isinstance(count, int):
             chosen_layers(self.layers, count)

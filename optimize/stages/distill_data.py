@@ -1,4 +1,5 @@
-"""TODO"""
+"""The distill stage's texts: the data sources a recipe names (local files or hub datasets, with a
+column), read and split into training and held-out texts, and the labels a classifier is taught."""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""TODO"""
+"""The distill stage's loss: the student matched to the teacher on pooled embeddings or logits (with
+hard labels for a classifier) and on the hidden states of the layers it kept, weighted as the recipe
+says."""
 
 from __future__ import annotations
 

@@ -19,6 +19,7 @@ from optimize import costs
 from optimize.errors import DependencyError, ResourceError
 from optimize.formats import genai_prequantized as prequantize
 from optimize.models import memory, routes
+from optimize.models.checkpoint import CONFIG, TOKENIZER
 from optimize.runtime.engines import BUILDER
 from optimize.runtime.manifest import GateResult, JsonObject
 
@@ -29,7 +30,7 @@ OUT_OF_MEMORY = ("MemoryError", "std::bad_alloc", "Failed to allocate memory", "
 
 # The checkpoint's own tokenizer and config replace what the builder re-saves, so the reference and
 # every candidate tokenize alike (a re-saved tokenizer may add a BOS token).
-KEPT = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+KEPT = (*CONFIG, *TOKENIZER)
 
 
 class Candidate(BaseModel):
