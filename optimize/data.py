@@ -17,13 +17,14 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeAlias
+from typing import Literal, TypeAlias
 
 from optimize.errors import UsageError
+from optimize.runtime.untyped import Json
 
 # A data row as read: the file's own JSON values (strings, numbers, lists from a datasets folder);
 # its consumers take the columns they name and convert them (`column`, `LoadedSuite.labels`).
-Row: TypeAlias = dict[str, Any]
+Row: TypeAlias = Json  # one example, as datasets and JSON lines give it
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".txt", ".parquet")
 

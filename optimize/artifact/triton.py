@@ -18,13 +18,13 @@ import re
 import shutil
 from pathlib import Path
 from types import ModuleType
-from typing import Any
 
 from optimize import tasks
 from optimize.artifact import write as artifact_files
 from optimize.errors import UsageError
 from optimize.runtime import on_openvino, openvino_file_of, verify
 from optimize.runtime.engines import DEFAULT_ENGINE, ENGINES, openvino_engine
+from optimize.runtime.untyped import OrtObject, OvObject
 
 MAX_BATCH = 32  # the largest batch the gates timed
 QUEUE_DELAY_US = 2000  # dynamic batching waits this long to fill a batch
@@ -56,7 +56,7 @@ def graph_ports(model_file: Path) -> tuple[list[Port], list[Port]]:
 
         model = openvino.Core().read_model(str(model_file))
 
-        def ov(ports: Any) -> list[Port]:
+        def ov(ports: OvObject) -> list[Port]:
             return [
                 (
                     port_name(p),
@@ -71,7 +71,7 @@ def graph_ports(model_file: Path) -> tuple[list[Port], list[Port]]:
 
     graph = onnx.load(str(model_file), load_external_data=False).graph
 
-    def port(value: Any) -> Port:
+    def port(value: OrtObject) -> Port:
         tensor = value.type.tensor_type
         dims = [d.dim_value if d.HasField("dim_value") else -1 for d in tensor.shape.dim][1:]
         return value.name, ONNX_TYPES[tensor.elem_type], dims

@@ -15,7 +15,7 @@ import sys
 import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 import yaml
@@ -25,6 +25,7 @@ from optimize import paths, tasks
 from optimize.cli import tools as cli_tools
 from optimize.cli.common import GateOpt, ResumeOpt, RunFlags, SuiteOpt, console, emit, with_run_flags
 from optimize.errors import INTERRUPTED, DependencyError, GateFailed, ResourceError, UsageError
+from optimize.runtime.untyped import ClickError
 
 if TYPE_CHECKING:
     from optimize.pipeline.recipe import LoadedRecipe
@@ -344,8 +345,8 @@ def main() -> None:
     """The console script. Usage errors (a bad flag or value, a missing argument) are exit 2 with
     the usual message on stderr and, under `--json`, the one JSON object on stdout as well."""
     # typer.BadParameter derives from click's UsageError and ClickException (vendored by newer typer).
-    usage_error: Any = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
-    click_exception: Any = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+    usage_error: ClickError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+    click_exception: ClickError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
     try:
         code = app(standalone_mode=False)
     except usage_error as exc:

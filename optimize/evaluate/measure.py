@@ -55,7 +55,7 @@ class TorchModel:
     def run(self, inputs: Inputs) -> np.ndarray:
         import torch
 
-        feeds: dict[str, Any] = {n: torch.from_numpy(inputs[n]) for n in self.input_names}
+        feeds: dict[str, torch.Tensor | bool] = {n: torch.from_numpy(inputs[n]) for n in self.input_names}
         if self.caches:
             feeds["use_cache"] = False  # a window's keys and values are not read again: not kept
         with torch.inference_mode():

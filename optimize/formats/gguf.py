@@ -17,7 +17,7 @@ import os
 import shutil
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -25,6 +25,7 @@ from optimize import runtime
 from optimize.errors import UsageError
 from optimize.models.checkpoint import TOKENIZER, read_config
 from optimize.models.gguf_input import GGUF_HEADER, copy_header
+from optimize.runtime.untyped import Json
 
 if TYPE_CHECKING:
     import gguf
@@ -89,9 +90,7 @@ def write(checkpoint: Path, out: Path, bits: int) -> dict[str, object]:
     return {"bits": bits, "tensor_types": counts}
 
 
-def _tensors(
-    checkpoint: Path, config: dict[str, Any], bits: int
-) -> Iterator[tuple[str, np.ndarray, gguf.GGMLQuantizationType]]:
+def _tensors(checkpoint: Path, config: Json, bits: int) -> Iterator[tuple[str, np.ndarray, gguf.GGMLQuantizationType]]:
     """Each tensor of the checkpoint as llama.cpp names, orders and stores it: (name, fp32 data, type)."""
     import gguf
     from safetensors.numpy import load_file

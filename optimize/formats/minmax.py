@@ -10,11 +10,10 @@ per input (gate and up share theirs). Applied to the fp32 graph onnxruntime-gena
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-OnnxProto = Any  # onnx's ModelProto, NodeProto (untyped protobuf)
+from optimize.runtime.untyped import OnnxProto
 
 BLOCK = 32
 

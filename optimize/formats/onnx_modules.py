@@ -6,11 +6,12 @@ from __future__ import annotations
 import contextlib
 import inspect
 from collections.abc import Callable, Iterator
-from typing import Any
 from unittest import mock
 
 import torch
 from transformers.cache_utils import DynamicCache
+
+from optimize.runtime.untyped import HfObject
 
 
 class FirstOutput(torch.nn.Module):
@@ -23,7 +24,7 @@ class FirstOutput(torch.nn.Module):
         self.eval()  # the exporter puts a module back in the mode it found it in: train would stay on
 
     def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
-        out: Any = self.model(**dict(zip(self.names, tensors, strict=True)))
+        out: HfObject = self.model(**dict(zip(self.names, tensors, strict=True)))
         first: torch.Tensor = out[0]
         return first
 
@@ -57,7 +58,7 @@ class WithCache(torch.nn.Module):
         cache = DynamicCache()
         for i in range(self.layers):
             cache.update(past[2 * i], past[2 * i + 1], i)
-        out: Any = self.model(
+        out: HfObject = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
             **{cache_keyword(self.model): cache},
         )  # fmt: skip
@@ -70,7 +71,7 @@ def cache_keyword(model: torch.nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-def returned_cache(out: Any) -> Any:
+def returned_cache(out: HfObject) -> HfObject:
     """The cache a forward pass returned (`cache` from transformers 5.24, `past_key_values` before)."""
     return out.get("cache", out.get("past_key_values"))
 
@@ -88,7 +89,7 @@ def _llama4_real_rotary() -> Iterator[None]:
     ONNX has no type for: the same rotation on (cos, sin) pairs."""
     from transformers.models.llama4 import modeling_llama4 as module
 
-    def rotary(self: Any, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    def rotary(self: HfObject, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
         pairs: torch.Tensor = torch.stack((freqs.cos(), freqs.sin()), dim=-1) * self.attention_scaling
         return pairs

@@ -28,7 +28,6 @@ import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -38,6 +37,7 @@ from optimize.formats.gguf import per_sequence
 from optimize.formats.minmax import BLOCK, eight_bit, four_bit
 from optimize.models.checkpoint import CONFIG, TOKENIZER, read_config
 from optimize.runtime.engine_openvino_genai import openvino_properties
+from optimize.runtime.untyped import OvObject
 
 FILE = "openvino_model.xml"
 ENGINE = "openvino-genai"  # what runs the folder (runtime.ENGINES)
@@ -111,7 +111,7 @@ def write(checkpoint: Path, out: Path, bits: int) -> dict[str, object]:
     return written
 
 
-def _export(checkpoint: Path, out: Path) -> Any:
+def _export(checkpoint: Path, out: Path) -> OvObject:
     """The checkpoint's ONNX export with a KV cache, in OpenVINO, stateful: each `past_key_values.N.*`
     input and its `present.N.*` output become one state, read through a Gather by `beam_idx` (the
     inputs OpenVINO GenAI feeds: input_ids, attention_mask, position_ids, beam_idx)."""
@@ -168,7 +168,7 @@ def _export(checkpoint: Path, out: Path) -> Any:
     return model
 
 
-def requantize(model: Any, bits: int, vocab: int) -> dict[str, object]:
+def requantize(model: OvObject, bits: int, vocab: int) -> dict[str, object]:
     """Every MatMul weight (and the embedding table) of an OpenVINO model on the grid, in place."""
     import openvino
     import openvino.opset13 as ops
@@ -247,7 +247,7 @@ def _tokenizer(checkpoint: Path, out: Path) -> None:
     _save(decoder_model, out / "openvino_detokenizer.xml")
 
 
-def _save(model: Any, path: Path) -> None:
+def _save(model: OvObject, path: Path) -> None:
     """`model` saved as written (no fp16 compression). What OpenVINO names itself (ops, the model)
     takes a process-wide counter: renamed by place and file, so the same checkpoint gives the same
     bytes in any process, and twice in one."""

@@ -8,12 +8,12 @@ import json
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from optimize.errors import UsageError
+from optimize.runtime.untyped import Json
 
 
-def read_config(checkpoint: Path) -> dict[str, Any]:
+def read_config(checkpoint: Path) -> Json:
     """config.json as a dict, or one clear error naming the file."""
     path = checkpoint / "config.json"
     try:

@@ -6,7 +6,9 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from optimize.runtime.untyped import HfObject
 
 if TYPE_CHECKING:
     import torch
@@ -15,7 +17,7 @@ if TYPE_CHECKING:
 WIDENED_ROWS = 8192  # a 16-bit output layer wider than this is widened this many rows at a time
 
 
-def _in_slices(layer: Any, widen: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+def _in_slices(layer: HfObject, widen: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """A wide 16-bit Linear (a language model's head) in fp32, WIDENED_ROWS of its outputs at a time."""
     import torch
 
@@ -28,7 +30,7 @@ def _in_slices(layer: Any, widen: Callable[[torch.Tensor], torch.Tensor], x: tor
     return out
 
 
-def _widened_as_they_run(module: Any) -> None:
+def _widened_as_they_run(module: HfObject) -> None:
     """`module`'s 16-bit Linear and Embedding weights widened to fp32 each time their layer runs."""
     import torch
     from torch.nn.utils import parametrize
@@ -63,7 +65,7 @@ def _widened_as_they_run(module: Any) -> None:
             parametrize.register_parametrization(layer, "weight", Widened(), unsafe=True)  # unsafe: changes dtype
 
 
-def lean_torch(auto: Any, checkpoint: Path) -> torch.nn.Module | None:
+def lean_torch(auto: HfObject, checkpoint: Path) -> torch.nn.Module | None:
     """`auto`'s model of `checkpoint` built without initializing its weights, then each safetensors
     tensor read (not mapped) into it, a tensor at a time. The weights of its Linear and Embedding
     layers stay in the checkpoint's 16 bits (bf16, fp16) and are widened to fp32 each time a layer
@@ -83,7 +85,7 @@ def lean_torch(auto: Any, checkpoint: Path) -> torch.nn.Module | None:
         return None
     config = transformers.AutoConfig.from_pretrained(checkpoint)
     with no_init_weights():  # fp32 storage, never written where a 16-bit weight replaces it (so never resident)
-        module: Any = auto.from_config(config, attn_implementation="eager", dtype=torch.float32)
+        module: HfObject = auto.from_config(config, attn_implementation="eager", dtype=torch.float32)
     expected, loaded = module.state_dict(), set()
     computed = {name for name, _ in module.named_buffers()} - set(expected)  # e.g. position_ids, made by the model
     narrow = {"BF16": torch.bfloat16, "F16": torch.float16}

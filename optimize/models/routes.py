@@ -16,10 +16,10 @@ import re
 from functools import cache
 from importlib.util import find_spec
 from pathlib import Path
-from typing import Any
 
 from optimize import tasks
 from optimize.runtime.engines import BUILDER, ENGINES
+from optimize.runtime.untyped import Json
 
 ATTENTION_LAYERS = {"full_attention", "sliding_attention", "chunked_attention", "attention"}
 ROUTE_CACHED, ROUTE_WHOLE = "kv-cache", "whole-sequence"
@@ -28,7 +28,7 @@ ROUTE_CACHED, ROUTE_WHOLE = "kv-cache", "whole-sequence"
 STEPPED_IDS = list(range(3, 19))
 
 
-def export_route(config: dict[str, Any]) -> str:
+def export_route(config: Json) -> str:
     """ROUTE_CACHED where every layer is attention (as far as the config says), else ROUTE_WHOLE."""
     kinds = set(config.get("layer_types") or [])
     text = config.get("text_config")
@@ -82,7 +82,7 @@ def builder_refusal(architecture: str) -> str | None:
     )
 
 
-def describe(config: dict[str, Any], task: str, stage_kinds: list[str]) -> list[str]:
+def describe(config: Json, task: str, stage_kinds: list[str]) -> list[str]:
     """One line per stage: the route it takes for this architecture."""
     architecture = str((config.get("architectures") or ["?"])[0])
     lines = []

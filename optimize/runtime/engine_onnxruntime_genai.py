@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -88,7 +87,7 @@ class GenAIEngine:
 
     def _own_loop(self, prompt_ids: list[int], sampling: Sampling, eos: set[int]) -> Iterator[int]:
         params = self.og.GeneratorParams(self.model)
-        options: dict[str, Any] = {
+        options: dict[str, object] = {
             "max_length": len(prompt_ids) + sampling.max_new_tokens,
             "do_sample": sampling.temperature > 0,
         }

@@ -7,26 +7,26 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 from queue import Queue
-from typing import Any
 
 import numpy as np
 
 from .decoding import Sampling, refused
+from .untyped import OvObject
 
 
-def openvino_properties(threads: int | None) -> dict[str, Any]:
+def openvino_properties(threads: int | None) -> dict[str, object]:
     """What every OpenVINO GenAI pipeline here compiles with, the gate's included: float ops in f32.
     OpenVINO's CPU default is bf16 where the CPU has AVX-512 BF16 or AMX (f32 elsewhere), which
     moved a random Llama's logits by 0.87 where f32 keeps them within 1e-3 of the checkpoint's, and
     the IR's runtime options cannot name it as they name the KV cache (compile_model ignores an
     INFERENCE_PRECISION_HINT there): so it is said here, and the verdict is the same on every CPU."""
-    properties: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "f32"}
+    properties: dict[str, object] = {"INFERENCE_PRECISION_HINT": "f32"}
     if threads:
         properties["INFERENCE_NUM_THREADS"] = threads
     return properties
 
 
-def openvino_config(genai: Any, sampling: Sampling, eos: set[int], lookup: bool = False) -> Any:
+def openvino_config(genai: OvObject, sampling: Sampling, eos: set[int], lookup: bool = False) -> OvObject:
     """`sampling` as OpenVINO GenAI's GenerationConfig (with prompt lookup's draft sizes)."""
     config = genai.GenerationConfig()
     config.max_new_tokens = sampling.max_new_tokens
@@ -65,7 +65,7 @@ class ContinuousBatching:
         with refused("openvino-genai", folder):
             self.pipeline = openvino_genai.ContinuousBatchingPipeline(str(folder), scheduler, "CPU", properties)
 
-    def add(self, prompt_ids: list[int], sampling: Sampling, eos: set[int]) -> Any:
+    def add(self, prompt_ids: list[int], sampling: Sampling, eos: set[int]) -> OvObject:
         """A request's handle (`read` it after each `step`; `cancel()` drops it)."""
         import openvino
 
@@ -76,7 +76,7 @@ class ContinuousBatching:
     def step(self) -> None:
         self.pipeline.step()
 
-    def read(self, handle: Any, eos: set[int]) -> tuple[list[int], bool]:
+    def read(self, handle: OvObject, eos: set[int]) -> tuple[list[int], bool]:
         """The tokens the last steps made for `handle` (up to an end of sequence), and whether it is done."""
         done = handle.get_status() != self.genai.GenerationStatus.RUNNING
         tokens: list[int] = []
@@ -103,10 +103,10 @@ class OpenVinoGenAIEngine:
 
         self.genai, self.folder = openvino_genai, folder
         self.properties = openvino_properties(threads)
-        self.pipelines: dict[bool, Any] = {}  # prompt lookup or not -> its pipeline (made when first asked)
+        self.pipelines: dict[bool, OvObject] = {}  # prompt lookup or not -> its pipeline (made when first asked)
         self.lock = threading.Lock()
 
-    def pipeline(self, lookup: bool) -> Any:
+    def pipeline(self, lookup: bool) -> OvObject:
         if lookup not in self.pipelines:
             with refused("openvino-genai", self.folder):
                 self.pipelines[lookup] = self.genai.LLMPipeline(
@@ -125,7 +125,7 @@ class OpenVinoGenAIEngine:
         stop = threading.Event()
 
         class Streamer(genai.StreamerBase):  # type: ignore[misc, name-defined]
-            def write(self, token: int | list[int]) -> Any:
+            def write(self, token: int | list[int]) -> OvObject:
                 for one in token if isinstance(token, list) else [token]:
                     queue.put(int(one))
                 return genai.StreamingStatus.STOP if stop.is_set() else genai.StreamingStatus.RUNNING

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -15,6 +15,7 @@ from .engine_openvino_genai import ContinuousBatching
 from .engines import BATCHING, BUILDER, ENGINES, GENERATING, OWN_LOOP, Generating, open_engine
 from .manifest import RuntimeSettings
 from .text import Tokenizer
+from .untyped import Json, OrtObject
 
 if TYPE_CHECKING:
     import onnxruntime as ort
@@ -26,10 +27,10 @@ class Generation:
     session: ort.InferenceSession
     tokenizer: Tokenizer
     folder: Path
-    config: dict[str, Any]  # config.json as read
+    config: Json  # config.json as read
     settings: RuntimeSettings
     output_names: list[str]
-    cache_inputs: list[Any]  # onnxruntime's NodeArg (untyped)
+    cache_inputs: list[OrtObject]  # the cache's inputs (NodeArg)
     whole_sequence: bool
     _engines: dict[str, Generating]
     _threads: int | None

@@ -30,11 +30,15 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, cast
+
+import numpy as np
+from starlette.types import Receive, Scope, Send
 
 from .decoding import Sampling, Text
 from .engines import BATCHING, OWN_LOOP, SEQUENTIAL
 from .serve_worker import ApiError, Job, Limits, Metrics, Worker
+from .untyped import Json
 
 if TYPE_CHECKING:
     from starlette.applications import Starlette
@@ -104,7 +108,7 @@ class Server:
         )
 
     def endpoint(
-        self, name: str, handler: Callable[[dict[str, Any], Request], Awaitable[Response]]
+        self, name: str, handler: Callable[[Json, Request], Awaitable[Response]]
     ) -> Callable[[Request], Awaitable[Response]]:
         """`handler` with what every POST route does: the key, the body, limits, errors, metrics."""
 
@@ -139,7 +143,7 @@ class Server:
         if self.api_key and request.headers.get("authorization", "") != f"Bearer {self.api_key}":
             raise ApiError(401, "a valid API key is needed: Authorization: Bearer KEY")
 
-    async def _body(self, request: Request) -> dict[str, Any]:
+    async def _body(self, request: Request) -> Json:
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limits.max_body:
             raise ApiError(413, f"the body is over {self.limits.max_body} bytes")
@@ -156,7 +160,7 @@ class Server:
             raise ApiError(400, "the body is not a JSON object")
         return body
 
-    async def embeddings(self, body: dict[str, Any], request: Request) -> Response:
+    async def embeddings(self, body: Json, request: Request) -> Response:
         from starlette.responses import JSONResponse
 
         if self.decoder:
@@ -180,11 +184,12 @@ class Server:
         if isinstance(rows, Exception):
             raise ApiError(500, f"the model failed: {rows}")
         self.metrics.tokens.labels("prompt").inc(sum(counts))
+        assert isinstance(rows, np.ndarray)
         data = [{"object": "embedding", "index": i, "embedding": row.tolist()} for i, row in enumerate(rows)]
         usage = {"prompt_tokens": sum(counts), "total_tokens": sum(counts)}
         return JSONResponse({"object": "list", "data": data, "model": self.name, "usage": usage})
 
-    async def completions(self, body: dict[str, Any], request: Request) -> Response:
+    async def completions(self, body: Json, request: Request) -> Response:
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1:
             prompt = prompt[0]
@@ -192,7 +197,7 @@ class Server:
             raise ApiError(400, "prompt: a string", "prompt")
         return await self._generate(self.model.prompt_ids(prompt), body, request, chat=False)
 
-    async def chat(self, body: dict[str, Any], request: Request) -> Response:
+    async def chat(self, body: Json, request: Request) -> Response:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise ApiError(400, "messages: a non-empty list of {role, content}", "messages")
@@ -212,8 +217,8 @@ class Server:
             raise ApiError(400, str(exc), "messages") from None
         return await self._generate(ids, body, request, chat=True)
 
-    def _sampling(self, body: dict[str, Any], chat: bool) -> Sampling:
-        def number(key: str, default: float, kind: type = float) -> Any:
+    def _sampling(self, body: Json, chat: bool) -> Sampling:
+        def number(key: str, default: float, kind: type[float] | type[int] = float) -> float:
             value = body.get(key, default)
             if value is None:
                 return default
@@ -232,10 +237,10 @@ class Server:
         try:
             return Sampling(
                 max_new_tokens=min(
-                    number(most, 16 if not chat else self.limits.max_new_tokens, int), self.limits.max_new_tokens
+                    int(number(most, 16 if not chat else self.limits.max_new_tokens, int)), self.limits.max_new_tokens
                 ),
                 temperature=number("temperature", 1.0),
-                top_k=number("top_k", 0, int),
+                top_k=int(number("top_k", 0, int)),
                 top_p=number("top_p", 1.0),
                 seed=seed,
                 stop=tuple(stop),
@@ -243,7 +248,7 @@ class Server:
         except ValueError as exc:
             raise ApiError(400, str(exc)) from None
 
-    async def _generate(self, ids: list[int], body: dict[str, Any], request: Request, chat: bool) -> Response:
+    async def _generate(self, ids: list[int], body: Json, request: Request, chat: bool) -> Response:
         from starlette.responses import JSONResponse
 
         if not self.decoder:
@@ -270,7 +275,7 @@ class Server:
         async for piece, reason, counted in pieces:
             text.append(piece)
             finish, usage = reason or finish, counted
-        choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
+        choice: Json = {"index": 0, "finish_reason": finish, "logprobs": None}
         if chat:
             choice["message"] = {"role": "assistant", "content": "".join(text)}
         else:
@@ -301,7 +306,7 @@ class Server:
                     return
                 count += 1
                 usage = {**usage, "completion_tokens": count, "total_tokens": prompt_tokens + count}
-                piece, stopped = text.add(int(token))
+                piece, stopped = text.add(int(cast(int, token)))
                 if stopped:
                     yield piece, "stop", usage
                     return
@@ -326,14 +331,14 @@ class Server:
         """Server-sent events: a chunk per piece of text, the finish reason, usage if asked, [DONE]."""
         chunk_kind = kind + ".chunk" if chat else kind
 
-        def event(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> bytes:
-            body: dict[str, Any] = {"id": ident, "object": chunk_kind, "created": created, "model": self.name}
+        def event(choices: list[Json], usage: dict[str, int] | None = None) -> bytes:
+            body: Json = {"id": ident, "object": chunk_kind, "created": created, "model": self.name}
             body["choices"] = choices
             if usage_wanted:
                 body["usage"] = usage
             return f"data: {json.dumps(body)}\n\n".encode()
 
-        def choice(piece: str | None, reason: str | None) -> dict[str, Any]:
+        def choice(piece: str | None, reason: str | None) -> Json:
             if chat:
                 delta = {} if piece is None else {"content": piece}
                 return {"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}
@@ -363,7 +368,7 @@ def _stream(events: AsyncIterator[bytes], job: Job, release: Callable[[], None])
     from starlette.responses import StreamingResponse
 
     class Stream(StreamingResponse):
-        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
             try:
                 await super().__call__(scope, receive, send)
             finally:

@@ -10,11 +10,12 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .decoding import Sampling
+from .untyped import OvObject
 
 if TYPE_CHECKING:
     from starlette.responses import Response
@@ -90,14 +91,14 @@ class Job:
     """One request's work for the model thread: an embedding batch entry or a token stream."""
 
     loop: asyncio.AbstractEventLoop
-    out: asyncio.Queue[Any]
+    out: asyncio.Queue[object]  # what the model thread sends: results, pieces, errors, the end
     texts: list[str] = field(default_factory=list)
     tokens: Iterator[int] | None = None  # a stream the model thread draws from a token at a time
     prompt: tuple[list[int], Sampling] | None = None  # or a request for the continuous batcher
-    handle: Any = None  # the batcher's, once added
+    handle: OvObject = None  # the batcher's, once added
     cancelled: bool = False
 
-    def send(self, item: Any) -> None:
+    def send(self, item: object) -> None:
         try:
             self.loop.call_soon_threadsafe(self.out.put_nowait, item)
         except RuntimeError:  # the event loop is closed (the server is stopping): nobody to tell

@@ -10,12 +10,13 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .engines import DEFAULT_ENGINE, ENGINES
 from .manifest import RuntimeSettings
+from .untyped import OvObject
 
 if TYPE_CHECKING:
     import onnxruntime as ort
@@ -65,7 +66,7 @@ class Port:
     type: str
 
 
-def port_name(port: Any) -> str:
+def port_name(port: OvObject) -> str:
     """An OpenVINO port's name as the graph named its input or output: the converter may give a
     tensor the names of ops folded into it too (`/Concat_output_0` beside `past_key_values.0.key`),
     and `any_name` can be either."""
@@ -108,10 +109,10 @@ class OpenVINOSession:
         self.seen: dict[tuple[tuple[int, ...], ...], int] = {}
         self.weights: dict[tuple[tuple[int, ...], ...], tuple[float, int]] = {}  # shape: (weight, at call)
         self.calls = 0
-        self.specialized: dict[tuple[tuple[int, ...], ...], Any] = {}
+        self.specialized: dict[tuple[tuple[int, ...], ...], OvObject] = {}
         self.lock = threading.Lock()  # infer requests run one call at a time; onnxruntime's run is thread-safe
 
-    def _request(self, feed: dict[str, np.ndarray]) -> Any:
+    def _request(self, feed: dict[str, np.ndarray]) -> OvObject:
         """The infer request for these inputs' shapes: a static-shape one for a recurring shape."""
         shape = tuple(tuple(feed[name].shape) for name in sorted(feed))
         self.seen[shape] = calls = self.seen.get(shape, 0) + 1
@@ -137,7 +138,7 @@ class OpenVINOSession:
         return weight * self.DECAY ** (self.calls - at)
 
     @staticmethod
-    def _port(port: Any) -> Port:
+    def _port(port: OvObject) -> Port:
         shape = [d.get_length() if d.is_static else "?" for d in port.get_partial_shape()]
         return Port(port_name(port), shape, f"tensor({port.get_element_type().to_string()})")
 

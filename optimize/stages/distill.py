@@ -20,7 +20,7 @@ import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Annotated, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -31,6 +31,7 @@ from optimize.models import projection
 from optimize.models.checkpoint import read_config
 from optimize.models.handle import ModelHandle
 from optimize.models.loading import load_torch
+from optimize.runtime.untyped import HfObject, Json
 from optimize.stages import distill_training as training
 from optimize.stages.base import StageBase, StageContext, StageResult
 from optimize.stages.distill_data import DataSource, label_ids, load_texts
@@ -117,7 +118,7 @@ class DistillStage(StageBase):
         return run(self, model, ctx)
 
 
-def check_student(config: DistillStage, task: str, teacher: dict[str, Any]) -> None:
+def check_student(config: DistillStage, task: str, teacher: Json) -> None:
     """A student config the teacher's class can build, and a projection wherever the losses need one."""
     width = teacher.get("hidden_size")
     student = config.student
@@ -153,12 +154,12 @@ def run(config: DistillStage, model: ModelHandle, ctx: StageContext) -> StageRes
     from optimize.runtime import Pooling
 
     teacher = load_torch(model)  # check_input ran when the pipeline prepared the recipe
-    teacher_config: Any = teacher.config
+    teacher_config: HfObject = teacher.config
     count = int(teacher_config.num_hidden_layers)
     layers = chosen_layers(config.layers, count)
     torch.manual_seed(ctx.seed)
     student = build_student(teacher, layers, config.student)
-    student_config: Any = student.config
+    student_config: HfObject = student.config
     width, teacher_width = int(student_config.hidden_size), int(teacher_config.hidden_size)
     projected = width != teacher_width and config.student.projection
     trainee = with_projection(student, width, teacher_width, len(layers)) if projected else student
@@ -187,7 +188,7 @@ def run(config: DistillStage, model: ModelHandle, ctx: StageContext) -> StageRes
     if training.is_main():
         save_student(student, model.checkpoint, out)
         if projected and tasks.embeds(model.task):  # the embedding's projection ships, not the hidden states'
-            last: Any = trainee.last
+            last: HfObject = trainee.last
             projection.write(out, last.weight.detach().numpy(), last.bias.detach().numpy())
     params = sum(p.numel() for p in student.parameters())
     decisions: dict[str, object] = {
@@ -264,7 +265,7 @@ def auto_steps(texts: int, batch_size: int) -> int:
     return max(low, min(high, math.ceil(AUTO_EPOCHS * texts / batch_size)))
 
 
-def save_student(student: Any, teacher_dir: Path, out: Path) -> None:
+def save_student(student: HfObject, teacher_dir: Path, out: Path) -> None:
     """A checkpoint folder transformers and sentence-transformers load as they are."""
     from optimize.models.checkpoint import copy_checkpoint_files
 

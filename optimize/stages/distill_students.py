@@ -6,11 +6,12 @@ teacher's width. The distill stage (`optimize/stages/distill.py`) trains what th
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from optimize.errors import UsageError
+from optimize.runtime.untyped import HfObject
 
 if TYPE_CHECKING:
     import torch
@@ -65,7 +66,7 @@ def build_student(teacher: torch.nn.Module, layers: list[int], overrides: Studen
 
     import torch
 
-    config: Any = copy.deepcopy(teacher.config)
+    config: HfObject = copy.deepcopy(teacher.config)
     count = int(config.num_hidden_layers)
     prefix = layer_list(teacher, count) + "."
     config.num_hidden_layers = len(layers)
@@ -142,7 +143,7 @@ def with_projection(student: torch.nn.Module, width: int, teacher_width: int, la
             self.last = linear()
             self.hidden = torch.nn.ModuleList(linear() for _ in range(layers))
 
-        def forward(self, **batch: Any) -> Any:
+        def forward(self, **batch: torch.Tensor) -> HfObject:
             from transformers.modeling_outputs import BaseModelOutput
 
             out = self.model(**batch)

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 
@@ -126,7 +126,9 @@ class Checkpoints:
         found = sorted(self.folder.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
         return found[-1] if found else None
 
-    def save(self, step: int, student: torch.nn.Module, optimizer: Any, history: list[LossPoint]) -> None:
+    def save(
+        self, step: int, student: torch.nn.Module, optimizer: torch.optim.Optimizer, history: list[LossPoint]
+    ) -> None:
         import torch
         from safetensors.torch import save_file
 
@@ -144,7 +146,7 @@ class Checkpoints:
             if old != final:
                 shutil.rmtree(old, ignore_errors=True)
 
-    def load(self, student: torch.nn.Module, optimizer: Any) -> tuple[int, list[LossPoint]]:
+    def load(self, student: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, list[LossPoint]]:
         import torch
         from safetensors.torch import load_file
 

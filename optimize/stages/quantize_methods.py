@@ -15,18 +15,20 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, Protocol
+from typing import Annotated, ClassVar, Literal, Protocol
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from optimize import cpu
 from optimize.runtime.engines import DEFAULT_ENGINE, ENGINES, openvino_engine
+from optimize.runtime.untyped import OnnxProto, OrtObject, OvObject
 
 
 class CalibrationReader(Protocol):
     """onnxruntime's CalibrationDataReader: feeds of tokenized calibration texts."""
 
-    def get_next(self) -> dict[str, Any] | None: ...
+    def get_next(self) -> dict[str, np.ndarray] | None: ...
 
     def rewind(self) -> None: ...
 
@@ -66,7 +68,7 @@ def int8_weight_range(weights: Int8Weights, info: cpu.CpuInfo) -> str:
     return "s8" if info.int8_dot else "s8-reduced"
 
 
-def _weight_type(weights: Int8Weights) -> tuple[Any, bool]:
+def _weight_type(weights: Int8Weights) -> tuple[OrtObject, bool]:
     """onnxruntime's weight type and reduce_range for a weight setting on this CPU."""
     from onnxruntime import quantization as q
 
@@ -198,7 +200,7 @@ class WeightOnly4(MethodBase):
     def build(self, src: Path, out: Path, layers: list[str], calibration: Callable[..., CalibrationReader]) -> None:
         from onnxruntime.quantization import matmul_nbits_quantizer as nbits
 
-        algo: Any = {
+        algo: OvObject = {
             "rtn": lambda: nbits.RTNWeightOnlyQuantConfig(),
             "hqq": lambda: nbits.HQQWeightOnlyQuantConfig(block_size=self.block_size),
             "gptq": lambda: nbits.GPTQWeightOnlyQuantConfig(calibration(), block_size=self.block_size),
@@ -269,7 +271,7 @@ class OpenVINOStatic(MethodBase):
             for n in model.graph.node
             if n.op_type == "MatMul" and n.name not in layers and any(i in constants for i in n.input)
         ]
-        options: dict[str, Any] = {
+        options: dict[str, object] = {
             "smooth_quant_alphas": advanced.AdvancedSmoothQuantParameters(matmul=self.smooth_quant)
         }
         if self.calibrate == "minmax":
@@ -289,7 +291,7 @@ class OpenVINOStatic(MethodBase):
             _quantize_attention_output(quantized.graph, out, src, reader)
 
 
-def _quantize_attention_output(graph: Any, path: Path, float_path: Path, reader: CalibrationReader) -> None:
+def _quantize_attention_output(graph: OnnxProto, path: Path, float_path: Path, reader: CalibrationReader) -> None:
     """int8 inputs for each MatMul of softmax probabilities by values, with min-max ranges from the
     calibration texts (onnxruntime's static quantizer, symmetric, the MatMul's output left float):
     OpenVINO then runs all of attention in int8. all-MiniLM-L6-v2, L=128, our AVX-512 VNNI CPU, in
@@ -315,7 +317,7 @@ def _quantize_attention_output(graph: Any, path: Path, float_path: Path, reader:
         return
     cached = "calibration_cache_path" in inspect.signature(q.quantize_static).parameters
     with tempfile.TemporaryDirectory(prefix="optimize-ranges-") as tmp:
-        options: dict[str, Any] = {}
+        options: dict[str, object] = {}
         if cached:  # onnxruntime that takes ranges (1.31 does); older ones calibrate the QDQ graph
             calibrator = calibrate.create_calibrator(float_path, ["MatMul"], augmented_model_path=f"{tmp}/aug.onnx")
             calibrator.collect_data(reader)
