@@ -17,7 +17,7 @@ from optimize.cli.commands import app
 from optimize.stages import quantize
 from optimize.stages import quantize_formulations as formulations
 from tests.conftest import write_recipe
-from tests.test_formulations import AVX2, VNNI
+from tests.stages.test_quantize_formulations import AVX2, VNNI
 
 STAGES = [
     {
@@ -152,7 +152,7 @@ def test_openvino_is_refused_for_a_gpu_target_or_when_it_is_not_installed(
 def test_on_minilm_openvino_int8_keeps_spearman_within_the_peers_drop_and_cosine_min_above_095(tmp_path):
     import yaml
 
-    from tests.test_minilm import ROOT
+    from tests.conftest import ROOT
 
     recipe = yaml.safe_load((ROOT / "recipes" / "minilm-int8.yaml").read_text())
     stage = {**recipe["stages"][0], "formulations": [{"name": "openvino"}]}  # the compile stage is not the point

@@ -15,7 +15,7 @@ from optimize import cpu, runtime
 from optimize.cli.commands import app
 from tests import peers
 from tests.conftest import write_recipe
-from tests.test_formulations import AVX2
+from tests.stages.test_quantize_formulations import AVX2
 
 TEXTS = ["a short sentence", "another, somewhat longer sentence than the first", "third one"]
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -11,8 +10,8 @@ from typer.testing import CliRunner
 from optimize import runtime
 from optimize.cli.commands import app
 from optimize.stages.quantize_formulations import FLOAT_LABEL
+from tests.conftest import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 
 

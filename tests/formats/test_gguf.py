@@ -97,7 +97,7 @@ def test_the_server_gives_concurrent_llama_cpp_streams_each_its_own_answer(artif
     (interleaved on one context they read each other's cache)."""
     pytest.importorskip("llama_cpp")
     pytest.importorskip("uvicorn")
-    from tests.test_serve import serving, streamed
+    from tests.runtime.test_serve import serving, streamed
 
     model = runtime.load(artifact)
     prompts = ["The capital of France is", "def mean(values):", "one two three one two", "Hello"]

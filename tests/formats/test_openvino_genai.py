@@ -189,7 +189,7 @@ def test_the_server_batches_concurrent_streams_through_openvino_genai(artifact: 
     pytest.importorskip("uvicorn")
     httpx = pytest.importorskip("httpx")
     from optimize.runtime.serve import Limits, Server
-    from tests.test_serve import serving, streamed
+    from tests.runtime.test_serve import serving, streamed
 
     model = runtime.load(artifact)
     expected = [model.generate(p, max_new_tokens=20, engine="openvino-genai") for p in PROMPTS]

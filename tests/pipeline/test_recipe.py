@@ -6,6 +6,7 @@ import pytest
 
 from optimize.errors import UsageError
 from optimize.pipeline import recipe as recipes
+from tests.conftest import ROOT
 
 GOOD = """\
 version: 1
@@ -103,7 +104,7 @@ def test_set_overrides_one_key_and_is_validated(tmp_path):
 
 
 def test_the_shipped_recipes_are_valid():
-    for path in sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml")):
+    for path in sorted((ROOT / "recipes").glob("*.yaml")):
         recipes.load(path)
 
 
