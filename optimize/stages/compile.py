@@ -39,7 +39,7 @@ from optimize.stages.base import Choice, StageBase, StageContext, StageResult
 Variant = Literal["as-is", "basic", "extended", "fused"]
 
 
-class Tried(TypedDict, total=False):
+class VariantTried(TypedDict, total=False):
     """One candidate graph as the decisions record it."""
 
     variant: str
@@ -50,9 +50,9 @@ class Tried(TypedDict, total=False):
     latency_p50_ms: float  # timed in turns with the others that agree
 
 
-class Decisions(TypedDict, total=False):
+class CompileDecisions(TypedDict, total=False):
     variant: str  # the one chosen
-    candidates: list[Tried]
+    candidates: list[VariantTried]
     why: str
 
 
@@ -72,9 +72,9 @@ class CompileStage(StageBase):
 
     @classmethod
     def choices(cls, details: JsonObject) -> list[Choice]:
-        decided = cast(Decisions, details)
+        decided = cast(CompileDecisions, details)
 
-        def outcome(row: Tried) -> str:
+        def outcome(row: VariantTried) -> str:
             if row.get("error"):
                 return f"error: {str(row['error'])[:60]}"
             if "latency_p50_ms" in row:
@@ -164,12 +164,12 @@ def run(config: CompileStage, model: ModelHandle, ctx: StageContext) -> StageRes
     # checked as generation feeds them
     checks_steps = model.task == tasks.GENERATION and model.engine == DEFAULT_ENGINE
     stepped = stepped_logits(model, ctx.seq_len) if checks_steps else np.empty(0)
-    tried: list[Tried] = []
-    agreeing: list[tuple[Tried, ModelHandle]] = []
+    tried: list[VariantTried] = []
+    agreeing: list[tuple[VariantTried, ModelHandle]] = []
     variants = config.variants if model.engine == DEFAULT_ENGINE else ["as-is"]
     for variant in dict.fromkeys(variants):
         out = ctx.workdir / f"{variant}.onnx"
-        record: Tried = {"variant": variant}
+        record: VariantTried = {"variant": variant}
         tried.append(record)
         candidate = model.with_onnx(out)
         try:
@@ -203,7 +203,7 @@ def run(config: CompileStage, model: ModelHandle, ctx: StageContext) -> StageRes
     from optimize import cpu
 
     tuned_on = cpu.current().summary()  # the variant was chosen by timing on this CPU
-    decisions: Decisions = {"variant": best[2], "candidates": tried}
+    decisions: CompileDecisions = {"variant": best[2], "candidates": tried}
     if model.engine != DEFAULT_ENGINE:
         decisions["why"] = f"the {model.engine} engine compiles the graph when it loads it: kept as it is"
     return StageResult(best[1], decisions, runtime={"tuned_on": tuned_on})

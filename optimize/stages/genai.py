@@ -29,7 +29,7 @@ from optimize.models.handle import ModelHandle
 from optimize.runtime.engines import ENGINES, GENERATING
 from optimize.runtime.manifest import GateResult, JsonObject, RuntimeSettings
 from optimize.stages.base import Choice, StageBase, StageContext, StageResult
-from optimize.stages.genai_build import ENGINE, Candidate, Tried, build, builder_version
+from optimize.stages.genai_build import ENGINE, Candidate, CandidateTried, build, builder_version
 from optimize.stages.genai_formats import EngineSpeed, FormatTried, engine_speeds, write_format
 
 # bench/scale.py, quantized here first, the reference kept in bf16: the largest process peaked at
@@ -46,12 +46,12 @@ BUILDER_PEAK = (682.0, 4.53)
 
 
 class _Decided(TypedDict):
-    candidates: list[Tried]
+    candidates: list[CandidateTried]
     chosen: str
     builder: str  # onnxruntime-genai's version
 
 
-class Decisions(_Decided, total=False):
+class GenAIDecisions(_Decided, total=False):
     formats: list[FormatTried]  # every precision tried of each other format, smallest first
     engine_speed: dict[str, EngineSpeed]  # each decoder engine's time for one request, timed in turns
 
@@ -132,7 +132,7 @@ class GenAIStage(StageBase):
 
     @classmethod
     def choices(cls, details: JsonObject) -> list[Choice]:
-        decided = cast(Decisions, details)
+        decided = cast(GenAIDecisions, details)
         return [
             Choice(
                 label=str(row["label"]),
@@ -151,7 +151,7 @@ class GenAIStage(StageBase):
 
 
 def run(config: GenAIStage, model: ModelHandle, ctx: StageContext) -> StageResult:
-    tried: list[Tried] = []
+    tried: list[CandidateTried] = []
     passing: list[tuple[float, int, ModelHandle]] = []
     for index, candidate in enumerate(config.candidates):
         out = ctx.workdir / f"candidate-{index}"
@@ -161,7 +161,9 @@ def run(config: GenAIStage, model: ModelHandle, ctx: StageContext) -> StageResul
         metrics, gate = ctx.judge(handle)
         label = candidate.label()
         tried.append(
-            Tried(candidate=candidate.model_dump(), label=label, metrics=metrics, reconstruction=errors, **gate)
+            CandidateTried(
+                candidate=candidate.model_dump(), label=label, metrics=metrics, reconstruction=errors, **gate
+            )
         )
         shown = ", ".join(f"{c['metric']} {c['value']}" for c in gate.get("checks", []))
         ctx.console.print(f"genai: {candidate.label()}: {shown}: gate {'passed' if gate['passed'] else 'failed'}")
@@ -175,7 +177,7 @@ def run(config: GenAIStage, model: ModelHandle, ctx: StageContext) -> StageResul
         chosen = len(config.candidates) - 1
     genai_config = json.loads((handle.checkpoint / "genai_config.json").read_text())
     chosen_label = config.candidates[chosen].label()
-    decisions: Decisions = {"candidates": tried, "chosen": chosen_label, "builder": builder_version()}
+    decisions: GenAIDecisions = {"candidates": tried, "chosen": chosen_label, "builder": builder_version()}
     runtime: RuntimeSettings = {
         "engine": ENGINE,
         "target": config.target,
@@ -202,7 +204,7 @@ def _order_engines(
     handle: ModelHandle,
     alternates: dict[str, ModelHandle],
     ctx: StageContext,
-    decisions: Decisions,
+    decisions: GenAIDecisions,
     runtime: RuntimeSettings,
 ) -> None:
     """One request timed on the builder's folder and each other format's engine that generates here,

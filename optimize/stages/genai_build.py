@@ -89,7 +89,7 @@ class Candidate(BaseModel):
         return options
 
 
-class Tried(GateResult):
+class CandidateTried(GateResult):
     """One candidate the builder made, with its gate (passed, source, checks)."""
 
     candidate: JsonObject  # the candidate's fields

@@ -40,7 +40,7 @@ from optimize.models.handle import ModelHandle
 from optimize.runtime import on_openvino
 from optimize.runtime.manifest import JsonObject
 from optimize.stages.base import Choice, StageBase, StageContext, StageResult
-from optimize.stages.quantize_formulations import Decisions as FormulationDecisions
+from optimize.stages.quantize_formulations import FormulationDecisions
 from optimize.stages.quantize_formulations import choices as formulation_choices
 from optimize.stages.quantize_methods import (
     WEIGHT_INPUT,

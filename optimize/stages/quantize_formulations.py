@@ -46,7 +46,7 @@ class _Named(TypedDict):
     method: JsonObject  # its fields
 
 
-class Tried(_Named, total=False):
+class FormulationTried(_Named, total=False):
     """One formulation built (or not: `error`), judged, and timed when it held the gate."""
 
     error: str
@@ -58,13 +58,13 @@ class Tried(_Named, total=False):
 
 
 class _Timed(TypedDict):
-    formulations: list[Tried]
+    formulations: list[FormulationTried]
     fp32_latency_ms: dict[str, float]
     chosen: str  # a formulation's label, or FLOAT_LABEL
     cpu: CpuSummary
 
 
-class Decisions(_Timed, total=False):
+class FormulationDecisions(_Timed, total=False):
     engines: dict[str, str]  # engine family -> the formulation its file ships
     why: str  # when the float model ships
 
@@ -140,7 +140,7 @@ def choose(
     return best, scores
 
 
-def choices(decided: Decisions) -> list[Choice]:
+def choices(decided: FormulationDecisions) -> list[Choice]:
     """The float baseline and each formulation, as the reports show them."""
     fp32 = decided["fp32_latency_ms"]
     baseline = Choice(
@@ -152,7 +152,7 @@ def choices(decided: Decisions) -> list[Choice]:
         fidelity=1.0,
     )
 
-    def outcome(row: Tried) -> str:
+    def outcome(row: FormulationTried) -> str:
         if row.get("error"):
             return f"error: {row.get('error', '')[:60]}"
         if "latency_ms" in row:
@@ -175,7 +175,7 @@ def choices(decided: Decisions) -> list[Choice]:
     ]
 
 
-def _summary(records: list[Tried], float_ms: dict[int, float], label: str) -> str:
+def _summary(records: list[FormulationTried], float_ms: dict[int, float], label: str) -> str:
     """One line: each formulation's latency as a ratio to fp32 per batch size (or why it has none)."""
     shown = "; ".join(
         f"{r['formulation']} "
@@ -191,11 +191,11 @@ def _summary(records: list[Tried], float_ms: dict[int, float], label: str) -> st
 
 
 def _build_and_judge(
-    made: list[tuple[Tried, Callable[[], ModelHandle]]], ctx: StageContext, records: list[Tried]
-) -> tuple[list[tuple[Tried, ModelHandle]], list[tuple[dict[str, float], GateResult]]]:
+    made: list[tuple[FormulationTried, Callable[[], ModelHandle]]], ctx: StageContext, records: list[FormulationTried]
+) -> tuple[list[tuple[FormulationTried, ModelHandle]], list[tuple[dict[str, float], GateResult]]]:
     """Each formulation built and held to the gate, recorded in `records` (a build that fails is
     recorded with its error); returns those that pass and what `ctx.judge` measured of each."""
-    passing: list[tuple[Tried, ModelHandle]] = []
+    passing: list[tuple[FormulationTried, ModelHandle]] = []
     gates: list[tuple[dict[str, float], GateResult]] = []
     for record, make in made:
         records.append(record)
@@ -248,8 +248,8 @@ def search(
     of them is the stage's model, the others its `alternates`."""
 
     assert model.onnx_path is not None
-    records: list[Tried] = []
-    made: list[tuple[Tried, Callable[[], ModelHandle]]] = [
+    records: list[FormulationTried] = []
+    made: list[tuple[FormulationTried, Callable[[], ModelHandle]]] = [
         (
             {"formulation": method.label(), "method": method.model_dump(mode="json")},
             functools.partial(build, method, ctx.workdir / f"formulation-{index}.onnx"),
@@ -278,7 +278,7 @@ def search(
     main = min(shipped, key=shipped.__getitem__)  # onnxruntime first: it wins a tie
     labels = {e: FLOAT_LABEL if i is None else passing[i][0]["formulation"] for e, i in winners.items()}
     ctx.console.print(_summary(records, float_ms, labels[main]))
-    decisions: Decisions = {
+    decisions: FormulationDecisions = {
         "formulations": records,
         "fp32_latency_ms": {f"b{b}": v for b, v in float_ms.items()},
         "chosen": labels[main],
