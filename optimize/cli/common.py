@@ -11,12 +11,13 @@ import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 
 from optimize.errors import UsageError
+from optimize.runtime.untyped import Json
 
 if TYPE_CHECKING:
     from optimize.records import StageRecord
@@ -90,8 +91,9 @@ def with_run_flags(command: Callable[..., None]) -> Callable[..., None]:
     ]
 
     @functools.wraps(command)
-    def with_flags(**options: Any) -> None:
-        flags = RunFlags(**{f.name: options.pop(f.name) for f in dataclasses.fields(RunFlags)})
+    def with_flags(**options: object) -> None:
+        given: Json = {f.name: options.pop(f.name) for f in dataclasses.fields(RunFlags)}  # typer checked them
+        flags = RunFlags(**given)
         command(**options, flags=flags)
 
     with_flags.__signature__ = inspect.Signature([*own, *shared])  # type: ignore[attr-defined]
@@ -123,7 +125,7 @@ def emit(
         )
 
 
-def measure_command(as_json: bool, work: Callable[[], dict[str, Any]]) -> None:
+def measure_command(as_json: bool, work: Callable[[], Json]) -> None:
     """Shared by `eval` and `bench`: bad input is exit 2 with one message; the JSON has status and error."""
     try:
         result = work()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 import yaml
@@ -15,6 +15,10 @@ import yaml
 from optimize import paths
 from optimize.cli.common import CacheOpt, JsonOpt, PickleOpt, RemoteOpt, console, emit, measure_command, metrics_table
 from optimize.errors import UsageError
+from optimize.runtime.untyped import Json
+
+if TYPE_CHECKING:
+    from optimize.pipeline.cache import StageCache
 
 tools = typer.Typer()
 recipe_app = typer.Typer(help="Work with recipe files.", no_args_is_help=True)
@@ -37,7 +41,7 @@ def eval_cmd(
     it would ship with (onnxruntime for ONNX, torch for checkpoints). With --reference, fidelity
     (cosine_mean, cosine_min) against the reference on the suites' texts is measured too."""
 
-    def work() -> dict[str, Any]:
+    def work() -> Json:
         from optimize.evaluate.measure import Evaluator
         from optimize.evaluate.suites import load_suite
         from optimize.models.loading import open_any
@@ -47,7 +51,7 @@ def eval_cmd(
         texts = loaded[0].texts()[:512] if reference and not loaded[0].task.stream else []
         against = open_any(reference, allow_pickle, trust_remote_code) if reference else None
         evaluator = Evaluator(texts, None, loaded, seq_len=seq_len, reference=against)
-        result: dict[str, Any] = {"model": model, "reference": None, "suites": [s.suite.name for s in loaded]}
+        result: Json = {"model": model, "reference": None, "suites": [s.suite.name for s in loaded]}
         columns = {}
         if against is not None:
             ref_metrics, _ = evaluator.measure(against)
@@ -78,7 +82,7 @@ def bench_cmd(
     """Time MODEL on real sentences (shipped calibration texts) at a fixed batch size and sequence
     length: latency percentiles, throughput, size and peak memory, with the thread count and spread."""
 
-    def work() -> dict[str, Any]:
+    def work() -> Json:
         from optimize.evaluate.measure import bench
         from optimize.models.loading import open_any
 
@@ -201,7 +205,7 @@ def _triton(artifact: Path, out: Path, as_json: bool) -> None:
     emit(as_json, "passed", artifact, repository=str(out), model=model_dir.name)
 
 
-def _stage_cache(cache_dir: Path | None) -> Any:
+def _stage_cache(cache_dir: Path | None) -> StageCache:
     from optimize.pipeline import cache
 
     return cache.StageCache(cache_dir / "stages" if cache_dir else cache.default_root())

@@ -12,7 +12,6 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
@@ -24,6 +23,7 @@ from optimize.models.handle import ModelHandle
 from optimize.models.loading import load_torch
 from optimize.models.routes import STEPPED_IDS
 from optimize.runtime.engines import DEFAULT_ENGINE
+from optimize.runtime.untyped import Json
 
 Inputs = dict[str, np.ndarray]
 
@@ -337,7 +337,7 @@ def _identity(handle: ModelHandle) -> tuple[object, ...]:
     return (handle, stat.st_size, stat.st_mtime_ns)
 
 
-def bench(handle: ModelHandle, batch_size: int, seq_len: int, warmup: int, runs: int) -> dict[str, Any]:
+def bench(handle: ModelHandle, batch_size: int, seq_len: int, warmup: int, runs: int) -> Json:
     """Speed and size of one model on real sentences; peak RSS is this process's high-water mark."""
     import resource
 

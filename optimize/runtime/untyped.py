@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any, TypeAlias
 
-Json: TypeAlias = dict[str, Any]  # parsed JSON read field by field: config.json, a request body, a data row
+Json: TypeAlias = dict[str, Any]  # JSON read field by field: config.json, a request body, a data row, --json
 OnnxProto: TypeAlias = Any  # onnx's ModelProto, GraphProto, NodeProto (protobuf messages)
 OrtObject: TypeAlias = Any  # onnxruntime's NodeArg, its quantization enums and calibration readers
 OvObject: TypeAlias = Any  # OpenVINO's and OpenVINO GenAI's models, ports, pipelines, configs, handles
