@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from optimize.cli.commands import app
 from optimize.models import memory
-from optimize.stages import genai
+from optimize.stages import genai, genai_build
 from tests.conftest import write_recipe
 
 # Llama-3-8B's shape: what the estimate reads is the header, so the weights are a sparse file
@@ -91,7 +91,7 @@ def test_a_killed_builder_is_reported_as_killed_with_exit_4(
             threading.Timer(1.0, proc.kill).start()
         return proc
 
-    monkeypatch.setattr(genai.subprocess, "Popen", killed)
+    monkeypatch.setattr(genai_build.subprocess, "Popen", killed)
     recipe = write_recipe(tmp_path, [{"kind": "genai", "candidates": [{"precision": "fp32"}]}], model=str(tiny_llama))
     result = CliRunner().invoke(app, ["run", str(recipe), "-o", str(tmp_path / "out"), "--no-cache"])
     assert result.exit_code == 4, result.output
@@ -107,7 +107,7 @@ def test_the_lean_loader_fills_the_model_transformers_loads_and_steps_aside_when
     from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM
 
-    from optimize.models import loading as model
+    from optimize.models import lean as model
     from optimize.models.lean import lean_torch
 
     ids = torch.tensor([list(range(3, 40))])

@@ -300,12 +300,12 @@ def test_a_builder_that_fails_inside_is_one_line_naming_it_and_its_version(tiny_
     """The builder's own failure (here: a Phi-3 config it cannot read) is exit 1 with its version and
     its last line, never a traceback."""
     from optimize.models import routes
-    from optimize.stages import genai
+    from optimize.stages import genai_build
 
     def failing(command, log_path):
         return 1, "Traceback (most recent call last):\n  File builder.py\nKeyError: 'multi_cache'\n", 0.1
 
-    monkeypatch.setattr(genai, "_builder", failing)
+    monkeypatch.setattr(genai_build, "_builder", failing)
     recipe = write_recipe(tmp_path, [{"kind": "genai", "candidates": [{"precision": "fp32"}]}], model=str(tiny_llama))
     result = CliRunner().invoke(app, ["run", str(recipe), "-o", str(tmp_path / "out"), "--json"])
     assert result.exit_code == 1
