@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib.util
 import re
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from optimize.errors import UsageError
@@ -62,7 +62,7 @@ def limits(bits: int, in_features: dict[str, int]) -> list[str]:
     ]
 
 
-def problem(checkpoint: Path) -> str | None:
+def problem(checkpoint: Path, texts: Sequence[str] = ()) -> str | None:
     """Why this folder cannot be written here, or None."""
     if importlib.util.find_spec("compressed_tensors") is None:
         return "format compressed-tensors needs the compressed-tensors package: pip install compressed-tensors"

@@ -1,10 +1,13 @@
-"""The GGUF format of a decoder (llama.cpp, Ollama, LM Studio): one `model.gguf` whose weights are
-ours and whose header (architecture hyperparameters, tokenizer, chat template) is the one of the
-GGUF the model came as, kept beside its converted checkpoint (`model.GGUF_HEADER`) when it was read. A model
-that did not come as a GGUF has no such header: the tokenizer metadata is llama.cpp's own
-conversion's work (`convert_hf_to_gguf.py`), not rewritten here, so it is refused at validation.
+"""The GGUF format of a decoder (llama.cpp, Ollama, LM Studio): one `model.gguf`, by one of two routes.
 
-int4 is llama.cpp's Q4_1 (blocks of 32 as `d * q + m`, d and m in fp16): the minmax grid of the
+A model that came as a GGUF is written back with the header (architecture hyperparameters, tokenizer,
+chat template) of the GGUF it came as, kept beside its converted checkpoint (`GGUF_HEADER`), and
+weights on the grid they came on. Any other checkpoint goes through llama.cpp's own tools
+(`llama_cpp.py`): its converter writes the fp32 GGUF (tensor layout and tokenizer metadata for every
+architecture it knows), its importance matrix is collected over the recipe's calibration texts, and
+its quantizer writes each of the recipe's `gguf_types` (Q4_K_M and Q8_0 by default) weighted by it.
+
+On the first route, int4 is llama.cpp's Q4_1 (blocks of 32 as `d * q + m`, d and m in fp16): the minmax grid of the
 genai stage, so weights dequantized from a Q4_1 GGUF are written back exactly; the token embedding
 and the LM head are Q8_0 at either precision, and int8 is Q8_0 throughout. The gate is measured on
 the file as its loader reads it: llama.cpp through llama-cpp-python where installed, otherwise
@@ -23,6 +26,7 @@ import numpy as np
 
 from optimize import runtime
 from optimize.errors import UsageError
+from optimize.formats import llama_cpp
 from optimize.models.checkpoint import TOKENIZER, read_config
 from optimize.models.gguf_input import GGUF_HEADER, copy_header
 from optimize.runtime.untyped import Json
@@ -39,19 +43,36 @@ KEPT_FILES = (*TOKENIZER, "config.json")
 CONTEXT = 2048  # llama.cpp's context when measuring: the longest window a suite scores
 
 
-def problem(checkpoint: Path) -> str | None:
-    """Why no GGUF can be written of `checkpoint`, or None."""
-    architectures = read_config(checkpoint).get("architectures") or ["?"]
-    if architectures[0] not in ARCHITECTURES:
-        known = ", ".join(ARCHITECTURES)
-        return f"format gguf: the writer knows {known}, not {architectures[0]}"
-    if not (checkpoint / GGUF_HEADER).is_file():
+def problem(checkpoint: Path, texts: Sequence[str]) -> str | None:
+    """Why no GGUF can be written of `checkpoint` (or no importance matrix from `texts`), or None."""
+    architecture = str((read_config(checkpoint).get("architectures") or ["?"])[0])
+    if (checkpoint / GGUF_HEADER).is_file():
+        if architecture not in ARCHITECTURES:
+            listed = ", ".join(ARCHITECTURES)
+            return f"format gguf: a model read from a GGUF is written back for {listed}, not {architecture}"
+        return None
+    known = llama_cpp.architectures(llama_cpp.source())
+    if architecture not in known:
         return (
-            f"format gguf: writes the header (tokenizer, hyperparameters) of the GGUF the model came as; "
-            f"{checkpoint} did not come from a .gguf file. Give the model as a .gguf, or convert the "
-            "checkpoint with llama.cpp's convert_hf_to_gguf.py and give that"
+            f"format gguf: llama.cpp's converter (llama-cpp-python {llama_cpp.release()}) does not know "
+            f"{architecture} ({len(known)} architectures it does)"
+        )
+    tokenizer = runtime.Tokenizer(checkpoint / "tokenizer.json", 1 << 20)
+    tokens = sum(len(tokenizer.ids(text)) for text in texts)
+    if tokens < llama_cpp.tokens_needed():
+        return (
+            f"format gguf: the importance matrix needs at least {llama_cpp.tokens_needed()} tokens of calibration "
+            f"text; the recipe's calibration gives {tokens}: give more `calibration.samples` or longer texts"
         )
     return None
+
+
+def levels(checkpoint: Path, requested: Sequence[str]) -> tuple[int | str, ...]:
+    """What is tried, smallest first: a model read from a GGUF back on its own grid (int4, int8);
+    any other at the recipe's llama.cpp types."""
+    if (checkpoint / GGUF_HEADER).is_file():
+        return BITS
+    return tuple(sorted(requested, key=lambda kind: llama_cpp.TYPES[kind]))
 
 
 def permute(weight: np.ndarray, heads: int) -> np.ndarray:
@@ -61,15 +82,38 @@ def permute(weight: np.ndarray, heads: int) -> np.ndarray:
     return np.ascontiguousarray(pairs.swapaxes(1, 2)).reshape(weight.shape)
 
 
-def write(checkpoint: Path, out: Path, bits: int) -> dict[str, object]:
-    """`out/model.gguf` of `checkpoint` (which came from a GGUF: `problem` is None): Q4_1 linear
-    weights at 4 bits, Q8_0 at 8, the embedding and LM head Q8_0, norms fp32. Returns what the
-    manifest records (each tensor type's count)."""
+def write(checkpoint: Path, out: Path, level: int | str, texts: Sequence[str]) -> dict[str, object]:
+    """`out/model.gguf` of `checkpoint`: back on its own grid (`level` in bits) for a model read from
+    a GGUF, else through llama.cpp's tools (`level`: a llama-quantize type). Returns what the
+    manifest records."""
+    if isinstance(level, str):
+        return _through_llama_cpp(checkpoint, out, level, texts)
+    return _back_to_gguf(checkpoint, out, level)
+
+
+def _through_llama_cpp(checkpoint: Path, out: Path, kind: str, texts: Sequence[str]) -> dict[str, object]:
+    """llama.cpp's converter (fp32, kept beside for the other types), its importance matrix over the
+    calibration texts (once), and its quantizer at `kind`."""
+    scratch = out.parent / "gguf-f32"
+    scratch.mkdir(parents=True, exist_ok=True)
+    full, matrix = scratch / "model-f32.gguf", scratch / "imatrix.gguf"
+    if not full.is_file():
+        llama_cpp.convert(checkpoint, full)
+    if not matrix.is_file():
+        llama_cpp.imatrix(full, texts, matrix)
+    out.mkdir(parents=True, exist_ok=True)
+    llama_cpp.quantize(full, out / FILE, kind, matrix)
+    for kept in KEPT_FILES:
+        if (checkpoint / kept).is_file():
+            shutil.copyfile(checkpoint / kept, out / kept)
+    return {"type": kind, "bits": llama_cpp.TYPES[kind], "importance_matrix": True, "llama_cpp": llama_cpp.release()}
+
+
+def _back_to_gguf(checkpoint: Path, out: Path, bits: int) -> dict[str, object]:
+    """Q4_1 linear weights at 4 bits, Q8_0 at 8, the embedding and LM head Q8_0, norms fp32, under
+    the header of the GGUF the model came as (each tensor type's count recorded)."""
     import gguf
 
-    found = problem(checkpoint)
-    if found:
-        raise UsageError(found)
     config = read_config(checkpoint)
     out.mkdir(parents=True, exist_ok=True)
     writer = gguf.GGUFWriter(out / FILE, arch=ARCHITECTURES[config["architectures"][0]])

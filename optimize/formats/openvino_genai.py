@@ -55,7 +55,7 @@ NEEDS = {
 }
 
 
-def problem(checkpoint: Path) -> str | None:
+def problem(checkpoint: Path, texts: Sequence[str] = ()) -> str | None:
     """Why no OpenVINO GenAI folder can be written here, or None."""
     from importlib.util import find_spec
 

@@ -33,12 +33,22 @@ class Measured(Protocol):
     def embed(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray: ...
 
 
+Level = int | str  # a precision in bits, or a format's own quantization type (llama.cpp's Q4_K_M)
+
+
+def _bits(bits: tuple[int, ...]) -> Callable[[Path, Sequence[str]], tuple[Level, ...]]:
+    return lambda checkpoint, requested: bits
+
+
 @dataclass(frozen=True)
 class Format:
     engine: str  # what runs the folder (a row of runtime.ENGINES)
-    bits: tuple[int, ...]  # tried smallest first; the first whose gate holds ships
-    write: Callable[[Path, Path, int], JsonObject]  # (checkpoint, out, bits) -> what the manifest records
-    problem: Callable[[Path], str | None]  # why a checkpoint cannot be written here, or None
+    # what is tried for a checkpoint, smallest first (given the recipe's `gguf_types`); the first
+    # whose gate holds ships
+    levels: Callable[[Path, Sequence[str]], tuple[Level, ...]]
+    # (checkpoint, out, level, calibration texts) -> what the manifest records
+    write: Callable[[Path, Path, Level, Sequence[str]], JsonObject]
+    problem: Callable[[Path, Sequence[str]], str | None]  # why a checkpoint cannot be written here, or None
     loader: Callable[[], str]  # what measures the gate, with its version
     measure: Callable[[Path, int, int], Measured] | None  # (folder, seq_len, threads); None: transformers
 
@@ -48,19 +58,21 @@ FORMATS: dict[FormatName, Format] = {
     # vLLM, SGLang: measured by transformers decompressing it on the CPU
     "compressed-tensors": Format(
         compressed_tensors.ENGINE,
-        compressed_tensors.BITS,
-        compressed_tensors.write,
+        _bits(compressed_tensors.BITS),
+        lambda checkpoint, out, level, texts: compressed_tensors.write(checkpoint, out, int(level)),
         compressed_tensors.problem,
         compressed_tensors.loader,
         None,
     ),
     # llama.cpp, Ollama, LM Studio: measured in llama.cpp where installed
-    "gguf": Format(gguf.ENGINE, gguf.BITS, gguf.write, gguf.problem, gguf.loader, lambda f, n, t: gguf.GgufModel(f, n)),
+    "gguf": Format(
+        gguf.ENGINE, gguf.levels, gguf.write, gguf.problem, gguf.loader, lambda f, n, t: gguf.GgufModel(f, n)
+    ),
     # OpenVINO GenAI's LLMPipeline: measured through OpenVINO's stateful graph
     "openvino-genai": Format(
         openvino_genai.ENGINE,
-        openvino_genai.BITS,
-        openvino_genai.write,
+        _bits(openvino_genai.BITS),
+        lambda checkpoint, out, level, texts: openvino_genai.write(checkpoint, out, int(level)),
         openvino_genai.problem,
         openvino_genai.loader,
         openvino_genai.OpenVinoDecoder,

@@ -99,7 +99,7 @@ def prepare(loaded: LoadedRecipe, options: RunOptions, console: Console, workroo
                     f"{model.task} model (measured: {', '.join(sorted(measured))})"
                 )
     for stage in recipe.stages:
-        stage.check_input(model, loaded.base_dir)
+        stage.check_input(model, loaded.base_dir, calibration)
     sources = [gate_source(stage.gate) for stage in recipe.stages]
     for index, stage in enumerate(recipe.stages):
         if sources[index] == "ungated":

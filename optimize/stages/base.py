@@ -71,7 +71,7 @@ class StageBase(BaseModel):
         """What in this stage's config would need less memory, said when a run is refused ('': nothing)."""
         return ""
 
-    def check_input(self, model: ModelHandle, base_dir: Path) -> None:
+    def check_input(self, model: ModelHandle, base_dir: Path, calibration: Sequence[str] = ()) -> None:
         """Raise `UsageError` for what this stage cannot do with the recipe's model (read from its
         config, no weights loaded): called before the reference is measured."""
 

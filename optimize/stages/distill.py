@@ -85,7 +85,7 @@ class DistillStage(StageBase):
     def default_gate(self, task: str, suite_metrics: Sequence[str]) -> list[GateCheck]:
         return student_gate(task, suite_metrics)
 
-    def check_input(self, model: ModelHandle, base_dir: Path) -> None:
+    def check_input(self, model: ModelHandle, base_dir: Path, calibration: Sequence[str] = ()) -> None:
         if not any(model.checkpoint.glob("*.safetensors")) and not model.allow_pickle:
             raise UsageError(
                 f"distill: the teacher must be a checkpoint with weights (safetensors); {model.checkpoint} has "

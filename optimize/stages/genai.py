@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import ClassVar, Literal, TypedDict, cast
 
@@ -22,6 +23,7 @@ from pydantic import Field
 
 from optimize import tasks
 from optimize.errors import UsageError
+from optimize.formats.llama_cpp import GgufType
 from optimize.formats.table import FORMATS, FormatName
 from optimize.models import routes
 from optimize.models.checkpoint import read_config
@@ -73,6 +75,13 @@ class GenAIStage(StageBase):
         "whose gate holds through its own loader: compressed-tensors (vLLM, SGLang), gguf (llama.cpp, Ollama), "
         "openvino-genai (OpenVINO GenAI's LLMPipeline)",
     )
+    gguf_types: list[GgufType] = Field(
+        ["Q4_K_M", "Q8_0"],
+        min_length=1,
+        description="gguf of a checkpoint that did not come as a GGUF: llama.cpp's quantization types to try, "
+        "smallest first, each weighted by an importance matrix of the calibration texts (a model read from a "
+        "GGUF is written back on its own grid, int4 then int8)",
+    )
 
     def peak_memory(self) -> tuple[float, float]:
         # bench/scale.py here (one-stage int4 recipe, --no-cache, /usr/bin/time -v, random Llamas):
@@ -98,7 +107,7 @@ class GenAIStage(StageBase):
             f"{base:,.0f} MB + {per_mb} x the bf16 checkpoint. "
         )
 
-    def check_input(self, model: ModelHandle, base_dir: Path) -> None:
+    def check_input(self, model: ModelHandle, base_dir: Path, calibration: Sequence[str] = ()) -> None:
         if model.task != tasks.GENERATION:
             raise UsageError(f"genai: builds decoder LMs (text-generation), not {model.task} models")
         if model.is_onnx or not any(model.checkpoint.glob("*.safetensors")):
@@ -115,7 +124,7 @@ class GenAIStage(StageBase):
         if refused:
             raise UsageError(refused)
         for name in self.formats:
-            found = FORMATS[name].problem(model.checkpoint)
+            found = FORMATS[name].problem(model.checkpoint, calibration)
             if found:
                 raise UsageError(found)
 
@@ -193,7 +202,7 @@ def run(config: GenAIStage, model: ModelHandle, ctx: StageContext) -> StageResul
     if passing and config.formats:
         decisions["formats"] = []
         for name in config.formats:
-            found = write_format(name, model, ctx, decisions["formats"])
+            found = write_format(name, model, ctx, decisions["formats"], config.gguf_types)
             if found is not None:
                 alternates[found[0].engine], judged[found[0].engine] = found[0], found[1:]
     _order_engines(handle, alternates, ctx, decisions, runtime)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TypedDict
 
@@ -22,7 +23,8 @@ class FormatTried(GateResult):
     """One precision of another format, measured through that format's own loader."""
 
     format: str
-    bits: int
+    bits: int  # nominal bits per weight
+    level: str  # int4, int8, or the format's own type (llama.cpp's Q4_K_M)
     metrics: dict[str, float]
     limits: list[str]  # what its target engines refuse or run slowly
     loader: str  # what measured it, with its version
@@ -79,29 +81,44 @@ def engine_speeds(folders: dict[str, Path], prompt: str) -> dict[str, EngineSpee
     return speeds
 
 
+def _bits(level: int | str, written: JsonObject) -> int:
+    nominal = written.get("bits")
+    return level if isinstance(level, int) else nominal if isinstance(nominal, int) else 0
+
+
 def write_format(
-    name: FormatName, model: ModelHandle, ctx: StageContext, tried: list[FormatTried]
+    name: FormatName, model: ModelHandle, ctx: StageContext, tried: list[FormatTried], requested: Sequence[str]
 ) -> tuple[ModelHandle, dict[str, float], GateResult] | None:
     """`name` at the smallest precision whose gate holds, measured as its loader reads it
     (compressed-tensors: transformers, which decompresses it on the CPU; gguf: llama.cpp); every
     attempt recorded; None when none holds (reported, not shipped)."""
     writer = FORMATS[name]
-    for bits in writer.bits:
-        out = ctx.workdir / f"{name}-int{bits}"
-        with ctx.console.status(f"genai: writing {name} int{bits}"):
-            written = writer.write(model.checkpoint, out, bits)
+    levels = writer.levels(model.checkpoint, requested)
+    for level in levels:
+        label = f"int{level}" if isinstance(level, int) else level
+        out = ctx.workdir / f"{name}-{label}"
+        with ctx.console.status(f"genai: writing {name} {label}"):
+            written = writer.write(model.checkpoint, out, level, ctx.calibration_texts)
         handle = ModelHandle(out, model.task, engine=writer.engine)
         metrics, gate = ctx.judge(handle)
         listed = written.pop("limits", [])
         limits = [str(line) for line in listed] if isinstance(listed, list) else []
         tried.append(
             FormatTried(
-                format=name, bits=bits, metrics=metrics, limits=limits, loader=writer.loader(), written=written, **gate
+                format=name,
+                bits=_bits(level, written),
+                level=label,
+                metrics=metrics,
+                limits=limits,
+                loader=writer.loader(),
+                written=written,
+                **gate,
             )
         )
         shown = ", ".join(f"{c['metric']} {c['value']}" for c in gate.get("checks", []))
-        ctx.console.print(f"genai: {name} int{bits}: {shown}: gate {'passed' if gate['passed'] else 'failed'}")
+        ctx.console.print(f"genai: {name} {label}: {shown}: gate {'passed' if gate['passed'] else 'failed'}")
         if gate["passed"]:
             return handle, metrics, gate
-    ctx.console.print(f"genai: {name} did not hold the gate at int{' or int'.join(map(str, writer.bits))}: not shipped")
+    shown_levels = " or ".join(f"int{level}" if isinstance(level, int) else level for level in levels)
+    ctx.console.print(f"genai: {name} did not hold the gate at {shown_levels}: not shipped")
     return None

@@ -106,40 +106,52 @@ def test_the_server_gives_concurrent_llama_cpp_streams_each_its_own_answer(artif
         assert streamed(url, prompts, 12) == expected
 
 
-def _mistral(tiny_llama: Path, folder: Path) -> Path:
-    """tiny_llama under an architecture the GGUF writer does not know."""
-    import shutil
-
-    copy = folder / "mistral"
-    shutil.copytree(tiny_llama, copy)
-    config = json.loads((copy / "config.json").read_text())
-    (copy / "config.json").write_text(json.dumps({**config, "architectures": ["MistralForCausalLM"]}))
-    return copy
-
-
 @pytest.mark.parametrize(
-    ("model", "formats", "message"),
+    ("model", "stage", "message"),
     [
-        ("tiny_llama", ["onnx-mlir"], "formats"),  # no such format
-        ("tiny_llama", ["gguf"], "did not come from a .gguf"),  # no GGUF header to write
-        ("mistral", ["gguf"], "knows LlamaForCausalLM, not MistralForCausalLM"),
-        ("tiny_bert", ["gguf"], "builds decoder LMs"),  # GGUF of an encoder
+        ("tiny_llama", {"formats": ["onnx-mlir"]}, "formats"),  # no such format
+        ("tiny_llama", {"formats": ["gguf"], "gguf_types": ["Q4_K_X"]}, "gguf_types"),  # no such llama.cpp type
+        ("tiny_bert", {"formats": ["gguf"]}, "builds decoder LMs"),  # GGUF of an encoder
     ],
 )
 def test_a_format_that_cannot_be_written_is_refused_before_anything_is_built(
-    request: pytest.FixtureRequest, tmp_path: Path, model: str, formats: list[str], message: str
+    request: pytest.FixtureRequest, tmp_path: Path, model: str, stage: dict[str, object], message: str
 ) -> None:
-    path = (
-        _mistral(request.getfixturevalue("tiny_llama"), tmp_path)
-        if model == "mistral"
-        else request.getfixturevalue(model)
-    )
-    stage = {"kind": "genai", "candidates": [{"precision": "fp32"}], "formats": formats}
-    recipe = write_recipe(tmp_path, [stage], model=str(path))
+    stage = {"kind": "genai", "candidates": [{"precision": "fp32"}], **stage}
+    recipe = write_recipe(tmp_path, [stage], model=str(request.getfixturevalue(model)))
     result = CliRunner().invoke(app, ["run", str(recipe), "-o", str(tmp_path / "out")])
     assert result.exit_code == 2, result.output
     assert message in " ".join(result.output.split()) and "Traceback" not in result.output
     assert not (tmp_path / "out").exists()
+
+
+def _converter_source(folder: Path) -> Path:
+    """A llama.cpp source tree as far as validation reads it: the converter's registrations."""
+    (folder / "conversion").mkdir(parents=True)
+    (folder / "convert_hf_to_gguf.py").write_text("")
+    (folder / "conversion" / "llama.py").write_text(
+        '@ModelBase.register(\n    "LlamaForCausalLM",\n    "MistralForCausalLM",\n)\nclass LlamaModel: ...\n'
+    )
+    return folder
+
+
+def test_a_checkpoint_the_converter_does_not_know_or_too_little_text_is_refused_by_validation(
+    tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from optimize.formats import llama_cpp
+
+    monkeypatch.setenv("OPTIMIZE_LLAMA_CPP", str(_converter_source(tmp_path / "llama.cpp")))
+    texts = (Path(__file__).resolve().parents[2] / "calibration" / "default.jsonl").read_text().splitlines()
+    assert gguf_format.problem(tiny_llama, texts[:64]) is None  # known, and enough text
+    short = gguf_format.problem(tiny_llama, ["a few words"])
+    assert short is not None and f"needs at least {llama_cpp.tokens_needed()} tokens" in short
+    other = tmp_path / "other"
+    other.mkdir()
+    config = json.loads((tiny_llama / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "architectures": ["NoSuchForCausalLM"]}))
+    refused = gguf_format.problem(other, texts)
+    assert refused is not None and "converter" in refused and "does not know NoSuchForCausalLM" in refused
+    assert gguf_format.levels(tiny_llama, ["Q8_0", "Q4_K_M"]) == ("Q4_K_M", "Q8_0")  # smallest first
 
 
 def _verdicts(artifact: Path) -> tuple[object, ...]:
