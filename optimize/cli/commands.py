@@ -154,14 +154,21 @@ def _dry_run_text(loaded: LoadedRecipe, model: str | None) -> str:
 def _routes_text(loaded: LoadedRecipe, spec: str | None, task: str) -> str:
     """The pre-flight's routes for the model's architecture, as YAML comments (empty where the model's
     config.json is not on this machine)."""
+    from optimize.formats.table import FORMATS
     from optimize.models import routes
     from optimize.models.checkpoint import read_config
     from optimize.models.loading import peek_folder
+    from optimize.stages.genai import GenAIStage
 
     folder = peek_folder(spec, loaded.base_dir) if spec else None
     if folder is None:
         return ""
     lines = routes.describe(read_config(folder), task, [stage.kind for stage in loaded.recipe.stages])
+    for stage in loaded.recipe.stages:
+        if isinstance(stage, GenAIStage):
+            lines += [
+                f"  genai, format {name}: {FORMATS[name].route(folder, stage.gguf_types)}" for name in stage.formats
+            ]
     return "# routes, " + "\n# ".join(lines) + "\n"
 
 

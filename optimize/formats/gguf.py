@@ -67,6 +67,14 @@ def problem(checkpoint: Path, texts: Sequence[str]) -> str | None:
     return None
 
 
+def route(checkpoint: Path, requested: Sequence[str]) -> str:
+    """How the GGUF will be written, for the pre-flight."""
+    if (checkpoint / GGUF_HEADER).is_file():
+        return "back on the grid of the GGUF it came as (Q4_1 then Q8_0), under that GGUF's header"
+    tried = ", then ".join(str(level) for level in levels(checkpoint, requested))
+    return f"llama.cpp's converter, its importance matrix over the calibration texts, then {tried}"
+
+
 def levels(checkpoint: Path, requested: Sequence[str]) -> tuple[int | str, ...]:
     """What is tried, smallest first: a model read from a GGUF back on its own grid (int4, int8);
     any other at the recipe's llama.cpp types."""

@@ -51,6 +51,7 @@ class Format:
     problem: Callable[[Path, Sequence[str]], str | None]  # why a checkpoint cannot be written here, or None
     loader: Callable[[], str]  # what measures the gate, with its version
     measure: Callable[[Path, int, int], Measured] | None  # (folder, seq_len, threads); None: transformers
+    route: Callable[[Path, Sequence[str]], str]  # the pre-flight's line: how it is written, at what levels
 
 
 FormatName = Literal["compressed-tensors", "gguf", "openvino-genai"]  # as a recipe's `formats` lists them
@@ -63,10 +64,17 @@ FORMATS: dict[FormatName, Format] = {
         compressed_tensors.problem,
         compressed_tensors.loader,
         None,
+        lambda checkpoint, requested: "min-max, symmetric int4 (group 32) then int8; transformers measures it",
     ),
     # llama.cpp, Ollama, LM Studio: measured in llama.cpp where installed
     "gguf": Format(
-        gguf.ENGINE, gguf.levels, gguf.write, gguf.problem, gguf.loader, lambda f, n, t: gguf.GgufModel(f, n)
+        gguf.ENGINE,
+        gguf.levels,
+        gguf.write,
+        gguf.problem,
+        gguf.loader,
+        lambda folder, seq_len, threads: gguf.GgufModel(folder, seq_len),
+        gguf.route,
     ),
     # OpenVINO GenAI's LLMPipeline: measured through OpenVINO's stateful graph
     "openvino-genai": Format(
@@ -76,6 +84,7 @@ FORMATS: dict[FormatName, Format] = {
         openvino_genai.problem,
         openvino_genai.loader,
         openvino_genai.OpenVinoDecoder,
+        lambda checkpoint, requested: "our ONNX export as OpenVINO's stateful IR, min-max int4 then int8",
     ),
 }
 BY_ENGINE = {f.engine: f for f in FORMATS.values()}
