@@ -61,7 +61,7 @@ def test_weights_from_a_q4_1_gguf_are_written_back_to_the_same_bytes(artifact: P
 
 def test_int8_is_q8_0_throughout_and_reads_back_within_its_rounding(tiny_gguf: Path, tmp_path: Path) -> None:
     checkpoint = from_gguf(tiny_gguf, tmp_path / "converted")
-    gguf_format.write(checkpoint, tmp_path / "int8", 8)
+    gguf_format.write(checkpoint, tmp_path / "int8", 8, ())
     written = gguf.GGUFReader(tmp_path / "int8" / "model.gguf")
     assert {t.tensor_type.name for t in written.tensors} == {"Q8_0", "F32"}
     assert written.fields["general.file_type"].contents() == int(gguf.LlamaFileType.MOSTLY_Q8_0)
