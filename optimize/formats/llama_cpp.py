@@ -124,24 +124,28 @@ def tokens_needed() -> int:
 
 
 def imatrix(model: Path, texts: Sequence[str], out: Path) -> None:
-    """llama.cpp's importance matrix of `model` over the calibration texts."""
+    """llama.cpp's importance matrix of `model` over the calibration texts. Run in `out`'s folder with
+    names relative to it: the quantizer copies the matrix's and its data's names into the GGUF it
+    writes, and a path of this run's scratch folder would make each run's file differ."""
     root = source()
-    data = out.with_suffix(".txt")
-    data.write_text("\n".join(texts))
-    command = [str(tool("imatrix", root)), "-m", str(model), "-f", str(data), "-o", str(out)]
-    _run([*command, "-c", str(IMATRIX_CONTEXT), "--no-ppl", "-t", str(os.cpu_count() or 1)], "llama-imatrix")
+    (out.parent / "calibration.txt").write_text("\n".join(texts))
+    command = [str(tool("imatrix", root)), "-m", str(model), "-f", "calibration.txt", "-o", out.name]
+    run = [*command, "-c", str(IMATRIX_CONTEXT), "--no-ppl", "-t", str(os.cpu_count() or 1)]
+    _run(run, "llama-imatrix", cwd=out.parent)
 
 
 def quantize(model: Path, out: Path, kind: str, matrix: Path | None) -> None:
-    """`model` at llama-quantize's `kind`, weighted by the importance matrix where there is one."""
+    """`model` at llama-quantize's `kind`, weighted by the importance matrix where there is one (named
+    relative to its folder, where the quantizer runs: see `imatrix`)."""
     command = [str(tool("quantize", source()))]
     if matrix is not None:
-        command += ["--imatrix", str(matrix)]
-    _run([*command, str(model), str(out), kind, str(os.cpu_count() or 1)], "llama-quantize")
+        command += ["--imatrix", matrix.name]
+    run = [*command, str(model.resolve()), str(out.resolve()), kind, str(os.cpu_count() or 1)]
+    _run(run, "llama-quantize", cwd=matrix.parent if matrix is not None else None)
 
 
-def _run(command: list[str], what: str, env: dict[str, str] | None = None) -> None:
-    done = subprocess.run(command, capture_output=True, text=True, env=env)
+def _run(command: list[str], what: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> None:
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=cwd)
     if done.returncode:
         lines = [line for line in (done.stderr + done.stdout).splitlines() if line.strip()]
         raise DependencyError(f"format gguf: {what} failed (exit {done.returncode}): {lines[-1] if lines else ''}")

@@ -92,3 +92,44 @@ def test_a_checkpoint_that_never_was_a_gguf_is_written_by_llama_cpp_and_decodes_
         {"input_ids": np.array([prompt]), "attention_mask": np.ones((1, len(prompt)), dtype=np.int64)}
     )
     assert fidelity(logits[0], reference, tasks.GENERATION)["cosine_min"] > 0.999
+
+
+def _verdicts(artifact: Path) -> tuple[object, ...]:
+    from optimize import runtime
+
+    manifest = runtime.verify(artifact)
+    tried = [(t["format"], t["level"], t["passed"]) for t in manifest["stages"][0]["details"]["formats"]]
+    engines = [(e["engine"], e["file"], e["gate"]["passed"]) for e in manifest["engines"]]
+    return tried, engines, runtime.sha256_file(artifact / "gguf" / "model.gguf")
+
+
+@pytest.mark.slow
+def test_the_llama_cpp_route_gives_the_same_file_and_verdict_cold_warm_and_without_the_cache(
+    smollm2_tokenizer: Path, tmp_path: Path
+) -> None:
+    _tools()
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tests.conftest import run_recipe
+
+    folder = tmp_path / "qwen3"
+    folder.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (smollm2_tokenizer / name).is_file():
+            shutil.copyfile(smollm2_tokenizer / name, folder / name)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(AutoConfig.for_model("qwen3", vocab_size=49152, **SMALL)).save_pretrained(folder)
+    stage = {
+        "kind": "genai",
+        "candidates": [{"precision": "fp32"}],
+        "formats": ["gguf"],
+        "gguf_types": ["Q8_0"],
+        "gate": [{"metric": "cosine_mean", "min": 0.99}],
+    }
+    cache = str(tmp_path / "cache")
+    cold = run_recipe(tmp_path, [stage], folder, "--cache-dir", cache, out="cold")
+    warm = run_recipe(tmp_path, [stage], folder, "--cache-dir", cache, out="warm")
+    uncached = run_recipe(tmp_path, [stage], folder, "--no-cache", out="uncached")
+    assert _verdicts(cold) == _verdicts(warm) == _verdicts(uncached)
+    assert _verdicts(cold)[0] == [("gguf", "Q8_0", True)]
