@@ -2,7 +2,7 @@
 
 A model that came as a GGUF is written back with the header (architecture hyperparameters, tokenizer,
 chat template) of the GGUF it came as, kept beside its converted checkpoint (`GGUF_HEADER`), and
-weights on the grid they came on. Any other checkpoint goes through llama.cpp's own tools
+weights on the grid they came on. Every other checkpoint goes through llama.cpp's own tools
 (`llama_cpp.py`): its converter writes the fp32 GGUF (tensor layout and tokenizer metadata for every
 architecture it knows), its importance matrix is collected over the recipe's calibration texts, and
 its quantizer writes each of the recipe's `gguf_types` (Q4_K_M and Q8_0 by default) weighted by it.
