@@ -145,7 +145,13 @@ def quantize(model: Path, out: Path, kind: str, matrix: Path | None) -> None:
 
 
 def _run(command: list[str], what: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> None:
-    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=cwd)
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=cwd)
+    except FileNotFoundError:  # no cmake (or compiler) to build the tools with
+        raise DependencyError(
+            f"format gguf: {what} needs {command[0]}: install it (and a C++ compiler), or put llama.cpp's "
+            "llama-quantize and llama-imatrix on PATH"
+        ) from None
     if done.returncode:
         lines = [line for line in (done.stderr + done.stdout).splitlines() if line.strip()]
         raise DependencyError(f"format gguf: {what} failed (exit {done.returncode}): {lines[-1] if lines else ''}")
