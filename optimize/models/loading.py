@@ -12,7 +12,7 @@ import importlib.util
 import json
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from optimize import tasks
 from optimize.errors import UsageError
@@ -20,7 +20,9 @@ from optimize.models.checkpoint import read_config
 from optimize.models.gguf_input import from_gguf, packaged_gguf
 from optimize.models.handle import ModelHandle
 from optimize.models.lean import lean_torch
+from optimize.runtime import engine_of
 from optimize.runtime.engines import DEFAULT_ENGINE
+from optimize.runtime.manifest import Manifest
 from optimize.tasks import Task
 
 if TYPE_CHECKING:
@@ -230,12 +232,9 @@ def open_any(
 
 
 def _artifact_engine(folder: Path) -> str:
-    """What runs an artifact's model.onnx: the engine its manifest lists for that file (an artifact
-    with one file per engine), else the one its `runtime` names (onnxruntime when it says nothing)."""
+    """What runs an artifact's model.onnx (`runtime.engine_of`; onnxruntime where its manifest is unreadable)."""
     try:
-        manifest = json.loads((folder / "manifest.json").read_text())
-        listed = {e["file"]: e["engine"] for e in manifest.get("engines", [])}
-        return str(listed.get("model.onnx") or manifest.get("runtime", {}).get("engine", DEFAULT_ENGINE))
+        return engine_of(cast(Manifest, json.loads((folder / "manifest.json").read_text())))
     except (OSError, ValueError, AttributeError, KeyError, TypeError):
         return DEFAULT_ENGINE
 

@@ -17,7 +17,7 @@ from .decoding import Sampling, chat_prompt, kv_loop, stream
 from .engine_llama_cpp import LlamaCppEngine
 from .engine_onnxruntime_genai import GenAIEngine
 from .engine_openvino_genai import ContinuousBatching, OpenVinoGenAIEngine
-from .engines import ENGINES, GENERATING, Engine, family, on_openvino, open_engine
+from .engines import DEFAULT_ENGINE, ENGINES, GENERATING, Engine, family, on_openvino, open_engine
 from .manifest import CpuSummary, Manifest, RuntimeSettings
 from .onnx_model import OnnxModel
 from .session import (
@@ -58,6 +58,7 @@ __all__ = [
     "chat_prompt",
     "cpu_info",
     "embed",
+    "engine_of",
     "family",
     "kv_loop",
     "load",
@@ -111,6 +112,13 @@ def tuning_warning(tuned_on: CpuSummary, flags: frozenset[str]) -> str | None:
         f"this artifact was tuned on {tuned_on.get('model', 'another CPU')} with {', '.join(missing)}, which this "
         "CPU lacks: its formulation may not be the fastest here; rerun the recipe on this CPU to tune for it"
     )
+
+
+def engine_of(manifest: Manifest, file: str = "model.onnx") -> str:
+    """What runs `file` of an artifact: the engine its manifest lists for that file (an artifact with
+    one file per engine), else the one its `runtime` names (onnxruntime where it says nothing)."""
+    listed = {e["file"]: e["engine"] for e in manifest.get("engines", [])}
+    return str(listed.get(file) or manifest.get("runtime", {}).get("engine", DEFAULT_ENGINE))
 
 
 def openvino_file_of(manifest: Manifest) -> str | None:
