@@ -24,6 +24,7 @@ from optimize.models.checkpoint import TOKENIZER
 GROUP = 32  # int4 inputs per scale: divides every hidden size in the Llama family we run (576 = 18 x 32)
 ENGINE = "compressed-tensors"  # what runs the folder (runtime.ENGINES)
 BITS = (4, 8)  # tried smallest first; the first whose gate holds ships
+CALIBRATION_TOKENS = 512  # of each calibration text, for GPTQ's Hessians
 KEPT_FILES = (*TOKENIZER, "generation_config.json")
 # vLLM loads a layer's q/k/v (and gate/up) as one fused shard: they must share a precision.
 FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
@@ -76,9 +77,17 @@ def loader() -> str:
     return f"transformers {version('transformers')} + compressed-tensors {version('compressed-tensors')}"
 
 
-def write(checkpoint: Path, out: Path, bits: int, kept: Iterable[str] = ()) -> dict[str, object]:
+def levels(checkpoint: Path, requested: Sequence[str]) -> tuple[int | str, ...]:
+    """int4 by each of the recipe's methods in its order (`int4-gptq`, `int4-rtn`), then int8."""
+    return (*(f"int4-{method}" for method in requested), 8)
+
+
+def write(
+    checkpoint: Path, out: Path, bits: int, kept: Iterable[str] = (), texts: Sequence[str] = (), method: str = "rtn"
+) -> dict[str, object]:
     """The compressed-tensors folder of `checkpoint` at `out`, every Linear but lm_head and `kept`
-    in int`bits`; returns what the manifest records of it (config, limits)."""
+    in int`bits`, int4 rounded by `method` (rtn: to the nearest step; gptq: `gptq.quantize` over the
+    calibration `texts`); returns what the manifest records of it (config, limits)."""
     try:
         import torch
         from compressed_tensors.compressors import ModelCompressor
@@ -99,6 +108,13 @@ def write(checkpoint: Path, out: Path, bits: int, kept: Iterable[str] = ()) -> d
     )
     model.train(False)
     ignore, _ = merge_fused(kept)
+    calibrated = method == "gptq" and bits == 4
+    if calibrated:
+        from optimize.formats import gptq
+
+        names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+        names = [n for n in names if not any(n.endswith(k) for k in ignore)]
+        hessians = gptq.hessians(model, names, checkpoint, texts, CALIBRATION_TOKENS)
     strategy = {"strategy": "group", "group_size": GROUP} if bits == 4 else {"strategy": "channel"}
     weights = QuantizationArgs(num_bits=bits, type="int", symmetric=True, **strategy)
     scheme = QuantizationScheme(targets=["Linear"], weights=weights)
@@ -111,8 +127,12 @@ def write(checkpoint: Path, out: Path, bits: int, kept: Iterable[str] = ()) -> d
             if not isinstance(module, torch.nn.Linear) or not hasattr(module, "quantization_scheme"):
                 continue
             weight = module.weight
-            rows = weight.reshape(weight.shape[0], -1, GROUP) if bits == 4 else weight.unsqueeze(1)
-            scale = (rows.abs().amax(-1) / top).clamp(min=1e-12)
+            if calibrated:
+                rounded, scale = gptq.quantize(weight, hessians[name], GROUP, top)
+                weight.data = rounded
+            else:
+                rows = weight.reshape(weight.shape[0], -1, GROUP) if bits == 4 else weight.unsqueeze(1)
+                scale = (rows.abs().amax(-1) / top).clamp(min=1e-12)
             stored = module.get_parameter("weight_scale")  # made by apply_quantization_config
             stored.data = scale.reshape(stored.shape).to(stored.dtype)
             if hasattr(module, "weight_zero_point"):
@@ -126,4 +146,10 @@ def write(checkpoint: Path, out: Path, bits: int, kept: Iterable[str] = ()) -> d
     for name in KEPT_FILES:
         if (checkpoint / name).is_file():
             shutil.copyfile(checkpoint / name, out / name)
-    return {"bits": bits, "group_size": GROUP if bits == 4 else None, "limits": limits(bits, in_features)}
+    group = GROUP if bits == 4 else None
+    return {
+        "bits": bits,
+        "method": method if bits == 4 else "rtn",
+        "group_size": group,
+        "limits": limits(bits, in_features),
+    }

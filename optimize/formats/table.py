@@ -59,12 +59,21 @@ FORMATS: dict[FormatName, Format] = {
     # vLLM, SGLang: measured by transformers decompressing it on the CPU
     "compressed-tensors": Format(
         compressed_tensors.ENGINE,
-        _bits(compressed_tensors.BITS),
-        lambda checkpoint, out, level, texts: compressed_tensors.write(checkpoint, out, int(level)),
+        compressed_tensors.levels,
+        lambda checkpoint, out, level, texts: compressed_tensors.write(
+            checkpoint,
+            out,
+            4 if isinstance(level, str) else level,
+            texts=texts,
+            method=str(level).removeprefix("int4-"),
+        ),
         compressed_tensors.problem,
         compressed_tensors.loader,
         None,
-        lambda checkpoint, requested: "min-max, symmetric int4 (group 32) then int8; transformers measures it",
+        lambda checkpoint, requested: (
+            f"symmetric int4 (group 32) by {', then '.join(requested)}, then int8 "
+            "(transformers with compressed-tensors measures it)"
+        ),
     ),
     # llama.cpp, Ollama, LM Studio: measured in llama.cpp where installed
     "gguf": Format(
