@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import importlib.util
 import re
-import shutil
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from optimize.errors import UsageError
-from optimize.models.checkpoint import TOKENIZER
+from optimize.models.checkpoint import TOKENIZER, copy_present
 
 GROUP = 32  # int4 inputs per scale: divides every hidden size in the Llama family we run (576 = 18 x 32)
 ENGINE = "compressed-tensors"  # what runs the folder (runtime.ENGINES)
@@ -80,6 +79,21 @@ def loader() -> str:
 def levels(checkpoint: Path, requested: Sequence[str]) -> tuple[int | str, ...]:
     """int4 by each of the recipe's methods in its order (`int4-gptq`, `int4-rtn`), then int8."""
     return (*(f"int4-{method}" for method in requested), 8)
+
+
+def route(checkpoint: Path, requested: Sequence[str]) -> str:
+    """How the folder will be written, for the pre-flight."""
+    return (
+        f"symmetric int4 (group {GROUP}) by {', then '.join(requested)}, then int8 "
+        "(transformers with compressed-tensors measures it)"
+    )
+
+
+def write_level(checkpoint: Path, out: Path, level: int | str, texts: Sequence[str]) -> dict[str, object]:
+    """`write` at one of `levels`: `int4-<method>`, or 8."""
+    if isinstance(level, str):
+        return write(checkpoint, out, 4, texts=texts, method=level.removeprefix("int4-"))
+    return write(checkpoint, out, level)
 
 
 def write(
@@ -143,9 +157,7 @@ def write(
     compressor.compress_model(model)
     model.save_pretrained(out)
     compressor.update_config(str(out))
-    for name in KEPT_FILES:
-        if (checkpoint / name).is_file():
-            shutil.copyfile(checkpoint / name, out / name)
+    copy_present(checkpoint, out, KEPT_FILES)
     group = GROUP if bits == 4 else None
     return {
         "bits": bits,

@@ -17,7 +17,6 @@ transformers' GGUF reader (the weights dequantized, computed in fp32), and the m
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -27,7 +26,7 @@ import numpy as np
 from optimize import runtime
 from optimize.errors import UsageError
 from optimize.formats import llama_cpp
-from optimize.models.checkpoint import TOKENIZER, read_config
+from optimize.models.checkpoint import TOKENIZER, copy_present, read_config
 from optimize.models.gguf_input import GGUF_HEADER, copy_header
 from optimize.runtime.untyped import Json
 
@@ -111,9 +110,7 @@ def _through_llama_cpp(checkpoint: Path, out: Path, kind: str, texts: Sequence[s
         llama_cpp.imatrix(full, texts, matrix)
     out.mkdir(parents=True, exist_ok=True)
     llama_cpp.quantize(full, out / FILE, kind, matrix)
-    for kept in KEPT_FILES:
-        if (checkpoint / kept).is_file():
-            shutil.copyfile(checkpoint / kept, out / kept)
+    copy_present(checkpoint, out, KEPT_FILES)
     return {"type": kind, "bits": llama_cpp.TYPES[kind], "importance_matrix": True, "llama_cpp": llama_cpp.release()}
 
 
@@ -136,9 +133,7 @@ def _back_to_gguf(checkpoint: Path, out: Path, bits: int) -> dict[str, object]:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    for kept in KEPT_FILES:
-        if (checkpoint / kept).is_file():
-            shutil.copyfile(checkpoint / kept, out / kept)
+    copy_present(checkpoint, out, KEPT_FILES)
     return {"bits": bits, "tensor_types": counts}
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,7 +34,7 @@ from optimize import runtime
 from optimize.errors import UsageError
 from optimize.formats.gguf import per_sequence
 from optimize.formats.minmax import BLOCK, eight_bit, four_bit
-from optimize.models.checkpoint import CONFIG, TOKENIZER, read_config
+from optimize.models.checkpoint import CONFIG, TOKENIZER, copy_present, read_config
 from optimize.runtime.engine_openvino_genai import openvino_properties
 from optimize.runtime.untyped import OvObject
 
@@ -104,9 +103,7 @@ def write(checkpoint: Path, out: Path, bits: int) -> dict[str, object]:
         _save(model, out / FILE)
         del model
     _tokenizer(checkpoint, out)
-    for name in KEPT_FILES:
-        if (checkpoint / name).is_file():
-            shutil.copyfile(checkpoint / name, out / name)
+    copy_present(checkpoint, out, KEPT_FILES)
     written["kv_cache"] = KV_CACHE
     return written
 
@@ -226,9 +223,7 @@ def _tokenizer(checkpoint: Path, out: Path) -> None:
     from transformers import AutoTokenizer
 
     with tempfile.TemporaryDirectory(prefix="optimize-ov-tok-") as tmp:
-        for name in TOKENIZER:
-            if (checkpoint / name).is_file():
-                shutil.copyfile(checkpoint / name, Path(tmp) / name)
+        copy_present(checkpoint, Path(tmp), TOKENIZER)
         spec = json.loads((Path(tmp) / "tokenizer.json").read_text())
         decoder, vocab = spec.get("decoder") or {}, spec.get("model", {}).get("vocab", {})
         steps = decoder.get("decoders", []) if decoder.get("type") == "Sequence" else []

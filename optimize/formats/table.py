@@ -36,7 +36,8 @@ class Measured(Protocol):
 Level = int | str  # a precision in bits, or a format's own quantization type (llama.cpp's Q4_K_M)
 
 
-def _bits(bits: tuple[int, ...]) -> Callable[[Path, Sequence[str]], tuple[Level, ...]]:
+def _fixed(bits: tuple[int, ...]) -> Callable[[Path, Sequence[str]], tuple[Level, ...]]:
+    """A format's levels where the recipe chooses none: its precisions in bits."""
     return lambda checkpoint, requested: bits
 
 
@@ -60,20 +61,11 @@ FORMATS: dict[FormatName, Format] = {
     "compressed-tensors": Format(
         compressed_tensors.ENGINE,
         compressed_tensors.levels,
-        lambda checkpoint, out, level, texts: compressed_tensors.write(
-            checkpoint,
-            out,
-            4 if isinstance(level, str) else level,
-            texts=texts,
-            method=str(level).removeprefix("int4-"),
-        ),
+        compressed_tensors.write_level,
         compressed_tensors.problem,
         compressed_tensors.loader,
         None,
-        lambda checkpoint, requested: (
-            f"symmetric int4 (group 32) by {', then '.join(requested)}, then int8 "
-            "(transformers with compressed-tensors measures it)"
-        ),
+        compressed_tensors.route,
     ),
     # llama.cpp, Ollama, LM Studio: measured in llama.cpp where installed
     "gguf": Format(
@@ -88,7 +80,7 @@ FORMATS: dict[FormatName, Format] = {
     # OpenVINO GenAI's LLMPipeline: measured through OpenVINO's stateful graph
     "openvino-genai": Format(
         openvino_genai.ENGINE,
-        _bits(openvino_genai.BITS),
+        _fixed(openvino_genai.BITS),
         lambda checkpoint, out, level, texts: openvino_genai.write(checkpoint, out, int(level)),
         openvino_genai.problem,
         openvino_genai.loader,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from optimize.errors import UsageError
@@ -61,7 +61,12 @@ def copy_checkpoint_files(source: Path, target: Path, extra: Sequence[str] = ())
     with every module folder its `modules.json` names (the runtime reads the pooling from there)."""
     modules = source / "modules.json"
     listed = [str(m["path"]) for m in json.loads(modules.read_text()) if m.get("path")] if modules.is_file() else []
-    for name in dict.fromkeys((*TOKENIZER_FILES, *SENTENCE_TRANSFORMERS_FILES, *listed, *extra)):
+    copy_present(source, target, dict.fromkeys((*TOKENIZER_FILES, *SENTENCE_TRANSFORMERS_FILES, *listed, *extra)))
+
+
+def copy_present(source: Path, target: Path, names: Iterable[str]) -> None:
+    """Each of `names` (a file or a folder) that `source` has, copied into `target`."""
+    for name in names:
         path = source / name
         if path.is_dir():
             shutil.copytree(path, target / name, dirs_exist_ok=True)

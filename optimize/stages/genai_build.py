@@ -19,7 +19,7 @@ from optimize import costs
 from optimize.errors import DependencyError, ResourceError
 from optimize.formats import genai_prequantized as prequantize
 from optimize.models import memory, routes
-from optimize.models.checkpoint import CONFIG, TOKENIZER
+from optimize.models.checkpoint import CONFIG, TOKENIZER, copy_present
 from optimize.runtime.engines import BUILDER
 from optimize.runtime.manifest import GateResult, JsonObject
 
@@ -129,9 +129,7 @@ def build(checkpoint: Path, out: Path, candidate: Candidate, target: str, cache:
         if any(sign in log for sign in OUT_OF_MEMORY):
             raise ResourceError(f"{said}. It ran out of memory: try a machine with more memory")
         raise DependencyError(f"{said}. `kind: compile` (our own ONNX export) is a route for every decoder")
-    for name in KEPT:
-        if (checkpoint / name).is_file():
-            shutil.copyfile(checkpoint / name, out / name)
+    copy_present(checkpoint, out, KEPT)
     if source != checkpoint:
         shutil.rmtree(source)
         prequantize.drop_zero_points(out / "model.onnx")

@@ -86,6 +86,10 @@ def _bits(level: int | str, written: JsonObject) -> int:
     return level if isinstance(level, int) else nominal if isinstance(nominal, int) else 0
 
 
+def _label(level: int | str) -> str:
+    return f"int{level}" if isinstance(level, int) else level
+
+
 def write_format(
     name: FormatName, model: ModelHandle, ctx: StageContext, tried: list[FormatTried], requested: Sequence[str]
 ) -> tuple[ModelHandle, dict[str, float], GateResult] | None:
@@ -95,7 +99,7 @@ def write_format(
     writer = FORMATS[name]
     levels = writer.levels(model.checkpoint, requested)
     for level in levels:
-        label = f"int{level}" if isinstance(level, int) else level
+        label = _label(level)
         out = ctx.workdir / f"{name}-{label}"
         with ctx.console.status(f"genai: writing {name} {label}"):
             written = writer.write(model.checkpoint, out, level, ctx.calibration_texts)
@@ -119,6 +123,6 @@ def write_format(
         ctx.console.print(f"genai: {name} {label}: {shown}: gate {'passed' if gate['passed'] else 'failed'}")
         if gate["passed"]:
             return handle, metrics, gate
-    shown_levels = " or ".join(f"int{level}" if isinstance(level, int) else level for level in levels)
+    shown_levels = " or ".join(_label(level) for level in levels)
     ctx.console.print(f"genai: {name} did not hold the gate at {shown_levels}: not shipped")
     return None
