@@ -18,12 +18,12 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from optimize.errors import UsageError
+from optimize.formats import int4
 from optimize.models.checkpoint import TOKENIZER, copy_present
 
-GROUP = 32  # int4 inputs per scale: divides every hidden size in the Llama family we run (576 = 18 x 32)
+# int4 inputs per scale: the largest of vLLM's that divides every quantized layer's input (576 = 9 x 64)
+GROUPS = (128, 64, 32)
 ENGINE = "compressed-tensors"  # what runs the folder (runtime.ENGINES)
-BITS = (4, 8)  # tried smallest first; the first whose gate holds ships
-CALIBRATION_TOKENS = 512  # of each calibration text, for GPTQ's Hessians
 KEPT_FILES = (*TOKENIZER, "generation_config.json")
 # vLLM loads a layer's q/k/v (and gate/up) as one fused shard: they must share a precision.
 FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
@@ -47,6 +47,13 @@ def merge_fused(kept: Iterable[str]) -> tuple[list[str], list[str]]:
                 names += missing
                 notes.append(f"{name} is kept in float: so are {', '.join(missing)} (one fused shard in vLLM)")
     return sorted(set(names)), notes
+
+
+def group_size(in_features: Iterable[int]) -> int:
+    """The largest of `GROUPS` dividing every input dimension (32 when none does: a ragged last group
+    is refused by compressed-tensors, so such a model fails at int4 and ships int8)."""
+    sizes = list(in_features)
+    return next((g for g in GROUPS if all(size % g == 0 for size in sizes)), GROUPS[-1])
 
 
 def limits(bits: int, in_features: dict[str, int]) -> list[str]:
@@ -77,15 +84,15 @@ def loader() -> str:
 
 
 def levels(checkpoint: Path, requested: Sequence[str]) -> tuple[int | str, ...]:
-    """int4 by each of the recipe's methods in its order (`int4-gptq`, `int4-rtn`), then int8."""
+    """int4 by each of the recipe's methods in its order (`int4-gptq`, `int4-awq`, `int4-rtn`), then int8."""
     return (*(f"int4-{method}" for method in requested), 8)
 
 
 def route(checkpoint: Path, requested: Sequence[str]) -> str:
     """How the folder will be written, for the pre-flight."""
     return (
-        f"symmetric int4 (group {GROUP}) by {', then '.join(requested)}, then int8 "
-        "(transformers with compressed-tensors measures it)"
+        f"symmetric int4 (the largest group of {'/'.join(map(str, GROUPS))} dividing its widths) by "
+        f"{', then '.join(requested)}, then int8 (transformers with compressed-tensors measures it)"
     )
 
 
@@ -100,8 +107,8 @@ def write(
     checkpoint: Path, out: Path, bits: int, kept: Iterable[str] = (), texts: Sequence[str] = (), method: str = "rtn"
 ) -> dict[str, object]:
     """The compressed-tensors folder of `checkpoint` at `out`, every Linear but lm_head and `kept`
-    in int`bits`, int4 rounded by `method` (rtn: to the nearest step; gptq: `gptq.quantize` over the
-    calibration `texts`); returns what the manifest records of it (config, limits)."""
+    in int`bits` (int4 rounded by `method` of `int4.METHODS` over the calibration `texts`, int8 to
+    the nearest step); returns what the manifest records of it (bits, method, group, limits)."""
     try:
         import torch
         from compressed_tensors.compressors import ModelCompressor
@@ -122,46 +129,35 @@ def write(
     )
     model.train(False)
     ignore, _ = merge_fused(kept)
-    calibrated = method == "gptq" and bits == 4
-    if calibrated:
-        from optimize.formats import gptq
-
-        names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
-        names = [n for n in names if not any(n.endswith(k) for k in ignore)]
-        hessians = gptq.hessians(model, names, checkpoint, texts, CALIBRATION_TOKENS)
-    strategy = {"strategy": "group", "group_size": GROUP} if bits == 4 else {"strategy": "channel"}
+    names = int4.linears(model, ignore)
+    modules = dict(model.named_modules())
+    in_features = {name: int(modules[name].get_parameter("weight").shape[1]) for name in names}
+    group = group_size(in_features.values())
+    if bits == 4:
+        scales = int4.round_model(model, names, checkpoint, texts, method, group)
+    else:
+        with torch.no_grad():
+            scales = {n: (modules[n].get_parameter("weight").abs().amax(-1) / 127).clamp(min=1e-12) for n in names}
+    strategy = {"strategy": "group", "group_size": group} if bits == 4 else {"strategy": "channel"}
     weights = QuantizationArgs(num_bits=bits, type="int", symmetric=True, **strategy)
     scheme = QuantizationScheme(targets=["Linear"], weights=weights)
     config = QuantizationConfig(config_groups={"group_0": scheme}, ignore=["lm_head", *ignore], format="pack-quantized")
     apply_quantization_config(model, config, show_progress=False)
-    top = 2 ** (bits - 1) - 1
-    in_features: dict[str, int] = {}
     with torch.no_grad():
-        for name, module in model.named_modules():
-            if not isinstance(module, torch.nn.Linear) or not hasattr(module, "quantization_scheme"):
-                continue
-            weight = module.weight
-            if calibrated:
-                rounded, scale = gptq.quantize(weight, hessians[name], GROUP, top)
-                weight.data = rounded
-            else:
-                rows = weight.reshape(weight.shape[0], -1, GROUP) if bits == 4 else weight.unsqueeze(1)
-                scale = (rows.abs().amax(-1) / top).clamp(min=1e-12)
-            stored = module.get_parameter("weight_scale")  # made by apply_quantization_config
-            stored.data = scale.reshape(stored.shape).to(stored.dtype)
-            if hasattr(module, "weight_zero_point"):
-                module.get_parameter("weight_zero_point").data.zero_()
-            in_features[name] = int(weight.shape[1])
+        for name in names:
+            stored = modules[name].get_parameter("weight_scale")  # made by apply_quantization_config
+            stored.data = scales[name].reshape(stored.shape).to(stored.dtype)
+            if hasattr(modules[name], "weight_zero_point"):
+                modules[name].get_parameter("weight_zero_point").data.zero_()
     compressor = ModelCompressor.from_pretrained_model(model, quantization_format="pack-quantized")
     assert compressor is not None
     compressor.compress_model(model)
     model.save_pretrained(out)
     compressor.update_config(str(out))
     copy_present(checkpoint, out, KEPT_FILES)
-    group = GROUP if bits == 4 else None
     return {
         "bits": bits,
         "method": method if bits == 4 else "rtn",
-        "group_size": group,
+        "group_size": group if bits == 4 else None,
         "limits": limits(bits, in_features),
     }

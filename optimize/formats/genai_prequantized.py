@@ -43,9 +43,11 @@ def applies(checkpoint: Path, block_size: int) -> bool:
     )
 
 
-def write(checkpoint: Path, out: Path, block_size: int) -> None:
+def write(checkpoint: Path, out: Path, block_size: int, scales: dict[str, np.ndarray] | None = None) -> None:
     """`checkpoint`'s linear weights at 4 bits, symmetric, in blocks of `block_size` into `out`
-    (one model.safetensors, config.json with its quantization_config, the other files copied)."""
+    (one model.safetensors, config.json with its quantization_config, the other files copied);
+    with `scales` (a weight's name -> out x blocks), weights already on that grid are stored with
+    them as they are (GPTQ's, AWQ's), else onnxruntime's quantizer chooses."""
     out.mkdir(parents=True, exist_ok=True)
     planned: dict[str, dict[str, object]] = {}  # the output's header, in the order tensors are written
     sources: list[tuple[Path, int, str, dict[str, object]]] = []
@@ -74,7 +76,8 @@ def write(checkpoint: Path, out: Path, block_size: int) -> None:
     text = json.dumps({"__metadata__": {"format": "pt"}, **planned}, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
 
-    linear = [(path, start, entry) for path, start, name, entry in sources if LINEAR.match(name)]
+    given = scales or {}
+    linear = [((path, start, entry), given.get(name)) for path, start, name, entry in sources if LINEAR.match(name)]
     with ThreadPoolExecutor(WORKERS) as pool, (out / "model.safetensors").open("wb") as sink:
         quantized = _in_order(pool, linear, block_size)
         sink.write(len(text).to_bytes(8, "little") + text)
@@ -96,7 +99,9 @@ def write(checkpoint: Path, out: Path, block_size: int) -> None:
 Source = tuple[Path, int, dict[str, object]]  # a file, where its data starts, a tensor's header entry
 
 
-def _in_order(pool: ThreadPoolExecutor, linear: list[Source], block_size: int) -> Iterator[list[np.ndarray]]:
+def _in_order(
+    pool: ThreadPoolExecutor, linear: list[tuple[Source, np.ndarray | None]], block_size: int
+) -> Iterator[list[np.ndarray]]:
     """Each linear weight quantized (`_quantized`), in order, by the pool's threads at once
     (onnxruntime's quantizer and numpy's copies let go of the GIL), at most WORKERS + 1 ahead of
     the writer, so that no more than a few weights are held in fp32."""
@@ -104,15 +109,16 @@ def _in_order(pool: ThreadPoolExecutor, linear: list[Source], block_size: int) -
     queued = iter(linear)
     while True:
         while len(ahead) <= WORKERS and (following := next(queued, None)) is not None:
-            ahead.append(pool.submit(_quantized, following, block_size))
+            ahead.append(pool.submit(_quantized, *following, block_size))
         if not ahead:
             return
         yield ahead.popleft().result()
 
 
-def _quantized(source: Source, block_size: int) -> list[np.ndarray]:
+def _quantized(source: Source, given: np.ndarray | None, block_size: int) -> list[np.ndarray]:
     """One Linear weight at 4 bits, symmetric, as MatMulNBits reads it: its packed nibbles, scales
-    and zero points (all 8), from onnxruntime's own blockwise quantizer."""
+    and zero points (all 8), from onnxruntime's own blockwise quantizer, or with the `given` scales
+    (the first of each byte's two codes in its low nibble, as MatMulNBits reads them)."""
     from onnxruntime.capi._pybind_state import quantize_matmul_4bits
 
     weight = read_float_transposed(*source)  # (K, N), as MatMul reads it
@@ -121,7 +127,13 @@ def _quantized(source: Source, block_size: int) -> list[np.ndarray]:
     packed = np.zeros((n, blocks, block_size // 2), dtype=np.uint8)
     scales = np.zeros((n, blocks), dtype=np.float32)
     zeros = np.zeros((n, (blocks + 1) // 2), dtype=np.uint8)
-    quantize_matmul_4bits(packed, weight, scales, zeros, block_size, n, k, True)
+    if given is None:
+        quantize_matmul_4bits(packed, weight, scales, zeros, block_size, n, k, True)
+    else:
+        scales[:] = given
+        step = np.repeat(scales, block_size, axis=1)  # (N, K)
+        codes = (np.clip(np.rint(weight.T / step), -8, 7) + 8).astype(np.uint8).reshape(n, blocks, block_size)
+        packed[:] = codes[..., 0::2] | (codes[..., 1::2] << 4)
     zeros[:] = 0x88  # 8 in both nibbles: what MatMulNBits assumes without zero points
     return [packed, scales, zeros]
 

@@ -1,13 +1,23 @@
 """GPTQ (Frantar et al., 2022) for symmetric grouped int4 weights: each Linear's weights rounded a
 column at a time, the rounding error of each column spread over the columns not yet rounded in
 proportion to the inverse Hessian of the layer's inputs (H = X^T X over the calibration tokens), so
-the layer's outputs on those inputs move as little as the grid allows. Scales are absmax per group,
-taken from the weights as they stand when the group's first column is reached (compressed-tensors'
-symmetric W4A16: codes in [-8, 7], the scale absmax / 7).
+the layer's outputs on those inputs move as little as the grid allows.
 
-llm-compressor implements this on compressed-tensors, but it holds transformers at 5.17 and
+Three choices made it beat rounding to the nearest step on SmolLM2 (WikiText-2 perplexity, group 64,
+measured in memory on 4,096 test tokens: the float model 30.15, nearest step 44.09, GPTQ as first
+written 44.94, with all three 34.33; with `awq`'s scales first, 34.01):
+- columns in order of decreasing H diagonal (`act_order`), the inputs that move outputs most rounded
+  first, while the error can still be spread;
+- each group's scale fixed before rounding (`static groups`, so act_order keeps compressed-tensors'
+  contiguous groups), chosen among clipped absmax scales to minimise the group's rounding error
+  weighted by its inputs' energy (H's diagonal) rather than absmax alone;
+- the calibration texts as one token stream in long windows, so a window's first token (whose
+  activations are many times the others', the attention sink) weighs in H about as often as it does
+  in use (fed one short sentence at a time it is every tenth token; left out of H, 75.55).
+
+llm-compressor implements GPTQ on compressed-tensors, but it holds transformers at 5.17 and
 huggingface-hub below 2 (`pip install --dry-run llmcompressor`, December 2026): here it is written
-over torch alone, one forward pass collecting every Linear's Hessian (not layer by layer)."""
+over torch alone. Codes are compressed-tensors' symmetric W4A16: in [-8, 7], zero point 0."""
 
 from __future__ import annotations
 
@@ -15,6 +25,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from optimize.errors import UsageError
 from optimize.runtime import Tokenizer
 
 if TYPE_CHECKING:
@@ -22,40 +33,65 @@ if TYPE_CHECKING:
 
 DAMP = 0.01  # fraction of the Hessian's mean diagonal added to it (GPTQ's default)
 BLOCK = 128  # columns rounded together before their error is carried to the rest
+CLIPS = 21  # clipped scales tried per group: absmax / top times 1.0, 0.975, ... 0.5
+LOWEST_CLIP = 0.5
 
 
-def hessians(
-    model: torch.nn.Module, names: Sequence[str], checkpoint: Path, texts: Sequence[str], seq_len: int
-) -> dict[str, torch.Tensor]:
-    """X^T X of each named Linear's inputs over the calibration texts (one text per forward pass)."""
+def windows(checkpoint: Path, texts: Sequence[str], seq_len: int) -> list[list[int]]:
+    """The calibration texts' tokens as one stream cut into windows of `seq_len` (the last may be
+    shorter): fed one by one, short texts make every tenth token a sequence's first."""
+    tokenizer = Tokenizer(checkpoint / "tokenizer.json", seq_len)
+    stream = [token for text in texts for token in tokenizer.ids(text + "\n")]
+    return [stream[start : start + seq_len] for start in range(0, len(stream), seq_len)]
+
+
+def hessians(model: torch.nn.Module, names: Sequence[str], batches: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
+    """X^T X / tokens of each named Linear's inputs over the token windows `batches`, all in one
+    pass (a pass per block, each through the blocks before it as already quantized, measured no
+    better on SmolLM2, 34.35 against 34.33, in 13 times the time)."""
     import torch
 
+    if not any(batches):
+        raise UsageError("GPTQ's and AWQ's Hessians need calibration text: the recipe's calibration data is empty")
     modules = dict(model.named_modules())
-    found = {
-        name: torch.zeros(modules[name].in_features, modules[name].in_features, dtype=torch.float64) for name in names
-    }
-    counts = dict.fromkeys(names, 0)
+    found = {name: torch.zeros(modules[name].in_features, modules[name].in_features) for name in names}
 
-    def hook(name: str) -> Callable[[torch.nn.Module, tuple[torch.Tensor, ...], torch.Tensor], None]:
+    def collector(name: str) -> Callable[[torch.nn.Module, tuple[torch.Tensor, ...], torch.Tensor], None]:
         def collect(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-            x = inputs[0].reshape(-1, inputs[0].shape[-1]).to(torch.float64)
-            found[name] += x.T @ x
-            counts[name] += x.shape[0]
+            x = inputs[0].reshape(-1, inputs[0].shape[-1]).float()
+            found[name].addmm_(x.T, x)
 
         return collect
 
-    handles = [modules[name].register_forward_hook(hook(name)) for name in names]
-    tokenizer = Tokenizer(checkpoint / "tokenizer.json", seq_len)
+    handles = [modules[name].register_forward_hook(collector(name)) for name in names]
     try:
         with torch.inference_mode():
-            for text in texts:
-                ids = tokenizer.ids(text)[:seq_len]
-                if ids:
-                    model(torch.tensor([ids]))
+            for batch in batches:
+                model(torch.tensor([list(batch)]))
     finally:
         for handle in handles:
             handle.remove()
-    return {name: found[name] / max(counts[name], 1) for name in names}
+    tokens = max(sum(len(batch) for batch in batches), 1)
+    return {name: found[name].double() / tokens for name in names}
+
+
+def group_scales(weight: torch.Tensor, energy: torch.Tensor, group: int, top: int = 7) -> torch.Tensor:
+    """The scale of each group of `group` inputs (out x in / group): of absmax / top clipped by each
+    of `CLIPS` ratios, the one whose rounding error, weighted by each input's `energy`, is least."""
+    import torch
+
+    rows = weight.reshape(weight.shape[0], -1, group)
+    weights = energy.reshape(1, -1, group)
+    absmax = (rows.abs().amax(-1, keepdim=True) / top).clamp(min=1e-12)
+    best, least = absmax, torch.full_like(absmax, float("inf"))
+    for k in range(CLIPS):
+        scale = absmax * (1 - (1 - LOWEST_CLIP) * k / (CLIPS - 1))
+        error = (((torch.clamp(torch.round(rows / scale), -top - 1, top) * scale - rows) ** 2) * weights).sum(
+            -1, keepdim=True
+        )
+        better = error < least
+        least, best = torch.where(better, error, least), torch.where(better, scale, best)
+    return best.squeeze(-1)
 
 
 def quantize(
@@ -66,29 +102,29 @@ def quantize(
     import torch
 
     w = weight.detach().to(torch.float64).clone()
-    h = hessian.clone()
+    h = hessian.to(torch.float64).clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
     w[:, dead] = 0
+    scales = group_scales(w, torch.diag(h), group, top)
+    order = torch.argsort(torch.diag(h), descending=True)
+    w, h = w[:, order], h[order][:, order]
     h += DAMP * torch.mean(torch.diag(h)) * torch.eye(h.shape[0], dtype=h.dtype)
     inverse = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    columns = w.shape[1]
-    scales = torch.zeros(w.shape[0], columns // group, dtype=torch.float64)
+    column_scales = scales[:, order // group]
     q = torch.zeros_like(w)
-    for start in range(0, columns, BLOCK):
-        end = min(start + BLOCK, columns)
+    for start in range(0, w.shape[1], BLOCK):
+        end = min(start + BLOCK, w.shape[1])
         block, errors = w[:, start:end].clone(), torch.zeros(w.shape[0], end - start, dtype=torch.float64)
         inv = inverse[start:end, start:end]
         for i in range(end - start):
-            column = start + i
-            if column % group == 0:  # the group's scale, from its weights as they stand now
-                current = torch.cat([block[:, i:], w[:, end:]], dim=1)[:, :group]
-                scales[:, column // group] = (current.abs().amax(dim=1) / top).clamp(min=1e-12)
-            scale = scales[:, column // group]
+            scale = column_scales[:, start + i]
             rounded = torch.clamp(torch.round(block[:, i] / scale), -top - 1, top) * scale
-            q[:, column] = rounded
+            q[:, start + i] = rounded
             error = (block[:, i] - rounded) / inv[i, i]
             block[:, i:] -= error.unsqueeze(1) @ inv[i, i:].unsqueeze(0)
             errors[:, i] = error
         w[:, end:] -= errors @ inverse[start:end, end:]
-    return q.to(weight.dtype), scales.to(weight.dtype)
+    restored = torch.empty_like(q)
+    restored[:, order] = q
+    return restored.to(weight.dtype), scales.to(weight.dtype)

@@ -23,6 +23,7 @@ from pydantic import Field
 
 from optimize import tasks
 from optimize.errors import UsageError
+from optimize.formats.int4 import Int4Method
 from optimize.formats.llama_cpp import GgufType
 from optimize.formats.table import FORMATS, FormatName
 from optimize.models import routes
@@ -75,12 +76,12 @@ class GenAIStage(StageBase):
         "whose gate holds through its own loader: compressed-tensors (vLLM, SGLang), gguf (llama.cpp, Ollama), "
         "openvino-genai (OpenVINO GenAI's LLMPipeline)",
     )
-    int4_methods: list[Literal["gptq", "rtn"]] = Field(
-        ["rtn"],
+    int4_methods: list[Int4Method] = Field(
+        ["gptq"],
         min_length=1,
-        description="compressed-tensors' int4, tried in this order before int8: rtn (each weight to its nearest "
-        "step) or gptq (GPTQ over the calibration texts: each column's rounding error carried to the columns after "
-        "it; on SmolLM2 with 384 calibration sentences it measured worse than rtn, so it is not the default)",
+        description="compressed-tensors' symmetric int4, tried in this order before int8 (optimize/formats/int4.py): "
+        "gptq (AWQ's activation scales, then GPTQ's error-carrying rounding over the calibration texts), awq (the "
+        "scales, then the nearest step) or rtn (the nearest step of each group's absmax, no calibration)",
     )
     gguf_types: list[GgufType] = Field(
         ["Q4_K_M", "Q8_0"],
@@ -172,7 +173,9 @@ def run(config: GenAIStage, model: ModelHandle, ctx: StageContext) -> StageResul
     for index, candidate in enumerate(config.candidates):
         out = ctx.workdir / f"candidate-{index}"
         with ctx.console.status(f"genai: building {candidate.label()}"):
-            errors = build(model.checkpoint, out, candidate, config.target, ctx.workdir / "builder-cache")
+            errors = build(
+                model.checkpoint, out, candidate, config.target, ctx.workdir / "builder-cache", ctx.calibration_texts
+            )
         handle = ModelHandle(out, model.task, onnx_path=out / "model.onnx", engine=ENGINE)
         metrics, gate = ctx.judge(handle)
         label = candidate.label()

@@ -10,20 +10,23 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from optimize import costs
-from optimize.errors import DependencyError, ResourceError
+from optimize.errors import DependencyError, ResourceError, UsageError
 from optimize.formats import genai_prequantized as prequantize
+from optimize.formats import int4
 from optimize.models import memory, routes
 from optimize.models.checkpoint import CONFIG, TOKENIZER, copy_present
 from optimize.runtime.engines import BUILDER
 from optimize.runtime.manifest import GateResult, JsonObject
 
 ENGINE = BUILDER  # what runs the folder the builder writes
+CALIBRATED = ("gptq", "awq")  # int4 rounded here over the calibration texts (formats/int4.py)
 # What the builder prints when an allocation fails (Python, C++, onnxruntime's arena)
 OUT_OF_MEMORY = ("MemoryError", "std::bad_alloc", "Failed to allocate memory", "bad allocation")
 
@@ -39,10 +42,11 @@ class Candidate(BaseModel):
     precision: Literal["fp32", "int8", "int4"]
     block_size: int = Field(32, description="int4/int8: weights per quantization block (16-256)")
     accuracy_level: Literal[1, 2, 3, 4] = Field(4, description="int4/int8 activations: 4 int8, 3 bf16, 1 fp32")
-    algorithm: Literal["default", "rtn", "k_quant", "minmax"] = Field(
+    algorithm: Literal["default", "rtn", "k_quant", "minmax", "gptq", "awq"] = Field(
         "default",
-        description="int4: the builder's (default, rtn, k_quant), or minmax (optimize/formats/minmax.py: each block's "
-        "own scale and float minimum; exact for weights dequantized from a Q4_1 GGUF)",
+        description="int4: the builder's (default, rtn, k_quant); minmax (optimize/formats/minmax.py: each block's "
+        "own scale and float minimum; exact for weights dequantized from a Q4_1 GGUF); or gptq / awq over the "
+        "recipe's calibration texts (optimize/formats/int4.py), symmetric, handed to the builder as quantized",
     )
     symmetric: bool = Field(True, description="int4/int8: signed weights around zero, or unsigned with a zero point")
     int8: list[Literal["last_matmul", "mixed_layers"]] = Field(
@@ -65,11 +69,15 @@ class Candidate(BaseModel):
         return f"{self.precision} {self.algorithm}{asymmetric} b{self.block_size} a{self.accuracy_level}{kept}"
 
     def prequantized(self, target: str) -> bool:
-        """Quantized here a tensor at a time and handed to the builder so (optimize/formats/genai_prequantized.py):
-        the builder's own default int4 (symmetric, its default), computed alike, in a fraction of
-        its memory."""
+        """Quantized here and handed to the builder so (optimize/formats/genai_prequantized.py): the
+        builder's own default int4 (symmetric, its default), computed alike a tensor at a time in a
+        fraction of its memory; gptq and awq, which the builder does not have."""
         default_int4 = self.precision == "int4" and self.algorithm == "default" and self.symmetric and not self.int8
-        return target == "cpu" and default_int4
+        return (target == "cpu" and default_int4) or self.calibrated()
+
+    def calibrated(self) -> bool:
+        """Rounded here over the calibration texts (`CALIBRATED`)."""
+        return self.precision == "int4" and self.algorithm in CALIBRATED
 
     def builder_options(self) -> list[str]:
         if self.precision == "fp32" or self.algorithm == "minmax":  # minmax rewrites the fp32 build
@@ -77,7 +85,7 @@ class Candidate(BaseModel):
         options = [
             f"block_size={self.block_size}",
             f"accuracy_level={self.accuracy_level}",
-            f"algo_config={self.algorithm}",
+            f"algo_config={'default' if self.calibrated() else self.algorithm}",  # calibrated: read as quantized
             f"is_symmetric={str(self.symmetric).lower()}",
         ]
         if self.int8 and self.precision == "int4":
@@ -98,14 +106,21 @@ class CandidateTried(GateResult):
     reconstruction: dict[str, float]  # minmax: the requantized weights' errors (else empty)
 
 
-def build(checkpoint: Path, out: Path, candidate: Candidate, target: str, cache: Path) -> dict[str, float]:
+def build(
+    checkpoint: Path, out: Path, candidate: Candidate, target: str, cache: Path, texts: Sequence[str] = ()
+) -> dict[str, float]:
     """The builder in a subprocess (it reads sys.argv and writes progress bars); its log kept on failure.
     The default int4 is quantized here first and read by the builder as already quantized (its
-    peak memory drops from 4.5x the bf16 checkpoint to about 1.2x); a minmax candidate is built in
-    fp32 and then requantized; returns its reconstruction errors."""
+    peak memory drops from 4.5x the bf16 checkpoint to about 1.2x), as are gptq and awq over the
+    calibration `texts`; a minmax candidate is built in fp32 and then requantized; returns its
+    reconstruction errors."""
     minmax = candidate.algorithm == "minmax"
     source = checkpoint
-    if candidate.prequantized(target) and prequantize.applies(checkpoint, candidate.block_size):
+    if candidate.calibrated():
+        source = out.with_name(out.name + "-input")
+        with costs.step(f"quantize {candidate.label()} for the builder"):
+            _calibrated(checkpoint, source, candidate, texts)
+    elif candidate.prequantized(target) and prequantize.applies(checkpoint, candidate.block_size):
         source = out.with_name(out.name + "-input")
         with costs.step(f"quantize {candidate.label()} for the builder"):
             prequantize.write(checkpoint, source, candidate.block_size)
@@ -138,6 +153,32 @@ def build(checkpoint: Path, out: Path, candidate: Candidate, target: str, cache:
     from optimize.formats.minmax import requantize
 
     return requantize(out / "model.onnx", candidate.accuracy_level, "last_matmul" in candidate.int8)
+
+
+def _calibrated(checkpoint: Path, out: Path, candidate: Candidate, texts: Sequence[str]) -> None:
+    """`checkpoint` rounded by the candidate's gptq or awq (`formats.int4`) in the layout the builder
+    reads as quantized: the model on the grid in float (with AWQ's scales folded into its norms) in
+    a scratch folder, then its codes and scales written as they are."""
+    if not prequantize.applies(checkpoint, candidate.block_size):
+        raise UsageError(
+            f"genai: {candidate.label()}: block_size {candidate.block_size} does not divide every linear layer's "
+            "input width of this model (or its weights are not float): try 32"
+        )
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, torch_dtype=torch.float32)
+    model.train(False)
+    names = int4.linears(model)
+    scales = int4.round_model(model, names, checkpoint, texts, candidate.algorithm, candidate.block_size)
+    rounded = out.with_name(out.name + "-rounded")
+    model.save_pretrained(rounded)
+    copy_present(checkpoint, rounded, KEPT)
+    del model
+    try:
+        prequantize.write(rounded, out, candidate.block_size, {f"{n}.weight": s.numpy() for n, s in scales.items()})
+    finally:
+        shutil.rmtree(rounded, ignore_errors=True)
 
 
 def _builder(command: list[str], log_path: Path) -> tuple[int, str, float]:

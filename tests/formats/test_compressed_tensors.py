@@ -23,7 +23,22 @@ def artifact(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
         "kind": "genai",
         "candidates": [{"precision": "fp32"}],
         "formats": ["compressed-tensors"],
+        "int4_methods": ["rtn"],
         "gate": [{"metric": "top1_agreement", "min": 0.9}],
+    }
+    return run_recipe(folder, [stage], tiny_llama, "--json")
+
+
+@pytest.fixture(scope="module")
+def calibrated(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same at int4 by each calibrated method, a gate every int4 holds: gptq's folder ships."""
+    folder = tmp_path_factory.mktemp("calibrated")
+    stage = {
+        "kind": "genai",
+        "candidates": [{"precision": "fp32"}],
+        "formats": ["compressed-tensors"],
+        "int4_methods": ["gptq", "awq"],
+        "gate": [{"metric": "top1_agreement", "min": 0.0}],
     }
     return run_recipe(folder, [stage], tiny_llama, "--json")
 
@@ -51,7 +66,8 @@ def test_transformers_reloads_exactly_the_codes_and_scales_written(artifact: Pat
     import torch
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
-    bits = runtime.verify(artifact)["stages"][0]["details"]["formats"][-1]["bits"]
+    shipped = runtime.verify(artifact)["stages"][0]["details"]["formats"][-1]
+    bits, group = shipped["bits"], shipped["written"]["group_size"]
     original = AutoModelForCausalLM.from_pretrained(tiny_llama, torch_dtype=torch.float32)
     decompressed = CompressedTensorsConfig(run_compressed=False)  # dense weights, as vLLM's kernels compute
     folder = artifact / "compressed-tensors"
@@ -61,13 +77,33 @@ def test_transformers_reloads_exactly_the_codes_and_scales_written(artifact: Pat
         if not isinstance(module, torch.nn.Linear) or name == "lm_head":
             continue
         w = module.weight.detach()
-        rows = w.reshape(w.shape[0], -1, compressed.GROUP) if bits == 4 else w.unsqueeze(1)
+        rows = w.reshape(w.shape[0], -1, group) if bits == 4 else w.unsqueeze(1)
         scale = rows.abs().amax(-1, keepdim=True) / top
         expected = (torch.clamp(torch.round(rows / scale), -top - 1, top) * scale).reshape(w.shape)
         got = reloaded.get_submodule(name).weight.detach()
         assert (got - expected).abs().max().item() < 1e-6, name
     ids = torch.tensor([[1, 5, 9, 2]])
     assert torch.isfinite(reloaded(ids).logits).all()
+
+
+def test_a_calibrated_int4_folder_reloads_on_its_grid_and_says_how_it_was_rounded(calibrated: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    tried = runtime.verify(calibrated)["stages"][0]["details"]["formats"]
+    written = [(t["level"], t["written"]["method"], t["written"]["group_size"]) for t in tried]
+    assert written == [("int4-gptq", "gptq", 32)]  # the first held
+    folder = calibrated / "compressed-tensors"
+    config = json.loads((folder / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"]
+    assert (config["weights"]["num_bits"], config["weights"]["group_size"]) == (4, 32)
+    packed = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32)  # codes and scales as stored
+    dense = AutoModelForCausalLM.from_pretrained(
+        folder, torch_dtype=torch.float32, quantization_config=CompressedTensorsConfig(run_compressed=False)
+    )
+    linear = dense.get_submodule("model.layers.0.mlp.down_proj").weight.detach()
+    scale = packed.get_submodule("model.layers.0.mlp.down_proj").weight_scale.detach().float()
+    codes = linear.reshape(linear.shape[0], -1, 32) / scale.unsqueeze(-1)
+    assert torch.allclose(codes, codes.round(), atol=1e-3) and codes.round().abs().max() <= 8
 
 
 def test_a_plan_that_splits_a_fused_shard_is_widened_to_the_whole_shard() -> None:
@@ -81,6 +117,11 @@ def test_a_plan_that_splits_a_fused_shard_is_widened_to_the_whole_shard() -> Non
     ]
     assert len(notes) == 2 and "fused shard" in notes[0]
     assert compressed.merge_fused(["model.layers.0.mlp.down_proj"]) == (["model.layers.0.mlp.down_proj"], [])
+
+
+def test_the_group_is_the_largest_vllm_takes_that_divides_every_width() -> None:
+    assert compressed.group_size([576, 1536]) == 64  # SmolLM2: 576 = 9 x 64
+    assert compressed.group_size([4096, 11008]) == 128 and compressed.group_size([32, 64]) == 32
 
 
 def test_vllms_int4_kernel_limits_are_named() -> None:
