@@ -20,6 +20,7 @@ from pathlib import Path
 from optimize.errors import UsageError
 from optimize.formats import int4
 from optimize.models.checkpoint import TOKENIZER, copy_present
+from optimize.models.safetensors import header
 
 # int4 inputs per scale: the largest of vLLM's that divides every quantized layer's input (576 = 9 x 64)
 GROUPS = (128, 64, 32)
@@ -56,6 +57,16 @@ def group_size(in_features: Iterable[int]) -> int:
     return next((g for g in GROUPS if all(size % g == 0 for size in sizes)), GROUPS[-1])
 
 
+def _widths(checkpoint: Path) -> set[int]:
+    """The input widths of the checkpoint's projection weights, read from its safetensors headers."""
+    return {
+        int(entry["shape"][1])  # type: ignore[index]
+        for path in sorted(checkpoint.glob("*.safetensors"))
+        for name, entry in header(path)[0].items()
+        if name.endswith("proj.weight") and len(entry["shape"]) == 2  # type: ignore[arg-type]
+    }
+
+
 def limits(bits: int, in_features: dict[str, int]) -> list[str]:
     """What the format's target engines refuse, for these layers (name -> input dimension)."""
     if bits != 4:
@@ -84,31 +95,40 @@ def loader() -> str:
 
 
 def levels(checkpoint: Path, requested: Sequence[str]) -> tuple[int | str, ...]:
-    """int4 by each of the recipe's methods in its order (`int4-gptq`, `int4-awq`, `int4-rtn`), then int8."""
-    return (*(f"int4-{method}" for method in requested), 8)
+    """int4 by each of the recipe's methods in its order, at the largest group dividing the widths
+    and then at 32 if that is larger (`int4-gptq-g64`, `int4-gptq-g32`, ...), then int8."""
+    largest = group_size(_widths(checkpoint))
+    groups = (largest, GROUPS[-1]) if largest != GROUPS[-1] else (largest,)
+    return (*(f"int4-{method}-g{group}" for method in requested for group in groups), 8)
 
 
 def route(checkpoint: Path, requested: Sequence[str]) -> str:
     """How the folder will be written, for the pre-flight."""
-    return (
-        f"symmetric int4 (the largest group of {'/'.join(map(str, GROUPS))} dividing its widths) by "
-        f"{', then '.join(requested)}, then int8 (transformers with compressed-tensors measures it)"
-    )
+    tried = ", then ".join(str(level) for level in levels(checkpoint, requested)[:-1])
+    return f"symmetric {tried}, then int8 (transformers with compressed-tensors measures it)"
 
 
 def write_level(checkpoint: Path, out: Path, level: int | str, texts: Sequence[str]) -> dict[str, object]:
-    """`write` at one of `levels`: `int4-<method>`, or 8."""
+    """`write` at one of `levels`: `int4-<method>-g<group>`, or 8."""
     if isinstance(level, str):
-        return write(checkpoint, out, 4, texts=texts, method=level.removeprefix("int4-"))
+        _, method, group = level.split("-")
+        return write(checkpoint, out, 4, texts=texts, method=method, group=int(group.removeprefix("g")))
     return write(checkpoint, out, level)
 
 
 def write(
-    checkpoint: Path, out: Path, bits: int, kept: Iterable[str] = (), texts: Sequence[str] = (), method: str = "rtn"
+    checkpoint: Path,
+    out: Path,
+    bits: int,
+    kept: Iterable[str] = (),
+    texts: Sequence[str] = (),
+    method: str = "rtn",
+    group: int | None = None,
 ) -> dict[str, object]:
     """The compressed-tensors folder of `checkpoint` at `out`, every Linear but lm_head and `kept`
-    in int`bits` (int4 rounded by `method` of `int4.METHODS` over the calibration `texts`, int8 to
-    the nearest step); returns what the manifest records of it (bits, method, group, limits)."""
+    in int`bits` (int4 rounded by `method` of `int4.METHODS` over the calibration `texts`, in groups
+    of `group` inputs, by default `group_size`'s; int8 to the nearest step); returns what the
+    manifest records of it (bits, method, group, limits)."""
     try:
         import torch
         from compressed_tensors.compressors import ModelCompressor
@@ -125,14 +145,14 @@ def write(
     import transformers
 
     model: transformers.PreTrainedModel = transformers.AutoModelForCausalLM.from_pretrained(
-        checkpoint, torch_dtype=torch.float32
+        checkpoint, dtype=torch.float32
     )
     model.train(False)
     ignore, _ = merge_fused(kept)
     names = int4.linears(model, ignore)
     modules = dict(model.named_modules())
     in_features = {name: int(modules[name].get_parameter("weight").shape[1]) for name in names}
-    group = group_size(in_features.values())
+    group = group or group_size(in_features.values())
     if bits == 4:
         scales = int4.round_model(model, names, checkpoint, texts, method, group)
     else:

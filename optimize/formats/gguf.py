@@ -208,7 +208,7 @@ class GgufModel:
             from transformers import AutoModelForCausalLM
 
             torch.set_num_threads(threads)
-            loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=FILE, torch_dtype=torch.float32)
+            loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=FILE, dtype=torch.float32)
             self.torch = loaded.train(False)
 
     def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:

@@ -167,7 +167,7 @@ def _calibrated(checkpoint: Path, out: Path, candidate: Candidate, texts: Sequen
     import torch
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, torch_dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
     model.train(False)
     names = int4.linears(model)
     scales = int4.round_model(model, names, checkpoint, texts, candidate.algorithm, candidate.block_size)

@@ -92,7 +92,7 @@ def test_a_calibrated_int4_folder_reloads_on_its_grid_and_says_how_it_was_rounde
 
     tried = runtime.verify(calibrated)["stages"][0]["details"]["formats"]
     written = [(t["level"], t["written"]["method"], t["written"]["group_size"]) for t in tried]
-    assert written == [("int4-gptq", "gptq", 32)]  # the first held
+    assert written == [("int4-gptq-g32", "gptq", 32)]  # the first held
     folder = calibrated / "compressed-tensors"
     config = json.loads((folder / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"]
     assert (config["weights"]["num_bits"], config["weights"]["group_size"]) == (4, 32)
@@ -122,6 +122,18 @@ def test_a_plan_that_splits_a_fused_shard_is_widened_to_the_whole_shard() -> Non
 def test_the_group_is_the_largest_vllm_takes_that_divides_every_width() -> None:
     assert compressed.group_size([576, 1536]) == 64  # SmolLM2: 576 = 9 x 64
     assert compressed.group_size([4096, 11008]) == 128 and compressed.group_size([32, 64]) == 32
+
+
+def test_each_int4_method_is_tried_at_the_largest_group_then_at_32_before_int8(tiny_llama: Path, tmp_path: Path):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    assert compressed.levels(tiny_llama, ["gptq", "rtn"]) == ("int4-gptq-g32", "int4-rtn-g32", 8)
+    config = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=1, num_attention_heads=2)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    assert compressed.levels(tmp_path, ["gptq"]) == ("int4-gptq-g128", "int4-gptq-g32", 8)
+    assert compressed.route(tmp_path, ["gptq"]).startswith("symmetric int4-gptq-g128, then int4-gptq-g32, then int8")
 
 
 def test_vllms_int4_kernel_limits_are_named() -> None:
