@@ -166,9 +166,8 @@ def _routes_text(loaded: LoadedRecipe, spec: str | None, task: str) -> str:
     lines = routes.describe(read_config(folder), task, [stage.kind for stage in loaded.recipe.stages])
     for stage in loaded.recipe.stages:
         if isinstance(stage, GenAIStage):
-            lines += [
-                f"  genai, format {name}: {FORMATS[name].route(folder, stage.gguf_types)}" for name in stage.formats
-            ]
+            routed = {name: FORMATS[name].route(folder, stage.requested(name)) for name in stage.formats}
+            lines += [f"  genai, format {name}: {route}" for name, route in routed.items()]
     return "# routes, " + "\n# ".join(lines) + "\n"
 
 

@@ -91,6 +91,11 @@ class GenAIStage(StageBase):
         "GGUF is written back on its own grid, int4 then int8)",
     )
 
+    def requested(self, name: FormatName) -> list[str]:
+        """What the recipe asks of a format's levels: gguf's llama.cpp types, compressed-tensors' int4 methods."""
+        asked: dict[str, list[str]] = {"gguf": list(self.gguf_types), "compressed-tensors": list(self.int4_methods)}
+        return asked.get(name, [])
+
     def peak_memory(self) -> tuple[float, float]:
         # bench/scale.py here (one-stage int4 recipe, --no-cache, /usr/bin/time -v, random Llamas):
         # quantized here first (optimize/formats/genai_prequantized.py), PREQUANTIZED_PEAK; else BUILDER_PEAK.
@@ -212,7 +217,7 @@ def run(config: GenAIStage, model: ModelHandle, ctx: StageContext) -> StageResul
     if passing and config.formats:
         decisions["formats"] = []
         for name in config.formats:
-            found = write_format(name, model, ctx, decisions["formats"], _requested(config, name))
+            found = write_format(name, model, ctx, decisions["formats"], config.requested(name))
             if found is not None:
                 alternates[found[0].engine], judged[found[0].engine] = found[0], found[1:]
     _order_engines(handle, alternates, ctx, decisions, runtime)
@@ -246,9 +251,3 @@ def _order_engines(
             for name, row in timed.items()
         )
         ctx.console.print(f"genai: one request: {shown}: the runtime generates with {runtime['generators'][0]}")
-
-
-def _requested(config: GenAIStage, name: FormatName) -> list[str]:
-    """What the recipe asks of a format's levels: gguf's llama.cpp types, compressed-tensors' int4 methods."""
-    requested: dict[str, list[str]] = {"gguf": list(config.gguf_types), "compressed-tensors": list(config.int4_methods)}
-    return requested.get(name, [])

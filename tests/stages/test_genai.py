@@ -313,3 +313,15 @@ def test_a_builder_that_fails_inside_is_one_line_naming_it_and_its_version(tiny_
     said = f"onnxruntime-genai {routes.builder_version()}'s model builder failed for fp32: KeyError: 'multi_cache'"
     assert said in error
     assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
+
+
+def test_the_dry_run_names_each_formats_own_route_with_what_the_recipe_asks_of_it(tiny_llama, tmp_path):
+    """gguf's types go to gguf, compressed-tensors' int4 methods to compressed-tensors (a route once
+    printed compressed-tensors at gguf's types)."""
+    pytest.importorskip("compressed_tensors")
+    stage = {"kind": "genai", "formats": ["compressed-tensors"], "int4_methods": ["gptq", "rtn"]}
+    recipe = write_recipe(tmp_path, [stage], model=str(tiny_llama))
+    dry = CliRunner().invoke(app, ["run", str(recipe), "--dry-run"])
+    assert dry.exit_code == 0, dry.output
+    said = " ".join(dry.output.split())
+    assert "format compressed-tensors: symmetric int4-gptq-g32, then int4-rtn-g32, then int8" in said
