@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Annotated, NoReturn
 import typer
 import yaml
 from rich.console import Console
+from rich.markup import escape
 
 from optimize import paths, tasks
 from optimize.cli import tools as cli_tools
@@ -78,16 +79,16 @@ def _execute(
         )
         result = run(loaded, options, run_console)
     except (UsageError, ResourceError, DependencyError) as exc:
-        console.print(f"[red]error:[/] {exc}", highlight=False)
+        console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False)
         emit(flags.as_json, "error", error=str(exc))
         raise typer.Exit(exc.exit_code) from None
     except MemoryError:
         message = "out of memory: the run needed more than this machine has; try a machine with more memory"
-        console.print(f"[red]error:[/] {message}", highlight=False)
+        console.print(f"[red]error:[/] {escape(message)}", highlight=False)
         emit(flags.as_json, "error", error=message)
         raise typer.Exit(ResourceError.exit_code) from None
     except GateFailed as exc:
-        console.print(f"[red]gate failed:[/] {exc}", highlight=False)
+        console.print(f"[red]gate failed:[/] {escape(str(exc))}", highlight=False)
         emit(flags.as_json, "gate_failed", None, exc.stages, str(exc))
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from optimize.errors import UsageError
 from optimize.runtime.untyped import Json
@@ -130,7 +131,7 @@ def measure_command(as_json: bool, work: Callable[[], Json]) -> None:
     try:
         result = work()
     except UsageError as exc:
-        console.print(f"[red]error:[/] {exc}", highlight=False)
+        console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False)
         emit(as_json, "error", error=str(exc))
         raise typer.Exit(exc.exit_code) from None
     emit(as_json, "passed", **result)

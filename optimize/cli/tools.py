@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 import yaml
+from rich.markup import escape
 
 from optimize import paths
 from optimize.cli.common import CacheOpt, JsonOpt, PickleOpt, RemoteOpt, console, emit, measure_command, metrics_table
@@ -129,7 +130,7 @@ def _inspect(artifact: Path, unpacked: Path, as_json: bool) -> None:
                 f"{artifact / 'manifest.json'}: a field inspect reads is missing or malformed ({exc})"
             ) from None
     except (runtime.ArtifactError, UsageError) as exc:
-        console.print(f"[red]error:[/] {exc}", highlight=False)
+        console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False)
         emit(as_json, "error", error=str(exc))
         raise typer.Exit(2) from None
     if as_json:
@@ -184,7 +185,7 @@ def package_cmd(
             raise UsageError(f"{archive.parent}: no such folder for the archive")
         artifacts.package(artifact, archive)
     except (runtime.ArtifactError, UsageError) as exc:
-        console.print(f"[red]error:[/] {exc}", highlight=False)
+        console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False)
         emit(as_json, "error", error=str(exc))
         raise typer.Exit(2) from None
     console.print(f"packaged {artifact} as {archive} (sha256 {runtime.sha256_file(archive)})", highlight=False)
@@ -198,7 +199,7 @@ def _triton(artifact: Path, out: Path, as_json: bool) -> None:
     try:
         model_dir = triton.write(artifact, out)
     except (runtime.ArtifactError, UsageError) as exc:
-        console.print(f"[red]error:[/] {exc}", highlight=False)
+        console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False)
         emit(as_json, "error", error=str(exc))
         raise typer.Exit(2) from None
     console.print(f"Triton model repository at {out} (model {model_dir.name})", highlight=False)
@@ -266,7 +267,7 @@ def validate_cmd(
             recipes.load(paths.named(path, "recipes"))
             console.print(f"[green]ok[/] {path}")
         except UsageError as exc:
-            console.print(f"[red]error:[/] {exc}", highlight=False)
+            console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False)
             errors.append(str(exc))
     emit(as_json, "error" if errors else "passed", error="; ".join(errors) or None, files=[str(f) for f in files])
     if errors:

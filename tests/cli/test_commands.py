@@ -234,3 +234,11 @@ def test_a_model_shipping_its_own_code_needs_trust_remote_code_named_in_one_mess
     result = invoke("compile", str(custom), "-o", str(tmp_path / "out"), "--json")
     assert result.exit_code == 2
     assert "--trust-remote-code" in json.loads(result.stdout)["error"] and "Traceback" not in result.output
+
+
+def test_brackets_in_a_message_are_printed_as_text_not_as_console_markup(tiny_bert, tmp_path):
+    """ "(int8: [last_matmul, mixed_layers])" in an advice was printed "(int8: )": rich read it as a style."""
+    missing = tmp_path / "calibration[v2].jsonl"
+    recipe = write_recipe(tmp_path, COMPILE, model=str(tiny_bert), calibration={"data": str(missing)})
+    result = invoke("run", str(recipe), "-o", str(tmp_path / "out"))
+    assert result.exit_code == 2 and "calibration[v2].jsonl" in "".join(result.output.split()), result.output
