@@ -106,6 +106,40 @@ def test_a_calibrated_int4_folder_reloads_on_its_grid_and_says_how_it_was_rounde
     assert torch.allclose(codes, codes.round(), atol=1e-3) and codes.round().abs().max() <= 8
 
 
+def test_calibrated_int4_ships_the_same_bytes_and_verdicts_cold_warm_and_without_the_cache(
+    tiny_llama: Path, tmp_path: Path
+) -> None:
+    import hashlib
+
+    stage = {
+        "kind": "genai",
+        "candidates": [{"precision": "int4", "algorithm": "gptq", "block_size": 32}],
+        "formats": ["compressed-tensors"],
+        "int4_methods": ["awq", "gptq"],
+        "gate": [{"metric": "top1_agreement", "min": 0.0}],
+    }
+    runs = [
+        run_recipe(tmp_path, [stage], tiny_llama, *flags, out=out)
+        for out, flags in (("cold", ()), ("warm", ()), ("fresh", ("--no-cache",)))
+    ]
+
+    def shipped(artifact: Path) -> tuple[object, ...]:
+        details = runtime.verify(artifact)["stages"][0]["details"]
+        files = sorted(p for p in artifact.rglob("*") if p.is_file() and p.parent.name in ("compressed-tensors", "out"))
+        digests = {p.relative_to(artifact).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+        timeless = ("latency", "throughput")
+        verdicts = [
+            (t["level"], t["passed"], {k: v for k, v in t["metrics"].items() if not k.startswith(timeless)})
+            for t in details["formats"]
+        ]
+        candidates = [(c["label"], c["passed"], c["metrics"].get("top1_agreement")) for c in details["candidates"]]
+        onnx = hashlib.sha256((artifact / "model.onnx").read_bytes()).hexdigest()
+        return digests.get("compressed-tensors/model.safetensors"), onnx, verdicts, candidates
+
+    cold = shipped(runs[0])
+    assert cold[0] is not None and [shipped(r) for r in runs[1:]] == [cold, cold]
+
+
 def test_a_plan_that_splits_a_fused_shard_is_widened_to_the_whole_shard() -> None:
     kept, notes = compressed.merge_fused(["model.layers.0.self_attn.k_proj", "model.layers.1.mlp.up_proj"])
     assert kept == [

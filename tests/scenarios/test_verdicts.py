@@ -81,6 +81,17 @@ CASES: dict[str, tuple[str, list[dict[str, Any]], int]] = {
         ],
         3,
     ),
+    "a calibrated int4 (gptq) candidate that cannot hold the gate": (
+        "tiny_llama",
+        [
+            {
+                "kind": "genai",
+                "candidates": [{"precision": "int4", "algorithm": "gptq", "block_size": 32}],
+                "gate": [{"metric": "top1_agreement", "min": 0.999}],
+            }
+        ],
+        3,
+    ),
 }
 
 
