@@ -90,9 +90,10 @@ class Candidate(BaseModel):
         ]
         if self.int8 and self.precision == "int4":
             options.append("matmul_mixed_precision=" + ",".join(f"{group}:int8" for group in self.int8))
-        if self.precision == "int8":
-            # onnxruntime-genai 0.15's builder writes an int8 graph that does not load when the
-            # embedding and LM head share their weights (a tied model): keep them apart.
+        if self.precision == "int8" or "last_matmul" in self.int8:
+            # onnxruntime-genai's builder (0.15, still 0.18) writes an int8 LM head that does not load
+            # when the embedding and LM head share their weights (a tied model): "Node input
+            # 'lm_head.MatMul.weight_Q8G64' is not a graph input": keep them apart.
             options.append("shared_embeddings=false")
         return options
 

@@ -117,3 +117,29 @@ def test_the_onnxruntime_genai_folder_of_gptq_computes_its_rounded_weights(tiny_
     assert np.allclose(stored, scales["model.layers.1.mlp.down_proj"].numpy(), rtol=1e-6)
     assert np.allclose(codes * np.repeat(stored, 32, axis=1), expected, atol=1e-5)
     assert not (tmp_path / "gptq-input").exists() and not (tmp_path / "gptq-input-rounded").exists()
+
+
+def test_a_tied_models_int4_with_an_int8_lm_head_loads(tiny_llama: Path, tmp_path: Path):
+    """The builder's int8 LM head shared with a tied embedding wrote a graph onnxruntime refused
+    ("Node input 'lm_head.MatMul.weight_Q8G64' is not a graph input"): the two are kept apart."""
+    pytest.importorskip("onnxruntime_genai")
+    import shutil
+
+    import onnxruntime
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from optimize.stages.genai_build import Candidate, build
+
+    tied = tmp_path / "tied"
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2
+    )
+    config.tie_word_embeddings = True
+    LlamaForCausalLM(config).save_pretrained(tied)
+    shutil.copyfile(tiny_llama / "tokenizer.json", tied / "tokenizer.json")
+    for algorithm in ("default", "gptq"):
+        candidate = Candidate(precision="int4", algorithm=algorithm, block_size=64, int8=["last_matmul"])
+        build(tied, tmp_path / algorithm, candidate, "cpu", tmp_path / "cache", TEXTS)
+        onnxruntime.InferenceSession(str(tmp_path / algorithm / "model.onnx"))
