@@ -22,7 +22,7 @@ from typing import ClassVar, Literal, TypedDict, cast
 from pydantic import Field
 
 from optimize import tasks
-from optimize.errors import UsageError
+from optimize.errors import DependencyError, UsageError
 from optimize.formats.int4 import Int4Method
 from optimize.formats.llama_cpp import GgufType
 from optimize.formats.table import FORMATS, FormatName
@@ -182,7 +182,13 @@ def run(config: GenAIStage, model: ModelHandle, ctx: StageContext) -> StageResul
                 model.checkpoint, out, candidate, config.target, ctx.workdir / "builder-cache", ctx.calibration_texts
             )
         handle = ModelHandle(out, model.task, onnx_path=out / "model.onnx", engine=ENGINE)
-        metrics, gate = ctx.judge(handle)
+        try:
+            metrics, gate = ctx.judge(handle)
+        except RuntimeError as exc:  # the runtime's: onnxruntime refused the graph the builder wrote
+            raise DependencyError(
+                f"onnxruntime-genai {builder_version()}'s model builder wrote a graph for {candidate.label()} that "
+                f"does not load: {exc}"
+            ) from None
         label = candidate.label()
         tried.append(
             CandidateTried(

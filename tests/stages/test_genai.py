@@ -315,6 +315,27 @@ def test_a_builder_that_fails_inside_is_one_line_naming_it_and_its_version(tiny_
     assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
 
 
+def test_a_graph_the_builder_wrote_that_does_not_load_is_one_line_naming_the_builder(tiny_llama, tmp_path, monkeypatch):
+    """A graph onnxruntime refuses (the builder's tied int8 LM head did) is exit 1 naming the builder
+    and onnxruntime's words, not a traceback."""
+    from optimize.stages import genai_build
+
+    built = genai_build.build
+
+    def broken(checkpoint, out, *args):
+        errors = built(checkpoint, out, *args)
+        (out / "model.onnx").write_bytes(b"not a graph")
+        return errors
+
+    monkeypatch.setattr("optimize.stages.genai.build", broken)
+    recipe = write_recipe(tmp_path, [{"kind": "genai", "candidates": [{"precision": "fp32"}]}], model=str(tiny_llama))
+    result = CliRunner().invoke(app, ["run", str(recipe), "-o", str(tmp_path / "out"), "--json"])
+    assert result.exit_code == 1, result.output
+    error = json.loads(result.stdout)["error"]
+    assert "model builder wrote a graph for fp32 that does not load" in error and "onnxruntime" in error
+    assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
+
+
 def test_the_dry_run_names_each_formats_own_route_with_what_the_recipe_asks_of_it(tiny_llama, tmp_path):
     """gguf's types go to gguf, compressed-tensors' int4 methods to compressed-tensors (a route once
     printed compressed-tensors at gguf's types)."""
