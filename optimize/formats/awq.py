@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from optimize.formats import gptq
+
 if TYPE_CHECKING:
     import torch
 
@@ -27,13 +29,9 @@ PAIRS = (
 )
 
 
-def nearest(weight: torch.Tensor, group: int, top: int = 7) -> torch.Tensor:
+def nearest(weight: torch.Tensor, group: int) -> torch.Tensor:
     """`weight` rounded to the nearest step of its group's absmax scale (the search's quick proxy)."""
-    import torch
-
-    rows = weight.reshape(weight.shape[0], -1, group)
-    scale = (rows.abs().amax(-1, keepdim=True) / top).clamp(min=1e-12)
-    return (torch.clamp(torch.round(rows / scale), -top - 1, top) * scale).reshape(weight.shape)
+    return gptq.on_grid(weight, gptq.absmax_scales(weight, group), group)
 
 
 def _moved(weight: torch.Tensor, scaled: torch.Tensor, s: torch.Tensor, hessian: torch.Tensor, group: int) -> float:

@@ -75,6 +75,21 @@ def hessians(model: torch.nn.Module, names: Sequence[str], batches: Sequence[Seq
     return {name: found[name].double() / tokens for name in names}
 
 
+def absmax_scales(weight: torch.Tensor, group: int, top: int = 7) -> torch.Tensor:
+    """Each group's absmax / top (out x in / group): the scales of rounding to the nearest step."""
+    rows = weight.reshape(weight.shape[0], -1, group)
+    return (rows.abs().amax(-1) / top).clamp(min=1e-12)
+
+
+def on_grid(weight: torch.Tensor, scales: torch.Tensor, group: int, top: int = 7) -> torch.Tensor:
+    """`weight` rounded to the nearest step of its groups' `scales`, codes clamped to [-top - 1, top]."""
+    import torch
+
+    rows = weight.reshape(weight.shape[0], -1, group)
+    step = scales.unsqueeze(-1)
+    return (torch.clamp(torch.round(rows / step), -top - 1, top) * step).reshape(weight.shape)
+
+
 def group_scales(weight: torch.Tensor, energy: torch.Tensor, group: int, top: int = 7) -> torch.Tensor:
     """The scale of each group of `group` inputs (out x in / group): of absmax / top clipped by each
     of `CLIPS` ratios, the one whose rounding error, weighted by each input's `energy`, is least."""

@@ -57,16 +57,16 @@ def round_model(
     scales = {}
     with torch.no_grad():
         for name, weight in weights.items():
-            if hessians is None:
-                rows = weight.reshape(weight.shape[0], -1, group)
-                scales[name] = (rows.abs().amax(-1) / TOP).clamp(min=1e-12)
-            elif method == "gptq":
+            if method == "gptq":
+                assert hessians is not None
                 rounded, scales[name] = gptq.quantize(weight, hessians[name], group, TOP)
-                weight.copy_(rounded)
-                continue
             else:
-                scales[name] = gptq.group_scales(weight, hessians[name].diagonal(), group, TOP).to(weight.dtype)
-            rows = weight.reshape(weight.shape[0], -1, group)
-            step = scales[name].unsqueeze(-1)
-            weight.copy_((torch.clamp(torch.round(rows / step), -TOP - 1, TOP) * step).reshape(weight.shape))
+                chosen = (
+                    gptq.absmax_scales(weight, group, TOP)
+                    if hessians is None
+                    else gptq.group_scales(weight, hessians[name].diagonal(), group, TOP)
+                )
+                scales[name] = chosen.to(weight.dtype)
+                rounded = gptq.on_grid(weight, scales[name], group, TOP)
+            weight.copy_(rounded)
     return scales

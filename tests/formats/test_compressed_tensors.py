@@ -16,31 +16,27 @@ pytest.importorskip("compressed_tensors")
 pytest.importorskip("onnxruntime_genai")
 
 
-@pytest.fixture(scope="module")
-def artifact(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("compressed")
+def _built(folder: Path, model: Path, methods: list[str], top1: float) -> Path:
+    """An fp32 genai build of `model` with compressed-tensors beside it, int4 by `methods` first."""
     stage = {
         "kind": "genai",
         "candidates": [{"precision": "fp32"}],
         "formats": ["compressed-tensors"],
-        "int4_methods": ["rtn"],
-        "gate": [{"metric": "top1_agreement", "min": 0.9}],
+        "int4_methods": methods,
+        "gate": [{"metric": "top1_agreement", "min": top1}],
     }
-    return run_recipe(folder, [stage], tiny_llama, "--json")
+    return run_recipe(folder, [stage], model, "--json")
+
+
+@pytest.fixture(scope="module")
+def artifact(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _built(tmp_path_factory.mktemp("compressed"), tiny_llama, ["rtn"], 0.9)
 
 
 @pytest.fixture(scope="module")
 def calibrated(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The same at int4 by each calibrated method, a gate every int4 holds: gptq's folder ships."""
-    folder = tmp_path_factory.mktemp("calibrated")
-    stage = {
-        "kind": "genai",
-        "candidates": [{"precision": "fp32"}],
-        "formats": ["compressed-tensors"],
-        "int4_methods": ["gptq", "awq"],
-        "gate": [{"metric": "top1_agreement", "min": 0.0}],
-    }
-    return run_recipe(folder, [stage], tiny_llama, "--json")
+    return _built(tmp_path_factory.mktemp("calibrated"), tiny_llama, ["gptq", "awq"], 0.0)
 
 
 def test_the_folder_carries_the_quantization_config_vllm_reads(artifact: Path) -> None:
